@@ -1,0 +1,1 @@
+"""Static per-process settings, read from TOML once at start."""

@@ -1,0 +1,300 @@
+"""AgentConfig: the static settings of one ``meshagent run`` process (agent.toml).
+
+Two stages, as everywhere in meshagent:
+1. shape: ``load_toml`` decodes strictly (unknown keys, wrong types -> ConfigError);
+2. meaning: ``validate_agent`` checks what types cannot (port clashes, names,
+   identities present) and returns every violation, not just the first.
+
+Every key is documented once, with its default, in ``examples/agent.toml``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from meshagent.config.load import ConfigError, Duration, load_toml
+from meshagent.snapshot.model import (
+    Endpoint,
+    InboundListener,
+    OutboundListener,
+    Snapshot,
+    Timeouts,
+)
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ConsulSettings(_Strict, frozen=True):
+    address: str = "http://127.0.0.1:8500"
+    token_file: str | None = None
+    # How long one blocking query waits for a change before Consul answers anyway.
+    watch_wait: Duration = Duration(30.0)
+    # How long an inbound stays registered with a critical check before Consul drops it.
+    deregister_critical_after: Duration = Duration(3600.0)
+
+
+class TlsSettings(_Strict, frozen=True):
+    ca: str
+    cert: str
+    key: str
+
+
+class HealthSettings(_Strict, frozen=True):
+    """How the agent decides the local app is healthy. With none of tcp/http/pidfile/
+    command set, the check is the agent's own liveness (always passing while it runs)."""
+
+    tcp: bool = False
+    http: str | None = None  # a path, e.g. "/healthz": 2xx or 3xx is healthy
+    pidfile: str | None = None
+    command: str | None = None  # a substring of the app's command line
+    interval: Duration = Duration(10.0)
+    timeout: Duration = Duration(2.0)
+
+
+class InboundSettings(_Strict, frozen=True):
+    service: str
+    port: int
+    app_port: int
+    bind: str | None = None
+    protocol: Literal["tcp", "http"] = "tcp"
+    tags: dict[str, str] = {}
+    health: HealthSettings = HealthSettings()
+    cert: str | None = None
+    key: str | None = None
+    max_connections: int | None = None
+
+
+class OutboundSettings(_Strict, frozen=True):
+    service: str
+    port: int
+    bind: str = "127.0.0.1"
+    protocol: Literal["tcp", "http"] = "tcp"
+    source: str | None = None
+    # Fixed endpoints ("host:port" of the other agents' inbounds), for meshes without
+    # Consul. When set, Consul is not asked for this service.
+    endpoints: list[str] = []
+    max_connections: int | None = None
+
+
+class LimitSettings(_Strict, frozen=True):
+    connect_timeout: Duration = Duration(5.0)
+    handshake_timeout: Duration = Duration(10.0)
+    idle_timeout: Duration = Duration(3600.0)
+    drain_timeout: Duration = Duration(30.0)
+    max_connections: int = 10_000
+
+
+class LogSettings(_Strict, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
+
+
+class AgentConfig(_Strict, frozen=True):
+    mesh: str
+    node: str = msgspec.field(default_factory=socket.gethostname)
+    address: str = "127.0.0.1"
+    bind: str | None = None
+    state_dir: str | None = None
+    admin_socket: str | None = None
+    consul: ConsulSettings | None = None
+    tls: TlsSettings | None = None
+    inbound: list[InboundSettings] = []
+    outbound: list[OutboundSettings] = []
+    limits: LimitSettings = LimitSettings()
+    log: LogSettings = LogSettings()
+
+    def inbound_bind(self, inbound: InboundSettings) -> str:
+        return inbound.bind or self.bind or self.address
+
+    def identity_files(self, service: str) -> TlsSettings | None:
+        """The CA, cert and key this host presents as ``service`` (None if it has none)."""
+        for inbound in self.inbound:
+            if inbound.service == service and inbound.cert and inbound.key:
+                ca = self.tls.ca if self.tls else None
+                return TlsSettings(ca=ca, cert=inbound.cert, key=inbound.key) if ca else None
+        if self.tls is not None:
+            return self.tls
+        return None
+
+    def outbound_source(self, outbound: OutboundSettings) -> str:
+        if outbound.source:
+            return outbound.source
+        if len(self.inbound) == 1:
+            return self.inbound[0].service
+        return ""
+
+
+def _is_name(text: str) -> bool:
+    return (
+        0 < len(text) <= 63
+        and set(text) <= _NAME_CHARS
+        and text[0] != "-"
+        and text[-1] != "-"
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_agent(config: AgentConfig) -> list[str]:
+    """Return every meaning-level problem, each as ``key: what is wrong — fix``."""
+    problems: list[str] = []
+    name_rule = "use lowercase letters, digits and '-' (at most 63)"
+    if not _is_name(config.mesh):
+        problems.append(f"mesh: {config.mesh!r} is not a valid name; {name_rule}")
+    if not _is_ip(config.address):
+        problems.append(f"address: {config.address!r} is not an IP address")
+    if config.bind is not None and not _is_ip(config.bind):
+        problems.append(f"bind: {config.bind!r} is not an IP address")
+    if config.tls is None and any(not (i.cert and i.key) for i in config.inbound):
+        problems.append("tls: missing; add [tls] ca/cert/key, or cert/key on every inbound")
+    if config.tls is None and any(i.cert for i in config.inbound):
+        problems.append("tls.ca: missing; inbounds with their own cert still need [tls] ca")
+    used: dict[tuple[str, int], str] = {}
+
+    def claim(key: str, host: str, port: int) -> None:
+        if not 1 <= port <= 65535:
+            problems.append(f"{key}: {port} is not a TCP port (1-65535)")
+            return
+        for (other_host, other_port), owner in used.items():
+            overlap = host == other_host or "0.0.0.0" in (host, other_host)
+            if other_port == port and overlap:
+                problems.append(f"{key}: port {port} is also used by {owner}; pick another port")
+                return
+        used[(host, port)] = key
+
+    services: set[str] = set()
+    for n, inbound in enumerate(config.inbound):
+        key = f"inbound[{n}]"
+        if not _is_name(inbound.service):
+            problems.append(f"{key}.service: {inbound.service!r} is not a valid name; {name_rule}")
+        if inbound.service in services:
+            problems.append(f"{key}.service: {inbound.service!r} is listed twice")
+        services.add(inbound.service)
+        bind = config.inbound_bind(inbound)
+        if inbound.bind is not None and not _is_ip(inbound.bind):
+            problems.append(f"{key}.bind: {inbound.bind!r} is not an IP address")
+        claim(f"{key}.port", bind, inbound.port)
+        if not 1 <= inbound.app_port <= 65535:
+            problems.append(f"{key}.app_port: {inbound.app_port} is not a TCP port (1-65535)")
+        if bool(inbound.cert) != bool(inbound.key):
+            problems.append(f"{key}: set both cert and key, or neither")
+        if inbound.max_connections is not None and inbound.max_connections < 1:
+            problems.append(f"{key}.max_connections: must be at least 1")
+        health = inbound.health
+        if health.interval <= 0 or health.timeout <= 0:
+            problems.append(f"{key}.health: interval and timeout must be positive")
+        if health.http is not None and not health.http.startswith("/"):
+            problems.append(f"{key}.health.http: {health.http!r} must be a path such as /healthz")
+    for n, outbound in enumerate(config.outbound):
+        key = f"outbound[{n}]"
+        if not _is_name(outbound.service):
+            problems.append(f"{key}.service: {outbound.service!r} is not a valid name; {name_rule}")
+        if not _is_ip(outbound.bind):
+            problems.append(f"{key}.bind: {outbound.bind!r} is not an IP address")
+        claim(f"{key}.port", outbound.bind, outbound.port)
+        source = config.outbound_source(outbound)
+        if not source:
+            problems.append(
+                f"{key}.source: this host fronts {len(config.inbound)} services; "
+                "name the one whose identity this outbound presents"
+            )
+        elif config.identity_files(source) is None:
+            problems.append(
+                f"{key}.source: no certificate for {source!r}; add [tls] or its cert/key"
+            )
+        for m, text in enumerate(outbound.endpoints):
+            host, sep, port = text.rpartition(":")
+            if not sep or not _is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
+                problems.append(f"{key}.endpoints[{m}]: {text!r} is not host:port (IP address)")
+        if not outbound.endpoints and config.consul is None:
+            problems.append(f"{key}: no endpoints and no [consul]; add one or the other")
+        if outbound.max_connections is not None and outbound.max_connections < 1:
+            problems.append(f"{key}.max_connections: must be at least 1")
+    limits = config.limits
+    for field in ("connect_timeout", "handshake_timeout", "idle_timeout", "drain_timeout"):
+        if getattr(limits, field) <= 0:
+            problems.append(f"limits.{field}: must be positive")
+    if limits.max_connections < 1:
+        problems.append("limits.max_connections: must be at least 1")
+    return problems
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Load and validate agent.toml.
+
+    Raises:
+        ConfigError: with one line naming the file, the key and the fix (the first
+            problem; ``meshagent check`` prints all of them).
+    """
+    config = load_toml(path, AgentConfig)
+    problems = validate_agent(config)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    return config
+
+
+def initial_snapshot(config: AgentConfig) -> Snapshot:
+    """The snapshot the agent serves before discovery has said anything."""
+    limits = config.limits
+    inbounds = tuple(
+        InboundListener(
+            name=f"inbound:{i.service}:{i.port}",
+            service=i.service,
+            bind=config.inbound_bind(i),
+            port=i.port,
+            app_port=i.app_port,
+            protocol=i.protocol,
+            max_connections=i.max_connections or limits.max_connections,
+        )
+        for i in config.inbound
+    )
+    outbounds = tuple(
+        OutboundListener(
+            name=f"outbound:{o.service}:{o.port}",
+            service=o.service,
+            source=config.outbound_source(o),
+            bind=o.bind,
+            port=o.port,
+            protocol=o.protocol,
+            max_connections=o.max_connections or limits.max_connections,
+        )
+        for o in config.outbound
+    )
+    static = {
+        o.service: tuple(
+            Endpoint(host=host, port=int(port), service=o.service)
+            for host, _, port in (text.rpartition(":") for text in o.endpoints)
+        )
+        for o in config.outbound
+        if o.endpoints
+    }
+    return Snapshot(
+        version=1,
+        mesh=config.mesh,
+        inbounds=inbounds,
+        outbounds=outbounds,
+        endpoints=static,
+        timeouts=Timeouts(
+            connect_seconds=float(limits.connect_timeout),
+            handshake_seconds=float(limits.handshake_timeout),
+            idle_seconds=float(limits.idle_timeout),
+        ),
+    )
+
+
+__all__ = ["AgentConfig", "ConfigError", "load_agent_config", "validate_agent"]

@@ -1,0 +1,87 @@
+"""Snapshot: the complete, immutable configuration one agent's data path serves from.
+
+Invariants:
+* Values are frozen msgspec Structs; a change is a whole new ``Snapshot`` with a
+  higher ``version``. A connection pins the snapshot it started with.
+* New fields always get a default, so an older agent can decode a newer snapshot
+  (unknown fields are skipped, not rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Protocol = Literal["tcp", "http"]
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One instance of a service: the public mTLS address of the agent fronting it."""
+
+    host: str
+    port: int
+    service: str
+    node: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
+    """Deadlines of the data path, in seconds."""
+
+    connect_seconds: float = 5.0
+    handshake_seconds: float = 10.0
+    idle_seconds: float = 3600.0
+
+
+class InboundListener(msgspec.Struct, frozen=True, kw_only=True):
+    """Mesh -> local app: terminate mTLS on ``bind:port``, forward to ``app_host:app_port``."""
+
+    name: str
+    service: str
+    bind: str
+    port: int
+    app_host: str = "127.0.0.1"
+    app_port: int
+    protocol: Protocol = "tcp"
+    max_connections: int = 10_000
+
+
+class OutboundListener(msgspec.Struct, frozen=True, kw_only=True):
+    """Local app -> mesh: accept plain TCP on ``bind:port``, open mTLS to an endpoint of
+    ``service``, presenting the identity of ``source``."""
+
+    name: str
+    service: str
+    source: str
+    bind: str
+    port: int
+    protocol: Protocol = "tcp"
+    max_connections: int = 10_000
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the data path of one agent needs, at one version."""
+
+    schema_version: int = SCHEMA_VERSION
+    version: int
+    mesh: str
+    inbounds: tuple[InboundListener, ...] = ()
+    outbounds: tuple[OutboundListener, ...] = ()
+    endpoints: dict[str, tuple[Endpoint, ...]] = {}
+    timeouts: Timeouts = Timeouts()
+
+    def endpoints_of(self, service: str) -> tuple[Endpoint, ...]:
+        return self.endpoints.get(service, ())
+
+    def with_endpoints(self, service: str, endpoints: tuple[Endpoint, ...]) -> Snapshot:
+        """A new snapshot, one version up, with ``service``'s endpoints replaced."""
+        merged = dict(self.endpoints)
+        merged[service] = endpoints
+        return msgspec.structs.replace(self, version=self.version + 1, endpoints=merged)

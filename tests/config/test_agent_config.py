@@ -1,0 +1,132 @@
+"""agent.toml: strict shape, meaningful checks, one-line errors that name key and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshagent.config.agent import AgentConfig, initial_snapshot, load_agent_config, validate_agent
+from meshagent.config.load import ConfigError, load_toml
+
+GOOD = """
+mesh = "shop"
+address = "127.0.0.2"
+[consul]
+address = "http://127.0.0.1:8500"
+[tls]
+ca = "ca.pem"
+cert = "web.pem"
+key = "web-key.pem"
+[[inbound]]
+service = "web"
+port = 15443
+app_port = 8080
+tags = { version = "v1" }
+health = { tcp = true, interval = "5s" }
+[[outbound]]
+service = "orders"
+port = 16001
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
+    config = load_agent_config(write(tmp_path, GOOD))
+    assert config.inbound[0].health.interval == 5.0
+    assert config.limits.connect_timeout == 5.0
+    assert config.outbound_source(config.outbound[0]) == "web"
+    snap = initial_snapshot(config)
+    assert snap.inbounds[0].bind == "127.0.0.2"
+    assert snap.outbounds[0].bind == "127.0.0.1"
+    assert snap.outbounds[0].source == "web"
+
+
+def test_examples_agent_toml_is_valid() -> None:
+    path = Path(__file__).parents[2] / "examples" / "agent.toml"
+    config = load_toml(path, AgentConfig)
+    assert validate_agent(config) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("port = 15443", "prot = 15443"), "inbound[0]: Object contains unknown field `prot`"),
+        (("port = 16001", 'port = "16001"'), "outbound[0].port: Expected `int`, got `str`"),
+        (('interval = "5s"', 'interval = "5 seconds"'), 'inbound[0].health.interval: invalid duration'),
+        (("port = 16001", "port = 15443\nbind = \"127.0.0.2\""), "outbound[0].port: port 15443 is also used by inbound[0].port"),
+        (('mesh = "shop"', 'mesh = "Shop!"'), "mesh: 'Shop!' is not a valid name"),
+        (("port = 16001", "port = 70000"), "outbound[0].port: 70000 is not a TCP port"),
+        (("app_port = 8080", "app_port = 0"), "inbound[0].app_port: 0 is not a TCP port"),
+        (('address = "127.0.0.2"', 'address = "vm-12.example"'), "address: 'vm-12.example' is not an IP address"),
+        (("[consul]\naddress = \"http://127.0.0.1:8500\"", ""), "outbound[0]: no endpoints and no [consul]"),
+        (('health = { tcp = true, interval = "5s" }', 'health = { http = "healthz" }'), "must be a path"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(write(tmp_path, GOOD.replace(old, new, 1)))
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(str(tmp_path / "agent.toml") + ": ")
+    assert message in text
+
+
+def test_missing_tls_is_explained(tmp_path: Path) -> None:
+    text = GOOD.replace('[tls]\nca = "ca.pem"\ncert = "web.pem"\nkey = "web-key.pem"\n', "")
+    with pytest.raises(ConfigError, match=r"tls: missing; add \[tls\]"):
+        load_agent_config(write(tmp_path, text))
+
+
+def test_two_inbounds_need_an_outbound_source(tmp_path: Path) -> None:
+    text = GOOD + '[[inbound]]\nservice = "admin"\nport = 15444\napp_port = 8081\n'
+    with pytest.raises(ConfigError, match=r"outbound\[0\].source: this host fronts 2 services"):
+        load_agent_config(write(tmp_path, text))
+    ok = text.replace("port = 16001", 'port = 16001\nsource = "admin"')
+    assert load_agent_config(write(tmp_path, ok)).outbound_source(
+        load_agent_config(write(tmp_path, ok)).outbound[0]
+    ) == "admin"
+
+
+def test_per_inbound_identity(tmp_path: Path) -> None:
+    text = GOOD.replace("app_port = 8080", 'app_port = 8080\ncert = "w.pem"\nkey = "w-key.pem"')
+    config = load_agent_config(write(tmp_path, text))
+    files = config.identity_files("web")
+    assert files is not None and files.cert == "w.pem" and files.ca == "ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such file"), ("mesh = ", "not valid TOML"), (b"\xff\xfe", "not UTF-8")],
+)
+def test_unreadable_files(tmp_path: Path, content: str | bytes | None, message: str) -> None:
+    path = tmp_path / "agent.toml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_agent_config(path)
+
+
+def test_every_problem_is_reported_not_just_the_first(tmp_path: Path) -> None:
+    text = GOOD.replace('mesh = "shop"', 'mesh = "S"').replace("port = 16001", "port = 0")
+    config = load_toml(write(tmp_path, text), AgentConfig)
+    assert len(validate_agent(config)) == 2
+
+
+def test_static_endpoints_need_no_consul(tmp_path: Path) -> None:
+    text = GOOD.replace('[consul]\naddress = "http://127.0.0.1:8500"\n', "")
+    text = text.replace("port = 16001", 'port = 16001\nendpoints = ["127.0.0.3:15443"]')
+    snap = initial_snapshot(load_agent_config(write(tmp_path, text)))
+    assert [e.address for e in snap.endpoints_of("orders")] == ["127.0.0.3:15443"]
+    bad = text.replace("127.0.0.3:15443", "orders:15443")
+    with pytest.raises(ConfigError, match="endpoints\\[0\\]: 'orders:15443' is not host:port"):
+        load_agent_config(write(tmp_path, bad))
