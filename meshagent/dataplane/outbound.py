@@ -1,0 +1,107 @@
+"""handle_outbound: local app -> mesh. Pick an endpoint, open mTLS to its agent, splice."""
+
+from __future__ import annotations
+
+import trio
+
+from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
+from meshagent.dataplane.errors import (
+    DataplaneError,
+    HandshakeError,
+    NoEndpoints,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    map_errors,
+)
+from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
+from meshagent.dataplane.tls import check_peer
+from meshagent.log import get_logger
+from meshagent.protocol.frames import ALPN
+from meshagent.routing.balance import EndpointBalancer
+from meshagent.snapshot.model import Endpoint, OutboundListener, Snapshot
+
+log = get_logger("outbound")
+
+# How many endpoints one client connection may try before it is refused.
+CONNECT_ATTEMPTS = 3
+
+
+async def connect_endpoint(
+    endpoint: Endpoint, listener: OutboundListener, snapshot: Snapshot, ctx: DataplaneContext
+) -> trio.SSLStream[trio.SocketStream]:
+    """TCP connect + mTLS handshake + identity check, each under its deadline. A cancel point.
+
+    Raises:
+        UpstreamConnectError, UpstreamTimeout, HandshakeError, Unauthorized.
+    """
+    timeouts = snapshot.timeouts
+    where = f"{listener.service} at {endpoint.address}"
+    with map_errors(timeout=UpstreamTimeout, failure=UpstreamConnectError, what=f"connect {where}"):
+        with trio.fail_after(timeouts.connect_seconds):
+            tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+    tls = trio.SSLStream(tcp, ctx.tls.client(listener.source), server_side=False)
+    try:
+        with map_errors(timeout=UpstreamTimeout, failure=HandshakeError, what=f"handshake {where}"):
+            with trio.fail_after(timeouts.handshake_seconds):
+                await tls.do_handshake()
+        check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=listener.service)
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
+
+
+async def handle_outbound(
+    stream: trio.SocketStream,
+    listener: OutboundListener,
+    ctx: DataplaneContext,
+    balancer: EndpointBalancer,
+) -> None:
+    """Serve one connection from the local app. Never raises (error boundary); a cancel point."""
+    snapshot = ctx.source.current  # pinned for the life of this connection
+    conn = next(ctx.ids)
+    fields = {"conn": conn, "listener": listener.name, "client": peer_address(stream)}
+    with connection_boundary(ctx, log, **fields):
+        try:
+            upstream, endpoint = await _connect_any(listener, snapshot, ctx, balancer, fields)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        framed = upstream.selected_alpn_protocol() == ALPN
+        mesh_side: Side = FramedSide(upstream) if framed else RawTlsSide(upstream)
+        log.debug("connected", endpoint=endpoint.address, **fields)
+        sent, received = await splice(
+            PlainSide(stream), mesh_side, idle_seconds=snapshot.timeouts.idle_seconds
+        )
+        ctx.counters.bytes_out += sent
+        ctx.counters.bytes_in += received
+        log.debug("closed", bytes_out=sent, bytes_in=received, **fields)
+
+
+async def _connect_any(
+    listener: OutboundListener,
+    snapshot: Snapshot,
+    ctx: DataplaneContext,
+    balancer: EndpointBalancer,
+    fields: dict[str, object],
+) -> tuple[trio.SSLStream[trio.SocketStream], Endpoint]:
+    endpoints = snapshot.endpoints_of(listener.service)
+    tried: list[Endpoint] = []
+    last: DataplaneError | None = None
+    for _ in range(CONNECT_ATTEMPTS):
+        endpoint = balancer.pick(endpoints, trio.current_time(), exclude=tried)
+        if endpoint is None:
+            break
+        tried.append(endpoint)
+        try:
+            upstream = await connect_endpoint(endpoint, listener, snapshot, ctx)
+        except DataplaneError as exc:
+            balancer.report_failure(endpoint, trio.current_time())
+            log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
+            last = exc
+            continue
+        balancer.report_success(endpoint)
+        return upstream, endpoint
+    if last is not None:
+        raise NoEndpoints(f"{listener.service}: {len(tried)} endpoint(s) failed, last: {last}")
+    raise NoEndpoints(f"{listener.service}: no healthy endpoint in the mesh {snapshot.mesh!r}")

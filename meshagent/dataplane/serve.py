@@ -1,0 +1,114 @@
+"""serve_dataplane: own every listener and every connection of the agent.
+
+Nursery layout (STYLE §2.4)::
+
+    connections nursery   handler tasks; outlives the listeners so in-flight work drains
+    └── listeners nursery one serve_listener task per inbound and outbound
+
+``DataplaneHandle.drain(seconds)`` stops accepting at once and gives in-flight
+connections ``seconds`` to finish before they are cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from meshagent.dataplane.connection import DataplaneContext, SnapshotSource
+from meshagent.dataplane.inbound import handle_inbound
+from meshagent.dataplane.listener import Handler, open_listener, serve_listener
+from meshagent.dataplane.outbound import handle_outbound
+from meshagent.dataplane.tls import TlsContexts
+from meshagent.log import get_logger
+from meshagent.routing.balance import EndpointBalancer
+from meshagent.snapshot.model import InboundListener, OutboundListener
+
+log = get_logger("dataplane")
+
+
+@dataclass(slots=True)
+class DataplaneHandle:
+    context: DataplaneContext
+    _listeners: trio.CancelScope
+    _connections: trio.CancelScope
+
+    def stop_accepting(self) -> None:
+        self._listeners.cancel()
+
+    def drain(self, seconds: float) -> None:
+        """Stop accepting; cancel connections still open ``seconds`` from now. Not async."""
+        self.stop_accepting()
+        self._connections.deadline = min(
+            self._connections.deadline, trio.current_time() + seconds
+        )
+
+
+def _inbound_handler(spec: InboundListener, ctx: DataplaneContext) -> Handler:
+    async def handle(stream: trio.SocketStream) -> None:
+        await handle_inbound(stream, spec, ctx)
+
+    return handle
+
+
+def _outbound_handler(spec: OutboundListener, ctx: DataplaneContext) -> Handler:
+    balancer = EndpointBalancer()
+    seen_version = -1
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal seen_version
+        snapshot = ctx.source.current
+        if snapshot.version != seen_version:  # the catalog changed: drop stale ejections
+            balancer.forget(snapshot.endpoints_of(spec.service))
+            seen_version = snapshot.version
+        await handle_outbound(stream, spec, ctx, balancer)
+
+    return handle
+
+
+async def serve_dataplane(
+    source: SnapshotSource,
+    tls: TlsContexts,
+    *,
+    task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind every listener of ``source.current``, then serve until drained. A cancel point.
+
+    ``task_status.started(handle)`` comes once every listener is bound.
+
+    Raises:
+        BindError: a listener could not bind (before ``started``; nothing stays bound).
+    """
+    ctx = DataplaneContext(source=source, tls=tls)
+    snapshot = source.current
+    specs: list[tuple[InboundListener | OutboundListener, Handler]] = [
+        (spec, _inbound_handler(spec, ctx)) for spec in snapshot.inbounds
+    ]
+    specs += [(spec, _outbound_handler(spec, ctx)) for spec in snapshot.outbounds]
+    bound: list[trio.SocketListener] = []
+    try:
+        for spec, _ in specs:
+            bound.append(await open_listener(spec.name, spec.bind, spec.port))
+    except BaseException:
+        for listener in bound:
+            await listener.aclose()
+        raise
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as listeners:
+            for (spec, handler), listener in zip(specs, bound, strict=True):
+                await listeners.start(
+                    lambda task_status, s=spec, h=handler, lst=listener: serve_listener(
+                        s.name,
+                        lst,
+                        h,
+                        connections,
+                        max_connections=s.max_connections,
+                        task_status=task_status,
+                    )
+                )
+                log.info("listening", listener=spec.name, address=f"{spec.bind}:{spec.port}")
+            task_status.started(
+                DataplaneHandle(ctx, listeners.cancel_scope, connections.cancel_scope)
+            )
+        log.info("stopped accepting", active=ctx.counters.active)
+    log.info("drained", accepted=ctx.counters.accepted, failed=ctx.counters.failed)

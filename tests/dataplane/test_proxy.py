@@ -1,0 +1,308 @@
+"""The data path in one process, on real loopback sockets with real mTLS.
+
+Two "hosts": an inbound on 127.0.0.2 fronting an app, an outbound on 127.0.0.1 with
+static endpoints. Every bad-peer case must be refused without disturbing other traffic.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshagent.dataplane.errors import Unauthorized
+from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
+from meshagent.dataplane.tls import IdentityFiles, TlsContexts, check_peer
+from meshagent.snapshot.model import (
+    Endpoint,
+    InboundListener,
+    OutboundListener,
+    Snapshot,
+    Timeouts,
+)
+from tests.support.net import free_port, round_trip, serve_echo
+from tests.support.pki import MeshCa, make_ca
+
+MESH = "shop"
+
+
+@dataclass
+class StaticSource:
+    current: Snapshot
+
+
+@dataclass
+class Pair:
+    outbound_port: int
+    inbound_port: int
+    inbound: DataplaneHandle
+    outbound: DataplaneHandle
+    ca: MeshCa
+
+
+async def serve_count_then_reply(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """An app that reads to EOF, then answers with the byte count: needs half-close."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            total = 0
+            while data := await stream.receive_some(65536):
+                total += len(data)
+            await stream.send_all(f"got {total}".encode())
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+def inbound_snapshot(app_port: int, port: int, *, service: str = "orders", **kw: object) -> Snapshot:
+    return Snapshot(
+        version=1,
+        mesh=MESH,
+        inbounds=(
+            InboundListener(
+                name=f"inbound:{service}", service=service, bind="127.0.0.2", port=port,
+                app_port=app_port, **kw,  # type: ignore[arg-type]
+            ),
+        ),
+        timeouts=Timeouts(connect_seconds=2, handshake_seconds=2),
+    )
+
+
+def outbound_snapshot(
+    port: int, endpoints: Sequence[tuple[str, int]], *, idle: float = 3600, **kw: object
+) -> Snapshot:
+    return Snapshot(
+        version=1,
+        mesh=MESH,
+        outbounds=(
+            OutboundListener(
+                name="outbound:orders", service="orders", source="web", bind="127.0.0.1",
+                port=port, **kw,  # type: ignore[arg-type]
+            ),
+        ),
+        endpoints={"orders": tuple(Endpoint(host=h, port=p, service="orders") for h, p in endpoints)},
+        timeouts=Timeouts(connect_seconds=2, handshake_seconds=2, idle_seconds=idle),
+    )
+
+
+async def start_pair(
+    nursery: trio.Nursery, tmp_path: Path, app_port: int, **outbound_kw: object
+) -> Pair:
+    ca = make_ca(tmp_path / "ca", MESH)
+    inbound_port, outbound_port = free_port("127.0.0.2"), free_port()
+    inbound = await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, inbound_port)),
+        TlsContexts({"orders": ca.issue("orders")}),
+    )
+    outbound = await nursery.start(
+        serve_dataplane,
+        StaticSource(outbound_snapshot(outbound_port, [("127.0.0.2", inbound_port)], **outbound_kw)),
+        TlsContexts({"web": ca.issue("web")}),
+    )
+    return Pair(outbound_port, inbound_port, inbound, outbound, ca)
+
+
+async def test_bytes_round_trip_through_both_agents(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    assert await round_trip("127.0.0.1", pair.outbound_port, payload) == payload
+    assert pair.inbound.context.counters.failed == 0
+
+
+async def test_half_close_keeps_the_other_direction(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app_port = await nursery.start(serve_count_then_reply)
+    pair = await start_pair(nursery, tmp_path, app_port)
+    # The app answers only after it saw EOF: our FIN must cross both agents, and the
+    # answer must still come back on the half-closed connection.
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"x" * 100_000) == b"got 100000"
+
+
+async def test_many_concurrent_connections_are_independent(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    results: dict[int, bytes] = {}
+
+    async def one(n: int) -> None:
+        results[n] = await round_trip("127.0.0.1", pair.outbound_port, str(n).encode() * 1000)
+
+    async with trio.open_nursery() as clients:
+        for n in range(40):
+            clients.start_soon(one, n)
+    assert all(results[n] == str(n).encode() * 1000 for n in range(40))
+
+
+async def _tls_client(port: int, context: ssl.SSLContext) -> bytes:
+    """Handshake as a mesh peer would, send a line, return what comes back (b"" if cut)."""
+    with trio.fail_after(5):
+        tcp = await trio.open_tcp_stream("127.0.0.2", port)
+        tls = trio.SSLStream(tcp, context, server_side=False)
+        try:
+            await tls.do_handshake()
+            await tls.send_all(b"hello")
+            return bytes(await tls.receive_some(100))
+        except trio.BrokenResourceError:
+            return b""
+        finally:
+            await trio.aclose_forcefully(tls)
+
+
+def _client_context(files: IdentityFiles | None, ca: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(ca))
+    if files is not None:
+        ctx.load_cert_chain(files.cert, files.key)
+    return ctx
+
+
+@pytest.mark.parametrize("case", ["plaintext", "garbage", "no-cert", "other-ca", "other-mesh"])
+async def test_inbound_refuses_bad_peers_and_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path, case: str
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    if case in ("plaintext", "garbage"):
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.2", pair.inbound_port)
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\n\r\n" if case == "plaintext" else bytes(range(256)) * 4)
+                try:
+                    answer = await stream.receive_some(100)
+                except trio.BrokenResourceError:
+                    answer = b""
+                assert b"hello" not in answer and b"GET" not in answer
+    else:
+        if case == "no-cert":
+            files = None
+        elif case == "other-ca":
+            files = make_ca(tmp_path / "evil", MESH).issue("web")
+        else:
+            files = make_ca(tmp_path / "billing", "billing").issue("web")
+        assert await _tls_client(pair.inbound_port, _client_context(files, pair.ca.ca_path)) == b""
+    with trio.fail_after(5):
+        while pair.inbound.context.counters.failed < 1:
+            await trio.sleep(0.01)
+    # Everyone else is still served.
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"still here") == b"still here"
+
+
+async def test_outbound_checks_the_server_identity_and_fails_over(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    impostor_port, good_port, refused_port = (free_port("127.0.0.2") for _ in range(3))
+    # An agent that serves "payments" on the address where we expect "orders".
+    await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, impostor_port, service="payments")),
+        TlsContexts({"payments": ca.issue("payments")}),
+    )
+    await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, good_port)),
+        TlsContexts({"orders": ca.issue("orders")}),
+    )
+    outbound_port = free_port()
+    endpoints = [("127.0.0.2", refused_port), ("127.0.0.2", impostor_port), ("127.0.0.2", good_port)]
+    outbound = await nursery.start(
+        serve_dataplane,
+        StaticSource(outbound_snapshot(outbound_port, endpoints)),
+        TlsContexts({"web": ca.issue("web")}),
+    )
+    # The first connection tries all three: refused, wrong identity, then the good one.
+    for _ in range(5):
+        assert await round_trip("127.0.0.1", outbound_port, b"ping") == b"ping"
+    assert outbound.context.counters.failed == 0
+
+
+async def test_no_endpoints_closes_the_client(nursery: trio.Nursery, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca", MESH)
+    port = free_port()
+    outbound = await nursery.start(
+        serve_dataplane,
+        StaticSource(outbound_snapshot(port, [])),
+        TlsContexts({"web": ca.issue("web")}),
+    )
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            await stream.send_all(b"anyone?")
+            answer = await stream.receive_some(10)
+        except trio.BrokenResourceError:  # reset: as good as a close here
+            answer = b""
+        await stream.aclose()
+    assert answer == b""
+    assert outbound.context.counters.failed == 1
+
+
+async def test_connection_limit_holds_new_clients_back(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port, max_connections=1)
+    with trio.fail_after(10):
+        first = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+        await first.send_all(b"one")
+        assert await first.receive_some(10) == b"one"
+        second = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)  # kernel backlog
+        await second.send_all(b"two")
+        with trio.move_on_after(0.3) as waited:
+            await second.receive_some(10)
+        assert waited.cancelled_caught, "second connection served beyond max_connections=1"
+        await first.aclose()
+        assert await second.receive_some(10) == b"two"
+        await second.aclose()
+
+
+async def test_idle_connections_are_closed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port, idle=0.3)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+        await stream.send_all(b"x")
+        assert await stream.receive_some(10) == b"x"
+        try:
+            rest = await stream.receive_some(10)  # nothing moves: the agent must close
+        except trio.BrokenResourceError:
+            rest = b""
+        assert rest == b""
+        await stream.aclose()
+
+
+async def test_drain_lets_open_connections_finish(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+        await stream.send_all(b"a")
+        assert await stream.receive_some(10) == b"a"
+        pair.outbound.drain(30)
+        # New clients are refused...
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+        # ...while the open one keeps working.
+        await stream.send_all(b"b")
+        assert await stream.receive_some(10) == b"b"
+        await stream.aclose()
+
+
+def test_check_peer_accepts_same_mesh_and_rejects_others() -> None:
+    cert = {"subjectAltName": (("URI", "spiffe://shop/service/web"),)}
+    assert check_peer(cert, mesh="shop", service=None) == "spiffe://shop/service/web"
+    assert check_peer(cert, mesh="shop", service="web") == "spiffe://shop/service/web"
+    for mesh, service in (("billing", None), ("shop", "orders")):
+        with pytest.raises(Unauthorized):
+            check_peer(cert, mesh=mesh, service=service)
+    with pytest.raises(Unauthorized, match="no spiffe"):
+        check_peer({"subjectAltName": (("DNS", "web"),)}, mesh="shop", service=None)
+    with pytest.raises(Unauthorized):
+        check_peer(None, mesh="shop", service=None)

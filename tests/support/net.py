@@ -1,0 +1,59 @@
+"""Loopback helpers: free ports, echo apps, bounded polling."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on ``host`` a moment ago (bind to 0, read it, close)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def serve_echo(
+    host: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """An app that echoes bytes and half-closes when the client does."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                while data := await stream.receive_some(65536):
+                    await stream.send_all(data)
+                await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host=host)
+    port: int = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, echo, listeners)
+        task_status.started(port)
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(interval)
+
+
+async def round_trip(host: str, port: int, payload: bytes, *, timeout: float = 10) -> bytes:
+    """Send ``payload``, half-close, read until the other side closes."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            chunks = []
+            while data := await stream.receive_some(65536):
+                chunks.append(data)
+            return b"".join(chunks)
