@@ -1,0 +1,163 @@
+"""run_agent: the agent process, top to bottom.
+
+Startup is a readiness chain (each step returns once it is ready)::
+
+    follow_consul       first answer (or first failure) for every upstream service
+    serve_dataplane     every listener bound            (a bind failure is fatal)
+    keep_registered     first registration attempt of every inbound
+    persist_snapshots   (when state_dir is set)
+    -> READY=1
+
+Shutdown, on SIGTERM or SIGINT (a second one forces it)::
+
+    STOPPING=1 -> deregister from Consul (peers stop choosing us) -> stop accepting
+    -> in-flight connections get limits.drain_timeout to finish -> exit 0
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import trio
+
+from meshagent import __version__
+from meshagent.agent import systemd
+from meshagent.agent.catalog import follow_consul
+from meshagent.agent.registration import keep_registered
+from meshagent.agent.state import load_cached_endpoints, persist_snapshots
+from meshagent.agent.watch import SnapshotWatch
+from meshagent.config.agent import AgentConfig, initial_snapshot
+from meshagent.config.load import ConfigError
+from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
+from meshagent.dataplane.tls import IdentityFiles, TlsContexts
+from meshagent.discovery.consul import ConsulClient
+from meshagent.log import get_logger
+from meshagent.snapshot.model import Endpoint
+
+log = get_logger("agent")
+
+
+def identities_of(config: AgentConfig) -> dict[str, IdentityFiles]:
+    """Every identity this host presents: one per inbound service and outbound source."""
+    names = {i.service for i in config.inbound}
+    names |= {config.outbound_source(o) for o in config.outbound}
+    identities: dict[str, IdentityFiles] = {}
+    for name in sorted(names):
+        files = config.identity_files(name)
+        if files is not None:
+            identities[name] = IdentityFiles(ca=files.ca, cert=files.cert, key=files.key)
+    return identities
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:
+        raise ConfigError(f"consul.token_file: cannot read {path}: {exc.strerror}") from None
+
+
+async def _watch_signals(
+    shutdown: trio.Event, force: trio.CancelScope, own_scope: trio.CancelScope
+) -> None:
+    with own_scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
+                force.cancel()
+                return
+            log.info("stopping", signal=signal.Signals(signum).name)
+            shutdown.set()
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the agent until ``shutdown`` is set or a signal arrives. A cancel point.
+
+    Raises:
+        ConfigError: unreadable TLS material or Consul token (before anything is bound).
+        BindError: a listener could not bind.
+    """
+    shutdown = shutdown or trio.Event()
+    try:
+        tls = TlsContexts(identities_of(config))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tls: cannot load certificates: {exc}") from None
+    token = read_token(config.consul.token_file) if config.consul else None
+    snapshot = initial_snapshot(config)
+    state_dir = Path(config.state_dir) if config.state_dir else None
+    if state_dir is not None:
+        snapshot = load_cached_endpoints(state_dir, snapshot)
+    watch = SnapshotWatch(snapshot)
+
+    def publish(service: str, endpoints: tuple[Endpoint, ...]) -> None:
+        watch.publish(watch.current.with_endpoints(service, endpoints))
+        log.info("endpoints changed", service=service, count=len(endpoints))
+
+    discovered = [o.service for o in config.outbound if not o.endpoints]
+    consul = (
+        ConsulClient(config.consul.address, token=token) if config.consul is not None else None
+    )
+    log.info(
+        "starting",
+        version=__version__,
+        inbounds=len(snapshot.inbounds),
+        outbounds=len(snapshot.outbounds),
+    )
+    try:
+        async with trio.open_nursery() as root:
+            signals_scope = trio.CancelScope()
+            root.start_soon(_watch_signals, shutdown, root.cancel_scope, signals_scope)
+            async with trio.open_nursery() as control:
+                if consul is not None and discovered:
+                    await control.start(
+                        lambda task_status: follow_consul(
+                            consul,
+                            mesh=config.mesh,
+                            services=discovered,
+                            publish=publish,
+                            wait_seconds=float(config.consul.watch_wait) if config.consul else 30,
+                            task_status=task_status,
+                        )
+                    )
+                dataplane: DataplaneHandle = await root.start(
+                    _serve_dataplane_then_stop, watch, tls, signals_scope
+                )
+                if consul is not None and config.inbound:
+                    await control.start(keep_registered, consul, config)
+                if state_dir is not None:
+                    await control.start(persist_snapshots, watch, state_dir)
+                systemd.notify("READY=1")
+                log.info("ready")
+                task_status.started(dataplane)
+                await shutdown.wait()
+                systemd.notify("STOPPING=1")
+                control.cancel_scope.cancel()  # keep_registered deregisters on its way out
+            dataplane.drain(float(config.limits.drain_timeout))
+            active = dataplane.context.counters.active
+            log.info("draining", active=active, timeout=float(config.limits.drain_timeout))
+    finally:
+        if consul is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await consul.aclose()
+    log.info("stopped")
+
+
+async def _serve_dataplane_then_stop(
+    watch: SnapshotWatch,
+    tls: TlsContexts,
+    signals_scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """serve_dataplane, then stop watching signals: once drained, nothing is left to guard."""
+    try:
+        await serve_dataplane(watch, tls, task_status=task_status)
+    finally:
+        signals_scope.cancel()
