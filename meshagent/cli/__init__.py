@@ -1,0 +1,117 @@
+"""The ``meshagent`` command line. Every user error is one line on stderr and exit 1."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from meshagent import __version__
+
+app = typer.Typer(
+    name="meshagent",
+    help="A service mesh for virtual machines and bare metal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="Path to agent.toml.", show_default=True),
+]
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _check_config(path: Path) -> tuple[object, list[str]]:
+    from meshagent.agent.main import identities_of
+    from meshagent.config.agent import AgentConfig, validate_agent
+    from meshagent.config.load import ConfigError, load_toml
+    from meshagent.pki.files import PkiError, check_identity_files
+
+    try:
+        config = load_toml(path, AgentConfig)
+    except ConfigError as exc:
+        return None, [str(exc)]
+    problems = [f"{path}: {p}" for p in validate_agent(config)]
+    if problems:
+        return config, problems
+    now = datetime.now(UTC)
+    for service, files in identities_of(config).items():
+        try:
+            check_identity_files(
+                Path(files.ca), Path(files.cert), Path(files.key),
+                mesh=config.mesh, service=service, now=now,
+            )
+        except PkiError as exc:
+            problems.append(str(exc))
+    return config, problems
+
+
+@app.command()
+def check(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
+    """Validate agent.toml and the certificates it names; print every problem.
+
+    Example: meshagent check --config /etc/meshagent/agent.toml
+    """
+    _, problems = _check_config(config)
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{config}: ok")
+
+
+@app.command()
+def run(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
+    """Run the agent: proxy the host's inbounds and outbounds over mTLS.
+
+    Stops cleanly on SIGTERM or Ctrl-C: deregisters from Consul, stops accepting,
+    and lets open connections finish within limits.drain_timeout.
+
+    Example: meshagent run --config /etc/meshagent/agent.toml
+    """
+    import trio
+
+    from meshagent import log
+    from meshagent.agent.main import run_agent
+    from meshagent.config.agent import AgentConfig
+    from meshagent.config.load import ConfigError
+    from meshagent.dataplane.errors import BindError
+
+    loaded, problems = _check_config(config)
+    if problems:
+        more = f" (and {len(problems) - 1} more: meshagent check)" if len(problems) > 1 else ""
+        fail(problems[0] + more)
+    assert isinstance(loaded, AgentConfig)
+    log.configure(level=loaded.log.level, fmt=loaded.log.format, mesh=loaded.mesh, node=loaded.node)
+    try:
+        trio.run(run_agent, loaded)
+    except* (ConfigError, BindError) as group:
+        fail(str(group.exceptions[0]))
+
+
+@app.command()
+def version() -> None:
+    """Print the meshagent version."""
+    typer.echo(__version__)
+
+
+def _add_subcommands() -> None:
+    from meshagent.cli.pki import pki_app
+
+    app.add_typer(pki_app, name="pki")
+
+
+_add_subcommands()
+
+
+def main() -> None:
+    sys.exit(app())
