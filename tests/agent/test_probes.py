@@ -13,7 +13,7 @@ import trio
 from meshagent.agent.probes import ProbeResult, probe_app
 from meshagent.config.agent import HealthSettings, InboundSettings
 from meshagent.config.load import Duration
-from tests.support.consul import free_port
+from meshagent.demo.ports import free_port
 
 
 def _inbound(app_port: int = 1, **health: object) -> InboundSettings:

@@ -8,6 +8,7 @@ import uuid
 import pytest
 import trio
 
+from meshagent.demo.ports import free_port
 from meshagent.discovery.consul import (
     Backoff,
     CheckDefinition,
@@ -16,7 +17,7 @@ from meshagent.discovery.consul import (
     ConsulUnavailable,
     ServiceRegistration,
 )
-from tests.support.consul import ConsulProcess, free_port
+from tests.support.consul import ConsulProcess
 
 
 def _registration(

@@ -1,4 +1,5 @@
-"""Real processes for end-to-end tests: apps and agents, stopped by pid.
+"""Real processes for the demo, the benchmarks and end-to-end tests: apps and agents,
+stopped by pid.
 
 An agent's readiness is read the way systemd reads it: the test owns a NOTIFY_SOCKET
 and waits for READY=1 (bounded), so no test sleeps to guess when an agent is up.
@@ -18,9 +19,7 @@ from typing import Any
 
 import psutil
 
-from tests.support.net import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from meshagent.demo.ports import free_port
 
 
 class Process:
@@ -31,7 +30,9 @@ class Process:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
 
@@ -57,12 +58,16 @@ class Process:
         return self.proc.returncode
 
 
-def start_app(mode: str, tmp: Path, *, port: int | None = None, name: str = "app") -> tuple[Process, int]:
+def start_app(
+    mode: str, tmp: Path, *, port: int | None = None, name: str = "app"
+) -> tuple[Process, int]:
     """Start a stand-in app on 127.0.0.1; return it and its port once it listens."""
     port = port or free_port()
     log = tmp / f"app-{name}-{port}.log"
-    proc = Process([sys.executable, "-m", "meshagent.demo.apps", mode, "--port", str(port),
-                    "--name", name], log)
+    proc = Process(
+        [sys.executable, "-m", "meshagent.demo.apps", mode, "--port", str(port), "--name", name],
+        log,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -94,7 +99,9 @@ def render_agent_toml(config: dict[str, Any]) -> str:
     """Render a dict shaped like agent.toml (tables and arrays of tables) as TOML."""
     lines: list[str] = []
     tables = {k: v for k, v in config.items() if isinstance(v, dict)}
-    arrays = {k: v for k, v in config.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+    arrays = {
+        k: v for k, v in config.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+    }
     for key, value in config.items():
         if key not in tables and key not in arrays:
             lines.append(f"{key} = {toml_value(value)}")

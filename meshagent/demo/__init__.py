@@ -1,0 +1,1 @@
+"""The demo mesh, and the process helpers it shares with the benchmarks and tests."""
