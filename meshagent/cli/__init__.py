@@ -95,7 +95,13 @@ def run(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
     try:
         trio.run(run_agent, loaded)
     except* (ConfigError, BindError) as group:
-        fail(str(group.exceptions[0]))
+        fail(str(_first_leaf(group)))
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 @app.command()

@@ -69,4 +69,15 @@ def _humanize(message: str) -> str:
     if not sep:
         return message
     key = where.rstrip("`").removeprefix("$").removeprefix(".")
+    for theirs, ours in _PHRASES:
+        if text.startswith(theirs):
+            text = ours + text.removeprefix(theirs)
+            if ours == "unknown key ":
+                text += " (check the spelling; every key is listed in examples/)"
     return f"{key}: {text}" if key else text
+
+
+_PHRASES = (
+    ("Object contains unknown field ", "unknown key "),
+    ("Object missing required field ", "missing required key "),
+)

@@ -56,7 +56,7 @@ def test_examples_agent_toml_is_valid() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("port = 15443", "prot = 15443"), "inbound[0]: Object contains unknown field `prot`"),
+        (("port = 15443", "prot = 15443"), "inbound[0]: unknown key `prot` (check the spelling"),
         (("port = 16001", 'port = "16001"'), "outbound[0].port: Expected `int`, got `str`"),
         (('interval = "5s"', 'interval = "5 seconds"'), 'inbound[0].health.interval: invalid duration'),
         (("port = 16001", "port = 15443\nbind = \"127.0.0.2\""), "outbound[0].port: port 15443 is also used by inbound[0].port"),
@@ -77,6 +77,11 @@ def test_bad_configs_name_the_key(tmp_path: Path, edit: tuple[str, str], message
     assert "\n" not in text
     assert text.startswith(str(tmp_path / "agent.toml") + ": ")
     assert message in text
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="inbound\\[0\\]: missing required key `app_port`"):
+        load_agent_config(write(tmp_path, GOOD.replace("app_port = 8080\n", "")))
 
 
 def test_missing_tls_is_explained(tmp_path: Path) -> None:
