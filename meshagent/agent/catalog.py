@@ -14,6 +14,10 @@ Theory of operation (Consul's blocking-query rules, api-docs/features/blocking):
   answer is always published, even when empty).
 * Consul trouble: one warning per outage, the last published list stays as it is
   (never replaced by an empty one), retries with jittered exponential backoff.
+* Resync grace: a Consul that restarted has lost every registration until the agents
+  register again (within one probe interval). So right after an outage or an index
+  that went backwards, an *empty* answer does not replace a non-empty list for up to
+  ``RESYNC_GRACE_SECONDS``; any non-empty answer is published at once.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from meshagent.snapshot.model import Endpoint
 log = get_logger("catalog")
 
 _MIN_QUERY_INTERVAL_SECONDS: Final = 0.25
+RESYNC_GRACE_SECONDS: Final = 30.0
 
 Publish = Callable[[str, tuple[Endpoint, ...]], None]
 
@@ -80,6 +85,7 @@ async def follow_consul(
     services: Sequence[str],
     publish: Publish,
     wait_seconds: float = 30.0,
+    resync_grace_seconds: float = RESYNC_GRACE_SECONDS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish the passing endpoints of each of ``services`` whenever they change.
@@ -93,6 +99,7 @@ async def follow_consul(
         publish: called as ``publish(service, endpoints)`` from the trio thread; must
             not block.
         wait_seconds: longest hold of one blocking query.
+        resync_grace_seconds: how long an empty answer right after a resync is held back.
         task_status: ``started()`` once every service had its first query, answered or
             not, so the agent starts while Consul is down.
     """
@@ -106,6 +113,7 @@ async def follow_consul(
                     service=service,
                     publish=publish,
                     wait_seconds=wait_seconds,
+                    resync_grace_seconds=resync_grace_seconds,
                 )
                 starting.start_soon(nursery.start, follow)
         task_status.started()
@@ -118,6 +126,7 @@ async def _follow_service(
     service: str,
     publish: Publish,
     wait_seconds: float,
+    resync_grace_seconds: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The blocking-query loop of one service."""
@@ -126,6 +135,7 @@ async def _follow_service(
     backoff = Backoff()
     outage = False
     started = False
+    resync_until: float | None = None  # while set, hold back an empty answer
     while True:
         began = trio.current_time()
         try:
@@ -134,6 +144,7 @@ async def _follow_service(
             )
         except ConsulProblem as exc:
             index = 0  # after an outage Consul may be a new process with lower indexes
+            resync_until = None  # the grace starts when it answers again
             delay = backoff.next_delay()
             if not outage:
                 log.warning(
@@ -149,15 +160,33 @@ async def _follow_service(
                 task_status.started()
             await trio.sleep(delay)
             continue
+        resynced = outage or (index > 0 and returned < index)
         if outage:
             log.info("consul reachable again", service=service)
             outage = False
+        if resynced and published:
+            resync_until = trio.current_time() + resync_grace_seconds
         backoff.reset()
         index = next_index(index, returned)
         endpoints = endpoints_of(entries, mesh=mesh, service=service)
-        if endpoints != published:
+        holding = (
+            not endpoints
+            and bool(published)
+            and resync_until is not None
+            and trio.current_time() < resync_until
+        )
+        if holding:
+            log.info(
+                "consul answered empty right after a resync; keeping the last endpoints",
+                service=service,
+                endpoints=len(published or ()),
+                for_seconds=round((resync_until or 0) - trio.current_time(), 1),
+            )
+        elif endpoints != published:
             publish(service, endpoints)
             published = endpoints
+        if endpoints:
+            resync_until = None
         if not started:
             started = True
             task_status.started()

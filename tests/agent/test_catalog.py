@@ -169,8 +169,42 @@ async def test_keeps_the_last_endpoints_while_consul_is_down(
         assert [[e.port for e in eps] for _, eps in published.calls] == [[9001]]
 
         await trio.to_thread.run_sync(consul.start)  # empty state, lower indexes
+        answers = client.answers
+
+        async def answered() -> bool:
+            return client.answers > answers
+
+        await wait_until(answered, timeout=20)
+        # Consul answers "nobody" until the agents re-register: that empty answer is
+        # held back (resync grace), so traffic keeps its endpoints meanwhile.
+        assert [[e.port for e in eps] for _, eps in published.calls] == [[9001]]
         await _register(client, 9005)
         await published.wait_for("web", [9005], timeout=20)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_empty_consul_after_restart_wins_once_the_grace_ends(
+    consul: ConsulProcess, nursery: trio.Nursery
+) -> None:
+    published = Published()
+    async with ConsulClient(consul.address) as client:
+        await _register(client, 9001)
+        await nursery.start(
+            lambda task_status: follow_consul(
+                client,
+                mesh="default",
+                services=["web"],
+                publish=published,
+                wait_seconds=0.5,
+                resync_grace_seconds=1.0,
+                task_status=task_status,
+            )
+        )
+        await published.wait_for("web", [9001])
+        await trio.to_thread.run_sync(consul.stop)
+        await trio.to_thread.run_sync(consul.start)
+        # Nobody registers again: after the grace, the empty answer is the truth.
+        await published.wait_for("web", [], timeout=20)
         nursery.cancel_scope.cancel()
 
 
