@@ -36,6 +36,17 @@ STOP_TIMEOUT_SECONDS = 10.0
 _binary_cache: list[str] = []
 
 
+def find_consul() -> str | None:
+    """An installed consul binary, without installing one: $MESHAGENT_CONSUL_BIN, PATH,
+    or the cache scripts/install-consul.sh fills (~/.cache/meshagent)."""
+    path = os.environ.get("MESHAGENT_CONSUL_BIN") or shutil.which("consul")
+    if path and os.access(path, os.X_OK):
+        return path
+    cache = Path(os.environ.get("MESHAGENT_CACHE", Path.home() / ".cache" / "meshagent"))
+    cached = cache / "consul" / "usr" / "bin" / "consul"
+    return str(cached) if os.access(cached, os.X_OK) else None
+
+
 def consul_binary() -> str:
     """Path of the consul binary to run (installs it once if needed).
 
@@ -44,7 +55,7 @@ def consul_binary() -> str:
     """
     if _binary_cache:
         return _binary_cache[0]
-    path = os.environ.get("MESHAGENT_CONSUL_BIN") or shutil.which("consul")
+    path = find_consul()
     if not path:
         script = REPO_ROOT / "scripts" / "install-consul.sh"
         done = subprocess.run(
@@ -69,7 +80,14 @@ class ConsulProcess:
         node: the Consul node name.
     """
 
-    def __init__(self, *, acl_master_token: str | None = None, node: str = "meshtest") -> None:
+    def __init__(
+        self,
+        *,
+        acl_master_token: str | None = None,
+        node: str = "meshtest",
+        binary: str | None = None,
+    ) -> None:
+        self.binary = binary
         self.acl_master_token = acl_master_token
         self.node = node
         self.http_port = free_port()
@@ -145,7 +163,7 @@ class ConsulProcess:
         self._data_dir = Path(tempfile.mkdtemp(prefix="meshagent-consul-"))
         self._log_path = self._data_dir / "consul.log"
         args = [
-            consul_binary(),
+            self.binary or consul_binary(),
             "agent",
             "-dev",
             f"-node={self.node}",

@@ -1,0 +1,31 @@
+"""The README's first command, in short mode: it must meet every step and leave nothing."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+@pytest.mark.parametrize("consul", ["--consul", "--no-consul"])
+def test_demo_meets_every_step_and_cleans_up(consul: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "meshagent", "demo", "--duration", "3", consul],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "result: every step met its expectation" in done.stdout
+    assert "ok 100.0%" in done.stdout
+    if consul == "--consul":
+        assert "critical after" in done.stdout
+    pids = [int(p) for p in re.findall(r"pid (\d+)", done.stdout)]
+    assert len(pids) >= 3
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    workdir = re.search(r"configs in (\S+)", done.stdout)
+    assert workdir is not None
+    assert not Path(workdir.group(1)).exists()
