@@ -19,6 +19,6 @@ MESHAGENT_CONSUL_BIN="$(bash scripts/install-consul.sh)"
 export MESHAGENT_CONSUL_BIN
 echo "consul: $MESHAGENT_CONSUL_BIN ($("$MESHAGENT_CONSUL_BIN" version | head -n 1))"
 
-.venv/bin/ruff check meshagent tests bench
+.venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
