@@ -24,6 +24,7 @@ import trio
 from meshagent import __version__
 from meshagent.agent import systemd
 from meshagent.agent.catalog import follow_consul
+from meshagent.agent.certs import warn_before_expiry
 from meshagent.agent.registration import keep_registered
 from meshagent.agent.state import load_cached_endpoints, persist_snapshots
 from meshagent.agent.watch import SnapshotWatch
@@ -85,8 +86,9 @@ async def run_agent(
         BindError: a listener could not bind.
     """
     shutdown = shutdown or trio.Event()
+    identities = identities_of(config)
     try:
-        tls = TlsContexts(identities_of(config))
+        tls = TlsContexts(identities)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tls: cannot load certificates: {exc}") from None
     token = read_token(config.consul.token_file) if config.consul else None
@@ -133,6 +135,9 @@ async def run_agent(
                     await control.start(keep_registered, consul, config)
                 if state_dir is not None:
                     await control.start(persist_snapshots, watch, state_dir)
+                await control.start(
+                    warn_before_expiry, {name: f.cert for name, f in identities.items()}
+                )
                 systemd.notify("READY=1")
                 log.info("ready")
                 task_status.started(dataplane)
