@@ -188,8 +188,9 @@ async def _keep_inbound(
                 log.info("registered", service=inbound.service, id=registration.id)
             result = await _probe(inbound)
             if result.healthy is not was_healthy:
+                report = log.info if result.healthy else log.warning
                 event = "app healthy" if result.healthy else "app unhealthy"
-                log.info(event, service=inbound.service, output=result.output)
+                report(event, service=inbound.service, output=result.output)
                 was_healthy = result.healthy
             if not await consul.update_ttl(cid, _status(result), result.output):
                 registered = False

@@ -38,12 +38,12 @@ class Side(Protocol):
     async def aclose(self) -> None: ...
 
 
-class PlainSide:
-    """A TCP connection to or from a local app."""
+class _StreamSide:
+    """Bytes straight through to a trio stream."""
 
     __slots__ = ("stream",)
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
 
     async def receive(self) -> bytes | bytearray:
@@ -52,11 +52,21 @@ class PlainSide:
     async def send(self, data: bytes | bytearray) -> None:
         await self.stream.send_all(data)
 
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+class PlainSide(_StreamSide):
+    """A TCP connection to or from a local app; half-close is a FIN."""
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        self._socket = stream
+
+    async def send_eof(self) -> None:
+        await self._socket.send_eof()
 
 
 class FramedSide:
@@ -92,26 +102,15 @@ class FramedSide:
         await trio.aclose_forcefully(self.stream)
 
 
-class RawTlsSide:
-    """An mTLS connection whose peer did not negotiate framing (e.g. a mesh-aware client
-    that is not an agent). TLS cannot half-close, so end of stream closes it whole."""
+class RawTlsSide(_StreamSide):
+    """An mTLS connection whose peer did not negotiate framing (a mesh-aware client that
+    is not an agent). TLS cannot half-close here: the end of the other direction is not
+    passed on; the connection closes when both directions are done or idle."""
 
-    __slots__ = ("stream",)
-
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        self.stream = stream
-
-    async def receive(self) -> bytes | bytearray:
-        return await self.stream.receive_some(CHUNK)
-
-    async def send(self, data: bytes | bytearray) -> None:
-        await self.stream.send_all(data)
+    __slots__ = ()
 
     async def send_eof(self) -> None:
-        await self.stream.aclose()
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
+        return
 
 
 async def splice(a: Side, b: Side, *, idle_seconds: float) -> tuple[int, int]:

@@ -306,3 +306,14 @@ def test_check_peer_accepts_same_mesh_and_rejects_others() -> None:
         check_peer({"subjectAltName": (("DNS", "web"),)}, mesh="shop", service=None)
     with pytest.raises(Unauthorized):
         check_peer(None, mesh="shop", service=None)
+
+
+async def test_a_mesh_client_without_framing_gets_a_plain_tunnel(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # A client with a mesh certificate that does not negotiate ALPN meshagent/1 (not an
+    # agent) still reaches the app: bytes go through unframed.
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    context = _client_context(pair.ca.issue("web"), pair.ca.ca_path)
+    assert await _tls_client(pair.inbound_port, context) == b"hello"
