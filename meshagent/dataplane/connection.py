@@ -64,16 +64,31 @@ def describe(exc: BaseException) -> str:
 
 @contextmanager
 def connection_boundary(ctx: DataplaneContext, log: Logger, **fields: object) -> Iterator[None]:
-    """The error boundary of one connection: count it, and turn any Exception into a log
-    line. ``trio.Cancelled`` (a BaseException) passes through untouched."""
+    """The error boundary of one connection: count it, and turn every Exception into a
+    log line.
+
+    ``trio.Cancelled`` passes through untouched, also when it arrives in one exception
+    group with a connection error (the agent is draining and this connection broke at
+    the same moment): the error is logged here and only the cancellation goes on, so a
+    broken connection can never take the listener's nursery down with it.
+    """
     counters = ctx.counters
     counters.accepted += 1
     counters.active += 1
     try:
         yield
-    except Exception as exc:
+    except* Exception as group:
         counters.failed += 1
-        level = log.warning if isinstance(exc, DataplaneError) else log.error
-        level("connection failed", error=describe(exc), **fields)
+        ours = all(isinstance(e, DataplaneError) for e in _leaves(group))
+        level = log.warning if ours else log.error
+        level("connection failed", error=describe(group), **fields)
     finally:
         counters.active -= 1
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

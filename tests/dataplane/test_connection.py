@@ -1,0 +1,48 @@
+"""The per-connection error boundary."""
+
+from __future__ import annotations
+
+import io
+
+import trio
+
+from meshagent import log
+from meshagent.dataplane.connection import DataplaneContext, connection_boundary
+from meshagent.dataplane.errors import NoEndpoints
+from meshagent.dataplane.tls import TlsContexts
+
+
+def _context() -> DataplaneContext:
+    return DataplaneContext(source=None, tls=TlsContexts({}))  # type: ignore[arg-type]
+
+
+async def test_errors_are_logged_and_swallowed() -> None:
+    ctx = _context()
+    out = io.StringIO()
+    log._Settings.stream = out
+    try:
+        with connection_boundary(ctx, log.get_logger("test"), conn=7):
+            raise NoEndpoints("orders: no healthy endpoint")
+    finally:
+        log._Settings.stream = None
+    assert ctx.counters.failed == 1 and ctx.counters.active == 0
+    line = out.getvalue()
+    assert "level=warning" in line and "conn=7" in line and "no healthy endpoint" in line
+
+
+async def test_an_error_racing_a_cancellation_is_logged_and_the_cancellation_goes_on() -> None:
+    # Draining: the agent cancels every connection while one of them breaks. trio then
+    # raises one group holding both; only the Cancelled may leave the boundary.
+    ctx = _context()
+    with trio.CancelScope() as drain:
+        with connection_boundary(ctx, log.get_logger("test"), conn=1):
+            async with trio.open_nursery() as pumps:
+
+                async def breaks_as_we_cancel() -> None:
+                    drain.cancel()
+                    raise trio.BrokenResourceError("peer reset")
+
+                pumps.start_soon(trio.sleep_forever)
+                pumps.start_soon(breaks_as_we_cancel)
+    assert drain.cancelled_caught
+    assert ctx.counters.failed == 1 and ctx.counters.active == 0
