@@ -34,15 +34,14 @@ async def test_an_error_racing_a_cancellation_is_logged_and_the_cancellation_goe
     # Draining: the agent cancels every connection while one of them breaks. trio then
     # raises one group holding both; only the Cancelled may leave the boundary.
     ctx = _context()
-    with trio.CancelScope() as drain:
-        with connection_boundary(ctx, log.get_logger("test"), conn=1):
-            async with trio.open_nursery() as pumps:
+    with trio.CancelScope() as drain, connection_boundary(ctx, log.get_logger("test"), conn=1):
+        async with trio.open_nursery() as pumps:
 
-                async def breaks_as_we_cancel() -> None:
-                    drain.cancel()
-                    raise trio.BrokenResourceError("peer reset")
+            async def breaks_as_we_cancel() -> None:
+                drain.cancel()
+                raise trio.BrokenResourceError("peer reset")
 
-                pumps.start_soon(trio.sleep_forever)
-                pumps.start_soon(breaks_as_we_cancel)
+            pumps.start_soon(trio.sleep_forever)
+            pumps.start_soon(breaks_as_we_cancel)
     assert drain.cancelled_caught
     assert ctx.counters.failed == 1 and ctx.counters.active == 0
