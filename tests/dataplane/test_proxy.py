@@ -6,11 +6,13 @@ static endpoints. Every bad-peer case must be refused without disturbing other t
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -317,3 +319,52 @@ async def test_a_mesh_client_without_framing_gets_a_plain_tunnel(
     pair = await start_pair(nursery, tmp_path, app_port)
     context = _client_context(pair.ca.issue("web"), pair.ca.ca_path)
     assert await _tls_client(pair.inbound_port, context) == b"hello"
+
+
+async def _serve_silence(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Accepts connections and never says a word (a hung agent or a black hole)."""
+
+    async def hang(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.2")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, hang, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+async def test_a_silent_endpoint_times_out_and_the_next_one_serves(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    silent_port = await nursery.start(_serve_silence)
+    good_port = free_port("127.0.0.2")
+    await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, good_port)),
+        TlsContexts({"orders": ca.issue("orders")}),
+    )
+    outbound_port = free_port()
+    snapshot = outbound_snapshot(outbound_port, [("127.0.0.2", silent_port), ("127.0.0.2", good_port)])
+    snapshot = msgspec.structs.replace(
+        snapshot, timeouts=Timeouts(connect_seconds=1, handshake_seconds=0.3)
+    )
+    outbound = await nursery.start(
+        serve_dataplane, StaticSource(snapshot), TlsContexts({"web": ca.issue("web")})
+    )
+    assert await round_trip("127.0.0.1", outbound_port, b"ping") == b"ping"
+    assert outbound.context.counters.failed == 0
+
+
+async def test_a_client_that_never_handshakes_is_dropped(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)  # handshake deadline: 2 s
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", pair.inbound_port)
+        with contextlib.suppress(trio.BrokenResourceError):
+            assert await stream.receive_some(10) == b""
+        await stream.aclose()
+        while pair.inbound.context.counters.failed < 1:  # the agent closes, then logs
+            await trio.sleep(0.01)
