@@ -196,3 +196,43 @@ def test_garbage_on_the_inbound_port_is_dropped(tmp_path: Path, ca: MeshCa, cons
         assert "tls handshake" in orders.output()
         # Test certificates live one hour: the agent says so, with the fix.
         assert 'event="certificate expires soon"' in orders.output()
+
+
+def test_sigterm_deregisters_stops_accepting_and_drains(
+    tmp_path: Path, ca: MeshCa, consul: ConsulProcess
+) -> None:
+    echo, echo_port = start_app("echo", tmp_path, name="echo")
+    orders_cfg, inbound_port = orders_host(tmp_path, ca, consul, "127.0.0.3", echo_port)
+    orders_cfg["limits"] = {"drain_timeout": "20s"}
+    web_cfg, outbound_port = web_host(tmp_path, ca, consul)
+    with running(echo):
+        orders = start_agent(orders_cfg, tmp_path, "orders")
+        web = start_agent(web_cfg, tmp_path, "web")
+        with running(orders, web):
+            eventually(lambda: exchange(outbound_port, b"ping") == b"ping", within=10,
+                       what="web sees orders")
+            with socket.create_connection(("127.0.0.1", outbound_port), timeout=10) as sock:
+                sock.sendall(b"before")
+                assert sock.recv(100) == b"before"
+                orders.proc.send_signal(signal.SIGTERM)
+                orders.wait_for("STOPPING=1")
+                eventually(lambda: consul_get(consul, "/v1/health/service/orders") == [],
+                           within=5, what="deregistered first")
+                eventually(lambda: not _accepts("127.0.0.3", inbound_port), within=5,
+                           what="the inbound stops accepting")
+                # The connection that was open keeps working while the agent drains.
+                sock.sendall(b"during")
+                assert sock.recv(100) == b"during"
+                assert orders.proc.poll() is None
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(100) == b""
+            assert orders.proc.wait(10) == 0
+        assert 'event=drained' in orders.output()
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
