@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "meshagent"
 ALLOWED: dict[str, set[str]] = {
     "snapshot": {"snapshot"},
     "config": {"config", "snapshot"},
+    "policy": {"policy", "config", "snapshot"},
     "pki": {"pki"},
     "protocol": {"protocol"},
     "routing": {"routing", "snapshot"},
     "dataplane": {"dataplane", "snapshot", "pki", "protocol", "routing", "log"},
     "discovery": {"discovery", "log", "__init__"},
 }
-PURE = {"snapshot", "config", "pki", "protocol", "routing"}
+PURE = {"snapshot", "config", "policy", "pki", "protocol", "routing"}
 IO_LIBRARIES = {"trio", "httpx", "ssl", "asyncio"}  # socket.gethostname is fine
 
 

@@ -142,10 +142,33 @@ def version() -> None:
     typer.echo(__version__)
 
 
+policy_app = typer.Typer(help="Check policy documents.", no_args_is_help=True)
+
+
+@policy_app.command("validate")
+def policy_validate(
+    paths: Annotated[list[Path], typer.Argument(help="Policy files or directories.")],
+) -> None:
+    """Check TOML/JSON policy documents; print every problem, one line each.
+
+    Example: meshagent policy validate /etc/meshagent/policies/
+    """
+    from meshagent.policy.load import PolicyError, load_paths
+
+    try:
+        resources = load_paths(paths)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{len(resources)} resources ok")
+
+
 def _add_subcommands() -> None:
     from meshagent.cli.pki import pki_app
 
     app.add_typer(pki_app, name="pki")
+    app.add_typer(policy_app, name="policy")
 
 
 _add_subcommands()

@@ -33,7 +33,7 @@ class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class ConsulSettings(_Strict, frozen=True):
+class ConsulSettings(_Strict, frozen=True, kw_only=True):
     address: str = "http://127.0.0.1:8500"
     token_file: str | None = None
     # How long one blocking query waits for a change before Consul answers anyway.
@@ -42,13 +42,13 @@ class ConsulSettings(_Strict, frozen=True):
     deregister_critical_after: Duration = Duration(3600.0)
 
 
-class TlsSettings(_Strict, frozen=True):
+class TlsSettings(_Strict, frozen=True, kw_only=True):
     ca: str
     cert: str
     key: str
 
 
-class HealthSettings(_Strict, frozen=True):
+class HealthSettings(_Strict, frozen=True, kw_only=True):
     """How the agent decides the local app is healthy. With none of tcp/http/pidfile/
     command set, the check is the agent's own liveness (always passing while it runs)."""
 
@@ -60,7 +60,7 @@ class HealthSettings(_Strict, frozen=True):
     timeout: Duration = Duration(2.0)
 
 
-class InboundSettings(_Strict, frozen=True):
+class InboundSettings(_Strict, frozen=True, kw_only=True):
     service: str
     port: int
     app_port: int
@@ -73,7 +73,7 @@ class InboundSettings(_Strict, frozen=True):
     max_connections: int | None = None
 
 
-class OutboundSettings(_Strict, frozen=True):
+class OutboundSettings(_Strict, frozen=True, kw_only=True):
     service: str
     port: int
     bind: str = "127.0.0.1"
@@ -85,7 +85,7 @@ class OutboundSettings(_Strict, frozen=True):
     max_connections: int | None = None
 
 
-class LimitSettings(_Strict, frozen=True):
+class LimitSettings(_Strict, frozen=True, kw_only=True):
     connect_timeout: Duration = Duration(5.0)
     handshake_timeout: Duration = Duration(10.0)
     idle_timeout: Duration = Duration(3600.0)
@@ -93,12 +93,12 @@ class LimitSettings(_Strict, frozen=True):
     max_connections: int = 10_000
 
 
-class LogSettings(_Strict, frozen=True):
+class LogSettings(_Strict, frozen=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["logfmt", "json"] = "logfmt"
 
 
-class AgentConfig(_Strict, frozen=True):
+class AgentConfig(_Strict, frozen=True, kw_only=True):
     mesh: str
     node: str = msgspec.field(default_factory=socket.gethostname)
     address: str = "127.0.0.1"

@@ -67,7 +67,7 @@ def _humanize(message: str) -> str:
     """Turn msgspec's "... - at `$.inbound[0].port`" into "inbound[0].port: ..."."""
     text, sep, where = message.rpartition(" - at `")
     if not sep:
-        return message
+        text, where = message, ""
     key = where.rstrip("`").removeprefix("$").removeprefix(".")
     for theirs, ours in _PHRASES:
         if text.startswith(theirs):

@@ -66,6 +66,59 @@ class OutboundListener(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: int = 10_000
 
 
+class ValueMatch(msgspec.Struct, frozen=True, kw_only=True):
+    """A header (name lower-cased) or query parameter condition: exactly one of exact,
+    regex (full match), present."""
+
+    name: str
+    exact: str | None = None
+    regex: str | None = None
+    present: bool = False
+
+
+class HttpMatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Every given condition must hold; an empty match matches every request."""
+
+    path_exact: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    methods: tuple[str, ...] = ()
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+
+
+class Backend(msgspec.Struct, frozen=True, kw_only=True):
+    """A weighted service subset: the endpoints of ``service`` whose tags include ``tags``."""
+
+    service: str
+    tags: tuple[tuple[str, str], ...] = ()
+    weight: float = 1.0
+
+    def label(self) -> str:
+        tags = ",".join(f"{k}={v}" for k, v in self.tags)
+        return f"{self.service}[{tags}]" if tags else self.service
+
+
+class RouteRule(msgspec.Struct, frozen=True, kw_only=True):
+    """Match -> weighted backends, optionally sticky and with a path rewrite."""
+
+    route: str  # the TrafficRoute it came from ("" for the implicit default)
+    match: HttpMatch = HttpMatch()
+    backends: tuple[Backend, ...]
+    rewrite_prefix: str | None = None
+    sticky_cookie: str | None = None
+    sticky_header: str | None = None
+
+
+class OutboundRoutes(msgspec.Struct, frozen=True, kw_only=True):
+    """The rules of one outbound, in order; the first that matches wins."""
+
+    rules: tuple[RouteRule, ...]
+
+    def services(self) -> set[str]:
+        return {b.service for rule in self.rules for b in rule.backends}
+
+
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the data path of one agent needs, at one version."""
 
@@ -76,6 +129,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     outbounds: tuple[OutboundListener, ...] = ()
     endpoints: dict[str, tuple[Endpoint, ...]] = {}
     timeouts: Timeouts = Timeouts()
+    routes: dict[str, OutboundRoutes] = {}  # by outbound service; none: all to the service
 
     def endpoints_of(self, service: str) -> tuple[Endpoint, ...]:
         return self.endpoints.get(service, ())

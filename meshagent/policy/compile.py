@@ -1,0 +1,128 @@
+"""Compile TrafficRoutes into the routes one agent's outbounds serve from. Pure.
+
+Which TrafficRoute applies to an outbound ``destination`` called by ``source``: among
+the routes of the same mesh and destination, one naming the source beats one with
+``source = "*"``; between equals the name that sorts first wins (deterministic, and
+``meshagent get policies`` shows it). With no TrafficRoute, everything goes to the
+destination service itself (an implicit default rule, ``route = ""``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from meshagent.policy.model import (
+    Resource,
+    RouteMatch,
+    SplitTarget,
+    Sticky,
+    TrafficRoute,
+)
+from meshagent.policy.model import (
+    ValueMatch as PolicyValueMatch,
+)
+from meshagent.snapshot.model import (
+    Backend,
+    HttpMatch,
+    OutboundRoutes,
+    RouteRule,
+    ValueMatch,
+)
+
+
+def select_route(
+    resources: Iterable[Resource], *, mesh: str, source: str, destination: str
+) -> TrafficRoute | None:
+    """The TrafficRoute that governs ``source`` calling ``destination``, if any."""
+    candidates = [
+        r
+        for r in resources
+        if isinstance(r, TrafficRoute)
+        and r.mesh == mesh
+        and r.destination == destination
+        and r.source in (source, "*")
+    ]
+    candidates.sort(key=lambda r: (r.source == "*", r.name))
+    return candidates[0] if candidates else None
+
+
+def _values(items: dict[str, str | PolicyValueMatch], *, lower: bool) -> tuple[ValueMatch, ...]:
+    out = []
+    for name, value in sorted(items.items()):
+        key = name.lower() if lower else name
+        if isinstance(value, str):
+            out.append(ValueMatch(name=key, exact=value))
+        else:
+            out.append(
+                ValueMatch(
+                    name=key, exact=value.exact, regex=value.regex, present=bool(value.present)
+                )
+            )
+    return tuple(out)
+
+
+def _match(match: RouteMatch) -> HttpMatch:
+    return HttpMatch(
+        path_exact=match.path,
+        path_prefix=match.path_prefix,
+        path_regex=match.path_regex,
+        methods=tuple(match.method),
+        headers=_values(match.headers, lower=True),
+        query=_values(match.query, lower=False),
+    )
+
+
+def _backends(split: Sequence[SplitTarget]) -> tuple[Backend, ...]:
+    return tuple(
+        Backend(service=t.service, tags=tuple(sorted(t.tags.items())), weight=t.weight)
+        for t in split
+    )
+
+
+def _rule(
+    name: str,
+    split: Sequence[SplitTarget],
+    sticky: Sticky | None,
+    *,
+    match: HttpMatch | None = None,
+    rewrite_prefix: str | None = None,
+) -> RouteRule:
+    return RouteRule(
+        route=name,
+        match=match or HttpMatch(),
+        backends=_backends(split),
+        rewrite_prefix=rewrite_prefix,
+        sticky_cookie=sticky.cookie if sticky else None,
+        sticky_header=sticky.header if sticky else None,
+    )
+
+
+def compile_route(route: TrafficRoute | None, destination: str) -> OutboundRoutes:
+    """The ordered rules for one outbound (the default, if any, is the last rule)."""
+    if route is None:
+        return OutboundRoutes(
+            rules=(RouteRule(route="", backends=(Backend(service=destination),)),)
+        )
+    rules = [
+        _rule(
+            route.name,
+            rule.split,
+            rule.sticky,
+            match=_match(rule.match),
+            rewrite_prefix=rule.rewrite.path_prefix if rule.rewrite else None,
+        )
+        for rule in route.rule
+    ]
+    if route.default is not None:
+        rules.append(_rule(route.name, route.default.split, route.default.sticky))
+    return OutboundRoutes(rules=tuple(rules))
+
+
+def compile_routes(
+    resources: Sequence[Resource], *, mesh: str, source: str, destinations: Iterable[str]
+) -> dict[str, OutboundRoutes]:
+    """Routes for every outbound ``destination`` of an agent whose identity is ``source``."""
+    return {
+        d: compile_route(select_route(resources, mesh=mesh, source=source, destination=d), d)
+        for d in destinations
+    }

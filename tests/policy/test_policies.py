@@ -1,0 +1,111 @@
+"""Policy documents: shape and meaning errors with file, resource and field; compile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshagent.policy.compile import compile_routes, select_route
+from meshagent.policy.load import PolicyError, load_document, load_paths
+from meshagent.policy.model import Retry, Timeout, TrafficPermission, TrafficRoute
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "policies"
+
+ROUTE = """
+[[TrafficRoute]]
+name = "r"
+mesh = "shop"
+destination = "monolith"
+  [[TrafficRoute.rule]]
+  match = { path_prefix = "/orders" }
+  split = [ { service = "orders", weight = 1 } ]
+"""
+
+
+def test_the_examples_load() -> None:
+    resources = load_paths([EXAMPLES])
+    kinds = {type(r) for r in resources}
+    assert kinds == {TrafficRoute, TrafficPermission, Timeout, Retry}
+
+
+def test_json_documents_load_too() -> None:
+    doc = b'{"TrafficPermission": {"name": "p", "mesh": "shop", "sources": ["*"], "destination": "orders"}}'
+    [permission] = load_document(doc, source="p.json")
+    assert isinstance(permission, TrafficPermission) and permission.sources == ["*"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("weight = 1", "weight = -1"), 'x.toml: TrafficRoute "r": rule[0].split[0].weight: must not be negative'),
+        (("weight = 1", 'weight = "1"'), 'x.toml: TrafficRoute "r": rule[0].split[0].weight: Expected `float`, got `str`'),
+        (('path_prefix = "/orders"', 'path_prefix = "orders"'), "rule[0].match.path_prefix: 'orders' must start with /"),
+        (('path_prefix = "/orders"', 'path_regex = "(["'), "rule[0].match.path_regex: invalid regex"),
+        (('path_prefix = "/orders"', 'path_prefix = "/a", path = "/b"'), "give at most one of path, path_prefix, path_regex"),
+        (('mesh = "shop"', 'mesh = "Shop"'), "mesh: 'Shop' is not a valid name"),
+        (("[[TrafficRoute]]", "[[TraficRoute]]"), "x.toml: unknown kind 'TraficRoute'; known kinds: TrafficRoute"),
+        (('destination = "monolith"', 'destinaton = "monolith"'), "unknown key `destinaton`"),
+        (('match = { path_prefix = "/orders" }', 'match = { headers = { "x-a" = { exact = "1", regex = "1" } } }'), "give exactly one of exact, regex, present"),
+        (('split = [ { service = "orders", weight = 1 } ]', "split = []"), "rule[0].split: needs at least one target"),
+        (("weight = 1 }", 'weight = 1 }, { service = "orders", weight = 1 }'), "the same service and tags appear twice"),
+        (("weight = 1 }", 'weight = 100000 }, { service = "b", weight = 1 }'), "below 1/10000 of the total"),
+    ],
+)
+def test_every_problem_names_file_resource_and_field(edit: tuple[str, str], message: str) -> None:
+    old, new = edit
+    assert old in ROUTE
+    with pytest.raises(PolicyError) as info:
+        load_document(ROUTE.replace(old, new).encode(), source="x.toml")
+    assert any(message in line for line in info.value.problems), info.value.problems
+    assert all("\n" not in line for line in info.value.problems)
+
+
+def test_all_problems_are_reported_and_nothing_is_half_loaded(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text(ROUTE)
+    (tmp_path / "b.toml").write_text(ROUTE.replace("weight = 1", "weight = -1"))
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(PolicyError) as info:
+        load_paths([tmp_path])
+    assert len(info.value.problems) == 3
+    assert any("c.json: not valid JSON" in p for p in info.value.problems)
+
+
+def test_a_name_defined_twice_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text(ROUTE)
+    (tmp_path / "b.toml").write_text(ROUTE)
+    with pytest.raises(PolicyError, match='TrafficRoute "r" in mesh \'shop\' is also defined in'):
+        load_paths([tmp_path])
+
+
+def test_timeout_and_retry_meaning() -> None:
+    doc = b'[[Timeout]]\nname = "t"\nmesh = "shop"\ndestination = "o"\nper_try = "5s"\nrequest = "1s"\n'
+    with pytest.raises(PolicyError, match="per_try: is longer than request"):
+        load_document(doc, source="t.toml")
+    doc = b'[[Retry]]\nname = "r"\nmesh = "shop"\ndestination = "o"\nattempts = 0\non = [700]\n'
+    with pytest.raises(PolicyError) as info:
+        load_document(doc, source="r.toml")
+    assert len(info.value.problems) == 2
+
+
+def test_compile_picks_the_most_specific_route_and_keeps_rule_order() -> None:
+    resources = load_paths([EXAMPLES])
+    specific = load_document(
+        ROUTE.replace('name = "r"', 'name = "for-web"\nsource = "web"').encode(), source="x.toml"
+    )
+    assert select_route(resources + specific, mesh="shop", source="web", destination="monolith") is specific[0]
+    chosen = select_route(resources + specific, mesh="shop", source="billing", destination="monolith")
+    assert chosen is not None and chosen.name == "orders-migration"
+    assert select_route(resources, mesh="other", source="web", destination="monolith") is None
+
+    routes = compile_routes(resources, mesh="shop", source="web", destinations=["monolith", "orders"])
+    rules = routes["monolith"].rules
+    assert [r.match.headers[0].name if r.match.headers else r.match.path_prefix for r in rules] == [
+        "x-canary", "/orders", None
+    ]
+    assert rules[1].sticky_cookie == "meshagent-canary" and rules[1].rewrite_prefix == "/orders"
+    assert [b.weight for b in rules[1].backends] == [95, 5]
+    assert routes["monolith"].services() == {"orders", "monolith"}
+    # No TrafficRoute for orders: everything to orders itself.
+    [implicit] = routes["orders"].rules
+    assert implicit.route == "" and implicit.backends[0].service == "orders"
