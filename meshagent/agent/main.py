@@ -16,7 +16,9 @@ Shutdown, on SIGTERM or SIGINT (a second one forces it)::
 
 from __future__ import annotations
 
+import functools
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -25,6 +27,12 @@ from meshagent import __version__
 from meshagent.agent import systemd
 from meshagent.agent.catalog import follow_consul
 from meshagent.agent.certs import warn_before_expiry
+from meshagent.agent.policies import (
+    WatchedServices,
+    discovered_services,
+    load_routes,
+    reload_on_sighup,
+)
 from meshagent.agent.registration import keep_registered
 from meshagent.agent.state import load_cached_endpoints, persist_snapshots
 from meshagent.agent.watch import SnapshotWatch
@@ -34,6 +42,7 @@ from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import IdentityFiles, TlsContexts
 from meshagent.discovery.consul import ConsulClient
 from meshagent.log import get_logger
+from meshagent.policy.load import PolicyError
 from meshagent.snapshot.model import Endpoint
 
 log = get_logger("agent")
@@ -92,7 +101,12 @@ async def run_agent(
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tls: cannot load certificates: {exc}") from None
     token = read_token(config.consul.token_file) if config.consul else None
-    snapshot = initial_snapshot(config)
+    try:
+        routes = load_routes(config)
+    except PolicyError as exc:
+        raise ConfigError(exc.summary()) from None
+    snapshot = initial_snapshot(config, routes)
+    static = sorted(snapshot.endpoints)
     state_dir = Path(config.state_dir) if config.state_dir else None
     if state_dir is not None:
         snapshot = load_cached_endpoints(state_dir, snapshot)
@@ -102,7 +116,7 @@ async def run_agent(
         watch.publish(watch.current.with_endpoints(service, endpoints))
         log.info("endpoints changed", service=service, count=len(endpoints))
 
-    discovered = [o.service for o in config.outbound if not o.endpoints]
+    watched = WatchedServices(discovered_services(snapshot, static))
     consul = (
         ConsulClient(config.consul.address, token=token) if config.consul is not None else None
     )
@@ -117,17 +131,13 @@ async def run_agent(
             signals_scope = trio.CancelScope()
             root.start_soon(_watch_signals, shutdown, root.cancel_scope, signals_scope)
             async with trio.open_nursery() as control:
-                if consul is not None and discovered:
+                if consul is not None:
+                    wait = float(config.consul.watch_wait) if config.consul else 30.0
                     await control.start(
-                        lambda task_status: follow_consul(
-                            consul,
-                            mesh=config.mesh,
-                            services=discovered,
-                            publish=publish,
-                            wait_seconds=float(config.consul.watch_wait) if config.consul else 30,
-                            task_status=task_status,
-                        )
+                        _follow_catalog, consul, config.mesh, watched, publish, wait
                     )
+                if config.policies:
+                    await control.start(reload_on_sighup, config, watch, watched, static)
                 dataplane: DataplaneHandle = await root.start(
                     _serve_dataplane_then_stop, watch, tls, signals_scope
                 )
@@ -152,6 +162,38 @@ async def run_agent(
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await consul.aclose()
     log.info("stopped")
+
+
+async def _follow_catalog(
+    consul: ConsulClient,
+    mesh: str,
+    watched: WatchedServices,
+    publish: Callable[[str, tuple[Endpoint, ...]], None],
+    wait_seconds: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """follow_consul over ``watched.services``, restarted when a reload changes the set."""
+    status: trio.TaskStatus[None] = task_status
+    while True:
+        changed = watched.changed
+        async with trio.open_nursery() as nursery:
+            if watched.services:
+                await nursery.start(
+                    functools.partial(
+                        follow_consul,
+                        consul,
+                        mesh=mesh,
+                        services=watched.services,
+                        publish=publish,
+                        wait_seconds=wait_seconds,
+                    )
+                )
+            status.started()
+            status = trio.TASK_STATUS_IGNORED
+            await changed.wait()
+            log.info("catalog services changed", services=",".join(watched.services))
+            nursery.cancel_scope.cancel()
 
 
 async def _serve_dataplane_then_stop(

@@ -43,6 +43,13 @@ def _check_config(path: Path) -> tuple[object, list[str]]:
     problems = [f"{path}: {p}" for p in validate_agent(config)]
     if problems:
         return config, problems
+    if config.policies:
+        from meshagent.policy.load import PolicyError, load_paths
+
+        try:
+            load_paths([Path(config.policies)])
+        except PolicyError as exc:
+            problems += exc.problems
     now = datetime.now(UTC)
     for service, files in identities_of(config).items():
         try:

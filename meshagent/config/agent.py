@@ -22,6 +22,7 @@ from meshagent.snapshot.model import (
     Endpoint,
     InboundListener,
     OutboundListener,
+    OutboundRoutes,
     Snapshot,
     Timeouts,
 )
@@ -73,6 +74,14 @@ class InboundSettings(_Strict, frozen=True, kw_only=True):
     max_connections: int | None = None
 
 
+class StaticEndpoint(_Strict, frozen=True, kw_only=True):
+    """A fixed endpoint with tags, for routes that split by tags without Consul."""
+
+    address: str  # "host:port" of another agent's inbound
+    service: str | None = None  # default: the outbound's service
+    tags: dict[str, str] = {}
+
+
 class OutboundSettings(_Strict, frozen=True, kw_only=True):
     service: str
     port: int
@@ -81,7 +90,7 @@ class OutboundSettings(_Strict, frozen=True, kw_only=True):
     source: str | None = None
     # Fixed endpoints ("host:port" of the other agents' inbounds), for meshes without
     # Consul. When set, Consul is not asked for this service.
-    endpoints: list[str] = []
+    endpoints: list[str | StaticEndpoint] = []
     max_connections: int | None = None
 
 
@@ -104,6 +113,9 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     address: str = "127.0.0.1"
     bind: str | None = None
     state_dir: str | None = None
+    # A policy file or directory (TrafficRoute, ...), for hosts without a central agent.
+    # Reloaded on SIGHUP.
+    policies: str | None = None
     admin_socket: str | None = None
     consul: ConsulSettings | None = None
     tls: TlsSettings | None = None
@@ -217,7 +229,8 @@ def validate_agent(config: AgentConfig) -> list[str]:
             problems.append(
                 f"{key}.source: no certificate for {source!r}; add [tls] or its cert/key"
             )
-        for m, text in enumerate(outbound.endpoints):
+        for m, item in enumerate(outbound.endpoints):
+            text = item if isinstance(item, str) else item.address
             host, sep, port = text.rpartition(":")
             if not sep or not _is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
                 problems.append(f"{key}.endpoints[{m}]: {text!r} is not host:port (IP address)")
@@ -248,7 +261,23 @@ def load_agent_config(path: Path) -> AgentConfig:
     return config
 
 
-def initial_snapshot(config: AgentConfig) -> Snapshot:
+def static_endpoint(item: str | StaticEndpoint, service: str) -> Endpoint:
+    """A fixed endpoint of an outbound (validated: host:port with an IP address)."""
+    text = item if isinstance(item, str) else item.address
+    host, _, port = text.rpartition(":")
+    if isinstance(item, str):
+        return Endpoint(host=host, port=int(port), service=service)
+    return Endpoint(
+        host=host,
+        port=int(port),
+        service=item.service or service,
+        tags=tuple(sorted(item.tags.items())),
+    )
+
+
+def initial_snapshot(
+    config: AgentConfig, routes: dict[str, OutboundRoutes] | None = None
+) -> Snapshot:
     """The snapshot the agent serves before discovery has said anything."""
     limits = config.limits
     inbounds = tuple(
@@ -275,20 +304,18 @@ def initial_snapshot(config: AgentConfig) -> Snapshot:
         )
         for o in config.outbound
     )
-    static = {
-        o.service: tuple(
-            Endpoint(host=host, port=int(port), service=o.service)
-            for host, _, port in (text.rpartition(":") for text in o.endpoints)
-        )
-        for o in config.outbound
-        if o.endpoints
-    }
+    static: dict[str, list[Endpoint]] = {}
+    for o in config.outbound:
+        for item in o.endpoints:
+            endpoint = static_endpoint(item, o.service)
+            static.setdefault(endpoint.service, []).append(endpoint)
     return Snapshot(
         version=1,
         mesh=config.mesh,
         inbounds=inbounds,
         outbounds=outbounds,
-        endpoints=static,
+        endpoints={service: tuple(eps) for service, eps in static.items()},
+        routes=routes or {},
         timeouts=Timeouts(
             connect_seconds=float(limits.connect_timeout),
             handshake_seconds=float(limits.handshake_timeout),

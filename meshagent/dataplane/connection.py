@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class DataplaneContext:
     tls: TlsContexts
     counters: ConnectionCounters = field(default_factory=ConnectionCounters)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    rng: random.Random = field(default_factory=random.Random)  # splits; seeded in tests
 
 
 def peer_address(stream: trio.SocketStream) -> str:

@@ -1,6 +1,10 @@
-"""handle_outbound: local app -> mesh. Pick an endpoint, open mTLS to its agent, splice."""
+"""handle_outbound: local app -> mesh. Pick a backend (the outbound's route: a weighted
+split over service subsets, chosen once per connection), then an endpoint of it, open
+mTLS to its agent, splice."""
 
 from __future__ import annotations
+
+import random
 
 import trio
 
@@ -18,7 +22,8 @@ from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
 from meshagent.protocol.frames import ALPN
 from meshagent.routing.balance import EndpointBalancer
-from meshagent.snapshot.model import Endpoint, OutboundListener, Snapshot
+from meshagent.routing.split import choose_backend, subset
+from meshagent.snapshot.model import Backend, Endpoint, HttpMatch, OutboundListener, Snapshot
 
 log = get_logger("outbound")
 
@@ -35,7 +40,7 @@ async def connect_endpoint(
         UpstreamConnectError, UpstreamTimeout, HandshakeError, Unauthorized.
     """
     timeouts = snapshot.timeouts
-    where = f"{listener.service} at {endpoint.address}"
+    where = f"{endpoint.service} at {endpoint.address}"
     with map_errors(timeout=UpstreamTimeout, failure=UpstreamConnectError, what=f"connect {where}"):
         with trio.fail_after(timeouts.connect_seconds):
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
@@ -44,7 +49,7 @@ async def connect_endpoint(
         with map_errors(timeout=UpstreamTimeout, failure=HandshakeError, what=f"handshake {where}"):
             with trio.fail_after(timeouts.handshake_seconds):
                 await tls.do_handshake()
-        check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=listener.service)
+        check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=endpoint.service)
     except BaseException:
         await trio.aclose_forcefully(tls)
         raise
@@ -78,6 +83,20 @@ async def handle_outbound(
         log.debug("closed", bytes_out=sent, bytes_in=received, **fields)
 
 
+def tcp_backend(listener: OutboundListener, snapshot: Snapshot, rng: random.Random) -> Backend:
+    """The backend of one TCP connection: the outbound's first rule that matches anything
+    (a route's default, or a rule without conditions), split by weight; with no such
+    rule, the outbound's own service."""
+    routes = snapshot.routes.get(listener.service)
+    for rule in routes.rules if routes is not None else ():
+        if rule.match == _ANY:
+            return choose_backend(rule.backends, rng)
+    return Backend(service=listener.service)
+
+
+_ANY = HttpMatch()
+
+
 async def _connect_any(
     listener: OutboundListener,
     snapshot: Snapshot,
@@ -85,7 +104,8 @@ async def _connect_any(
     balancer: EndpointBalancer,
     fields: dict[str, object],
 ) -> tuple[trio.SSLStream[trio.SocketStream], Endpoint]:
-    endpoints = snapshot.endpoints_of(listener.service)
+    backend = tcp_backend(listener, snapshot, ctx.rng)
+    endpoints = subset(snapshot.endpoints_of(backend.service), backend)
     tried: list[Endpoint] = []
     last: DataplaneError | None = None
     for _ in range(CONNECT_ATTEMPTS):
@@ -103,5 +123,5 @@ async def _connect_any(
         balancer.report_success(endpoint)
         return upstream, endpoint
     if last is not None:
-        raise NoEndpoints(f"{listener.service}: {len(tried)} endpoint(s) failed, last: {last}")
-    raise NoEndpoints(f"{listener.service}: no healthy endpoint in the mesh {snapshot.mesh!r}")
+        raise NoEndpoints(f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}")
+    raise NoEndpoints(f"{backend.label()}: no healthy endpoint in the mesh {snapshot.mesh!r}")

@@ -11,6 +11,7 @@ connections ``seconds`` to finish before they are cancelled.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import trio
@@ -59,7 +60,7 @@ def _outbound_handler(spec: OutboundListener, ctx: DataplaneContext) -> Handler:
         nonlocal seen_version
         snapshot = ctx.source.current
         if snapshot.version != seen_version:  # the catalog changed: drop stale ejections
-            balancer.forget(snapshot.endpoints_of(spec.service))
+            balancer.forget([e for eps in snapshot.endpoints.values() for e in eps])
             seen_version = snapshot.version
         await handle_outbound(stream, spec, ctx, balancer)
 
@@ -70,6 +71,7 @@ async def serve_dataplane(
     source: SnapshotSource,
     tls: TlsContexts,
     *,
+    rng: random.Random | None = None,
     task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listener of ``source.current``, then serve until drained. A cancel point.
@@ -79,7 +81,7 @@ async def serve_dataplane(
     Raises:
         BindError: a listener could not bind (before ``started``; nothing stays bound).
     """
-    ctx = DataplaneContext(source=source, tls=tls)
+    ctx = DataplaneContext(source=source, tls=tls, rng=rng or random.Random())
     snapshot = source.current
     specs: list[tuple[InboundListener | OutboundListener, Handler]] = [
         (spec, _inbound_handler(spec, ctx)) for spec in snapshot.inbounds

@@ -31,6 +31,11 @@ class PolicyError(Exception):
         super().__init__("\n".join(problems))
         self.problems = problems
 
+    def summary(self) -> str:
+        """The first problem, and how many more there are (one line)."""
+        more = len(self.problems) - 1
+        return self.problems[0] + (f" (and {more} more: meshagent check)" if more else "")
+
 
 def _parse(data: bytes, source: str) -> Any:
     try:

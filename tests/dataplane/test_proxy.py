@@ -7,7 +7,10 @@ static endpoints. Every bad-peer case must be refused without disturbing other t
 from __future__ import annotations
 
 import contextlib
+import functools
+import random
 import ssl
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +23,12 @@ from meshagent.dataplane.errors import Unauthorized
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import IdentityFiles, TlsContexts, check_peer
 from meshagent.snapshot.model import (
+    Backend,
     Endpoint,
     InboundListener,
     OutboundListener,
+    OutboundRoutes,
+    RouteRule,
     Snapshot,
     Timeouts,
 )
@@ -368,3 +374,76 @@ async def test_a_client_that_never_handshakes_is_dropped(nursery: trio.Nursery, 
         await stream.aclose()
         while pair.inbound.context.counters.failed < 1:  # the agent closes, then logs
             await trio.sleep(0.01)
+
+
+async def _serve_named(name: bytes, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """An app that answers every connection with its name and closes."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(name)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+async def test_tcp_outbound_splits_connections_by_weight_across_subsets(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The app calls "monolith"; its route sends 80 % of connections to orders v1 and
+    # 20 % to orders v2 (another service: the identity checked is orders').
+    ca = make_ca(tmp_path / "ca", MESH)
+    orders = {"orders": ca.issue("orders")}
+    endpoints = []
+    for version in ("v1", "v2"):
+        app_port = await nursery.start(_serve_named, version.encode())
+        port = free_port("127.0.0.2")
+        await nursery.start(serve_dataplane, StaticSource(inbound_snapshot(app_port, port)), TlsContexts(orders))
+        endpoints.append(Endpoint(host="127.0.0.2", port=port, service="orders", tags=(("version", version),)))
+    outbound_port = free_port()
+    snapshot = Snapshot(
+        version=1,
+        mesh=MESH,
+        outbounds=(OutboundListener(name="outbound:monolith", service="monolith", source="web",
+                                    bind="127.0.0.1", port=outbound_port),),
+        endpoints={"orders": tuple(endpoints)},
+        routes={"monolith": OutboundRoutes(rules=(
+            RouteRule(route="canary", backends=(
+                Backend(service="orders", tags=(("version", "v1"),), weight=80),
+                Backend(service="orders", tags=(("version", "v2"),), weight=20),
+            )),
+        ))},
+    )
+    await nursery.start(
+        functools.partial(serve_dataplane, rng=random.Random(3)),
+        StaticSource(snapshot),
+        TlsContexts({"web": ca.issue("web")}),
+    )
+    answers = Counter([await round_trip("127.0.0.1", outbound_port, b"") for _ in range(300)])
+    assert set(answers) == {b"v1", b"v2"}
+    assert 0.12 <= answers[b"v2"] / 300 <= 0.28  # 20 %; binomial sd 2.3 %, deterministic seed
+
+
+async def test_a_subset_without_endpoints_is_named_in_the_log(
+    nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = make_ca(tmp_path / "ca", MESH)
+    port = free_port()
+    snapshot = Snapshot(
+        version=1, mesh=MESH,
+        outbounds=(OutboundListener(name="o", service="orders", source="web", bind="127.0.0.1", port=port),),
+        endpoints={"orders": (Endpoint(host="127.0.0.2", port=1, service="orders", tags=(("version", "v1"),)),)},
+        routes={"orders": OutboundRoutes(rules=(RouteRule(route="r", backends=(
+            Backend(service="orders", tags=(("version", "v2"),)),)),))},
+    )
+    outbound = await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({"web": ca.issue("web")}))
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some(10)
+        await stream.aclose()
+        while outbound.context.counters.failed < 1:
+            await trio.sleep(0.01)
+    assert "orders[version=v2]: no healthy endpoint" in capsys.readouterr().err
