@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgspec
 import trio
 
 from meshagent.agent.watch import SnapshotWatch
@@ -37,14 +38,7 @@ def load_cached_endpoints(state_dir: Path, fresh: Snapshot) -> Snapshot:
     endpoints = {s: eps for s, eps in cached.endpoints.items() if s in wanted}
     endpoints.update(fresh.endpoints)  # static endpoints in the config win
     log.info("loaded snapshot cache", path=str(path), services=len(endpoints))
-    return Snapshot(
-        version=fresh.version,
-        mesh=fresh.mesh,
-        inbounds=fresh.inbounds,
-        outbounds=fresh.outbounds,
-        endpoints=endpoints,
-        timeouts=fresh.timeouts,
-    )
+    return msgspec.structs.replace(fresh, endpoints=endpoints)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -113,6 +113,9 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     address: str = "127.0.0.1"
     bind: str | None = None
     state_dir: str | None = None
+    # strict: mTLS only between agents; permissive: inbounds also accept plaintext
+    # callers (the migration step); off: outbounds speak plaintext to other agents.
+    mtls: Literal["strict", "permissive", "off"] = "strict"
     # A policy file or directory (TrafficRoute, ...), for hosts without a central agent.
     # Reloaded on SIGHUP.
     policies: str | None = None
@@ -312,6 +315,7 @@ def initial_snapshot(
     return Snapshot(
         version=1,
         mesh=config.mesh,
+        mtls=config.mtls,
         inbounds=inbounds,
         outbounds=outbounds,
         endpoints={service: tuple(eps) for service, eps in static.items()},

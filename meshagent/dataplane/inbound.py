@@ -1,4 +1,13 @@
-"""handle_inbound: mesh -> local app. Terminate mTLS, check the caller, forward to the app."""
+"""handle_inbound: mesh -> local app. Terminate mTLS, check the caller, forward to the app.
+
+The mesh's mTLS mode decides what a caller may speak:
+
+* ``strict``: mTLS only; anything else is dropped at the handshake.
+* ``permissive`` (the migration step) and ``off``: the first bytes decide
+  (``protocol.detect``): a TLS handshake goes the mTLS way, with the same checks as in
+  strict mode; anything else is plaintext, passed to the app as it is. A client that
+  says nothing for ``DETECT_SECONDS`` (a server-speaks-first protocol) is plaintext.
+"""
 
 from __future__ import annotations
 
@@ -11,31 +20,74 @@ from meshagent.dataplane.errors import (
     UpstreamTimeout,
     map_errors,
 )
-from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
+from meshagent.dataplane.tcp_proxy import (
+    FramedSide,
+    PlainSide,
+    PrefixedStream,
+    RawTlsSide,
+    Side,
+    splice,
+)
 from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
+from meshagent.protocol.detect import Detected, detect
 from meshagent.protocol.frames import ALPN
 from meshagent.snapshot.model import InboundListener
 
 log = get_logger("inbound")
 
+# How long a permissive inbound waits for a caller's first bytes before it treats the
+# connection as plaintext (mesh agents always speak first: a TLS ClientHello).
+DETECT_SECONDS = 1.0
+
+
+async def _detect(stream: trio.SocketStream) -> tuple[Detected, bytes]:
+    prefix = b""
+    with trio.move_on_after(DETECT_SECONDS):
+        while (kind := detect(prefix)) is Detected.NEED_MORE:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            prefix += data
+        return kind, prefix
+    return Detected.PLAINTEXT, prefix
+
 
 async def handle_inbound(
     stream: trio.SocketStream, listener: InboundListener, ctx: DataplaneContext
 ) -> None:
-    """Serve one connection from another agent. Never raises (error boundary); a cancel point."""
+    """Serve one connection from another agent (or, unless strict, a plaintext client).
+    Never raises (error boundary); a cancel point."""
     snapshot = ctx.source.current  # pinned for the life of this connection
     conn = next(ctx.ids)
     fields = {"conn": conn, "listener": listener.name, "peer": peer_address(stream)}
     timeouts = snapshot.timeouts
-    tls = trio.SSLStream(stream, ctx.tls.server(listener.service), server_side=True)
-    app: trio.SocketStream | None = None
     with connection_boundary(ctx, log, **fields):
-        try:
-            with map_errors(timeout=HandshakeError, failure=HandshakeError, what="tls handshake"):
-                with trio.fail_after(timeouts.handshake_seconds):
+        kind, prefix = Detected.TLS, b""
+        if snapshot.mtls != "strict":
+            with map_errors(timeout=HandshakeError, failure=HandshakeError, what="detect"):
+                kind, prefix = await _detect(stream)
+        mesh_side: Side
+        if kind is Detected.TLS:
+            transport = PrefixedStream(stream, prefix) if prefix else stream
+            tls = trio.SSLStream(transport, ctx.tls.server(listener.service), server_side=True)
+            try:
+                with (
+                    map_errors(timeout=HandshakeError, failure=HandshakeError, what="handshake"),
+                    trio.fail_after(timeouts.handshake_seconds),
+                ):
                     await tls.do_handshake()
-            caller = check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=None)
+                caller = check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=None)
+            except BaseException:
+                await trio.aclose_forcefully(tls)
+                raise
+            framed = tls.selected_alpn_protocol() == ALPN
+            # SSLStream is generic in its transport; the sides only use the TLS API.
+            mesh_side = FramedSide(tls) if framed else RawTlsSide(tls)  # type: ignore[arg-type]
+        else:
+            caller = "plaintext"
+            mesh_side = PlainSide(stream, prefix)
+        try:
             with map_errors(
                 timeout=UpstreamTimeout,
                 failure=UpstreamConnectError,
@@ -44,14 +96,10 @@ async def handle_inbound(
                 with trio.fail_after(timeouts.connect_seconds):
                     app = await trio.open_tcp_stream(listener.app_host, listener.app_port)
         except BaseException:
-            await trio.aclose_forcefully(tls)
+            await mesh_side.aclose()
             raise
-        framed = tls.selected_alpn_protocol() == ALPN
-        mesh_side: Side = FramedSide(tls) if framed else RawTlsSide(tls)
         log.debug("accepted", caller=caller, **fields)
-        sent, received = await splice(
-            mesh_side, PlainSide(app), idle_seconds=timeouts.idle_seconds
-        )
+        sent, received = await splice(mesh_side, PlainSide(app), idle_seconds=timeouts.idle_seconds)
         ctx.counters.bytes_in += sent
         ctx.counters.bytes_out += received
         log.debug("closed", bytes_in=sent, bytes_out=received, **fields)

@@ -33,8 +33,9 @@ CONNECT_ATTEMPTS = 3
 
 async def connect_endpoint(
     endpoint: Endpoint, listener: OutboundListener, snapshot: Snapshot, ctx: DataplaneContext
-) -> trio.SSLStream[trio.SocketStream]:
-    """TCP connect + mTLS handshake + identity check, each under its deadline. A cancel point.
+) -> trio.SSLStream[trio.SocketStream] | trio.SocketStream:
+    """TCP connect + mTLS handshake + identity check, each under its deadline (plain TCP
+    only when the mesh's mTLS mode is ``off``). A cancel point.
 
     Raises:
         UpstreamConnectError, UpstreamTimeout, HandshakeError, Unauthorized.
@@ -44,6 +45,8 @@ async def connect_endpoint(
     with map_errors(timeout=UpstreamTimeout, failure=UpstreamConnectError, what=f"connect {where}"):
         with trio.fail_after(timeouts.connect_seconds):
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+    if snapshot.mtls == "off":
+        return tcp
     tls = trio.SSLStream(tcp, ctx.tls.client(listener.source), server_side=False)
     try:
         with map_errors(timeout=UpstreamTimeout, failure=HandshakeError, what=f"handshake {where}"):
@@ -72,8 +75,13 @@ async def handle_outbound(
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        framed = upstream.selected_alpn_protocol() == ALPN
-        mesh_side: Side = FramedSide(upstream) if framed else RawTlsSide(upstream)
+        mesh_side: Side
+        if isinstance(upstream, trio.SocketStream):
+            mesh_side = PlainSide(upstream)
+        elif upstream.selected_alpn_protocol() == ALPN:
+            mesh_side = FramedSide(upstream)
+        else:
+            mesh_side = RawTlsSide(upstream)
         log.debug("connected", endpoint=endpoint.address, **fields)
         sent, received = await splice(
             PlainSide(stream), mesh_side, idle_seconds=snapshot.timeouts.idle_seconds
@@ -103,7 +111,7 @@ async def _connect_any(
     ctx: DataplaneContext,
     balancer: EndpointBalancer,
     fields: dict[str, object],
-) -> tuple[trio.SSLStream[trio.SocketStream], Endpoint]:
+) -> tuple[trio.SSLStream[trio.SocketStream] | trio.SocketStream, Endpoint]:
     backend = tcp_backend(listener, snapshot, ctx.rng)
     endpoints = subset(snapshot.endpoints_of(backend.service), backend)
     tried: list[Endpoint] = []

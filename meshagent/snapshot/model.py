@@ -16,6 +16,7 @@ import msgspec
 SCHEMA_VERSION = 1
 
 Protocol = Literal["tcp", "http"]
+MtlsMode = Literal["strict", "permissive", "off"]
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,6 +126,9 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int = SCHEMA_VERSION
     version: int
     mesh: str
+    # strict: mTLS only; permissive: inbounds also take plaintext (migration);
+    # off: outbounds speak plaintext, inbounds take both.
+    mtls: MtlsMode = "strict"
     inbounds: tuple[InboundListener, ...] = ()
     outbounds: tuple[OutboundListener, ...] = ()
     endpoints: dict[str, tuple[Endpoint, ...]] = {}

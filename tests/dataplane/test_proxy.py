@@ -447,3 +447,40 @@ async def test_a_subset_without_endpoints_is_named_in_the_log(
         while outbound.context.counters.failed < 1:
             await trio.sleep(0.01)
     assert "orders[version=v2]: no healthy endpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["permissive", "off"])
+async def test_permissive_and_off_inbounds_take_plaintext_and_mtls(
+    nursery: trio.Nursery, tmp_path: Path, mode: str
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    inbound_port = free_port("127.0.0.2")
+    snapshot = msgspec.structs.replace(inbound_snapshot(app_port, inbound_port), mtls=mode)
+    inbound = await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({"orders": ca.issue("orders")}))
+    # A legacy client that knows nothing of the mesh, straight to the inbound port:
+    assert await round_trip("127.0.0.2", inbound_port, b"plain") == b"plain"
+    # An agent, with mTLS (strict outbound) or plaintext (off outbound):
+    outbound_port = free_port()
+    out = msgspec.structs.replace(outbound_snapshot(outbound_port, [("127.0.0.2", inbound_port)]), mtls=mode)
+    await nursery.start(serve_dataplane, StaticSource(out), TlsContexts({"web": ca.issue("web")}))
+    payload = b"y" * 300_000
+    assert await round_trip("127.0.0.1", outbound_port, payload) == payload
+    # A TLS caller from another CA is still refused in permissive mode.
+    evil = _client_context(make_ca(tmp_path / "evil", MESH).issue("web"), ca.ca_path)
+    assert await _tls_client(inbound_port, evil) == b""
+    assert inbound.context.counters.failed >= 1
+
+
+async def test_permissive_inbound_serves_a_server_speaks_first_app(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(_serve_named, b"220 smtp ready\r\n")
+    ca = make_ca(tmp_path / "ca", MESH)
+    port = free_port("127.0.0.2")
+    snapshot = msgspec.structs.replace(inbound_snapshot(app_port, port), mtls="permissive")
+    await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({"orders": ca.issue("orders")}))
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        assert await stream.receive_some(100) == b"220 smtp ready\r\n"  # after the detect wait
+        await stream.aclose()
