@@ -30,7 +30,7 @@ from meshagent.agent.certs import warn_before_expiry
 from meshagent.agent.policies import (
     WatchedServices,
     discovered_services,
-    load_routes,
+    load_policies,
     reload_on_sighup,
 )
 from meshagent.agent.registration import keep_registered
@@ -102,10 +102,10 @@ async def run_agent(
         raise ConfigError(f"tls: cannot load certificates: {exc}") from None
     token = read_token(config.consul.token_file) if config.consul else None
     try:
-        routes = load_routes(config)
+        policies = load_policies(config)
     except PolicyError as exc:
         raise ConfigError(exc.summary()) from None
-    snapshot = initial_snapshot(config, routes)
+    snapshot = policies.apply(initial_snapshot(config))
     static = sorted(snapshot.endpoints)
     state_dir = Path(config.state_dir) if config.state_dir else None
     if state_dir is not None:

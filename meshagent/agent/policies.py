@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -13,20 +14,44 @@ import trio
 from meshagent.agent.watch import SnapshotWatch
 from meshagent.config.agent import AgentConfig
 from meshagent.log import get_logger
-from meshagent.policy.compile import compile_route, select_route
+from meshagent.policy.compile import compile_permissions, compile_route, select_route
 from meshagent.policy.load import PolicyError, load_paths
+from meshagent.policy.model import Resource
 from meshagent.snapshot.model import OutboundRoutes, Snapshot
 
 log = get_logger("policies")
 
 
-def load_routes(config: AgentConfig) -> dict[str, OutboundRoutes]:
-    """Routes for every outbound (an implicit one where no TrafficRoute applies).
+@dataclass(frozen=True, slots=True)
+class CompiledPolicies:
+    routes: dict[str, OutboundRoutes]
+    permissions: dict[str, tuple[str, ...]]
+
+    def apply(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with these routes and permissions, one version up."""
+        return msgspec.structs.replace(
+            snapshot,
+            version=snapshot.version + 1,
+            routes=self.routes,
+            permissions=self.permissions,
+        )
+
+
+def load_policies(config: AgentConfig) -> CompiledPolicies:
+    """Routes for every outbound (an implicit one where no TrafficRoute applies) and
+    the TrafficPermissions of every inbound.
 
     Raises:
         PolicyError: with every problem of every policy file. Blocking (reads files).
     """
     resources = load_paths([Path(config.policies)]) if config.policies else []
+    permissions = compile_permissions(
+        resources, mesh=config.mesh, destinations=[i.service for i in config.inbound]
+    )
+    return CompiledPolicies(routes=_routes(config, resources), permissions=permissions)
+
+
+def _routes(config: AgentConfig, resources: Sequence[Resource]) -> dict[str, OutboundRoutes]:
     return {
         o.service: compile_route(
             select_route(
@@ -80,14 +105,13 @@ async def reload_on_sighup(
         task_status.started()
         async for _ in signals:
             try:
-                routes = await trio.to_thread.run_sync(load_routes, config)
+                compiled = await trio.to_thread.run_sync(load_policies, config)
             except PolicyError as exc:
                 for problem in exc.problems:
                     log.error("policy problem", problem=problem)
                 log.error("reload refused; the policies in force stay", path=config.policies)
                 continue
-            current = watch.current
-            snapshot = msgspec.structs.replace(current, version=current.version + 1, routes=routes)
+            snapshot = compiled.apply(watch.current)
             watch.publish(snapshot)
             watched.update(discovered_services(snapshot, static))
             log.info("policies reloaded", path=config.policies, version=snapshot.version)

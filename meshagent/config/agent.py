@@ -22,7 +22,6 @@ from meshagent.snapshot.model import (
     Endpoint,
     InboundListener,
     OutboundListener,
-    OutboundRoutes,
     Snapshot,
     Timeouts,
 )
@@ -278,9 +277,7 @@ def static_endpoint(item: str | StaticEndpoint, service: str) -> Endpoint:
     )
 
 
-def initial_snapshot(
-    config: AgentConfig, routes: dict[str, OutboundRoutes] | None = None
-) -> Snapshot:
+def initial_snapshot(config: AgentConfig) -> Snapshot:
     """The snapshot the agent serves before discovery has said anything."""
     limits = config.limits
     inbounds = tuple(
@@ -319,7 +316,6 @@ def initial_snapshot(
         inbounds=inbounds,
         outbounds=outbounds,
         endpoints={service: tuple(eps) for service, eps in static.items()},
-        routes=routes or {},
         timeouts=Timeouts(
             connect_seconds=float(limits.connect_timeout),
             handshake_seconds=float(limits.handshake_timeout),

@@ -16,6 +16,7 @@ import trio
 from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
 from meshagent.dataplane.errors import (
     HandshakeError,
+    Unauthorized,
     UpstreamConnectError,
     UpstreamTimeout,
     map_errors,
@@ -78,6 +79,11 @@ async def handle_inbound(
                 ):
                     await tls.do_handshake()
                 caller = check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=None)
+                source = caller.rsplit("/", 1)[-1]
+                if not snapshot.may_call(source, listener.service):
+                    raise Unauthorized(
+                        f"{source} may not call {listener.service}: no TrafficPermission allows it"
+                    )
             except BaseException:
                 await trio.aclose_forcefully(tls)
                 raise

@@ -16,6 +16,7 @@ from meshagent.policy.model import (
     RouteMatch,
     SplitTarget,
     Sticky,
+    TrafficPermission,
     TrafficRoute,
 )
 from meshagent.policy.model import (
@@ -116,6 +117,18 @@ def compile_route(route: TrafficRoute | None, destination: str) -> OutboundRoute
     if route.default is not None:
         rules.append(_rule(route.name, route.default.split, route.default.sticky))
     return OutboundRoutes(rules=tuple(rules))
+
+
+def compile_permissions(
+    resources: Iterable[Resource], *, mesh: str, destinations: Iterable[str]
+) -> dict[str, tuple[str, ...]]:
+    """For each destination some TrafficPermission names: every source allowed to call it."""
+    wanted = set(destinations)
+    allowed: dict[str, set[str]] = {}
+    for r in resources:
+        if isinstance(r, TrafficPermission) and r.mesh == mesh and r.destination in wanted:
+            allowed.setdefault(r.destination, set()).update(r.sources)
+    return {d: tuple(sorted(sources)) for d, sources in sorted(allowed.items())}
 
 
 def compile_routes(

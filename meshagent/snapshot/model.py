@@ -134,6 +134,16 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: dict[str, tuple[Endpoint, ...]] = {}
     timeouts: Timeouts = Timeouts()
     routes: dict[str, OutboundRoutes] = {}  # by outbound service; none: all to the service
+    # Who may call each inbound service: source services, or "*". An inbound without an
+    # entry takes every caller of the mesh when default_allow, none otherwise.
+    permissions: dict[str, tuple[str, ...]] = {}
+    default_allow: bool = True
+
+    def may_call(self, source: str, destination: str) -> bool:
+        allowed = self.permissions.get(destination)
+        if allowed is None:
+            return self.default_allow
+        return "*" in allowed or source in allowed
 
     def endpoints_of(self, service: str) -> tuple[Endpoint, ...]:
         return self.endpoints.get(service, ())

@@ -484,3 +484,43 @@ async def test_permissive_inbound_serves_a_server_speaks_first_app(
         stream = await trio.open_tcp_stream("127.0.0.2", port)
         assert await stream.receive_some(100) == b"220 smtp ready\r\n"  # after the detect wait
         await stream.aclose()
+
+
+@pytest.mark.parametrize(("allowed", "served"), [(("web",), True), (("*",), True), (("monolith",), False), (None, True)])
+async def test_traffic_permissions_decide_who_may_call(
+    nursery: trio.Nursery, tmp_path: Path, allowed: tuple[str, ...] | None, served: bool
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    inbound_port = free_port("127.0.0.2")
+    snapshot = inbound_snapshot(app_port, inbound_port)
+    if allowed is not None:
+        snapshot = msgspec.structs.replace(snapshot, permissions={"orders": allowed})
+    inbound = await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({"orders": ca.issue("orders")}))
+    outbound_port = free_port()
+    await nursery.start(
+        serve_dataplane,
+        StaticSource(outbound_snapshot(outbound_port, [("127.0.0.2", inbound_port)])),
+        TlsContexts({"web": ca.issue("web")}),
+    )
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", outbound_port)
+        try:
+            await stream.send_all(b"may I?")
+            await stream.send_eof()
+            answer = await stream.receive_some(100)
+        except trio.BrokenResourceError:
+            answer = b""
+        await stream.aclose()
+    assert (answer == b"may I?") is served
+    if not served:
+        while inbound.context.counters.failed < 1:
+            await trio.sleep(0.01)
+
+
+def test_default_permission_applies_to_inbounds_no_policy_names() -> None:
+    base = Snapshot(version=1, mesh=MESH, permissions={"orders": ("web",)})
+    assert base.may_call("web", "orders") and not base.may_call("billing", "orders")
+    assert base.may_call("billing", "payments")
+    deny = msgspec.structs.replace(base, default_allow=False)
+    assert not deny.may_call("billing", "payments") and deny.may_call("web", "orders")

@@ -109,3 +109,29 @@ def test_compile_picks_the_most_specific_route_and_keeps_rule_order() -> None:
     # No TrafficRoute for orders: everything to orders itself.
     [implicit] = routes["orders"].rules
     assert implicit.route == "" and implicit.backends[0].service == "orders"
+
+
+def test_permissions_compile_per_destination() -> None:
+    from meshagent.policy.compile import compile_permissions
+
+    doc = b"""
+[[TrafficPermission]]
+name = "a"
+mesh = "shop"
+sources = ["web"]
+destination = "orders"
+[[TrafficPermission]]
+name = "b"
+mesh = "shop"
+sources = ["monolith", "web"]
+destination = "orders"
+[[TrafficPermission]]
+name = "c"
+mesh = "billing"
+sources = ["*"]
+destination = "orders"
+"""
+    resources = load_document(doc, source="p.toml")
+    assert compile_permissions(resources, mesh="shop", destinations=["orders", "payments"]) == {
+        "orders": ("monolith", "web")
+    }
