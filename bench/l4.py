@@ -527,6 +527,7 @@ def start(setup: Setup) -> None:
     setup.outbound_port = free_port(LOOPBACK)
     common: dict[str, Any] = {
         "log": {"level": "warning"},
+        "admin": "",
         "limits": {"drain_timeout": "2s"},
     }
     orders = {

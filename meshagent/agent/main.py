@@ -25,8 +25,10 @@ import trio
 
 from meshagent import __version__
 from meshagent.agent import systemd
+from meshagent.agent.admin import AdminState, serve_admin
 from meshagent.agent.catalog import follow_consul
-from meshagent.agent.certs import warn_before_expiry
+from meshagent.agent.certs import not_after_of, warn_before_expiry
+from meshagent.agent.metrics import AgentCollector, new_registry
 from meshagent.agent.policies import (
     WatchedServices,
     discovered_services,
@@ -38,6 +40,7 @@ from meshagent.agent.state import load_cached_endpoints, persist_snapshots
 from meshagent.agent.watch import SnapshotWatch
 from meshagent.config.agent import AgentConfig, initial_snapshot
 from meshagent.config.load import ConfigError
+from meshagent.dataplane.errors import BindError
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import IdentityFiles, TlsContexts
 from meshagent.discovery.consul import ConsulClient
@@ -69,10 +72,8 @@ def read_token(path: str | None) -> str | None:
         raise ConfigError(f"consul.token_file: cannot read {path}: {exc.strerror}") from None
 
 
-async def _watch_signals(
-    shutdown: trio.Event, force: trio.CancelScope, own_scope: trio.CancelScope
-) -> None:
-    with own_scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(shutdown: trio.Event, force: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if shutdown.is_set():
                 log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
@@ -111,6 +112,16 @@ async def run_agent(
     if state_dir is not None:
         snapshot = load_cached_endpoints(state_dir, snapshot)
     watch = SnapshotWatch(snapshot)
+    cert_paths = {name: f.cert for name, f in identities.items()}
+    admin = AdminState(
+        new_registry(
+            AgentCollector(
+                lambda: admin.dataplane.by_listener if admin.dataplane else {},
+                lambda: watch.current,
+                not_after_of(cert_paths),
+            )
+        )
+    )
 
     def publish(service: str, endpoints: tuple[Endpoint, ...]) -> None:
         watch.publish(watch.current.with_endpoints(service, endpoints))
@@ -128,8 +139,9 @@ async def run_agent(
     )
     try:
         async with trio.open_nursery() as root:
-            signals_scope = trio.CancelScope()
-            root.start_soon(_watch_signals, shutdown, root.cancel_scope, signals_scope)
+            auxiliary: trio.CancelScope = await root.start(
+                _run_auxiliary, shutdown, root.cancel_scope, config.admin, admin
+            )
             async with trio.open_nursery() as control:
                 if consul is not None:
                     wait = float(config.consul.watch_wait) if config.consul else 30.0
@@ -139,15 +151,14 @@ async def run_agent(
                 if config.policies:
                     await control.start(reload_on_sighup, config, watch, watched, static)
                 dataplane: DataplaneHandle = await root.start(
-                    _serve_dataplane_then_stop, watch, tls, signals_scope
+                    _serve_dataplane_then_stop, watch, tls, auxiliary
                 )
+                admin.dataplane = dataplane.context
                 if consul is not None and config.inbound:
                     await control.start(keep_registered, consul, config)
                 if state_dir is not None:
                     await control.start(persist_snapshots, watch, state_dir)
-                await control.start(
-                    warn_before_expiry, {name: f.cert for name, f in identities.items()}
-                )
+                await control.start(warn_before_expiry, cert_paths)
                 systemd.notify("READY=1")
                 log.info("ready")
                 task_status.started(dataplane)
@@ -196,15 +207,37 @@ async def _follow_catalog(
             nursery.cancel_scope.cancel()
 
 
+async def _run_auxiliary(
+    shutdown: trio.Event,
+    force: trio.CancelScope,
+    admin_address: str,
+    admin: AdminState,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The tasks that live as long as the data path: the signal watcher and the admin
+    endpoint. ``started(scope)``: cancelling it ends them once the data path drained."""
+    async with trio.open_nursery() as auxiliary:
+        auxiliary.start_soon(_watch_signals, shutdown, force)
+        if admin_address:
+            try:
+                await auxiliary.start(serve_admin, admin_address, admin)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise BindError(f"admin: cannot listen on {admin_address}: {reason}") from None
+        task_status.started(auxiliary.cancel_scope)
+
+
 async def _serve_dataplane_then_stop(
     watch: SnapshotWatch,
     tls: TlsContexts,
-    signals_scope: trio.CancelScope,
+    auxiliary: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """serve_dataplane, then stop watching signals: once drained, nothing is left to guard."""
+    """serve_dataplane, then end the auxiliary tasks: once drained, nothing is left to
+    guard or report."""
     try:
         await serve_dataplane(watch, tls, task_status=task_status)
     finally:
-        signals_scope.cancel()
+        auxiliary.cancel()

@@ -118,7 +118,9 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     # A policy file or directory (TrafficRoute, ...), for hosts without a central agent.
     # Reloaded on SIGHUP.
     policies: str | None = None
-    admin_socket: str | None = None
+    # The admin endpoint: /ready, /stats, /snapshot and Prometheus /metrics. Loopback
+    # by default; "" turns it off.
+    admin: str = "127.0.0.1:15000"
     consul: ConsulSettings | None = None
     tls: TlsSettings | None = None
     inbound: list[InboundSettings] = []
@@ -240,6 +242,12 @@ def validate_agent(config: AgentConfig) -> list[str]:
             problems.append(f"{key}: no endpoints and no [consul]; add one or the other")
         if outbound.max_connections is not None and outbound.max_connections < 1:
             problems.append(f"{key}.max_connections: must be at least 1")
+    if config.admin:
+        host, sep, port = config.admin.rpartition(":")
+        if not sep or not _is_ip(host) or not port.isdigit() or not 0 <= int(port) < 65536:
+            problems.append(f"admin: {config.admin!r} is not ip:port (\"\" turns it off)")
+        elif int(port):
+            claim("admin", host, int(port))
     limits = config.limits
     for field in ("connect_timeout", "handshake_timeout", "idle_timeout", "drain_timeout"):
         if getattr(limits, field) <= 0:

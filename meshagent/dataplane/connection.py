@@ -38,9 +38,27 @@ class ConnectionCounters:
 class DataplaneContext:
     source: SnapshotSource
     tls: TlsContexts
-    counters: ConnectionCounters = field(default_factory=ConnectionCounters)
+    by_listener: dict[str, ConnectionCounters] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     rng: random.Random = field(default_factory=random.Random)  # splits; seeded in tests
+
+    def listener_counters(self, listener: str) -> ConnectionCounters:
+        counters = self.by_listener.get(listener)
+        if counters is None:
+            counters = self.by_listener[listener] = ConnectionCounters()
+        return counters
+
+    @property
+    def counters(self) -> ConnectionCounters:
+        """The sum over every listener (a new record; read-only)."""
+        total = ConnectionCounters()
+        for c in self.by_listener.values():
+            total.accepted += c.accepted
+            total.active += c.active
+            total.failed += c.failed
+            total.bytes_in += c.bytes_in
+            total.bytes_out += c.bytes_out
+        return total
 
 
 def peer_address(stream: trio.SocketStream) -> str:
@@ -65,7 +83,9 @@ def describe(exc: BaseException) -> str:
 
 
 @contextmanager
-def connection_boundary(ctx: DataplaneContext, log: Logger, **fields: object) -> Iterator[None]:
+def connection_boundary(
+    ctx: DataplaneContext, log: Logger, listener: str, **fields: object
+) -> Iterator[ConnectionCounters]:
     """The error boundary of one connection: count it, and turn every Exception into a
     log line.
 
@@ -74,16 +94,16 @@ def connection_boundary(ctx: DataplaneContext, log: Logger, **fields: object) ->
     the same moment): the error is logged here and only the cancellation goes on, so a
     broken connection can never take the listener's nursery down with it.
     """
-    counters = ctx.counters
+    counters = ctx.listener_counters(listener)
     counters.accepted += 1
     counters.active += 1
     try:
-        yield
+        yield counters
     except* Exception as group:
         counters.failed += 1
         ours = all(isinstance(e, DataplaneError) for e in _leaves(group))
         level = log.warning if ours else log.error
-        level("connection failed", error=describe(group), **fields)
+        level("connection failed", error=describe(group), listener=listener, **fields)
     finally:
         counters.active -= 1
 

@@ -61,9 +61,9 @@ async def handle_inbound(
     Never raises (error boundary); a cancel point."""
     snapshot = ctx.source.current  # pinned for the life of this connection
     conn = next(ctx.ids)
-    fields = {"conn": conn, "listener": listener.name, "peer": peer_address(stream)}
+    fields = {"conn": conn, "peer": peer_address(stream)}
     timeouts = snapshot.timeouts
-    with connection_boundary(ctx, log, **fields):
+    with connection_boundary(ctx, log, listener.name, **fields) as counters:
         kind, prefix = Detected.TLS, b""
         if snapshot.mtls != "strict":
             with map_errors(timeout=HandshakeError, failure=HandshakeError, what="detect"):
@@ -104,8 +104,8 @@ async def handle_inbound(
         except BaseException:
             await mesh_side.aclose()
             raise
-        log.debug("accepted", caller=caller, **fields)
+        log.debug("accepted", caller=caller, listener=listener.name, **fields)
         sent, received = await splice(mesh_side, PlainSide(app), idle_seconds=timeouts.idle_seconds)
-        ctx.counters.bytes_in += sent
-        ctx.counters.bytes_out += received
-        log.debug("closed", bytes_in=sent, bytes_out=received, **fields)
+        counters.bytes_in += sent
+        counters.bytes_out += received
+        log.debug("closed", bytes_in=sent, bytes_out=received, listener=listener.name, **fields)

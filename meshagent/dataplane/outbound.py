@@ -68,8 +68,9 @@ async def handle_outbound(
     """Serve one connection from the local app. Never raises (error boundary); a cancel point."""
     snapshot = ctx.source.current  # pinned for the life of this connection
     conn = next(ctx.ids)
-    fields = {"conn": conn, "listener": listener.name, "client": peer_address(stream)}
-    with connection_boundary(ctx, log, **fields):
+    client = peer_address(stream)
+    fields = {"conn": conn, "listener": listener.name, "client": client}
+    with connection_boundary(ctx, log, listener.name, conn=conn, client=client) as counters:
         try:
             upstream, endpoint = await _connect_any(listener, snapshot, ctx, balancer, fields)
         except BaseException:
@@ -86,8 +87,8 @@ async def handle_outbound(
         sent, received = await splice(
             PlainSide(stream), mesh_side, idle_seconds=snapshot.timeouts.idle_seconds
         )
-        ctx.counters.bytes_out += sent
-        ctx.counters.bytes_in += received
+        counters.bytes_out += sent
+        counters.bytes_in += received
         log.debug("closed", bytes_out=sent, bytes_in=received, **fields)
 
 

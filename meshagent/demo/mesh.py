@@ -64,6 +64,7 @@ class Tally:
 class DemoMesh:
     workdir: Path
     outbound_port: int
+    admin_port: int
     consul: ConsulProcess | None = None
     processes: list[Process] = field(default_factory=list)
     apps: dict[str, Process] = field(default_factory=dict)
@@ -87,9 +88,9 @@ def start_mesh(workdir: Path, *, use_consul: bool, say: Say) -> DemoMesh:
     """Start Consul (maybe), the apps and the three agents; return once all are ready."""
     ca = create_ca(MESH, now=datetime.now(UTC))
     write_public_file(workdir / "ca.pem", ca.cert_pem)
-    mesh = DemoMesh(workdir, outbound_port=free_port())
+    mesh = DemoMesh(workdir, outbound_port=free_port(), admin_port=free_port())
     binary = find_consul() if use_consul else None
-    common: dict[str, Any] = {"mesh": MESH, "log": {"level": "warning"}}
+    common: dict[str, Any] = {"mesh": MESH, "log": {"level": "warning"}, "admin": ""}
     if binary is not None:
         mesh.consul = ConsulProcess(binary=binary, node="demo")
         mesh.consul.start()
@@ -137,6 +138,7 @@ def start_mesh(workdir: Path, *, use_consul: bool, say: Say) -> DemoMesh:
             "address": "127.0.0.2",
             "tls": _identity(workdir, ca, "web"),
             "outbound": [outbound],
+            "admin": f"127.0.0.1:{mesh.admin_port}",
         },
         workdir,
         "agent-web",
@@ -280,6 +282,7 @@ def _keep_running(mesh: DemoMesh, say: Say) -> None:
         f" {port})); s.sendall(b'hi'); s.shutdown(1); print(s.recv(99))\""
     )
     say(f"  configs and logs: {mesh.workdir}/*.toml, {mesh.workdir}/*.log")
+    say(f"  curl -s 127.0.0.1:{mesh.admin_port}/metrics   (the web agent; also /stats, /snapshot)")
     if mesh.consul is not None:
         say(f"  curl -s {mesh.consul.address}/v1/health/service/orders")
     while True:

@@ -84,7 +84,7 @@ def token_id_of(token: str) -> str:
     Raises:
         SecretError: not a meshagent token.
     """
-    parts = token.strip().split("_")
+    parts = token.strip().split("_", 2)
     if len(parts) != 3 or parts[0] != "ma1" or not parts[1] or not parts[2]:
         raise SecretError("not a meshagent token (expected ma1_<id>_<secret>)")
     return parts[1]

@@ -21,7 +21,7 @@ async def test_errors_are_logged_and_swallowed() -> None:
     out = io.StringIO()
     log._Settings.stream = out
     try:
-        with connection_boundary(ctx, log.get_logger("test"), conn=7):
+        with connection_boundary(ctx, log.get_logger("test"), "l", conn=7):
             raise NoEndpoints("orders: no healthy endpoint")
     finally:
         log._Settings.stream = None
@@ -34,7 +34,7 @@ async def test_an_error_racing_a_cancellation_is_logged_and_the_cancellation_goe
     # Draining: the agent cancels every connection while one of them breaks. trio then
     # raises one group holding both; only the Cancelled may leave the boundary.
     ctx = _context()
-    with trio.CancelScope() as drain, connection_boundary(ctx, log.get_logger("test"), conn=1):
+    with trio.CancelScope() as drain, connection_boundary(ctx, log.get_logger("test"), "l", conn=1):
         async with trio.open_nursery() as pumps:
 
             async def breaks_as_we_cancel() -> None:

@@ -38,6 +38,7 @@ def agent_config(
         "tls": {"ca": files.ca, "cert": files.cert, "key": files.key},
         "limits": {"drain_timeout": "5s", "connect_timeout": "2s"},
         "log": {"level": "debug"},
+        "admin": f"127.0.0.1:{free_port()}",
     }
     if consul is not None:
         config["consul"] = {"address": consul.address, "watch_wait": "5s"}

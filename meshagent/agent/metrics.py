@@ -1,0 +1,88 @@
+"""Prometheus metrics of the agent, read at scrape time from the data path's plain
+counters: nothing on the hot path touches prometheus_client. Exposition runs in a
+worker thread (a large registry would stall the trio loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshagent.dataplane.connection import ConnectionCounters
+from meshagent.snapshot.model import Snapshot
+
+_exposition_limiter = trio.CapacityLimiter(1)
+
+
+class AgentCollector(Collector):
+    def __init__(
+        self,
+        counters: Callable[[], Mapping[str, ConnectionCounters]],
+        snapshot: Callable[[], Snapshot],
+        cert_not_after: Mapping[str, datetime],
+    ) -> None:
+        self._counters = counters
+        self._snapshot = snapshot
+        self._not_after = cert_not_after
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        snapshot = self._snapshot()
+        mesh = snapshot.mesh
+        by_listener = dict(self._counters())
+        accepted = CounterMetricFamily(
+            "meshagent_connections", "Connections accepted", labels=["mesh", "listener"]
+        )
+        failed = CounterMetricFamily(
+            "meshagent_connections_failed",
+            "Connections that ended in an error (refused, handshake, upstream)",
+            labels=["mesh", "listener"],
+        )
+        active = GaugeMetricFamily(
+            "meshagent_connections_active", "Connections open now", labels=["mesh", "listener"]
+        )
+        bytes_total = CounterMetricFamily(
+            "meshagent_bytes",
+            "Bytes proxied (in: towards the app side of the listener)",
+            labels=["mesh", "listener", "direction"],
+        )
+        for name, c in sorted(by_listener.items()):
+            accepted.add_metric([mesh, name], c.accepted)
+            failed.add_metric([mesh, name], c.failed)
+            active.add_metric([mesh, name], c.active)
+            bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
+            bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
+        yield from (accepted, failed, active, bytes_total)
+        version = GaugeMetricFamily(
+            "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]
+        )
+        version.add_metric([mesh], snapshot.version)
+        yield version
+        endpoints = GaugeMetricFamily(
+            "meshagent_endpoints", "Healthy endpoints known per service", labels=["mesh", "service"]
+        )
+        for service, eps in sorted(snapshot.endpoints.items()):
+            endpoints.add_metric([mesh, service], len(eps))
+        yield endpoints
+        expiry = GaugeMetricFamily(
+            "meshagent_certificate_expiry_timestamp_seconds",
+            "When each certificate this agent presents expires (Unix time)",
+            labels=["mesh", "service"],
+        )
+        for service, end in sorted(self._not_after.items()):
+            expiry.add_metric([mesh, service], end.timestamp())
+        yield expiry
+
+
+def new_registry(collector: AgentCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+async def exposition(registry: CollectorRegistry) -> bytes:
+    """The text exposition, generated in a worker thread. A cancel point."""
+    return await trio.to_thread.run_sync(generate_latest, registry, limiter=_exposition_limiter)
