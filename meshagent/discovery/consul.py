@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -330,6 +331,335 @@ class ConsulClient:
             f"consul at {self.address} refused to {what}: HTTP {status}{detail}{hint}"
         )
 
+    # -- KV store, transactions and sessions (used by the central agent's Consul store) --
+
+    async def kv_get(
+        self, key: str, *, index: int = 0, wait_seconds: float = 0
+    ) -> tuple[int, KvEntry | None]:
+        """One key, as a (blocking) query. Cancel point.
+
+        Args:
+            key: the full key (no leading ``/``).
+            index: ``X-Consul-Index`` of the previous answer; with ``index > 0`` and
+                ``wait_seconds > 0`` Consul holds the request until the key changes or
+                the wait ends (plus up to 1/16 jitter). A missing key blocks too.
+            wait_seconds: longest hold of a blocking query (capped at 10 minutes).
+
+        Returns:
+            ``(X-Consul-Index, entry)``; ``entry`` is None when the key does not exist.
+
+        Raises:
+            ConsulUnavailable: Consul unreachable, too slow, failing, or an answer that is
+                not the JSON Consul documents.
+            ConsulError: Consul refused the request (e.g. ACL denied).
+        """
+        params, seconds = self._blocking_params(index, wait_seconds)
+        response = await self._request(
+            "GET", f"/v1/kv/{_key_path(key)}", params=params, seconds=seconds
+        )
+        what = f"read key {key}"
+        if response.status_code == 404:
+            return _consul_index(response), None
+        self._raise_for_status(response, what)
+        entries = self._decode(_decode_kv_entries, response, what)
+        return _consul_index(response), (entries[0] if entries else None)
+
+    async def kv_list(
+        self, prefix: str, *, index: int = 0, wait_seconds: float = 0
+    ) -> tuple[int, list[KvEntry]]:
+        """Every key under ``prefix`` (``?recurse``), as a (blocking) query. Cancel point.
+
+        Args and Raises: as ``kv_get``; an empty prefix yields an empty list.
+
+        Returns:
+            ``(X-Consul-Index, entries)`` sorted by key (Consul's byte order).
+        """
+        params, seconds = self._blocking_params(index, wait_seconds)
+        params["recurse"] = "true"
+        response = await self._request(
+            "GET", f"/v1/kv/{_key_path(prefix)}", params=params, seconds=seconds
+        )
+        what = f"list keys under {prefix}"
+        if response.status_code == 404:
+            return _consul_index(response), []
+        self._raise_for_status(response, what)
+        return _consul_index(response), self._decode(_decode_kv_entries, response, what)
+
+    async def kv_put(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        cas: int | None = None,
+        acquire: str | None = None,
+        release: str | None = None,
+    ) -> bool:
+        """Write one key. Cancel point.
+
+        Args:
+            cas: check-and-set: write only if the key's ``ModifyIndex`` is this (0: only
+                if the key does not exist).
+            acquire: take the key's lock for this session (fails while another session
+                holds it, or during the lock-delay after the holder's session ended).
+            release: give up the lock this session holds.
+
+        Returns:
+            True when Consul wrote the key; False when a ``cas``, ``acquire`` or
+            ``release`` condition did not hold.
+
+        Raises:
+            ConsulUnavailable, ConsulError: as ``kv_get``.
+        """
+        params: dict[str, str] = {}
+        if cas is not None:
+            params["cas"] = str(cas)
+        if acquire is not None:
+            params["acquire"] = acquire
+        if release is not None:
+            params["release"] = release
+        response = await self._request(
+            "PUT", f"/v1/kv/{_key_path(key)}", params=params, content=value
+        )
+        self._raise_for_status(response, f"write key {key}")
+        return response.content.strip() == b"true"
+
+    async def kv_delete(self, key: str, *, cas: int | None = None, recurse: bool = False) -> bool:
+        """Delete one key, or every key under a prefix with ``recurse``. Cancel point.
+
+        Deleting a key that does not exist succeeds (returns True), with ``cas`` too:
+        Consul 1.8.7 counts a key that is already gone as deleted (as does the ``delete-cas``
+        transaction verb; use ``check-index`` + ``delete`` to require the key).
+
+        Returns:
+            False when ``cas`` (the expected ``ModifyIndex``) did not match a key that exists.
+
+        Raises:
+            ConsulUnavailable, ConsulError: as ``kv_get``.
+        """
+        params: dict[str, str] = {}
+        if cas is not None:
+            params["cas"] = str(cas)
+        if recurse:
+            params["recurse"] = "true"
+        response = await self._request("DELETE", f"/v1/kv/{_key_path(key)}", params=params)
+        self._raise_for_status(response, f"delete key {key}")
+        return response.content.strip() == b"true"
+
+    async def txn(self, ops: Sequence[KvOp]) -> TxnResult:
+        """Run KV operations as one atomic transaction (``PUT /v1/txn``). Cancel point.
+
+        Consul applies all of them or none: a failed ``cas``/``check-*``/``get`` rolls
+        the whole transaction back and is reported in ``TxnResult.errors`` (with the
+        index of the failing operation), not raised. At most 64 operations.
+
+        Raises:
+            ConsulUnavailable: as ``kv_get``.
+            ConsulError: malformed or too large (more than 64 operations, 413), ACL denied.
+        """
+        body = _encode([{"KV": op} for op in ops])
+        response = await self._request("PUT", "/v1/txn", content=body)
+        what = f"run a transaction of {len(ops)} operations"
+        if response.status_code == 409:  # rolled back: the body says which op failed
+            answer = self._decode(_decode_txn_answer, response, what)
+            return TxnResult(ok=False, results=(), errors=tuple(answer.errors or ()))
+        self._raise_for_status(response, what)
+        answer = self._decode(_decode_txn_answer, response, what)
+        results = tuple(item.kv for item in answer.results or () if item.kv is not None)
+        return TxnResult(ok=True, results=results, errors=())
+
+    async def session_create(
+        self,
+        *,
+        name: str,
+        ttl_seconds: float,
+        lock_delay_seconds: float,
+        behavior: Literal["release", "delete"] = "release",
+    ) -> str:
+        """Create a session on the local agent's node. Cancel point.
+
+        Consul invalidates the session when it is not renewed for up to 2 x TTL (it
+        doubles the TTL on its side), or when the node's health check fails. After an
+        invalidation, locks the session held stay unavailable for ``lock_delay_seconds``
+        (Consul's default, 15 s, outlives a deleted key; leader elections want ~1 s).
+
+        Returns:
+            The session ID.
+
+        Raises:
+            ConsulUnavailable: as ``kv_get`` (also: "Missing node registration" right
+                after Consul starts, a 500 that passes).
+            ConsulError: refused, e.g. a TTL outside Consul's ``session_ttl_min`` (10 s
+                by default) to 24 h.
+        """
+        body = _encode(
+            {
+                "Name": name,
+                "TTL": _duration(ttl_seconds),
+                "LockDelay": _duration(lock_delay_seconds),
+                "Behavior": behavior,
+            }
+        )
+        response = await self._request("PUT", "/v1/session/create", content=body)
+        what = f"create session {name}"
+        if response.status_code == 500 and "Invalid Session TTL" in response.text:
+            # Consul reports a TTL outside its range as a server failure; it is our request.
+            raise ConsulError(
+                f"consul at {self.address} refused to {what}: {_one_line(response.text)}"
+            )
+        self._raise_for_status(response, what)
+        return self._decode(_decode_session_id, response, what).id
+
+    async def session_renew(self, session_id: str) -> bool:
+        """Reset a session's TTL. Cancel point.
+
+        Returns:
+            False when Consul no longer knows the session (it expired or was destroyed;
+            its locks are gone), True otherwise.
+
+        Raises:
+            ConsulUnavailable, ConsulError: as ``kv_get``.
+        """
+        response = await self._request("PUT", f"/v1/session/renew/{_segment(session_id)}")
+        if response.status_code == 404:
+            return False
+        self._raise_for_status(response, f"renew session {session_id}")
+        return True
+
+    async def session_destroy(self, session_id: str) -> None:
+        """Destroy a session; Consul releases (behavior release) its locks. Cancel point.
+
+        Destroying an unknown session succeeds. Locks it held stay unavailable to other
+        sessions for the session's lock-delay; release them first to hand over at once.
+
+        Raises:
+            ConsulUnavailable, ConsulError: as ``kv_get``.
+        """
+        response = await self._request("PUT", f"/v1/session/destroy/{_segment(session_id)}")
+        if response.status_code == 404:
+            return
+        self._raise_for_status(response, f"destroy session {session_id}")
+
+    def _blocking_params(self, index: int, wait_seconds: float) -> tuple[dict[str, str], float]:
+        """Query parameters and client deadline of a (blocking) read; see ``health_service``."""
+        params: dict[str, str] = {}
+        seconds = self._timeout_seconds
+        if index > 0 and wait_seconds > 0:  # Consul treats wait=0 as its 5-minute default
+            wait = min(wait_seconds, _MAX_WAIT_SECONDS)
+            params["index"] = str(index)
+            params["wait"] = f"{math.ceil(wait * 1000)}ms"
+            seconds = wait + wait / 16 + max(_BLOCKING_MARGIN_SECONDS, self._timeout_seconds)
+        return params, seconds
+
+    def _decode(self, decode: Callable[[bytes], _T], response: httpx.Response, what: str) -> _T:
+        """Decode a JSON answer; an unexpected shape becomes ConsulUnavailable."""
+        try:
+            return decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise ConsulUnavailable(
+                f"consul at {self.address} sent an unexpected answer to {what}: {exc}"
+            ) from None
+
+
+# ------------------------------------------------------------------ KV, txn, session shapes
+
+
+KvVerb = Literal[
+    "set",
+    "cas",
+    "lock",
+    "unlock",
+    "get",
+    "get-tree",
+    "check-index",
+    "check-session",
+    "check-not-exists",
+    "delete",
+    "delete-tree",
+    "delete-cas",
+]
+
+
+class KvEntry(msgspec.Struct, frozen=True, kw_only=True, rename="pascal"):
+    """One key of ``GET /v1/kv/<key>`` or of a transaction's results.
+
+    ``value`` is None for a key written without a body (and in results of ``set``/``cas``
+    operations, which Consul echoes without the value); ``session`` is the lock holder.
+    """
+
+    key: str
+    value: bytes | None = None
+    flags: int = 0
+    create_index: int = 0
+    modify_index: int = 0
+    lock_index: int = 0
+    session: str | None = None
+
+
+class KvOp(msgspec.Struct, frozen=True, kw_only=True, rename="pascal", omit_defaults=True):
+    """One KV operation of a transaction (``{"KV": {...}}`` of ``PUT /v1/txn``).
+
+    ``index`` is the expected ``ModifyIndex`` for ``cas``, ``check-index`` and
+    ``delete-cas`` (``cas`` with 0: only if the key does not exist).
+    """
+
+    verb: KvVerb
+    key: str
+    value: bytes | None = None
+    index: int | None = None
+    session: str | None = None
+
+
+class TxnError(msgspec.Struct, frozen=True, kw_only=True, rename="pascal"):
+    """Why a transaction rolled back: the failing operation and Consul's words."""
+
+    op_index: int = 0
+    what: str = ""
+
+
+class TxnResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Outcome of ``ConsulClient.txn``: ``ok`` and the KV results, or the errors."""
+
+    ok: bool
+    results: tuple[KvEntry, ...] = ()
+    errors: tuple[TxnError, ...] = ()
+
+
+class _TxnResultItem(msgspec.Struct, frozen=True, kw_only=True):
+    kv: KvEntry | None = msgspec.field(name="KV", default=None)
+
+
+class _TxnAnswer(msgspec.Struct, frozen=True, kw_only=True, rename="pascal"):
+    results: list[_TxnResultItem] | None = None
+    errors: list[TxnError] | None = None
+
+
+class _SessionId(msgspec.Struct, frozen=True, kw_only=True):
+    id: str = msgspec.field(name="ID")
+
+
+_T = TypeVar("_T")
+_decode_kv_entries = msgspec.json.Decoder(list[KvEntry]).decode
+_decode_txn_answer = msgspec.json.Decoder(_TxnAnswer).decode
+_decode_session_id = msgspec.json.Decoder(_SessionId).decode
+
+
+def _key_path(key: str) -> str:
+    """Quote a KV key for the URL path, keeping its ``/`` separators."""
+    return quote(key, safe="/:@")
+
+
+def _duration(seconds: float) -> str:
+    """A Consul (Go) duration string, in whole milliseconds: ``1500ms``."""
+    return f"{max(0, round(seconds * 1000))}ms"
+
+
+def _consul_index(response: httpx.Response) -> int:
+    """``X-Consul-Index`` of an answer, 0 when absent or malformed."""
+    try:
+        return int(response.headers.get("X-Consul-Index", "0"))
+    except ValueError:
+        return 0
+
 
 def _is_unknown_check(response: httpx.Response) -> bool:
     """Does this answer to a TTL update mean "no such check here"?
@@ -412,8 +742,13 @@ __all__ = [
     "ConsulError",
     "ConsulProblem",
     "ConsulUnavailable",
+    "KvEntry",
+    "KvOp",
+    "KvVerb",
     "NodeInfo",
     "ServiceEntry",
     "ServiceInfo",
     "ServiceRegistration",
+    "TxnError",
+    "TxnResult",
 ]
