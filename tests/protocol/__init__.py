@@ -1,0 +1,1 @@
+"""Pure tests of the sans-IO protocol cores: bytes in, events out."""
