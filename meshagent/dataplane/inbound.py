@@ -11,16 +11,21 @@ The mesh's mTLS mode decides what a caller may speak:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import trio
 
 from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
 from meshagent.dataplane.errors import (
+    DataplaneError,
     HandshakeError,
     Unauthorized,
     UpstreamConnectError,
     UpstreamTimeout,
     map_errors,
 )
+from meshagent.dataplane.http_proxy import Forward, Respond, mesh_request_headers, serve_http
+from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.dataplane.tcp_proxy import (
     FramedSide,
     PlainSide,
@@ -33,6 +38,7 @@ from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
 from meshagent.protocol.detect import Detected, detect
 from meshagent.protocol.frames import ALPN
+from meshagent.protocol.http1 import RequestHead
 from meshagent.snapshot.model import InboundListener
 
 log = get_logger("inbound")
@@ -54,8 +60,73 @@ async def _detect(stream: trio.SocketStream) -> tuple[Detected, bytes]:
     return Detected.PLAINTEXT, prefix
 
 
+class AppPool:
+    """Idle keep-alive connections to the local app of one HTTP inbound."""
+
+    def __init__(self, listener: InboundListener, ctx: DataplaneContext) -> None:
+        self.listener = listener
+        self.ctx = ctx
+        self.pool = ConnectionPool(self._connect)
+
+    async def _connect(self, key: Hashable) -> Upstream:
+        listener = self.listener
+        with (
+            map_errors(
+                timeout=UpstreamTimeout,
+                failure=UpstreamConnectError,
+                what=f"connect app {listener.app_host}:{listener.app_port}",
+            ),
+            trio.fail_after(self.ctx.source.current.timeouts.connect_seconds),
+        ):
+            return await trio.open_tcp_stream(listener.app_host, listener.app_port)
+
+
+async def _serve_app_http(
+    downstream: trio.abc.Stream,
+    prefix: bytes,
+    source: str | None,
+    app: AppPool,
+    fields: dict[str, object],
+) -> None:
+    listener = app.listener
+
+    async def decide(head: RequestHead) -> Forward | Respond:
+        labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
+        if source is not None:
+            labels["source"] = source
+        try:
+            upstream, _ = await app.pool.acquire("app")
+        except DataplaneError as exc:
+            return Respond(502, f"{listener.service}: {exc}", labels)
+
+        async def release(reusable: bool) -> None:
+            if reusable:
+                await app.pool.release("app", upstream)
+            else:
+                await trio.aclose_forcefully(upstream)
+
+        return Forward(
+            upstream=upstream,
+            release=release,
+            target=head.target,
+            headers=mesh_request_headers(head, source=source),
+            labels=labels,
+        )
+
+    await serve_http(
+        downstream,
+        decide,
+        idle_seconds=app.ctx.source.current.timeouts.idle_seconds,
+        log_fields=fields,
+        prefix=prefix,
+    )
+
+
 async def handle_inbound(
-    stream: trio.SocketStream, listener: InboundListener, ctx: DataplaneContext
+    stream: trio.SocketStream,
+    listener: InboundListener,
+    ctx: DataplaneContext,
+    app: AppPool | None = None,
 ) -> None:
     """Serve one connection from another agent (or, unless strict, a plaintext client).
     Never raises (error boundary); a cancel point."""
@@ -87,11 +158,23 @@ async def handle_inbound(
             except BaseException:
                 await trio.aclose_forcefully(tls)
                 raise
+            if app is not None:  # HTTP: requests over the TLS session
+                try:
+                    await _serve_app_http(tls, b"", source, app, fields)
+                finally:
+                    await trio.aclose_forcefully(tls)
+                return
             framed = tls.selected_alpn_protocol() == ALPN
             # SSLStream is generic in its transport; the sides only use the TLS API.
             mesh_side = FramedSide(tls) if framed else RawTlsSide(tls)  # type: ignore[arg-type]
         else:
             caller = "plaintext"
+            if app is not None:
+                try:
+                    await _serve_app_http(stream, prefix, None, app, fields)
+                finally:
+                    await trio.aclose_forcefully(stream)
+                return
             mesh_side = PlainSide(stream, prefix)
         try:
             with map_errors(
@@ -100,12 +183,14 @@ async def handle_inbound(
                 what=f"connect app {listener.app_host}:{listener.app_port}",
             ):
                 with trio.fail_after(timeouts.connect_seconds):
-                    app = await trio.open_tcp_stream(listener.app_host, listener.app_port)
+                    app_stream = await trio.open_tcp_stream(listener.app_host, listener.app_port)
         except BaseException:
             await mesh_side.aclose()
             raise
         log.debug("accepted", caller=caller, listener=listener.name, **fields)
-        sent, received = await splice(mesh_side, PlainSide(app), idle_seconds=timeouts.idle_seconds)
+        sent, received = await splice(
+            mesh_side, PlainSide(app_stream), idle_seconds=timeouts.idle_seconds
+        )
         counters.bytes_in += sent
         counters.bytes_out += received
         log.debug("closed", bytes_in=sent, bytes_out=received, listener=listener.name, **fields)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import trio
 
 from meshagent.dataplane.connection import DataplaneContext, SnapshotSource
-from meshagent.dataplane.inbound import handle_inbound
+from meshagent.dataplane.http_outbound import HttpOutbound, handle_http_outbound
+from meshagent.dataplane.inbound import AppPool, handle_inbound
 from meshagent.dataplane.listener import Handler, open_listener, serve_listener
 from meshagent.dataplane.outbound import handle_outbound
+from meshagent.dataplane.pool import ConnectionPool
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import get_logger
 from meshagent.routing.balance import EndpointBalancer
@@ -40,19 +42,33 @@ class DataplaneHandle:
     def drain(self, seconds: float) -> None:
         """Stop accepting; cancel connections still open ``seconds`` from now. Not async."""
         self.stop_accepting()
-        self._connections.deadline = min(
-            self._connections.deadline, trio.current_time() + seconds
-        )
+        self._connections.deadline = min(self._connections.deadline, trio.current_time() + seconds)
 
 
-def _inbound_handler(spec: InboundListener, ctx: DataplaneContext) -> Handler:
+def _inbound_handler(
+    spec: InboundListener, ctx: DataplaneContext, pools: list[ConnectionPool]
+) -> Handler:
+    app = AppPool(spec, ctx) if spec.protocol == "http" else None
+    if app is not None:
+        pools.append(app.pool)
+
     async def handle(stream: trio.SocketStream) -> None:
-        await handle_inbound(stream, spec, ctx)
+        await handle_inbound(stream, spec, ctx, app)
 
     return handle
 
 
-def _outbound_handler(spec: OutboundListener, ctx: DataplaneContext) -> Handler:
+def _outbound_handler(
+    spec: OutboundListener, ctx: DataplaneContext, pools: list[ConnectionPool]
+) -> Handler:
+    if spec.protocol == "http":
+        http = HttpOutbound(spec, ctx)
+        pools.append(http.pool)
+
+        async def handle_http(stream: trio.SocketStream) -> None:
+            await handle_http_outbound(stream, spec, ctx, http)
+
+        return handle_http
     balancer = EndpointBalancer()
     seen_version = -1
 
@@ -83,10 +99,11 @@ async def serve_dataplane(
     """
     ctx = DataplaneContext(source=source, tls=tls, rng=rng or random.Random())
     snapshot = source.current
+    pools: list[ConnectionPool] = []  # idle keep-alive connections, closed at the end
     specs: list[tuple[InboundListener | OutboundListener, Handler]] = [
-        (spec, _inbound_handler(spec, ctx)) for spec in snapshot.inbounds
+        (spec, _inbound_handler(spec, ctx, pools)) for spec in snapshot.inbounds
     ]
-    specs += [(spec, _outbound_handler(spec, ctx)) for spec in snapshot.outbounds]
+    specs += [(spec, _outbound_handler(spec, ctx, pools)) for spec in snapshot.outbounds]
     bound: list[trio.SocketListener] = []
     try:
         for spec, _ in specs:
@@ -95,6 +112,21 @@ async def serve_dataplane(
         for listener in bound:
             await listener.aclose()
         raise
+    try:
+        await _serve(specs, bound, ctx, task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            for pool in pools:
+                await pool.aclose()
+    log.info("drained", accepted=ctx.counters.accepted, failed=ctx.counters.failed)
+
+
+async def _serve(
+    specs: list[tuple[InboundListener | OutboundListener, Handler]],
+    bound: list[trio.SocketListener],
+    ctx: DataplaneContext,
+    task_status: trio.TaskStatus[DataplaneHandle],
+) -> None:
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as listeners:
             for (spec, handler), listener in zip(specs, bound, strict=True):
@@ -113,4 +145,3 @@ async def serve_dataplane(
                 DataplaneHandle(ctx, listeners.cancel_scope, connections.cancel_scope)
             )
         log.info("stopped accepting", active=ctx.counters.active)
-    log.info("drained", accepted=ctx.counters.accepted, failed=ctx.counters.failed)

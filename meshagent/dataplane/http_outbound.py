@@ -1,0 +1,189 @@
+"""HTTP outbounds: route each request (match -> weighted or sticky split -> endpoint),
+over pooled mTLS connections to the other agents.
+
+Each request reads the snapshot in force when it starts (the unit of routing in HTTP
+is the request, so a canary weight change reaches keep-alive clients at once).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, Hashable
+
+import trio
+
+from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
+from meshagent.dataplane.errors import DataplaneError
+from meshagent.dataplane.http_proxy import Forward, Respond, serve_http
+from meshagent.dataplane.outbound import CONNECT_ATTEMPTS, connect_endpoint
+from meshagent.dataplane.pool import ConnectionPool, Upstream
+from meshagent.log import get_logger
+from meshagent.protocol.headers import get_all_headers, get_header, strip_hop_by_hop
+from meshagent.protocol.http1 import RequestHead
+from meshagent.routing.balance import EndpointBalancer
+from meshagent.routing.split import choose_backend, choose_sticky, subset
+from meshagent.routing.table import RequestFacts, RouteTable, rewrite_path
+from meshagent.snapshot.model import Backend, Endpoint, OutboundListener, RouteRule, Snapshot
+
+log = get_logger("outbound")
+
+REQUEST_ID = b"x-request-id"
+TRACEPARENT = b"traceparent"
+
+
+class HttpOutbound:
+    """Per-listener state: balancer, connection pool and the compiled route table."""
+
+    def __init__(self, listener: OutboundListener, ctx: DataplaneContext) -> None:
+        self.listener = listener
+        self.ctx = ctx
+        self.balancer = EndpointBalancer()
+        self.pool = ConnectionPool(self._connect)
+        self._table: tuple[int, RouteTable] | None = None
+
+    async def _connect(self, key: Hashable) -> Upstream:
+        assert isinstance(key, Endpoint)
+        return await connect_endpoint(key, self.listener, self.ctx.source.current, self.ctx)
+
+    def table(self, snapshot: Snapshot) -> RouteTable | None:
+        routes = snapshot.routes.get(self.listener.service)
+        if routes is None:
+            return None
+        if self._table is None or self._table[0] != snapshot.version:
+            self._table = (snapshot.version, RouteTable(routes))
+        return self._table[1]
+
+
+def _header_map(head: RequestHead) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in head.headers:
+        out.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return out
+
+
+def _cookie(head: RequestHead, name: str) -> str | None:
+    wanted = name.encode()
+    for value in get_all_headers(head.headers, b"cookie"):
+        for part in value.split(b";"):
+            key, sep, val = part.strip().partition(b"=")
+            if sep and key == wanted:
+                return val.decode("latin-1")
+    return None
+
+
+def _mesh_headers(head: RequestHead) -> tuple[tuple[bytes, bytes], ...]:
+    headers = strip_hop_by_hop(head.headers, keep_upgrade=head.upgrade is not None)
+    if get_header(headers, REQUEST_ID) is None:
+        headers = (*headers, (REQUEST_ID, secrets.token_hex(16).encode()))
+    if get_header(headers, TRACEPARENT) is None:
+        trace = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+        headers = (*headers, (TRACEPARENT, trace.encode()))
+    return headers
+
+
+async def handle_http_outbound(
+    stream: trio.SocketStream,
+    listener: OutboundListener,
+    ctx: DataplaneContext,
+    state: HttpOutbound,
+) -> None:
+    """Serve one HTTP connection from the local app. Never raises; a cancel point."""
+    conn = next(ctx.ids)
+    client = peer_address(stream)
+    fields: dict[str, object] = {"conn": conn, "listener": listener.name, "client": client}
+
+    async def decide(head: RequestHead) -> Forward | Respond:
+        snapshot = ctx.source.current
+        target = head.target.decode("latin-1")
+        facts = RequestFacts.from_target(head.method.decode("latin-1"), target, _header_map(head))
+        table = state.table(snapshot)
+        rule = table.select(facts) if table is not None else _implicit(listener)
+        labels = {"mesh": snapshot.mesh, "destination": listener.service}
+        if rule is None:
+            return Respond(
+                404, f"no route for {facts.method} {facts.path} to {listener.service}", labels
+            )
+        labels["route"] = rule.route
+        response_headers: tuple[tuple[bytes, bytes], ...] = ()
+        key: str | None = None
+        if rule.sticky_header:
+            key = next(iter(facts.headers.get(rule.sticky_header.lower(), ())), None)
+        elif rule.sticky_cookie:
+            key = _cookie(head, rule.sticky_cookie)
+            if key is None:
+                key = secrets.token_hex(12)
+                cookie = f"{rule.sticky_cookie}={key}; Path=/; HttpOnly; SameSite=Lax"
+                response_headers = ((b"Set-Cookie", cookie.encode()),)
+        backend = (
+            choose_sticky(rule.backends, key.encode())
+            if key is not None
+            else choose_backend(rule.backends, ctx.rng)
+        )
+        labels["subset"] = backend.label()
+        endpoints = subset(snapshot.endpoints_of(backend.service), backend)
+        if not endpoints:
+            return Respond(
+                503, f"no healthy endpoint for {backend.label()} in mesh {snapshot.mesh}", labels
+            )
+        tried: list[Endpoint] = []
+        last: DataplaneError | None = None
+        for _ in range(CONNECT_ATTEMPTS):
+            endpoint = state.balancer.pick(endpoints, trio.current_time(), exclude=tried)
+            if endpoint is None:
+                break
+            tried.append(endpoint)
+            try:
+                upstream, _ = await state.pool.acquire(endpoint)
+            except DataplaneError as exc:
+                state.balancer.report_failure(endpoint, trio.current_time())
+                log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
+                last = exc
+                continue
+            state.balancer.report_success(endpoint)
+            labels["endpoint"] = endpoint.address
+            return Forward(
+                upstream=upstream,
+                release=_releaser(state.pool, endpoint, upstream),
+                target=_rewrite(head.target, facts.path, rule),
+                headers=_mesh_headers(head),
+                response_headers=response_headers,
+                labels=labels,
+            )
+        return Respond(
+            503, f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}", labels
+        )
+
+    with connection_boundary(ctx, log, listener.name, conn=conn, client=client):
+        try:
+            await serve_http(
+                stream,
+                decide,
+                idle_seconds=ctx.source.current.timeouts.idle_seconds,
+                log_fields=fields,
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+def _releaser(
+    pool: ConnectionPool, key: Endpoint, upstream: Upstream
+) -> Callable[[bool], Awaitable[None]]:
+    async def release(reusable: bool) -> None:
+        if reusable:
+            await pool.release(key, upstream)
+        else:
+            await trio.aclose_forcefully(upstream)
+
+    return release
+
+
+def _implicit(listener: OutboundListener) -> RouteRule:
+    return RouteRule(route="", backends=(Backend(service=listener.service),))
+
+
+def _rewrite(target: bytes, path: str, rule: RouteRule) -> bytes:
+    if rule.rewrite_prefix is None or rule.match.path_prefix is None:
+        return target
+    query = target.partition(b"?")[1:]
+    new_path = rewrite_path(path, rule.match.path_prefix, rule.rewrite_prefix)
+    return new_path.encode("latin-1") + b"".join(query)

@@ -1,0 +1,436 @@
+"""The HTTP/1.1 proxy shell: drives ``protocol.http1`` over trio streams.
+
+One downstream connection carries requests one after another (keep-alive; pipelined
+requests are answered in order because each is finished before the next is read).
+For each request a ``Decide`` callback says where it goes: ``Forward`` (an upstream
+connection from a pool, the rewritten head) or ``Respond`` (an answer made here: 404
+no route, 503 no endpoint). Then:
+
+* the request head goes up; its body is streamed (re-chunked when it was chunked)
+  while the response is read, in a nursery that exists only for requests with a body
+  (so an upstream that answers early, e.g. 413, is not deadlocked);
+* the response is streamed down; an until-close body is re-chunked for HTTP/1.1
+  clients, so the downstream connection can stay open;
+* a 101 (WebSocket) turns both connections into a tunnel, leftover bytes included;
+* the upstream goes back to the pool when both messages ended cleanly and both sides
+  allow keep-alive; otherwise it is closed.
+
+Limits and errors: a bad request gets the status the parser says (400/413/414/431/
+501/505) and the connection closes; a head that does not complete within
+``HEAD_SECONDS`` gets 408; an upstream that breaks before answering gives 502; one
+that breaks in the middle of a response cuts the downstream connection (the status
+line is gone already). Bodies are never held whole: one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from meshagent.log import get_logger
+from meshagent.protocol.headers import Headers, remove_headers, set_header, strip_hop_by_hop
+from meshagent.protocol.http1 import (
+    Body,
+    EndOfMessage,
+    Event,
+    Framing,
+    HttpError,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    Upgraded,
+    error_response,
+    serialize_chunk,
+    serialize_last_chunk,
+    serialize_request_head,
+    serialize_response_head,
+)
+
+log = get_logger("http")
+access_log = get_logger("access")
+
+CHUNK = 64 * 1024
+HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 408)
+
+Stream = trio.abc.Stream
+
+
+class _Reader:
+    """Events from one stream through one parser, read on demand."""
+
+    __slots__ = ("_parser", "_pending", "eof", "stream")
+
+    def __init__(
+        self, stream: Stream, parser: RequestParser | ResponseParser, prefix: bytes = b""
+    ) -> None:
+        self.stream = stream
+        self._parser = parser
+        self._pending: deque[Event] = deque()
+        self.eof = False
+        if prefix:
+            self._pending.extend(parser.feed(prefix))
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    async def next_event(self) -> Event | None:
+        """The next event, or None at end of stream. A cancel point.
+
+        Raises:
+            HttpError: the peer broke HTTP (events before the error are returned first).
+        """
+        while not self._pending:
+            if self.eof:
+                return None
+            data = await self.stream.receive_some(CHUNK)
+            try:
+                if data:
+                    self._pending.extend(self._parser.feed(bytes(data)))
+                else:
+                    self.eof = True
+                    self._pending.extend(self._parser.feed_eof())
+            except HttpError as exc:
+                if not exc.events:
+                    raise
+                self._pending.extend(exc.events)
+                self._parser = _Failed(exc)  # type: ignore[assignment]
+        return self._pending.popleft()
+
+    def push_front(self, events: list[Event]) -> None:
+        self._pending.extendleft(reversed(events))
+
+    @property
+    def parser(self) -> RequestParser | ResponseParser:
+        return self._parser
+
+
+class _Failed:
+    """Stands in for a parser that failed after returning some events."""
+
+    def __init__(self, error: HttpError) -> None:
+        self.error = error
+
+    def feed(self, data: bytes) -> list[Event]:
+        raise self.error
+
+    def feed_eof(self) -> list[Event]:
+        raise self.error
+
+
+@dataclass(slots=True)
+class Forward:
+    """Send the request to ``upstream``; ``release(reusable)`` hands it back afterwards."""
+
+    upstream: trio.abc.Stream
+    release: Callable[[bool], Awaitable[None]]
+    target: bytes
+    headers: Headers
+    response_headers: Headers = ()  # added to the response (e.g. Set-Cookie)
+    labels: dict[str, str] = field(default_factory=dict)  # for the access log
+
+
+@dataclass(slots=True)
+class Respond:
+    """Answer here, without an upstream."""
+
+    status: int
+    text: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+Decide = Callable[[RequestHead], Awaitable[Forward | Respond]]
+
+
+class UpstreamBroke(Exception):
+    """The upstream failed before its response head arrived (answer 502)."""
+
+
+async def serve_http(
+    downstream: Stream,
+    decide: Decide,
+    *,
+    idle_seconds: float,
+    log_fields: dict[str, object],
+    prefix: bytes = b"",
+) -> None:
+    """Serve requests from ``downstream`` until it closes, idles out or breaks HTTP.
+    A cancel point; closes nothing it did not open (the caller closes ``downstream``)."""
+    reader = _Reader(downstream, RequestParser(), prefix)
+    while True:
+        with trio.move_on_after(idle_seconds):
+            try:
+                first = await _next_head(reader)
+            except HttpError as exc:
+                await _send_quietly(downstream, error_response(exc.status, exc.reason))
+                log.info("bad request", status=exc.status, reason=exc.reason, **log_fields)
+                return
+            if first is None:
+                return
+            keep = await _one_request(reader, downstream, first, decide, log_fields)
+            if not keep:
+                return
+            continue
+        return  # idle: the client said nothing for idle_seconds
+
+
+async def _next_head(reader: _Reader) -> RequestHead | None:
+    if not reader.has_pending():
+        # Wait for the first byte without a deadline (idle is the caller's), then
+        # give the head HEAD_SECONDS.
+        event = await reader.next_event()
+        if event is None:
+            return None
+        reader.push_front([event])
+    with trio.fail_after(HEAD_SECONDS):
+        event = await reader.next_event()
+    if event is None:
+        return None
+    if not isinstance(event, RequestHead):
+        raise HttpError(400, f"expected a request, got {type(event).__name__}")
+    return event
+
+
+async def _one_request(
+    reader: _Reader,
+    downstream: Stream,
+    head: RequestHead,
+    decide: Decide,
+    log_fields: dict[str, object],
+) -> bool:
+    """Proxy one request; True if the downstream connection may carry another."""
+    started = time.monotonic()
+    path = head.target.split(b"?", 1)[0].decode("latin-1")
+    method = head.method.decode("latin-1")
+    decision = await decide(head)
+    if isinstance(decision, Respond):
+        has_body = head.body.framing is not Framing.NONE
+        if not has_body:
+            await _end_of_bodyless(reader)
+        keep = head.keep_alive and not has_body and not head.may_switch_protocols
+        await downstream.send_all(error_response(decision.status, decision.text, close=not keep))
+        _access(method, path, decision.status, 0, 0, started, decision.labels, log_fields)
+        return keep
+    status, sent, received, keep = 502, 0, 0, False
+    reusable = False
+    try:
+        status, sent, received, keep, reusable = await _exchange(reader, downstream, head, decision)
+    except UpstreamBroke as exc:
+        await _send_quietly(downstream, error_response(502, f"upstream failed: {exc}"))
+        log.warning("upstream failed", error=str(exc), **decision.labels, **log_fields)
+    except HttpError as exc:  # the upstream's response broke HTTP: 502 if nothing was sent
+        if exc.status == 502 and status == 502:
+            await _send_quietly(downstream, error_response(502, exc.reason))
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await decision.release(reusable)
+        _access(method, path, status, sent, received, started, decision.labels, log_fields)
+    return keep
+
+
+async def _exchange(
+    reader: _Reader, downstream: Stream, head: RequestHead, fwd: Forward
+) -> tuple[int, int, int, bool, bool]:
+    """Returns (status, bytes up, bytes down, downstream keep-alive, upstream reusable)."""
+    upstream = fwd.upstream
+    chunked_up = head.body.framing is Framing.CHUNKED
+    headers = fwd.headers
+    if chunked_up:
+        headers = set_header(headers, b"Transfer-Encoding", b"chunked")
+    parser = ResponseParser()
+    parser.expect(head.method, upgrade=head.upgrade is not None)
+    up_reader = _Reader(upstream, parser)
+    try:
+        target_head = dataclasses.replace(head, target=fwd.target)
+        await upstream.send_all(serialize_request_head(target_head, headers=headers))
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise UpstreamBroke(_why(exc)) from None
+    counts = [0, 0]
+    request_done = trio.Event()
+
+    async def send_body() -> None:
+        while True:
+            event = await reader.next_event()
+            if event is None:
+                raise HttpError(400, "the client closed the connection inside a request body")
+            if isinstance(event, Body):
+                counts[0] += len(event.data)
+                await upstream.send_all(serialize_chunk(event.data) if chunked_up else event.data)
+            elif isinstance(event, EndOfMessage):
+                if chunked_up:
+                    await upstream.send_all(serialize_last_chunk(event.trailers))
+                request_done.set()
+                return
+
+    result: list[tuple[int, bool, bool]] = []
+
+    async def relay_response() -> None:
+        result.append(await _relay_response(up_reader, downstream, head, fwd, reader, counts))
+
+    if head.body.framing is Framing.NONE:
+        await _end_of_bodyless(reader)
+        request_done.set()
+        await relay_response()
+    else:
+        async with trio.open_nursery() as both:
+            both.start_soon(send_body)
+            both.start_soon(relay_response)
+    status, keep_down, keep_up = result[0]
+    reusable = keep_up and request_done.is_set() and not up_reader.has_pending()
+    return status, counts[0], counts[1], keep_down and request_done.is_set(), reusable
+
+
+async def _relay_response(
+    up: _Reader,
+    downstream: Stream,
+    request: RequestHead,
+    fwd: Forward,
+    down_reader: _Reader,
+    counts: list[int],
+) -> tuple[int, bool, bool]:
+    """Stream the response down. Returns (status, downstream keep-alive, upstream reusable)."""
+    head: ResponseHead | None = None
+    while True:
+        try:
+            event = await up.next_event()
+        except (trio.BrokenResourceError, OSError) as exc:
+            if head is None:
+                raise UpstreamBroke(_why(exc)) from None
+            raise
+        if event is None:
+            if head is None:
+                raise UpstreamBroke("connection closed before a response")
+            raise trio.BrokenResourceError("upstream closed inside a response")
+        if isinstance(event, ResponseHead):
+            if event.is_informational and event.status != 101:
+                await downstream.send_all(serialize_response_head(event, headers=event.headers))
+                continue
+            head = event
+            chunk_down = _chunk_down(event, request)
+            headers = strip_hop_by_hop(event.headers, keep_upgrade=event.status == 101)
+            headers = (*headers, *fwd.response_headers)
+            if chunk_down:
+                headers = (*headers, (b"Transfer-Encoding", b"chunked"))
+            close_down = not request.keep_alive or (
+                not event.keep_alive and not chunk_down and event.status != 101
+            )
+            if close_down and event.status != 101:
+                headers = (*headers, (b"Connection", b"close"))
+            await downstream.send_all(
+                serialize_response_head(
+                    ResponseHead(status=event.status, reason=event.reason), headers=headers
+                )
+            )
+        elif isinstance(event, Body):
+            assert head is not None
+            counts[1] += len(event.data)
+            await downstream.send_all(
+                serialize_chunk(event.data) if _chunk_down(head, request) else event.data
+            )
+        elif isinstance(event, EndOfMessage):
+            assert head is not None
+            if _chunk_down(head, request):
+                await downstream.send_all(serialize_last_chunk(event.trailers))
+            keep_down = request.keep_alive and (head.keep_alive or _chunk_down(head, request))
+            return head.status, keep_down, head.keep_alive
+        elif isinstance(event, Upgraded):
+            assert head is not None
+            await _tunnel(down_reader, downstream, up.stream, event.leftover)
+            return head.status, False, False
+
+
+async def _end_of_bodyless(reader: _Reader) -> None:
+    """Consume the EndOfMessage that follows a request head without a body."""
+    event = await reader.next_event()
+    if not isinstance(event, EndOfMessage):
+        raise HttpError(400, f"expected the end of a bodyless request, got {type(event).__name__}")
+
+
+def _chunk_down(response: ResponseHead, request: RequestHead) -> bool:
+    """Re-frame as chunked towards the client: a chunked body, or an until-close body
+    for an HTTP/1.1 client (so its connection can stay open)."""
+    if request.http_version != b"1.1":
+        return False
+    return response.body.framing in (Framing.CHUNKED, Framing.UNTIL_CLOSE)
+
+
+async def _tunnel(
+    down_reader: _Reader, downstream: Stream, upstream: Stream, leftover: bytes
+) -> None:
+    """After a 101: bytes both ways until either side ends. A cancel point."""
+    parser = down_reader.parser
+    assert isinstance(parser, RequestParser)
+    early = parser.accept_upgrade().leftover
+    if leftover:
+        await downstream.send_all(leftover)
+    if early:
+        await upstream.send_all(early)
+
+    async def pump(src: Stream, dst: Stream, scope: trio.CancelScope) -> None:
+        try:
+            while data := await src.receive_some(CHUNK):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as tunnel:
+        tunnel.start_soon(pump, downstream, upstream, tunnel.cancel_scope)
+        tunnel.start_soon(pump, upstream, downstream, tunnel.cancel_scope)
+
+
+async def _send_quietly(stream: Stream, data: bytes) -> None:
+    try:
+        with trio.move_on_after(5):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+def _why(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(cause) or type(cause).__name__
+
+
+def _access(
+    method: str,
+    path: str,
+    status: int,
+    sent: int,
+    received: int,
+    started: float,
+    labels: dict[str, str],
+    fields: dict[str, object],
+) -> None:
+    access_log.info(
+        "request",
+        method=method,
+        path=path,
+        status=status,
+        bytes_in=sent,
+        bytes_out=received,
+        duration_ms=round((time.monotonic() - started) * 1000, 2),
+        **labels,
+        **fields,
+    )
+
+
+def mesh_request_headers(head: RequestHead, *, source: str | None) -> Headers:
+    """Inbound side: drop hop-by-hop fields and any ``x-meshagent-source`` that came
+    from the caller; add the caller's verified service name when there is one."""
+    headers = strip_hop_by_hop(head.headers, keep_upgrade=head.upgrade is not None)
+    headers = remove_headers(headers, (SOURCE_HEADER,))
+    if source is not None:
+        headers = (*headers, (SOURCE_HEADER, source.encode()))
+    return headers
+
+
+SOURCE_HEADER = b"x-meshagent-source"

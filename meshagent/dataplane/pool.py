@@ -1,0 +1,108 @@
+"""A bounded pool of idle upstream connections, per endpoint (HTTP keep-alive).
+
+A new client connection then does not cost a new TCP connection and TLS handshake to
+the other host. Bounds: at most ``max_idle_per_key`` idle connections per endpoint and
+``max_idle`` in all (the oldest goes first); an idle connection older than
+``idle_seconds`` is closed instead of reused. Before reuse, a connection that is
+readable (the peer closed it, or sent bytes nobody asked for) is thrown away: that
+check is one ``select`` on the socket, and it catches the common case of a server that
+timed the connection out while it sat in the pool.
+"""
+
+from __future__ import annotations
+
+import select
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+import trio
+
+Upstream = trio.SSLStream[trio.SocketStream] | trio.SocketStream
+
+
+def _socket_of(stream: Upstream) -> trio.socket.SocketType:
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    return transport.socket
+
+
+def is_stale(stream: Upstream) -> bool:
+    """True if the idle connection has something to read (EOF or stray bytes). Not async."""
+    try:
+        readable, _, _ = select.select([_socket_of(stream).fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+@dataclass(slots=True)
+class _Idle:
+    stream: Upstream
+    since: float
+
+
+class ConnectionPool:
+    """Idle connections by key. ``acquire`` gives a pooled one or opens a new one."""
+
+    def __init__(
+        self,
+        connect: Callable[[Hashable], Awaitable[Upstream]],
+        *,
+        max_idle_per_key: int = 16,
+        max_idle: int = 256,
+        idle_seconds: float = 60.0,
+    ) -> None:
+        self._connect = connect
+        self._max_per_key = max_idle_per_key
+        self._max_idle = max_idle
+        self._idle_seconds = idle_seconds
+        self._idle: OrderedDict[Hashable, deque[_Idle]] = OrderedDict()
+        self._count = 0
+        self.reused = 0
+        self.opened = 0
+
+    async def acquire(self, key: Hashable) -> tuple[Upstream, bool]:
+        """A connection to ``key`` and whether it was reused. A cancel point.
+
+        Raises whatever ``connect`` raises.
+        """
+        now = trio.current_time()
+        idle = self._idle.get(key)
+        while idle:
+            entry = idle.pop()  # the most recently used first: the least likely stale
+            self._count -= 1
+            if now - entry.since < self._idle_seconds and not is_stale(entry.stream):
+                self.reused += 1
+                return entry.stream, True
+            await trio.aclose_forcefully(entry.stream)
+        stream = await self._connect(key)
+        self.opened += 1
+        return stream, False
+
+    async def release(self, key: Hashable, stream: Upstream) -> None:
+        """Keep ``stream`` for reuse, or close it when the pool is full. A cancel point."""
+        idle = self._idle.setdefault(key, deque())
+        self._idle.move_to_end(key)
+        if len(idle) >= self._max_per_key:
+            await trio.aclose_forcefully(stream)
+            return
+        idle.append(_Idle(stream, trio.current_time()))
+        self._count += 1
+        while self._count > self._max_idle:
+            oldest_key, oldest = next(iter(self._idle.items()))
+            if not oldest:
+                del self._idle[oldest_key]
+                continue
+            self._count -= 1
+            await trio.aclose_forcefully(oldest.popleft().stream)
+
+    def idle_count(self) -> int:
+        return self._count
+
+    async def aclose(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            while idle:
+                await trio.aclose_forcefully(idle.pop().stream)
+        self._idle.clear()
+        self._count = 0

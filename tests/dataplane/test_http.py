@@ -1,0 +1,215 @@
+"""The HTTP/1.1 proxy on real loopback sockets: a real HTTP client (httpx), a real HTTP
+app (h11), two agents' data paths with real mTLS between them."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
+from meshagent.dataplane.tls import TlsContexts
+from meshagent.snapshot.model import (
+    Backend,
+    Endpoint,
+    HttpMatch,
+    InboundListener,
+    OutboundListener,
+    OutboundRoutes,
+    RouteRule,
+    Snapshot,
+    Timeouts,
+)
+from tests.dataplane.test_proxy import StaticSource
+from tests.support.http_app import serve_http_app
+from tests.support.net import free_port
+from tests.support.pki import MeshCa, make_ca
+
+MESH = "shop"
+TIMEOUTS = Timeouts(connect_seconds=2, handshake_seconds=2)
+
+
+async def start_app_agent(
+    nursery: trio.Nursery, ca: MeshCa, name: str, service: str = "orders"
+) -> tuple[int, DataplaneHandle]:
+    """An HTTP app behind an HTTP inbound on 127.0.0.2; returns the inbound port."""
+    app_port = await nursery.start(serve_http_app, name)
+    port = free_port("127.0.0.2")
+    snapshot = Snapshot(
+        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        inbounds=(InboundListener(name=f"inbound:{name}", service=service, bind="127.0.0.2",
+                                  port=port, app_port=app_port, protocol="http"),),
+    )
+    handle = await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({service: ca.issue(service)}))
+    return port, handle
+
+
+async def start_web(
+    nursery: trio.Nursery, ca: MeshCa, endpoints: list[Endpoint], routes: OutboundRoutes | None = None,
+    service: str = "orders",
+) -> tuple[int, DataplaneHandle]:
+    port = free_port()
+    snapshot = Snapshot(
+        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        outbounds=(OutboundListener(name="outbound:http", service=service, source="web",
+                                    bind="127.0.0.1", port=port, protocol="http"),),
+        endpoints={"orders": tuple(endpoints)},
+        routes={service: routes} if routes else {},
+    )
+    handle = await nursery.start(
+        functools.partial(serve_dataplane, rng=random.Random(11)),
+        StaticSource(snapshot), TlsContexts({"web": ca.issue("web")}),
+    )
+    return port, handle
+
+
+def ep(port: int, version: str = "v1") -> Endpoint:
+    return Endpoint(host="127.0.0.2", port=port, service="orders", tags=(("version", version),))
+
+
+def client(port: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> MeshCa:
+    return make_ca(tmp_path / "ca", MESH)
+
+
+async def test_requests_cross_both_agents_with_mesh_headers_over_one_reused_connection(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        seen = []
+        for n in range(20):
+            response = await http.get(f"/orders/{n}?x=1", headers={"x-meshagent-source": "forged"})
+            assert response.status_code == 200
+            seen.append(response.json())
+        head = await http.head("/orders/1")
+        assert head.status_code == 200 and head.content == b"" and head.headers["x-app"] == "orders-a"
+    assert [s["path"] for s in seen] == [f"/orders/{n}?x=1" for n in range(20)]
+    assert {s["source"] for s in seen} == {"web"}  # verified identity; the forged one is gone
+    assert len({s["request_id"] for s in seen}) == 20
+    assert all(s["traceparent"].startswith("00-") for s in seen)
+    # 21 requests, one client connection, one mTLS connection between the agents.
+    assert inbound.context.counters.accepted == 1
+
+
+async def test_bodies_stream_both_ways(nursery: trio.Nursery, ca: MeshCa) -> None:
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        big = b"z" * (8 * 1024 * 1024)
+        assert (await http.post("/upload", content=big)).json()["received"] == len(big)
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(10):
+                yield b"c" * 100_000
+
+        assert (await http.post("/upload", content=chunks())).json()["received"] == 1_000_000
+        chunked = await http.get("/chunked")
+        assert chunked.text == "part0;part1;part2;part3;part4;"
+        closing = await http.get("/close")
+        assert closing.text == "until the end"
+        assert (await http.get("/after-close")).status_code == 200
+
+
+async def test_path_rules_rewrite_and_weighted_split(nursery: trio.Nursery, ca: MeshCa) -> None:
+    v1_port, _ = await start_app_agent(nursery, ca, "orders-v1")
+    v2_port, _ = await start_app_agent(nursery, ca, "orders-v2")
+    routes = OutboundRoutes(rules=(
+        RouteRule(route="canary-header", match=HttpMatch(path_prefix="/orders", headers=()),
+                  backends=(Backend(service="orders", tags=(("version", "v1"),), weight=90),
+                            Backend(service="orders", tags=(("version", "v2"),), weight=10)),
+                  rewrite_prefix="/api/orders"),
+    ))
+    web_port, _ = await start_web(nursery, ca, [ep(v1_port, "v1"), ep(v2_port, "v2")], routes, service="monolith")
+    async with client(web_port) as http:
+        answers = [(await http.get("/orders/7?q=1")).json() for _ in range(600)]
+        missing = await http.get("/users/1")
+    assert {a["path"] for a in answers} == {"/api/orders/7?q=1"}
+    share = Counter(a["app"] for a in answers)["orders-v2"] / len(answers)
+    assert 0.06 <= share <= 0.14, share
+    assert missing.status_code == 404 and "no route for GET /users/1 to monolith" in missing.text
+
+
+async def test_sticky_cookie_keeps_a_user_on_one_subset(nursery: trio.Nursery, ca: MeshCa) -> None:
+    v1_port, _ = await start_app_agent(nursery, ca, "orders-v1")
+    v2_port, _ = await start_app_agent(nursery, ca, "orders-v2")
+    routes = OutboundRoutes(rules=(RouteRule(
+        route="sticky", sticky_cookie="canary",
+        backends=(Backend(service="orders", tags=(("version", "v1"),), weight=50),
+                  Backend(service="orders", tags=(("version", "v2"),), weight=50))),))
+    web_port, _ = await start_web(nursery, ca, [ep(v1_port, "v1"), ep(v2_port, "v2")], routes)
+    apps_per_user = []
+    for _ in range(12):
+        async with client(web_port) as http:  # a new user: a fresh cookie jar
+            first = await http.get("/")
+            assert "canary=" in first.headers["set-cookie"]
+            apps = {first.json()["app"]} | {(await http.get("/")).json()["app"] for _ in range(8)}
+            apps_per_user.append(apps)
+    assert all(len(apps) == 1 for apps in apps_per_user)  # nobody flips
+    assert {app for apps in apps_per_user for app in apps} == {"orders-v1", "orders-v2"}
+
+
+async def test_no_endpoint_is_503_naming_the_subset(nursery: trio.Nursery, ca: MeshCa) -> None:
+    routes = OutboundRoutes(rules=(RouteRule(route="r", backends=(
+        Backend(service="orders", tags=(("version", "v3"),)),)),))
+    web_port, _ = await start_web(nursery, ca, [ep(1)], routes)
+    async with client(web_port) as http:
+        response = await http.get("/")
+    assert response.status_code == 503
+    assert "no healthy endpoint for orders[version=v3] in mesh shop" in response.text
+
+
+async def test_malformed_and_pipelined_requests(nursery: trio.Nursery, ca: MeshCa) -> None:
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    with trio.fail_after(10):
+        bad = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await bad.send_all(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        answer = await _read_all(bad)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer
+        piped = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await piped.send_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        both = await _read_all(piped)
+    first, second = both.index(b'"/one"'), both.index(b'"/two"')
+    assert first < second and both.count(b"HTTP/1.1 200") == 2
+    async with client(web_port) as http:  # the listener is unharmed
+        assert (await http.get("/fine")).status_code == 200
+
+
+async def test_upgrade_becomes_a_tunnel(nursery: trio.Nursery, ca: MeshCa) -> None:
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(1000)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        for n in range(3):
+            await stream.send_all(f"frame {n}".encode())
+            assert await stream.receive_some(100) == f"frame {n}".encode()
+        await stream.aclose()
+
+
+async def _read_all(stream: trio.SocketStream) -> bytes:
+    data = b""
+    try:
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    await stream.aclose()
+    return data
+
+
