@@ -1,0 +1,68 @@
+"""The strangler fig on real processes: a legacy monolith and a new orders service in
+two versions, HTTP agents registered in a real Consul, and a route that peels /orders
+off the monolith with a 90/10 canary. Clients are real (httpx)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from meshagent.demo.consul import ConsulProcess
+from tests.e2e.harness import agent_config, eventually, free_port, running, start_agent, start_app
+from tests.support.pki import make_ca
+
+POLICY = """
+[[TrafficRoute]]
+name = "orders-migration"
+mesh = "shop"
+destination = "monolith"
+  [[TrafficRoute.rule]]
+  match = { headers = { "x-canary" = "always" } }
+  split = [ { service = "orders", tags = { version = "v2" }, weight = 100 } ]
+  [[TrafficRoute.rule]]
+  match = { path_prefix = "/orders" }
+  rewrite = { path_prefix = "/api/orders" }
+  split = [ { service = "orders", tags = { version = "v1" }, weight = 90 },
+            { service = "orders", tags = { version = "v2" }, weight = 10 } ]
+  [TrafficRoute.default]
+  split = [ { service = "monolith", weight = 100 } ]
+"""
+
+
+def test_strangler_route_and_canary_through_http_agents(tmp_path: Path, consul: ConsulProcess) -> None:
+    ca = make_ca(tmp_path / "ca", "shop")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "routes.toml").write_text(POLICY)
+    hosts = [("monolith", "127.0.0.3", "monolith", "v1"), ("orders-v1", "127.0.0.4", "orders", "v1"),
+             ("orders-v2", "127.0.0.5", "orders", "v2")]
+    apps = {name: start_app("http", tmp_path, name=name) for name, *_ in hosts}
+    with running(*(app for app, _ in apps.values())):
+        agents = []
+        for name, address, service, version in hosts:
+            config = agent_config(name, address, ca, service, consul=consul, inbound={
+                "port": free_port(address), "app_port": apps[name][1], "protocol": "http",
+                "tags": {"version": version}})
+            agents.append(start_agent(config, tmp_path, name))
+        web_port = free_port()
+        web_cfg = agent_config("web", "127.0.0.2", ca, "web", consul=consul,
+                               outbound=[{"service": "monolith", "port": web_port, "protocol": "http"}])
+        web_cfg["policies"] = str(policies)
+        agents.append(start_agent(web_cfg, tmp_path, "web"))
+        with running(*agents), httpx.Client(base_url=f"http://127.0.0.1:{web_port}", trust_env=False,
+                                            timeout=10) as http:
+
+            def apps_for(path: str, n: int, **headers: str) -> Counter[str]:
+                return Counter(http.get(path, headers=headers).json()["app"] for _ in range(n))
+
+            eventually(lambda: http.get("/orders/1").status_code == 200
+                       and set(apps_for("/orders/1", 60)) == {"orders-v1", "orders-v2"},
+                       within=20, what="web sees every instance in Consul")
+            assert apps_for("/users/7", 20) == Counter({"monolith": 20})
+            assert apps_for("/orders/7", 10, **{"x-canary": "always"}) == Counter({"orders-v2": 10})
+            split = apps_for("/orders/7", 400)
+            assert 0.05 <= split["orders-v2"] / 400 <= 0.15, split
+            seen = http.get("/orders/7?id=3").json()
+            assert seen["path"] == "/api/orders/7?id=3" and seen["source"] == "web"
