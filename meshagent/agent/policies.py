@@ -14,10 +14,15 @@ import trio
 from meshagent.agent.watch import SnapshotWatch
 from meshagent.config.agent import AgentConfig
 from meshagent.log import get_logger
-from meshagent.policy.compile import compile_permissions, compile_route, select_route
+from meshagent.policy.compile import (
+    compile_permissions,
+    compile_request_policies,
+    compile_route,
+    select_route,
+)
 from meshagent.policy.load import PolicyError, load_paths
 from meshagent.policy.model import Resource
-from meshagent.snapshot.model import OutboundRoutes, Snapshot
+from meshagent.snapshot.model import OutboundRoutes, RequestPolicy, Snapshot
 
 log = get_logger("policies")
 
@@ -26,6 +31,7 @@ log = get_logger("policies")
 class CompiledPolicies:
     routes: dict[str, OutboundRoutes]
     permissions: dict[str, tuple[str, ...]]
+    request_policies: dict[str, RequestPolicy]
 
     def apply(self, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` with these routes and permissions, one version up."""
@@ -34,6 +40,7 @@ class CompiledPolicies:
             version=snapshot.version + 1,
             routes=self.routes,
             permissions=self.permissions,
+            request_policies=self.request_policies,
         )
 
 
@@ -48,7 +55,15 @@ def load_policies(config: AgentConfig) -> CompiledPolicies:
     permissions = compile_permissions(
         resources, mesh=config.mesh, destinations=[i.service for i in config.inbound]
     )
-    return CompiledPolicies(routes=_routes(config, resources), permissions=permissions)
+    routes = _routes(config, resources)
+    services = {s for r in routes.values() for s in r.services()}
+    return CompiledPolicies(
+        routes=routes,
+        permissions=permissions,
+        request_policies=compile_request_policies(
+            resources, mesh=config.mesh, services=services
+        ),
+    )
 
 
 def _routes(config: AgentConfig, resources: Sequence[Resource]) -> dict[str, OutboundRoutes]:

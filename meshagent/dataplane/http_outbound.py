@@ -21,9 +21,17 @@ from meshagent.log import get_logger
 from meshagent.protocol.headers import get_all_headers, get_header, strip_hop_by_hop
 from meshagent.protocol.http1 import RequestHead
 from meshagent.routing.balance import EndpointBalancer
+from meshagent.routing.retry import RetryBudget, RetryRule
 from meshagent.routing.split import choose_backend, choose_sticky, subset
 from meshagent.routing.table import RequestFacts, RouteTable, rewrite_path
-from meshagent.snapshot.model import Backend, Endpoint, OutboundListener, RouteRule, Snapshot
+from meshagent.snapshot.model import (
+    Backend,
+    Endpoint,
+    OutboundListener,
+    RequestPolicy,
+    RouteRule,
+    Snapshot,
+)
 
 log = get_logger("outbound")
 
@@ -39,7 +47,28 @@ class HttpOutbound:
         self.ctx = ctx
         self.balancer = EndpointBalancer()
         self.pool = ConnectionPool(self._connect)
+        self.budget = RetryBudget()
         self._table: tuple[int, RouteTable] | None = None
+        self._rules: dict[RequestPolicy, RetryRule] = {}
+
+    def retry_rule(self, policy: RequestPolicy | None) -> RetryRule | None:
+        """The retry rule of a request policy (cached), or None when it never retries."""
+        if policy is None or policy.retry_attempts <= 1:
+            return None
+        rule = self._rules.get(policy)
+        if rule is None:
+            rule = self._rules[policy] = RetryRule(
+                attempts=policy.retry_attempts,
+                on_reset="reset" in policy.retry_on,
+                on_timeout="timeout" in policy.retry_on,
+                statuses=frozenset(policy.retry_statuses),
+                idempotent_only=policy.retry_idempotent_only,
+                backoff_base_seconds=policy.backoff_base_seconds,
+                backoff_max_seconds=policy.backoff_max_seconds,
+                budget_percent=policy.budget_percent,
+                min_retries_per_second=policy.min_retries_per_second,
+            )
+        return rule
 
     async def _connect(self, key: Hashable) -> Upstream:
         assert isinstance(key, Endpoint)
@@ -92,8 +121,10 @@ async def handle_http_outbound(
     client = peer_address(stream)
     fields: dict[str, object] = {"conn": conn, "listener": listener.name, "client": client}
 
-    async def decide(head: RequestHead) -> Forward | Respond:
+    async def decide(head: RequestHead, earlier: tuple[Hashable, ...]) -> Forward | Respond:
         snapshot = ctx.source.current
+        if not earlier:
+            state.budget.record_request(trio.current_time())
         target = head.target.decode("latin-1")
         facts = RequestFacts.from_target(head.method.decode("latin-1"), target, _header_map(head))
         table = state.table(snapshot)
@@ -127,6 +158,10 @@ async def handle_http_outbound(
             )
         tried: list[Endpoint] = []
         last: DataplaneError | None = None
+        # A retry prefers endpoints earlier tries did not use, if there are any.
+        avoid = [e for e in endpoints if e in earlier]
+        if len(avoid) < len(endpoints):
+            tried += avoid
         for _ in range(CONNECT_ATTEMPTS):
             endpoint = state.balancer.pick(endpoints, trio.current_time(), exclude=tried)
             if endpoint is None:
@@ -141,6 +176,7 @@ async def handle_http_outbound(
                 continue
             state.balancer.report_success(endpoint)
             labels["endpoint"] = endpoint.address
+            policy = snapshot.request_policy(backend.service, rule.route)
             return Forward(
                 upstream=upstream,
                 release=_releaser(state.pool, endpoint, upstream),
@@ -148,6 +184,12 @@ async def handle_http_outbound(
                 headers=_mesh_headers(head),
                 response_headers=response_headers,
                 labels=labels,
+                key=endpoint,
+                retry=state.retry_rule(policy),
+                budget=state.budget,
+                rng=ctx.rng,
+                request_seconds=policy.request_seconds if policy else None,
+                per_try_seconds=policy.per_try_seconds if policy else None,
             )
         return Respond(
             503, f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}", labels

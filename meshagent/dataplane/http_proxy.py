@@ -25,9 +25,11 @@ line is gone already). Bodies are never held whole: one chunk at a time.
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 import trio
@@ -51,6 +53,7 @@ from meshagent.protocol.http1 import (
     serialize_request_head,
     serialize_response_head,
 )
+from meshagent.routing.retry import RetryBudget, RetryRule, backoff_seconds
 
 log = get_logger("http")
 access_log = get_logger("access")
@@ -133,6 +136,12 @@ class Forward:
     headers: Headers
     response_headers: Headers = ()  # added to the response (e.g. Set-Cookie)
     labels: dict[str, str] = field(default_factory=dict)  # for the access log
+    key: Hashable = None  # the endpoint, so that a retry can go elsewhere
+    retry: RetryRule | None = None
+    budget: RetryBudget | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    request_seconds: float | None = None  # the whole request, retries included (504)
+    per_try_seconds: float | None = None
 
 
 @dataclass(slots=True)
@@ -144,7 +153,9 @@ class Respond:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-Decide = Callable[[RequestHead], Awaitable[Forward | Respond]]
+# decide(head, tried): where the request goes; ``tried`` holds the keys (endpoints) of
+# earlier tries of the same request, so that a retry goes elsewhere when it can.
+Decide = Callable[[RequestHead, tuple[Hashable, ...]], Awaitable[Forward | Respond]]
 
 
 class UpstreamBroke(Exception):
@@ -196,6 +207,13 @@ async def _next_head(reader: _Reader) -> RequestHead | None:
     return event
 
 
+@dataclass(slots=True)
+class _Progress:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    head_down: bool = False  # a response head went to the client: no retry, no 504
+
+
 async def _one_request(
     reader: _Reader,
     downstream: Stream,
@@ -203,55 +221,173 @@ async def _one_request(
     decide: Decide,
     log_fields: dict[str, object],
 ) -> bool:
-    """Proxy one request; True if the downstream connection may carry another."""
+    """Proxy one request (retrying it when its policy allows); True if the downstream
+    connection may carry another request."""
     started = time.monotonic()
     path = head.target.split(b"?", 1)[0].decode("latin-1")
     method = head.method.decode("latin-1")
-    decision = await decide(head)
+    bodyless = head.body.framing is Framing.NONE
+    if bodyless:
+        await _end_of_bodyless(reader)
+    decision = await decide(head, ())
     if isinstance(decision, Respond):
-        has_body = head.body.framing is not Framing.NONE
-        if not has_body:
-            await _end_of_bodyless(reader)
-        keep = head.keep_alive and not has_body and not head.may_switch_protocols
+        keep = head.keep_alive and bodyless and not head.may_switch_protocols
         await downstream.send_all(error_response(decision.status, decision.text, close=not keep))
         _access(method, path, decision.status, 0, 0, started, decision.labels, log_fields)
         return keep
-    status, sent, received, keep = 502, 0, 0, False
-    reusable = False
+    progress = _Progress()
+    status, keep, attempts = 502, False, 0
+    labels = decision.labels
+    overall = trio.CancelScope()
+    if decision.request_seconds is not None:
+        overall.deadline = trio.current_time() + decision.request_seconds
+    tried: list[Hashable] = []
     try:
-        status, sent, received, keep, reusable = await _exchange(reader, downstream, head, decision)
+        with overall:
+            while True:
+                attempts += 1
+                fwd = decision
+                labels = fwd.labels
+                tried.append(fwd.key)
+                reusable = False
+                try:
+                    if bodyless and fwd.retry is not None:
+                        outcome = await _try_bodyless(downstream, head, fwd, reader, progress)
+                    else:
+                        outcome = await _exchange(reader, downstream, head, fwd, progress)
+                    if isinstance(outcome, _Done):
+                        status, keep, reusable = outcome.status, outcome.keep, outcome.reusable
+                        return keep
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await fwd.release(reusable)
+                # A retryable failure (outcome is _Failed_Try).
+                retry = fwd.retry
+                if (
+                    retry is None
+                    or not outcome.retryable
+                    or progress.head_down
+                    or attempts >= retry.attempts
+                    or not retry.may_retry_method(head.method)
+                    or fwd.budget is None
+                    or not fwd.budget.try_spend(retry, trio.current_time())
+                ):
+                    status = outcome.status
+                    await _send_quietly(downstream, error_response(status, outcome.text))
+                    return False
+                log.info(
+                    "retrying", reason=outcome.text, attempt=attempts + 1, **labels, **log_fields
+                )
+                await trio.sleep(backoff_seconds(retry, attempts, fwd.rng))
+                next_decision = await decide(head, tuple(tried))
+                if isinstance(next_decision, Respond):
+                    status = outcome.status
+                    await _send_quietly(downstream, error_response(status, outcome.text))
+                    return False
+                decision = next_decision
     except UpstreamBroke as exc:
+        status = 502
         await _send_quietly(downstream, error_response(502, f"upstream failed: {exc}"))
-        log.warning("upstream failed", error=str(exc), **decision.labels, **log_fields)
-    except HttpError as exc:  # the upstream's response broke HTTP: 502 if nothing was sent
-        if exc.status == 502 and status == 502:
+        log.warning("upstream failed", error=str(exc), **labels, **log_fields)
+        return False
+    except HttpError as exc:
+        if exc.status == 502 and not progress.head_down:  # the upstream broke HTTP
+            status = 502
             await _send_quietly(downstream, error_response(502, exc.reason))
+            return False
         raise
     finally:
-        with trio.CancelScope(shield=True):
-            await decision.release(reusable)
-        _access(method, path, status, sent, received, started, decision.labels, log_fields)
-    return keep
+        if overall.cancelled_caught and not progress.head_down:
+            status = 504
+            text = f"upstream did not answer within {decision.request_seconds}s"
+            await _send_quietly(downstream, error_response(504, text))
+        _access(
+            method,
+            path,
+            status,
+            progress.bytes_up,
+            progress.bytes_down,
+            started,
+            labels,
+            {**log_fields, "attempts": attempts},
+        )
+    return False
 
 
-async def _exchange(
-    reader: _Reader, downstream: Stream, head: RequestHead, fwd: Forward
-) -> tuple[int, int, int, bool, bool]:
-    """Returns (status, bytes up, bytes down, downstream keep-alive, upstream reusable)."""
-    upstream = fwd.upstream
-    chunked_up = head.body.framing is Framing.CHUNKED
+@dataclass(slots=True)
+class _Done:
+    status: int
+    keep: bool
+    reusable: bool
+
+
+@dataclass(slots=True)
+class _FailedTry:
+    status: int  # what the client gets if this is the last try
+    text: str
+    retryable: bool
+
+
+async def _send_head(head: RequestHead, fwd: Forward) -> _Reader:
     headers = fwd.headers
-    if chunked_up:
+    if head.body.framing is Framing.CHUNKED:
         headers = set_header(headers, b"Transfer-Encoding", b"chunked")
     parser = ResponseParser()
     parser.expect(head.method, upgrade=head.upgrade is not None)
-    up_reader = _Reader(upstream, parser)
     try:
         target_head = dataclasses.replace(head, target=fwd.target)
-        await upstream.send_all(serialize_request_head(target_head, headers=headers))
+        await fwd.upstream.send_all(serialize_request_head(target_head, headers=headers))
     except (trio.BrokenResourceError, OSError) as exc:
         raise UpstreamBroke(_why(exc)) from None
-    counts = [0, 0]
+    return _Reader(fwd.upstream, parser)
+
+
+async def _try_bodyless(
+    downstream: Stream, head: RequestHead, fwd: Forward, reader: _Reader, progress: _Progress
+) -> _Done | _FailedTry:
+    """One try of a request without a body: its response head is read under the per-try
+    deadline before anything goes to the client, so the try can still be retried."""
+    retry = fwd.retry
+    assert retry is not None
+    try:
+        up = await _send_head(head, fwd)
+        with trio.move_on_after(fwd.per_try_seconds or math.inf) as per_try:
+            first = await _first_final_event(up, downstream, progress)
+    except UpstreamBroke as exc:
+        return _FailedTry(502, f"upstream failed: {exc}", retryable=retry.on_reset)
+    if per_try.cancelled_caught:
+        text = f"upstream did not answer within {fwd.per_try_seconds}s"
+        return _FailedTry(504, text, retryable=retry.on_timeout)
+    if isinstance(first, ResponseHead) and first.status in retry.statuses:
+        return _FailedTry(first.status, f"upstream answered {first.status}", retryable=True)
+    status, keep, reusable = await _relay_response(
+        up, downstream, head, fwd, reader, progress, first=first
+    )
+    return _Done(status, keep and head.keep_alive, reusable)
+
+
+async def _first_final_event(up: _Reader, downstream: Stream, progress: _Progress) -> Event:
+    """Read to the first response head that is not informational (1xx are forwarded)."""
+    while True:
+        try:
+            event = await up.next_event()
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise UpstreamBroke(_why(exc)) from None
+        if event is None:
+            raise UpstreamBroke("connection closed before a response")
+        if isinstance(event, ResponseHead) and event.is_informational and event.status != 101:
+            await downstream.send_all(serialize_response_head(event, headers=event.headers))
+            progress.head_down = True
+            continue
+        return event
+
+
+async def _exchange(
+    reader: _Reader, downstream: Stream, head: RequestHead, fwd: Forward, progress: _Progress
+) -> _Done:
+    """Send the request (streaming its body) while relaying the response."""
+    up = await _send_head(head, fwd)
+    chunked_up = head.body.framing is Framing.CHUNKED
     request_done = trio.Event()
 
     async def send_body() -> None:
@@ -260,30 +396,30 @@ async def _exchange(
             if event is None:
                 raise HttpError(400, "the client closed the connection inside a request body")
             if isinstance(event, Body):
-                counts[0] += len(event.data)
-                await upstream.send_all(serialize_chunk(event.data) if chunked_up else event.data)
+                progress.bytes_up += len(event.data)
+                data = serialize_chunk(event.data) if chunked_up else event.data
+                await fwd.upstream.send_all(data)
             elif isinstance(event, EndOfMessage):
                 if chunked_up:
-                    await upstream.send_all(serialize_last_chunk(event.trailers))
+                    await fwd.upstream.send_all(serialize_last_chunk(event.trailers))
                 request_done.set()
                 return
 
     result: list[tuple[int, bool, bool]] = []
 
-    async def relay_response() -> None:
-        result.append(await _relay_response(up_reader, downstream, head, fwd, reader, counts))
+    async def relay() -> None:
+        result.append(await _relay_response(up, downstream, head, fwd, reader, progress))
 
     if head.body.framing is Framing.NONE:
-        await _end_of_bodyless(reader)
         request_done.set()
-        await relay_response()
+        await relay()
     else:
         async with trio.open_nursery() as both:
             both.start_soon(send_body)
-            both.start_soon(relay_response)
+            both.start_soon(relay)
     status, keep_down, keep_up = result[0]
-    reusable = keep_up and request_done.is_set() and not up_reader.has_pending()
-    return status, counts[0], counts[1], keep_down and request_done.is_set(), reusable
+    reusable = keep_up and request_done.is_set() and not up.has_pending()
+    return _Done(status, keep_down and request_done.is_set(), reusable)
 
 
 async def _relay_response(
@@ -292,13 +428,19 @@ async def _relay_response(
     request: RequestHead,
     fwd: Forward,
     down_reader: _Reader,
-    counts: list[int],
+    progress: _Progress,
+    *,
+    first: Event | None = None,
 ) -> tuple[int, bool, bool]:
     """Stream the response down. Returns (status, downstream keep-alive, upstream reusable)."""
     head: ResponseHead | None = None
     while True:
         try:
-            event = await up.next_event()
+            if first is not None:
+                event: Event | None = first
+                first = None
+            else:
+                event = await up.next_event()
         except (trio.BrokenResourceError, OSError) as exc:
             if head is None:
                 raise UpstreamBroke(_why(exc)) from None
@@ -310,6 +452,7 @@ async def _relay_response(
         if isinstance(event, ResponseHead):
             if event.is_informational and event.status != 101:
                 await downstream.send_all(serialize_response_head(event, headers=event.headers))
+                progress.head_down = True
                 continue
             head = event
             chunk_down = _chunk_down(event, request)
@@ -327,9 +470,10 @@ async def _relay_response(
                     ResponseHead(status=event.status, reason=event.reason), headers=headers
                 )
             )
+            progress.head_down = True
         elif isinstance(event, Body):
             assert head is not None
-            counts[1] += len(event.data)
+            progress.bytes_down += len(event.data)
             await downstream.send_all(
                 serialize_chunk(event.data) if _chunk_down(head, request) else event.data
             )

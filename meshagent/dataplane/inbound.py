@@ -90,7 +90,7 @@ async def _serve_app_http(
 ) -> None:
     listener = app.listener
 
-    async def decide(head: RequestHead) -> Forward | Respond:
+    async def decide(head: RequestHead, tried: tuple[Hashable, ...]) -> Forward | Respond:
         labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
         if source is not None:
             labels["source"] = source

@@ -45,7 +45,9 @@ async def main(mode: str, host: str, port: int, name: str) -> None:
     await trio.serve_listeners(serve, listeners)
 
 
-async def _handle_http(stream: trio.SocketStream, name: str) -> None:
+async def _handle_http(
+    stream: trio.SocketStream, name: str, status: int = 200, delay_seconds: float = 0.0
+) -> None:
     conn = h11.Connection(h11.SERVER)
 
     async def next_event() -> object:
@@ -99,6 +101,8 @@ async def _handle_http(stream: trio.SocketStream, name: str) -> None:
                 await send(h11.Data(data=b"until the end"), h11.EndOfMessage())
                 return
             else:
+                if delay_seconds:
+                    await trio.sleep(delay_seconds)
                 body = json.dumps(
                     {
                         "app": name,
@@ -112,7 +116,7 @@ async def _handle_http(stream: trio.SocketStream, name: str) -> None:
                 ).encode()
                 await send(
                     h11.Response(
-                        status_code=200,
+                        status_code=status,
                         headers=[
                             ("content-type", "application/json"),
                             ("content-length", str(len(body))),
@@ -137,14 +141,17 @@ async def serve_http_app(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    status: int = 200,
+    delay_seconds: float = 0.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A small HTTP/1.1 app (h11): GET/HEAD describe the request as JSON, POST counts
-    the body, /chunked and /close exercise framing, ``Upgrade: echo`` becomes a tunnel."""
+    the body, /chunked and /close exercise framing, ``Upgrade: echo`` becomes a tunnel.
+    ``status`` and ``delay_seconds`` make a broken or slow instance."""
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_http(stream, name)
+        await _handle_http(stream, name, status, delay_seconds)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import msgspec
+
 from meshagent.policy.model import (
     Resource,
+    Retry,
     RouteMatch,
     SplitTarget,
     Sticky,
+    Timeout,
     TrafficPermission,
     TrafficRoute,
 )
@@ -26,6 +30,7 @@ from meshagent.snapshot.model import (
     Backend,
     HttpMatch,
     OutboundRoutes,
+    RequestPolicy,
     RouteRule,
     ValueMatch,
 )
@@ -129,6 +134,53 @@ def compile_permissions(
         if isinstance(r, TrafficPermission) and r.mesh == mesh and r.destination in wanted:
             allowed.setdefault(r.destination, set()).update(r.sources)
     return {d: tuple(sorted(sources)) for d, sources in sorted(allowed.items())}
+
+
+_STATUS_CLASSES = {"5xx": tuple(range(500, 600)), "gateway-error": (502, 503, 504)}
+
+
+def compile_request_policies(
+    resources: Iterable[Resource], *, mesh: str, services: Iterable[str]
+) -> dict[str, RequestPolicy]:
+    """Timeout and Retry policies for ``services``, keyed "service" or "service/route";
+    a route's entry starts from its service's and overrides what it sets."""
+    wanted = set(services)
+    fields: dict[str, dict[str, object]] = {}
+    ordered = sorted(
+        (r for r in resources if isinstance(r, Timeout | Retry) and r.mesh == mesh),
+        key=lambda r: (r.route is not None, r.name),  # service-wide first, then per route
+    )
+    for r in ordered:
+        if r.destination not in wanted:
+            continue
+        key = f"{r.destination}/{r.route}" if r.route else r.destination
+        entry = fields.setdefault(key, dict(fields.get(r.destination, {})))
+        if isinstance(r, Timeout):
+            if r.request is not None:
+                entry["request_seconds"] = float(r.request)
+            if r.per_try is not None:
+                entry["per_try_seconds"] = float(r.per_try)
+        else:
+            statuses: set[int] = set()
+            kinds: list[str] = []
+            for cause in r.on:
+                if isinstance(cause, int):
+                    statuses.add(cause)
+                elif cause in _STATUS_CLASSES:
+                    statuses.update(_STATUS_CLASSES[cause])
+                elif cause != "connect-failure":
+                    kinds.append(cause)
+            entry.update(
+                retry_attempts=r.attempts,
+                retry_on=tuple(sorted(kinds)),
+                retry_statuses=tuple(sorted(statuses)),
+                retry_idempotent_only=r.idempotent_only,
+                backoff_base_seconds=float(r.backoff_base),
+                backoff_max_seconds=float(r.backoff_max),
+                budget_percent=r.budget_percent,
+                min_retries_per_second=r.min_retries_per_second,
+            )
+    return {key: msgspec.convert(value, RequestPolicy) for key, value in sorted(fields.items())}
 
 
 def compile_routes(

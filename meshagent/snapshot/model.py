@@ -120,6 +120,21 @@ class OutboundRoutes(msgspec.Struct, frozen=True, kw_only=True):
         return {b.service for rule in self.rules for b in rule.backends}
 
 
+class RequestPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """Timeouts and retries of HTTP requests to one service (or one route to it)."""
+
+    request_seconds: float | None = None  # the whole request, retries included
+    per_try_seconds: float | None = None
+    retry_attempts: int = 1  # tries in all
+    retry_on: tuple[str, ...] = ()  # "reset", "timeout" (connect failures always fail over)
+    retry_statuses: tuple[int, ...] = ()
+    retry_idempotent_only: bool = True
+    backoff_base_seconds: float = 0.025
+    backoff_max_seconds: float = 0.25
+    budget_percent: float = 20.0
+    min_retries_per_second: float = 10.0
+
+
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the data path of one agent needs, at one version."""
 
@@ -138,6 +153,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # entry takes every caller of the mesh when default_allow, none otherwise.
     permissions: dict[str, tuple[str, ...]] = {}
     default_allow: bool = True
+    # Timeout and Retry policies: by "service", or "service/route" for one route.
+    request_policies: dict[str, RequestPolicy] = {}
+
+    def request_policy(self, service: str, route: str) -> RequestPolicy | None:
+        policies = self.request_policies
+        return policies.get(f"{service}/{route}") or policies.get(service)
 
     def may_call(self, source: str, destination: str) -> bool:
         allowed = self.permissions.get(destination)

@@ -21,6 +21,7 @@ from meshagent.snapshot.model import (
     InboundListener,
     OutboundListener,
     OutboundRoutes,
+    RequestPolicy,
     RouteRule,
     Snapshot,
     Timeouts,
@@ -51,7 +52,7 @@ async def start_app_agent(
 
 async def start_web(
     nursery: trio.Nursery, ca: MeshCa, endpoints: list[Endpoint], routes: OutboundRoutes | None = None,
-    service: str = "orders",
+    service: str = "orders", policies: dict[str, RequestPolicy] | None = None,
 ) -> tuple[int, DataplaneHandle]:
     port = free_port()
     snapshot = Snapshot(
@@ -60,6 +61,7 @@ async def start_web(
                                     bind="127.0.0.1", port=port, protocol="http"),),
         endpoints={"orders": tuple(endpoints)},
         routes={service: routes} if routes else {},
+        request_policies=policies or {},
     )
     handle = await nursery.start(
         functools.partial(serve_dataplane, rng=random.Random(11)),
@@ -213,3 +215,50 @@ async def _read_all(stream: trio.SocketStream) -> bytes:
     return data
 
 
+
+
+async def test_retries_land_on_a_healthy_endpoint_for_idempotent_requests_only(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    good_port, _ = await start_app_agent(nursery, ca, "good")
+    bad_app = await nursery.start(functools.partial(serve_http_app, "bad", status=503))
+    bad_port = free_port("127.0.0.2")
+    await nursery.start(serve_dataplane, StaticSource(Snapshot(
+        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        inbounds=(InboundListener(name="bad", service="orders", bind="127.0.0.2", port=bad_port,
+                                  app_port=bad_app, protocol="http"),))),
+        TlsContexts({"orders": ca.issue("orders")}))
+    web_port, _ = await start_web(nursery, ca, [ep(good_port), ep(bad_port)],
+                                  policies={"orders": RequestPolicy(retry_attempts=3, retry_statuses=(503,))})
+    async with client(web_port) as http:
+        gets = [await http.get("/") for _ in range(30)]
+        posts = [await http.post("/", content=b"x") for _ in range(30)]
+    assert {r.status_code for r in gets} == {200}
+    assert {r.json()["app"] for r in gets} == {"good"}
+    assert {r.status_code for r in posts} == {200, 503}  # not idempotent: not retried
+
+
+async def test_timeouts_answer_504_and_a_per_try_timeout_can_retry(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    slow_app = await nursery.start(functools.partial(serve_http_app, "slow", delay_seconds=60))
+    slow_port = free_port("127.0.0.2")
+    await nursery.start(serve_dataplane, StaticSource(Snapshot(
+        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        inbounds=(InboundListener(name="slow", service="orders", bind="127.0.0.2", port=slow_port,
+                                  app_port=slow_app, protocol="http"),))),
+        TlsContexts({"orders": ca.issue("orders")}))
+    only_slow, _ = await start_web(nursery, ca, [ep(slow_port)],
+                                   policies={"orders": RequestPolicy(request_seconds=0.5)})
+    async with client(only_slow) as http:
+        started = trio.current_time()
+        response = await http.get("/")
+        waited = trio.current_time() - started
+    assert response.status_code == 504 and "did not answer within 0.5s" in response.text
+    assert waited >= 0.5
+    fast_port, _ = await start_app_agent(nursery, ca, "fast")
+    both, _ = await start_web(nursery, ca, [ep(slow_port), ep(fast_port)], policies={
+        "orders": RequestPolicy(per_try_seconds=0.3, retry_attempts=2, retry_on=("timeout",))})
+    async with client(both) as http:
+        answers = [await http.get("/") for _ in range(6)]
+    assert {r.status_code for r in answers} == {200}

@@ -135,3 +135,35 @@ destination = "orders"
     assert compile_permissions(resources, mesh="shop", destinations=["orders", "payments"]) == {
         "orders": ("monolith", "web")
     }
+
+
+def test_timeouts_and_retries_compile_per_service_and_route() -> None:
+    from meshagent.policy.compile import compile_request_policies
+
+    doc = b"""
+[[Timeout]]
+name = "all"
+mesh = "shop"
+destination = "orders"
+request = "5s"
+per_try = "2s"
+[[Timeout]]
+name = "slow-reports"
+mesh = "shop"
+destination = "orders"
+route = "reports"
+request = "30s"
+[[Retry]]
+name = "r"
+mesh = "shop"
+destination = "orders"
+attempts = 3
+on = ["reset", "gateway-error", 500]
+"""
+    policies = compile_request_policies(load_document(doc, source="t.toml"), mesh="shop", services=["orders", "web"])
+    assert set(policies) == {"orders", "orders/reports"}
+    base, route = policies["orders"], policies["orders/reports"]
+    assert (base.request_seconds, base.per_try_seconds) == (5.0, 2.0)
+    assert base.retry_attempts == 3 and base.retry_on == ("reset",)
+    assert base.retry_statuses == (500, 502, 503, 504)
+    assert route.request_seconds == 30.0 and route.per_try_seconds == 2.0 and route.retry_attempts == 3
