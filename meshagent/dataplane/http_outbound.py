@@ -18,7 +18,12 @@ from meshagent.dataplane.http_proxy import Forward, Respond, serve_http
 from meshagent.dataplane.outbound import CONNECT_ATTEMPTS, connect_endpoint
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.log import get_logger
-from meshagent.protocol.headers import get_all_headers, get_header, strip_hop_by_hop
+from meshagent.protocol.headers import (
+    append_forwarded_for,
+    get_all_headers,
+    get_header,
+    strip_hop_by_hop,
+)
 from meshagent.protocol.http1 import RequestHead
 from meshagent.routing.balance import EndpointBalancer
 from meshagent.routing.retry import RetryBudget, RetryRule
@@ -119,6 +124,7 @@ async def handle_http_outbound(
     """Serve one HTTP connection from the local app. Never raises; a cancel point."""
     conn = next(ctx.ids)
     client = peer_address(stream)
+    client_ip = client.rpartition(":")[0].encode()
     fields: dict[str, object] = {"conn": conn, "listener": listener.name, "client": client}
 
     async def decide(head: RequestHead, earlier: tuple[Hashable, ...]) -> Forward | Respond:
@@ -181,7 +187,7 @@ async def handle_http_outbound(
                 upstream=upstream,
                 release=_releaser(state.pool, endpoint, upstream),
                 target=_rewrite(head.target, facts.path, rule),
-                headers=_mesh_headers(head),
+                headers=append_forwarded_for(_mesh_headers(head), client_ip),
                 response_headers=response_headers,
                 labels=labels,
                 key=endpoint,
@@ -197,10 +203,12 @@ async def handle_http_outbound(
 
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client):
         try:
+            timeouts = ctx.source.current.timeouts
             await serve_http(
                 stream,
                 decide,
-                idle_seconds=ctx.source.current.timeouts.idle_seconds,
+                idle_seconds=timeouts.idle_seconds,
+                head_seconds=timeouts.request_head_seconds,
                 log_fields=fields,
             )
         finally:

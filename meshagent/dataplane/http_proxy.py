@@ -91,19 +91,23 @@ class _Reader:
         while not self._pending:
             if self.eof:
                 return None
-            data = await self.stream.receive_some(CHUNK)
-            try:
-                if data:
-                    self._pending.extend(self._parser.feed(bytes(data)))
-                else:
-                    self.eof = True
-                    self._pending.extend(self._parser.feed_eof())
-            except HttpError as exc:
-                if not exc.events:
-                    raise
-                self._pending.extend(exc.events)
-                self._parser = _Failed(exc)  # type: ignore[assignment]
+            await self.receive()
         return self._pending.popleft()
+
+    async def receive(self) -> None:
+        """Read once from the stream into the parser (events may or may not result)."""
+        data = await self.stream.receive_some(CHUNK)
+        try:
+            if data:
+                self._pending.extend(self._parser.feed(bytes(data)))
+            else:
+                self.eof = True
+                self._pending.extend(self._parser.feed_eof())
+        except HttpError as exc:
+            if not exc.events:
+                raise
+            self._pending.extend(exc.events)
+            self._parser = _Failed(exc)  # type: ignore[assignment]
 
     def push_front(self, events: list[Event]) -> None:
         self._pending.extendleft(reversed(events))
@@ -169,6 +173,7 @@ async def serve_http(
     idle_seconds: float,
     log_fields: dict[str, object],
     prefix: bytes = b"",
+    head_seconds: float = HEAD_SECONDS,
 ) -> None:
     """Serve requests from ``downstream`` until it closes, idles out or breaks HTTP.
     A cancel point; closes nothing it did not open (the caller closes ``downstream``)."""
@@ -176,7 +181,12 @@ async def serve_http(
     while True:
         with trio.move_on_after(idle_seconds):
             try:
-                first = await _next_head(reader)
+                first = await _next_head(reader, head_seconds)
+            except trio.TooSlowError:
+                text = f"the request head did not arrive within {head_seconds}s"
+                await _send_quietly(downstream, error_response(408, text))
+                log.info("request timeout", status=408, **log_fields)
+                return
             except HttpError as exc:
                 await _send_quietly(downstream, error_response(exc.status, exc.reason))
                 log.info("bad request", status=exc.status, reason=exc.reason, **log_fields)
@@ -190,15 +200,12 @@ async def serve_http(
         return  # idle: the client said nothing for idle_seconds
 
 
-async def _next_head(reader: _Reader) -> RequestHead | None:
-    if not reader.has_pending():
-        # Wait for the first byte without a deadline (idle is the caller's), then
-        # give the head HEAD_SECONDS.
-        event = await reader.next_event()
-        if event is None:
-            return None
-        reader.push_front([event])
-    with trio.fail_after(HEAD_SECONDS):
+async def _next_head(reader: _Reader, head_seconds: float) -> RequestHead | None:
+    if not reader.has_pending() and not reader.eof:
+        # Wait for the first bytes without a deadline (idle is the caller's), then
+        # give the rest of the head head_seconds.
+        await reader.receive()
+    with trio.fail_after(head_seconds):
         event = await reader.next_event()
     if event is None:
         return None

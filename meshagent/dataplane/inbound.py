@@ -117,6 +117,7 @@ async def _serve_app_http(
         downstream,
         decide,
         idle_seconds=app.ctx.source.current.timeouts.idle_seconds,
+        head_seconds=app.ctx.source.current.timeouts.request_head_seconds,
         log_fields=fields,
         prefix=prefix,
     )

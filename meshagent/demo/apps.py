@@ -69,6 +69,8 @@ async def _handle_http(
             if not isinstance(request, h11.Request):
                 return
             headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+            if conn.they_are_waiting_for_100_continue:
+                await send(h11.InformationalResponse(status_code=100, headers=[]))
             received = 0
             while True:
                 event = await next_event()

@@ -39,6 +39,7 @@ class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
     connect_seconds: float = 5.0
     handshake_seconds: float = 10.0
     idle_seconds: float = 3600.0
+    request_head_seconds: float = 30.0  # HTTP: first byte to end of head, else 408
 
 
 class InboundListener(msgspec.Struct, frozen=True, kw_only=True):

@@ -262,3 +262,37 @@ async def test_timeouts_answer_504_and_a_per_try_timeout_can_retry(
     async with client(both) as http:
         answers = [await http.get("/") for _ in range(6)]
     assert {r.status_code for r in answers} == {200}
+
+
+async def test_expect_100_continue_and_x_forwarded_for(nursery: trio.Nursery, ca: MeshCa) -> None:
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        interim = await stream.receive_some(1000)
+        assert interim.startswith(b"HTTP/1.1 100 ")  # the client may send its body now
+        await stream.send_all(b"hello")
+        final = b""
+        while b'"received": 5' not in final:
+            final += await stream.receive_some(65536)
+        assert b"HTTP/1.1 200 " in final
+        await stream.aclose()
+
+
+async def test_a_request_head_that_never_completes_gets_408(nursery: trio.Nursery, ca: MeshCa) -> None:
+    port = free_port()
+    snapshot = Snapshot(
+        version=1, mesh=MESH, timeouts=Timeouts(request_head_seconds=0.3),
+        outbounds=(OutboundListener(name="o", service="orders", source="web", bind="127.0.0.1",
+                                    port=port, protocol="http"),),
+    )
+    await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({"web": ca.issue("web")}))
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: slow")  # ...and nothing more
+        answer = b""
+        while chunk := await stream.receive_some(1000):
+            answer += chunk
+        await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
