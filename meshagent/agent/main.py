@@ -117,6 +117,7 @@ async def run_agent(
         new_registry(
             AgentCollector(
                 lambda: admin.dataplane.by_listener if admin.dataplane else {},
+                lambda: admin.dataplane.http if admin.dataplane else None,
                 lambda: watch.current,
                 not_after_of(cert_paths),
             )

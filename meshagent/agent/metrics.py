@@ -9,10 +9,10 @@ from datetime import datetime
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from meshagent.dataplane.connection import ConnectionCounters
+from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, ConnectionCounters, HttpStats
 from meshagent.snapshot.model import Snapshot
 
 _exposition_limiter = trio.CapacityLimiter(1)
@@ -22,14 +22,18 @@ class AgentCollector(Collector):
     def __init__(
         self,
         counters: Callable[[], Mapping[str, ConnectionCounters]],
+        http: Callable[[], HttpStats | None],
         snapshot: Callable[[], Snapshot],
         cert_not_after: Mapping[str, datetime],
     ) -> None:
         self._counters = counters
+        self._http = http
         self._snapshot = snapshot
         self._not_after = cert_not_after
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         snapshot = self._snapshot()
         mesh = snapshot.mesh
         by_listener = dict(self._counters())
@@ -56,6 +60,7 @@ class AgentCollector(Collector):
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
         yield from (accepted, failed, active, bytes_total)
+        yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(
             "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]
         )
@@ -75,6 +80,30 @@ class AgentCollector(Collector):
         for service, end in sorted(self._not_after.items()):
             expiry.add_metric([mesh, service], end.timestamp())
         yield expiry
+
+    def _http_metrics(self, mesh: str) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        stats = self._http()
+        if stats is None:
+            return
+        requests = CounterMetricFamily(
+            "meshagent_http_requests",
+            "HTTP requests by destination, route, subset, source and status class",
+            labels=["mesh", "destination", "route", "subset", "source", "code_class"],
+        )
+        for key, count in sorted(dict(stats.requests).items()):
+            requests.add_metric([mesh, *key], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "meshagent_http_request_duration_seconds",
+            "Time from a request's head to the end of its response, as seen by this agent",
+            labels=["mesh", "destination", "route"],
+        )
+        for (destination, route), slot in sorted(dict(stats.latency).items()):
+            counts = list(slot)
+            buckets = [(str(bound), counts[n]) for n, bound in enumerate(LATENCY_BUCKETS_SECONDS)]
+            buckets.append(("+Inf", counts[-2]))
+            latency.add_metric([mesh, destination, route], buckets, sum_value=counts[-1])
+        yield latency
 
 
 def new_registry(collector: AgentCollector) -> CollectorRegistry:

@@ -34,6 +34,54 @@ class ConnectionCounters:
     bytes_out: int = 0
 
 
+LATENCY_BUCKETS_SECONDS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+@dataclass(slots=True)
+class HttpStats:
+    """Plain counters of HTTP requests, read by the metrics collector at scrape time.
+
+    ``requests`` by (destination, route, subset, source, status class); latency buckets
+    (cumulative counts per upper bound, then +Inf), sum and count by (destination, route).
+    """
+
+    requests: dict[tuple[str, str, str, str, str], int] = field(default_factory=dict)
+    latency: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def record(self, labels: dict[str, str], status: int, seconds: float) -> None:
+        destination, route = labels.get("destination", ""), labels.get("route", "")
+        key = (
+            destination,
+            route,
+            labels.get("subset", ""),
+            labels.get("source", ""),
+            f"{status // 100}xx",
+        )
+        self.requests[key] = self.requests.get(key, 0) + 1
+        slot = self.latency.get((destination, route))
+        if slot is None:  # buckets..., +Inf, sum
+            slot = self.latency[(destination, route)] = [0.0] * (len(LATENCY_BUCKETS_SECONDS) + 2)
+        for n, bound in enumerate(LATENCY_BUCKETS_SECONDS):
+            if seconds <= bound:
+                slot[n] += 1
+        slot[-2] += 1
+        slot[-1] += seconds
+
+
 @dataclass(slots=True)
 class DataplaneContext:
     source: SnapshotSource
@@ -41,6 +89,7 @@ class DataplaneContext:
     by_listener: dict[str, ConnectionCounters] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     rng: random.Random = field(default_factory=random.Random)  # splits; seeded in tests
+    http: HttpStats = field(default_factory=HttpStats)
 
     def listener_counters(self, listener: str) -> ConnectionCounters:
         counters = self.by_listener.get(listener)

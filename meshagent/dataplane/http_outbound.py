@@ -210,6 +210,7 @@ async def handle_http_outbound(
                 idle_seconds=timeouts.idle_seconds,
                 head_seconds=timeouts.request_head_seconds,
                 log_fields=fields,
+                stats=ctx.http,
             )
         finally:
             await trio.aclose_forcefully(stream)

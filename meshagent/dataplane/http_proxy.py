@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from meshagent.dataplane.connection import HttpStats
 from meshagent.log import get_logger
 from meshagent.protocol.headers import Headers, remove_headers, set_header, strip_hop_by_hop
 from meshagent.protocol.http1 import (
@@ -174,6 +175,7 @@ async def serve_http(
     log_fields: dict[str, object],
     prefix: bytes = b"",
     head_seconds: float = HEAD_SECONDS,
+    stats: HttpStats | None = None,
 ) -> None:
     """Serve requests from ``downstream`` until it closes, idles out or breaks HTTP.
     A cancel point; closes nothing it did not open (the caller closes ``downstream``)."""
@@ -193,7 +195,7 @@ async def serve_http(
                 return
             if first is None:
                 return
-            keep = await _one_request(reader, downstream, first, decide, log_fields)
+            keep = await _one_request(reader, downstream, first, decide, log_fields, stats)
             if not keep:
                 return
             continue
@@ -227,6 +229,7 @@ async def _one_request(
     head: RequestHead,
     decide: Decide,
     log_fields: dict[str, object],
+    stats: HttpStats | None = None,
 ) -> bool:
     """Proxy one request (retrying it when its policy allows); True if the downstream
     connection may carry another request."""
@@ -241,6 +244,8 @@ async def _one_request(
         keep = head.keep_alive and bodyless and not head.may_switch_protocols
         await downstream.send_all(error_response(decision.status, decision.text, close=not keep))
         _access(method, path, decision.status, 0, 0, started, decision.labels, log_fields)
+        if stats is not None:
+            stats.record(decision.labels, decision.status, time.monotonic() - started)
         return keep
     progress = _Progress()
     status, keep, attempts = 502, False, 0
@@ -308,6 +313,8 @@ async def _one_request(
             status = 504
             text = f"upstream did not answer within {decision.request_seconds}s"
             await _send_quietly(downstream, error_response(504, text))
+        if stats is not None:
+            stats.record(labels, status, time.monotonic() - started)
         _access(
             method,
             path,

@@ -118,6 +118,7 @@ async def _serve_app_http(
         decide,
         idle_seconds=app.ctx.source.current.timeouts.idle_seconds,
         head_seconds=app.ctx.source.current.timeouts.request_head_seconds,
+        stats=app.ctx.http,
         log_fields=fields,
         prefix=prefix,
     )

@@ -66,3 +66,8 @@ def test_strangler_route_and_canary_through_http_agents(tmp_path: Path, consul: 
             assert 0.05 <= split["orders-v2"] / 400 <= 0.15, split
             seen = http.get("/orders/7?id=3").json()
             assert seen["path"] == "/api/orders/7?id=3" and seen["source"] == "web"
+            metrics = httpx.get(f"http://{web_cfg['admin']}/metrics", trust_env=False).text
+            v2 = ('meshagent_http_requests_total{code_class="2xx",destination="monolith",'
+                  'mesh="shop",route="orders-migration",source="",subset="orders[version=v2]"}')
+            assert v2 in metrics
+            assert 'meshagent_http_request_duration_seconds_bucket{destination="monolith"' in metrics
