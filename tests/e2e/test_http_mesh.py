@@ -71,3 +71,50 @@ def test_strangler_route_and_canary_through_http_agents(tmp_path: Path, consul: 
                   'mesh="shop",route="orders-migration",source="",subset="orders[version=v2]"}')
             assert v2 in metrics
             assert 'meshagent_http_request_duration_seconds_bucket{destination="monolith"' in metrics
+
+
+def test_a_256_mib_upload_streams_with_bounded_agent_memory(tmp_path: Path) -> None:
+    import threading
+
+    ca = make_ca(tmp_path / "ca", "shop")
+    app, app_port = start_app("http", tmp_path, name="sink")
+    inbound_port, outbound_port = free_port("127.0.0.3"), free_port()
+    orders_cfg = agent_config("orders", "127.0.0.3", ca, "orders", consul=None, inbound={
+        "port": inbound_port, "app_port": app_port, "protocol": "http"})
+    web_cfg = agent_config("web", "127.0.0.2", ca, "web", consul=None, outbound=[{
+        "service": "orders", "port": outbound_port, "protocol": "http",
+        "endpoints": [f"127.0.0.3:{inbound_port}"]}])
+    for config in (orders_cfg, web_cfg):
+        config["log"] = {"level": "warning"}
+    with running(app):
+        orders = start_agent(orders_cfg, tmp_path, "orders")
+        web = start_agent(web_cfg, tmp_path, "web")
+        with running(orders, web):
+            before = {a.name: a.rss() for a in (orders, web)}
+            peak = dict(before)
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.wait(0.05):
+                    for agent in (orders, web):
+                        peak[agent.name] = max(peak[agent.name], agent.rss())
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            size = 256 * 1024 * 1024
+            chunk = b"u" * (1 << 20)
+
+            def body():  # type: ignore[no-untyped-def]
+                for _ in range(size // len(chunk)):
+                    yield chunk
+
+            try:
+                response = httpx.post(f"http://127.0.0.1:{outbound_port}/upload", content=body(),
+                                      trust_env=False, timeout=120)
+            finally:
+                done.set()
+                sampler.join()
+            assert response.status_code == 200 and response.json()["received"] == size
+            for name in ("orders", "web"):
+                growth = peak[name] - before[name]
+                assert growth < 48 << 20, f"{name} grew {growth >> 20} MiB for a 256 MiB upload"
