@@ -183,11 +183,13 @@ async def handle_http_outbound(
             state.balancer.report_success(endpoint)
             labels["endpoint"] = endpoint.address
             policy = snapshot.request_policy(backend.service, rule.route)
+            headers = append_forwarded_for(_mesh_headers(head), client_ip)
+            labels["request_id"] = (get_header(headers, REQUEST_ID) or b"").decode("latin-1")
             return Forward(
                 upstream=upstream,
                 release=_releaser(state.pool, endpoint, upstream),
                 target=_rewrite(head.target, facts.path, rule),
-                headers=append_forwarded_for(_mesh_headers(head), client_ip),
+                headers=headers,
                 response_headers=response_headers,
                 labels=labels,
                 key=endpoint,

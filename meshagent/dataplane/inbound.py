@@ -38,6 +38,7 @@ from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
 from meshagent.protocol.detect import Detected, detect
 from meshagent.protocol.frames import ALPN
+from meshagent.protocol.headers import get_header
 from meshagent.protocol.http1 import RequestHead
 from meshagent.snapshot.model import InboundListener
 
@@ -94,6 +95,9 @@ async def _serve_app_http(
         labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
         if source is not None:
             labels["source"] = source
+        request_id = get_header(head.headers, b"x-request-id")
+        if request_id is not None:
+            labels["request_id"] = request_id.decode("latin-1")
         try:
             upstream, _ = await app.pool.acquire("app")
         except DataplaneError as exc:

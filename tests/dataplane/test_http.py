@@ -296,3 +296,18 @@ async def test_a_request_head_that_never_completes_gets_408(nursery: trio.Nurser
             answer += chunk
         await stream.aclose()
     assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
+
+
+async def test_access_log_lines_on_both_agents_share_the_request_id(
+    nursery: trio.Nursery, ca: MeshCa, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        request_id = (await http.get("/logged")).json()["request_id"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "logger=access" in line]
+    assert len(lines) == 2 and all(f"request_id={request_id}" in line for line in lines)
+    outbound_line = next(line for line in lines if "route=" in line)
+    for field in ("method=GET", "path=/logged", "status=200", "subset=orders", "endpoint=127.0.0.2:",
+                  "attempts=1", "duration_ms="):
+        assert field in outbound_line
