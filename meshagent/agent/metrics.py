@@ -53,13 +53,20 @@ class AgentCollector(Collector):
             "Bytes proxied (in: towards the app side of the listener)",
             labels=["mesh", "listener", "direction"],
         )
+        reasons = CounterMetricFamily(
+            "meshagent_connection_failures",
+            "Failed connections by reason (handshake, unauthorized, upstream-connect, ...)",
+            labels=["mesh", "listener", "reason"],
+        )
         for name, c in sorted(by_listener.items()):
+            for reason, count in sorted(dict(c.failures).items()):
+                reasons.add_metric([mesh, name, reason], count)
             accepted.add_metric([mesh, name], c.accepted)
             failed.add_metric([mesh, name], c.failed)
             active.add_metric([mesh, name], c.active)
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
-        yield from (accepted, failed, active, bytes_total)
+        yield from (accepted, failed, reasons, active, bytes_total)
         yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(
             "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]

@@ -11,7 +11,15 @@ from typing import Protocol
 
 import trio
 
-from meshagent.dataplane.errors import DataplaneError
+from meshagent.dataplane.errors import (
+    DataplaneError,
+    HandshakeError,
+    NoEndpoints,
+    PeerProtocolError,
+    Unauthorized,
+    UpstreamConnectError,
+    UpstreamTimeout,
+)
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import Logger
 from meshagent.protocol.frames import FrameError
@@ -32,6 +40,9 @@ class ConnectionCounters:
     failed: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    # Failed connections by reason: handshake, unauthorized, upstream-connect,
+    # upstream-timeout, no-endpoints, protocol, error (anything unexpected).
+    failures: dict[str, int] = field(default_factory=dict)
 
 
 LATENCY_BUCKETS_SECONDS = (
@@ -150,11 +161,33 @@ def connection_boundary(
         yield counters
     except* Exception as group:
         counters.failed += 1
+        reason = failure_reason(group)
+        counters.failures[reason] = counters.failures.get(reason, 0) + 1
         ours = all(isinstance(e, DataplaneError) for e in _leaves(group))
         level = log.warning if ours else log.error
         level("connection failed", error=describe(group), listener=listener, **fields)
     finally:
         counters.active -= 1
+
+
+_REASONS: dict[type[BaseException], str] = {
+    HandshakeError: "handshake",
+    Unauthorized: "unauthorized",
+    UpstreamConnectError: "upstream-connect",
+    UpstreamTimeout: "upstream-timeout",
+    NoEndpoints: "no-endpoints",
+    PeerProtocolError: "protocol",
+    FrameError: "protocol",
+}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, bounded label for why a connection failed (for metrics)."""
+    for leaf in _leaves(exc):
+        for kind, reason in _REASONS.items():
+            if isinstance(leaf, kind):
+                return reason
+    return "error"
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -200,6 +200,8 @@ async def test_inbound_refuses_bad_peers_and_keeps_serving(
     with trio.fail_after(5):
         while pair.inbound.context.counters.failed < 1:
             await trio.sleep(0.01)
+    reasons = pair.inbound.context.by_listener["inbound:orders"].failures
+    assert reasons == {"handshake": 1}  # another mesh has another CA: no handshake
     # Everyone else is still served.
     assert await round_trip("127.0.0.1", pair.outbound_port, b"still here") == b"still here"
 
@@ -516,6 +518,7 @@ async def test_traffic_permissions_decide_who_may_call(
     if not served:
         while inbound.context.counters.failed < 1:
             await trio.sleep(0.01)
+        assert inbound.context.by_listener["inbound:orders"].failures == {"unauthorized": 1}
 
 
 def test_default_permission_applies_to_inbounds_no_policy_names() -> None:
