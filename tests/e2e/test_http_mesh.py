@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from meshagent.demo.consul import ConsulProcess
 from tests.e2e.harness import agent_config, eventually, free_port, running, start_agent, start_app
@@ -118,3 +119,33 @@ def test_a_256_mib_upload_streams_with_bounded_agent_memory(tmp_path: Path) -> N
             for name in ("orders", "web"):
                 growth = peak[name] - before[name]
                 assert growth < 48 << 20, f"{name} grew {growth >> 20} MiB for a 256 MiB upload"
+
+
+@pytest.mark.slow
+def test_a_95_5_split_over_20000_requests_lands_within_0_6_percent(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca", "shop")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "routes.toml").write_text(POLICY.replace("weight = 90", "weight = 95").replace(
+        'tags = { version = "v2" }, weight = 10', 'tags = { version = "v2" }, weight = 5'))
+    apps = {v: start_app("http", tmp_path, name=f"orders-{v}") for v in ("v1", "v2")}
+    with running(*(app for app, _ in apps.values())):
+        agents, endpoints = [], []
+        for version, address in (("v1", "127.0.0.4"), ("v2", "127.0.0.5")):
+            port = free_port(address)
+            config = agent_config(f"orders-{version}", address, ca, "orders", consul=None, inbound={
+                "port": port, "app_port": apps[version][1], "protocol": "http"})
+            config["log"] = {"level": "warning"}
+            agents.append(start_agent(config, tmp_path, f"orders-{version}"))
+            endpoints.append({"address": f"{address}:{port}", "service": "orders",
+                              "tags": {"version": version}})
+        web_port = free_port()
+        web_cfg = agent_config("web", "127.0.0.2", ca, "web", consul=None, outbound=[{
+            "service": "monolith", "port": web_port, "protocol": "http", "endpoints": endpoints}])
+        web_cfg["policies"] = str(policies)
+        web_cfg["log"] = {"level": "warning"}
+        agents.append(start_agent(web_cfg, tmp_path, "web"))
+        with running(*agents), httpx.Client(base_url=f"http://127.0.0.1:{web_port}",
+                                            trust_env=False, timeout=10) as http:
+            counts = Counter(http.get("/orders/1").json()["app"] for _ in range(20_000))
+    assert abs(counts["orders-v2"] / 20_000 - 0.05) <= 0.006, counts
