@@ -172,10 +172,12 @@ def policy_validate(
 
 
 def _add_subcommands() -> None:
+    from meshagent.cli.central import register as register_central
     from meshagent.cli.pki import pki_app
 
     app.add_typer(pki_app, name="pki")
     app.add_typer(policy_app, name="policy")
+    register_central(app)
 
 
 _add_subcommands()

@@ -30,3 +30,10 @@ def parse_duration(text: str) -> float:
             f'invalid duration "{text}": use a number with a unit, e.g. "5s", "250ms", "24h"'
         )
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a duration string ``parse_duration`` reads back ("0.025s", "5s");
+    millisecond resolution."""
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{text}s"

@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from meshagent.config.load import ConfigError, convert
+from meshagent.config.duration import format_duration
+from meshagent.config.load import ConfigError, Duration, convert
 from meshagent.policy.model import KINDS, Resource, kind_of
 from meshagent.policy.validate import validate
 
@@ -142,6 +143,16 @@ def load_paths(paths: list[Path]) -> list[Resource]:
     return resources
 
 
+def _encode_duration(value: object) -> object:
+    if isinstance(value, Duration):
+        return format_duration(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_encode_duration)
+
+
 def encode(resource: Resource) -> bytes:
-    """JSON of one resource (what the central agent stores)."""
-    return msgspec.json.encode(resource)
+    """JSON of one resource in the document's own shape (durations as "5s"), so that
+    ``load_document`` reads it back unchanged: what the central agent stores."""
+    return _encoder.encode(resource)

@@ -167,3 +167,14 @@ on = ["reset", "gateway-error", 500]
     assert base.retry_attempts == 3 and base.retry_on == ("reset",)
     assert base.retry_statuses == (500, 502, 503, 504)
     assert route.request_seconds == 30.0 and route.per_try_seconds == 2.0 and route.retry_attempts == 3
+
+
+def test_encode_round_trips_every_example() -> None:
+    import json
+
+    from meshagent.policy.load import encode
+    from meshagent.policy.model import kind_of
+
+    for resource in load_paths([EXAMPLES]):
+        document = json.dumps({kind_of(resource): [json.loads(encode(resource))]}).encode()
+        assert load_document(document, source="x.json") == [resource]

@@ -1,0 +1,150 @@
+"""Who is calling the central agent's API, and what they may see.
+
+Theory of operation:
+
+* Callers present ``Authorization: Bearer ma1_<id>_<secret>``. The store keeps only the
+  SHA-256 digest of a token (``pki.secrets.token_digest``); a request is authenticated
+  by finding an admin token with that digest (compared in constant time) that has not
+  expired. The token id (public) is the actor in audit entries.
+* A *global* admin token (``meshes == ()``) sees every mesh and may create meshes and
+  admin tokens. A *mesh-scoped* admin token sees only its meshes: any other mesh does
+  not exist for it (404, not 403), so a tenant cannot probe other tenants' names.
+* The first global admin token is made at first start and written to
+  ``<data_dir>/admin.token`` (0600); later starts reuse it, and register it again if
+  the store was replaced.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from meshagent.central.store import Store, TokenRecord
+from meshagent.pki.files import write_private_file
+from meshagent.pki.secrets import SecretError, new_token, token_digest, token_id_of
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+class Unauthenticated(Exception):
+    """No usable credentials; ``str()`` is one line for the client (HTTP 401)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: its token id and the meshes it may manage.
+
+    ``meshes`` is None for a global admin (every mesh).
+    """
+
+    token_id: str
+    meshes: frozenset[str] | None
+
+    @property
+    def is_global(self) -> bool:
+        return self.meshes is None
+
+    def can_see(self, mesh: str) -> bool:
+        """May this caller see (and manage) ``mesh``?"""
+        return self.meshes is None or mesh in self.meshes
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header.
+
+    Raises:
+        Unauthenticated: no header, or not a bearer token.
+    """
+    if not authorization:
+        raise Unauthenticated("missing Authorization: Bearer <token> header")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the Authorization header must be: Bearer <token>")
+    return token.strip()
+
+
+async def authenticate(store: Store, authorization: str | None, *, now: float) -> Principal:
+    """Find the admin token of a request. Cancel point.
+
+    Raises:
+        Unauthenticated: missing, malformed, unknown or expired token.
+        StoreUnavailable: the store cannot answer.
+    """
+    token = bearer_token(authorization)
+    try:
+        token_id = token_id_of(token)
+    except SecretError:
+        raise Unauthenticated("not a meshagent token (expected ma1_<id>_<secret>)") from None
+    digest = token_digest(token)
+    # Tokens are few (admins); a store lookup by digest is the next slice's optimisation.
+    for record in await store.list_tokens():
+        if record.id == token_id and hmac.compare_digest(record.digest, digest):
+            return _principal(record, now)
+    raise Unauthenticated("unknown token")
+
+
+def _principal(record: TokenRecord, now: float) -> Principal:
+    if record.kind != "admin":
+        raise Unauthenticated("this token is not an admin token")
+    if record.expires_at is not None and record.expires_at <= now:
+        raise Unauthenticated("this token has expired; ask an admin for a new one")
+    meshes = None if not record.meshes else frozenset(record.meshes)
+    return Principal(token_id=record.id, meshes=meshes)
+
+
+def admin_token_record(
+    token_id: str,
+    digest: str,
+    *,
+    meshes: tuple[str, ...],
+    now: float,
+    expires_at: float | None = None,
+) -> TokenRecord:
+    """The stored form of an admin token (``meshes == ()``: global)."""
+    return TokenRecord(
+        id=token_id,
+        mesh=None,
+        kind="admin",
+        digest=digest,
+        meshes=meshes,
+        expires_at=expires_at,
+        created_at=now,
+    )
+
+
+async def ensure_admin_token(store: Store, path: Path, *, now: float) -> bool:
+    """Make sure the global admin token in ``path`` exists and is known to the store.
+
+    Returns:
+        True if a new token was made (first start).
+
+    Raises:
+        PkiError: the file cannot be written.
+        SecretError: the file holds something that is not a token.
+        StoreUnavailable, Conflict: the store failed.
+    """
+    try:
+        token = (await trio.to_thread.run_sync(path.read_text)).strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        try:
+            token_id = token_id_of(token)
+        except SecretError:
+            raise SecretError(
+                f"{path}: not a meshagent token; delete it to make a new admin token"
+            ) from None
+        digest = token_digest(token)
+        known = {record.id: record for record in await store.list_tokens()}
+        if token_id in known and hmac.compare_digest(known[token_id].digest, digest):
+            return False
+        await store.create_token(admin_token_record(token_id, digest, meshes=(), now=now))
+        return False
+    token, token_id, digest = new_token()
+    # The file first: if the store write fails, the next start registers it again.
+    await trio.to_thread.run_sync(write_private_file, path, (token + "\n").encode())
+    await store.create_token(admin_token_record(token_id, digest, meshes=(), now=now))
+    return True

@@ -1,0 +1,241 @@
+"""Meshes and their policies as the central agent stores them. Pure (no trio, no store).
+
+Theory of operation:
+
+* A mesh is stored as a ``MeshRecord`` whose ``spec`` is the JSON of ``MeshSpec``
+  (mTLS mode, CA kind, CA certificate PEM: all public) and whose ``ca`` is the CA's
+  private key sealed with the operator's key (``pki.secrets.seal``, AES-256-GCM, the
+  mesh name as associated data). A private key is never stored in clear.
+* ``builtin``: the central agent makes the CA (``pki.ca.create_ca``). ``provided``: the
+  operator's CA certificate and key must be a CA, belong together and name the mesh as
+  their trust domain (``spiffe://<mesh>``), or the mesh is refused (``MeshError``).
+* Applying policies: every resource must name the mesh it is applied to; a (kind, name)
+  appears once; each is stored as ``policy.load.encode``'s JSON. ``plan_apply`` compares
+  with what is stored and says what is created, updated or unchanged, so only changes
+  are written (with the versions read, so a concurrent writer makes it a conflict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshagent.central.store import MAX_POLICIES_PER_APPLY, MeshRecord, PolicyRecord
+from meshagent.pki.ca import ca_trust_domain, create_ca, public_der
+from meshagent.pki.identity import NAME_RULE, is_valid_name
+from meshagent.pki.secrets import seal
+from meshagent.policy.load import encode
+from meshagent.policy.model import Resource, kind_of
+
+MtlsMode = Literal["off", "permissive", "strict"]
+CaKind = Literal["builtin", "provided"]
+MTLS_MODES: tuple[MtlsMode, ...] = ("off", "permissive", "strict")
+
+
+class MeshError(ValueError):
+    """A mesh request that cannot be done as asked; ``str()`` is one line (HTTP 400)."""
+
+
+class MeshSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``MeshRecord.spec`` holds (JSON). Public: no key material."""
+
+    mtls: MtlsMode = "strict"
+    ca: CaKind = "builtin"
+    ca_cert: str
+
+
+def decode_spec(record: MeshRecord) -> MeshSpec:
+    return msgspec.json.decode(record.spec, type=MeshSpec)
+
+
+def encode_spec(spec: MeshSpec) -> bytes:
+    return msgspec.json.encode(spec)
+
+
+def check_mesh_name(name: str) -> None:
+    """Raises MeshError unless ``name`` can be a mesh (and trust domain) name."""
+    if not is_valid_name(name):
+        raise MeshError(f'invalid mesh name "{name}": use {NAME_RULE}')
+
+
+def new_mesh(
+    name: str,
+    *,
+    mtls: MtlsMode,
+    ca: CaKind,
+    seal_key: bytes,
+    now: float,
+    ca_cert: str | None = None,
+    ca_key: str | None = None,
+) -> MeshRecord:
+    """The record of a new mesh, its CA made (builtin) or checked (provided), key sealed.
+
+    Raises:
+        MeshError: a bad name, missing or extra CA material, or a provided CA that is
+            unusable for this mesh.
+    """
+    check_mesh_name(name)
+    if ca == "builtin":
+        if ca_cert is not None or ca_key is not None:
+            raise MeshError('ca_cert and ca_key go with ca = "provided" only')
+        pair = create_ca(name, now=datetime.fromtimestamp(now, UTC))
+        cert_pem, key_pem = pair.cert_pem, pair.key_pem
+    else:
+        if not ca_cert or not ca_key:
+            raise MeshError('ca = "provided" needs both ca_cert and ca_key (PEM)')
+        cert_pem, key_pem = ca_cert.encode(), ca_key.encode()
+        check_provided_ca(name, cert_pem, key_pem, now=now)
+    spec = MeshSpec(mtls=mtls, ca=ca, ca_cert=cert_pem.decode())
+    return MeshRecord(
+        name=name,
+        spec=encode_spec(spec),
+        ca=seal(seal_key, key_pem, context=name),
+        created_at=now,
+    )
+
+
+def check_provided_ca(mesh: str, cert_pem: bytes, key_pem: bytes, *, now: float) -> None:
+    """Raises MeshError unless the PEMs are a valid CA of ``mesh`` and its key."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise MeshError("ca_cert is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise MeshError("ca_key is not an unencrypted PEM private key") from None
+    if public_der(key.public_key()) != public_der(cert.public_key()):
+        raise MeshError("ca_key does not belong to ca_cert")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise MeshError("ca_cert is not a CA certificate (BasicConstraints ca=false)")
+    try:
+        domain = ca_trust_domain(cert_pem)
+    except ValueError as exc:
+        raise MeshError(f"ca_cert: {exc}") from None
+    if domain != mesh:
+        raise MeshError(
+            f"ca_cert is for trust domain spiffe://{domain}, not spiffe://{mesh}; "
+            f"make one with: meshagent pki init-ca --mesh {mesh}"
+        )
+    if cert.not_valid_after_utc <= datetime.fromtimestamp(now, UTC):
+        raise MeshError(f"ca_cert expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+def with_mtls(record: MeshRecord, mtls: MtlsMode) -> MeshRecord:
+    """The record with another mTLS mode (CA unchanged)."""
+    spec = msgspec.structs.replace(decode_spec(record), mtls=mtls)
+    return msgspec.structs.replace(record, spec=encode_spec(spec))
+
+
+def mesh_view(record: MeshRecord, *, with_ca_cert: bool) -> dict[str, object]:
+    """The API's JSON view of a mesh (never the sealed key)."""
+    spec = decode_spec(record)
+    view: dict[str, object] = {
+        "name": record.name,
+        "mtls": spec.mtls,
+        "ca": spec.ca,
+        "version": record.version,
+        "created_at": record.created_at,
+    }
+    if with_ca_cert:
+        view["ca_cert"] = spec.ca_cert
+    return view
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+def encode_policy(resource: Resource) -> bytes:
+    """The stored JSON of a resource (see ``policy.load.encode``)."""
+    return encode(resource)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyPlan:
+    """What applying a document changes: the records to write and a summary."""
+
+    writes: list[PolicyRecord]
+    expected_versions: dict[tuple[str, str], int]
+    created: list[str]
+    updated: list[str]
+    unchanged: list[str]
+
+
+def policy_records(
+    mesh: str, resources: Sequence[Resource], *, now: float
+) -> tuple[list[PolicyRecord], list[str]]:
+    """The records of ``resources`` for ``mesh``, and every problem (one line each)."""
+    problems: list[str] = []
+    records: list[PolicyRecord] = []
+    seen: set[tuple[str, str]] = set()
+    for resource in resources:
+        kind = kind_of(resource)
+        label = f'{kind} "{resource.name}"'
+        if resource.mesh != mesh:
+            problems.append(
+                f"{label}: mesh: is {resource.mesh!r}, but this document is applied to "
+                f"mesh {mesh!r}"
+            )
+            continue
+        if (kind, resource.name) in seen:
+            problems.append(f"{label}: name: defined twice; names are unique per kind")
+            continue
+        seen.add((kind, resource.name))
+        records.append(
+            PolicyRecord(
+                mesh=mesh,
+                kind=kind,
+                name=resource.name,
+                spec=encode_policy(resource),
+                updated_at=now,
+            )
+        )
+    if len(records) > MAX_POLICIES_PER_APPLY:
+        problems.append(
+            f"{len(records)} resources in one document; at most {MAX_POLICIES_PER_APPLY} "
+            "per mesh at once (split the file)"
+        )
+    return records, problems
+
+
+def plan_apply(records: Sequence[PolicyRecord], current: Sequence[PolicyRecord]) -> ApplyPlan:
+    """Compare ``records`` with the stored ``current`` ones of the same mesh."""
+    stored = {(r.kind, r.name): r for r in current}
+    plan = ApplyPlan(writes=[], expected_versions={}, created=[], updated=[], unchanged=[])
+    for record in records:
+        key = (record.kind, record.name)
+        label = f"{record.kind}/{record.name}"
+        old = stored.get(key)
+        if old is None:
+            plan.created.append(label)
+            plan.expected_versions[key] = 0
+        elif old.spec != record.spec:
+            plan.updated.append(label)
+            plan.expected_versions[key] = old.version
+        else:
+            plan.unchanged.append(label)
+            continue
+        plan.writes.append(record)
+    return plan
+
+
+def policy_view(record: PolicyRecord) -> dict[str, object]:
+    """The API's JSON view of a stored policy."""
+    return {
+        "kind": record.kind,
+        "name": record.name,
+        "mesh": record.mesh,
+        "version": record.version,
+        "updated_at": record.updated_at,
+        "spec": msgspec.json.decode(record.spec),
+    }

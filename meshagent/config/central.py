@@ -1,0 +1,118 @@
+"""CentralConfig: the static settings of one ``meshagent central`` process (central.toml).
+
+Two stages, as everywhere in meshagent:
+1. shape: ``load_toml`` decodes strictly (unknown keys, wrong types -> ConfigError);
+2. meaning: ``validate_central`` checks what types cannot (the listen address, store
+   settings that go together, positive durations) and returns every violation.
+
+Every key is documented once, with its default, in ``examples/central.toml``. Pure: no
+I/O beyond what ``load_central`` reads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from meshagent.config.load import ConfigError, Duration, load_toml
+
+DEFAULT_LISTEN = "127.0.0.1:5681"
+SEAL_KEY_FILE = "seal.key"
+STORE_FILE = "central.db"
+
+
+class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class StoreSettings(_Strict, frozen=True, kw_only=True):
+    """Where the central agent keeps meshes, policies, tokens and the audit log."""
+
+    kind: Literal["sqlite", "consul"] = "sqlite"
+    path: str | None = None  # sqlite: the database file; default <data_dir>/central.db
+    address: str = "http://127.0.0.1:8500"  # consul: the Consul HTTP address
+    token_file: str | None = None  # consul: ACL token file, sent as X-Consul-Token
+    prefix: str = "meshagent/"  # consul: KV key prefix
+
+
+class CentralLogSettings(_Strict, frozen=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
+
+
+class CentralConfig(_Strict, frozen=True, kw_only=True):
+    """central.toml. Durations are seconds (``Duration``), written "24h" in TOML."""
+
+    listen: str = DEFAULT_LISTEN
+    data_dir: str
+    seal_key_file: str | None = None  # default <data_dir>/seal.key
+    cert_ttl: Duration = Duration(24 * 3600.0)
+    join_token_ttl: Duration = Duration(3600.0)
+    store: StoreSettings = StoreSettings()
+    log: CentralLogSettings = CentralLogSettings()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def seal_key_path(self) -> Path:
+        return Path(self.seal_key_file) if self.seal_key_file else self.data_path / SEAL_KEY_FILE
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path) if self.store.path else self.data_path / STORE_FILE
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:5681"`` for IPv6) -> (host, port).
+
+    Raises:
+        ValueError: no port, a port out of range, or an empty host.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f'"{listen}" is not host:port, e.g. "127.0.0.1:5681"')
+    return host, int(port_text)
+
+
+def validate_central(config: CentralConfig) -> list[str]:
+    """The meaning checks of central.toml: every problem, each one line ``key: what``."""
+    problems: list[str] = []
+    try:
+        host, _ = split_listen(config.listen)
+        if host != "localhost":
+            ipaddress.ip_address(host)
+    except ValueError as exc:
+        text = str(exc)
+        if "is not host:port" not in text:
+            text = f'"{config.listen}": the host must be an IP address or localhost'
+        problems.append(f"listen: {text}")
+    if not config.data_dir:
+        problems.append("data_dir: must not be empty")
+    for key, seconds in (("cert_ttl", config.cert_ttl), ("join_token_ttl", config.join_token_ttl)):
+        if seconds <= 0:
+            problems.append(f'{key}: must be more than 0, e.g. "1h"')
+    if config.store.kind == "consul" and not config.store.address.startswith(
+        ("http://", "https://")
+    ):
+        problems.append(f'store.address: "{config.store.address}" is not an http(s) URL')
+    return problems
+
+
+def load_central(path: Path) -> CentralConfig:
+    """Read and check central.toml.
+
+    Raises:
+        ConfigError: the first problem (and how many more), one line naming ``path``.
+    """
+    config = load_toml(path, CentralConfig)
+    problems = validate_central(config)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{path}: {problems[0]}{more}")
+    return config
