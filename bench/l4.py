@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import selectors
 import shutil
 import signal
@@ -47,22 +46,36 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-import psutil
+from common import (
+    LOOPBACK,
+    ORDERS_ADDRESS,
+    CpuSample,
+    CpuUse,
+    Load,
+    Setup,
+    SetupError,
+    add_splits,
+    agent_configs,
+    agent_warnings,
+    environment,
+    error_name,
+    fmt,
+    percentile,
+    print_agent_warnings,
+    print_setup_failure,
+    ratio,
+    render_table,
+    rounded,
+    start_agents,
+    tail,
+    times,
+    write_identities,
+)
 
 from meshagent.demo.ports import free_port
-from meshagent.demo.processes import Agent
-from meshagent.pki.ca import create_ca, issue_leaf
-from meshagent.pki.files import write_private_file, write_public_file
-
-MESH = "bench"
-LOOPBACK = "127.0.0.1"
-WEB_ADDRESS = "127.0.0.2"
-ORDERS_ADDRESS = "127.0.0.3"
 
 MODE_DISCARD = ord("D")
 MODE_REPLY = ord("R")
@@ -78,10 +91,6 @@ BULK_CHUNK = 256 * 1024
 CPS_WORKERS = 16
 ECHO_MAX = 1_000_000  # ping-pongs per measurement, at most
 SERVER_MAX_SECONDS = 3600.0  # the app server never outlives a forgotten run by more
-
-
-class SetupError(Exception):
-    """The benchmark could not start; ``str()`` is the line to show (plus details)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -251,87 +260,8 @@ class AppServer:
         self._log.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
-@dataclass
-class CpuSample:
-    at: float
-    agents: dict[str, tuple[float, float]]  # name -> (user, system)
-    server: float
-    client: float
-    host_busy: float
-    host_total: float
-
-    @staticmethod
-    def take(agents: dict[str, int], server: int) -> CpuSample:
-        per_agent = {}
-        for name, pid in agents.items():
-            times = psutil.Process(pid).cpu_times()
-            per_agent[name] = (float(times.user), float(times.system))
-        host = psutil.cpu_times()
-        idle = host.idle + getattr(host, "iowait", 0.0)
-        total = sum(host)
-        return CpuSample(
-            at=time.perf_counter(),
-            agents=per_agent,
-            server=cpu_seconds(server),
-            client=cpu_seconds(os.getpid()),
-            host_busy=total - idle,
-            host_total=total,
-        )
-
-
-@dataclass
-class CpuUse:
-    seconds: float
-    agents: float
-    agents_split: dict[str, dict[str, float]]
-    server: float
-    client: float
-    host_busy_percent: float  # of all CPUs of the host, during the measurement
-
-    @staticmethod
-    def between(a: CpuSample, b: CpuSample) -> CpuUse:
-        split = {
-            name: {
-                "user": b.agents[name][0] - a.agents[name][0],
-                "system": b.agents[name][1] - a.agents[name][1],
-            }
-            for name in a.agents
-        }
-        total = b.host_total - a.host_total
-        return CpuUse(
-            seconds=b.at - a.at,
-            agents=sum(v["user"] + v["system"] for v in split.values()),
-            agents_split=split,
-            server=b.server - a.server,
-            client=b.client - a.client,
-            host_busy_percent=100 * (b.host_busy - a.host_busy) / total if total > 0 else 0.0,
-        )
-
-
 # --------------------------------------------------------------------------------------
 # Load
-
-
-@dataclass
-class Load:
-    """What one measurement did: units done (bytes, connections, round trips)."""
-
-    units: float
-    seconds: float
-    latencies: list[float] = field(default_factory=list)  # seconds
-    errors: Counter[str] = field(default_factory=Counter)
-
-
-def _error_name(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{type(exc).__name__}[{exc.errno}]"
-    return type(exc).__name__
 
 
 def run_bulk(port: int, total_bytes: int, timeout: float) -> Load:
@@ -369,7 +299,7 @@ def run_bulk(port: int, total_bytes: int, timeout: float) -> Load:
                     ends.append(time.perf_counter())
         except BaseException as exc:
             with lock:
-                errors[_error_name(exc)] += 1
+                errors[error_name(exc)] += 1
             with contextlib.suppress(threading.BrokenBarrierError):
                 barrier.abort()
 
@@ -417,7 +347,7 @@ def run_connections(port: int, seconds: float) -> Load:
                     raise ValueError(f"reply of {got} bytes")
             except Exception as exc:
                 with lock:
-                    errors[_error_name(exc)] += 1
+                    errors[error_name(exc)] += 1
                     if sum(errors.values()) > max_errors:
                         return
                 time.sleep(0.01)
@@ -468,7 +398,7 @@ def run_echo(port: int, seconds: float) -> Load:
                 latencies.append(time.perf_counter() - t0)
             sock.shutdown(socket.SHUT_WR)
     except Exception as exc:
-        errors[_error_name(exc)] += 1
+        errors[error_name(exc)] += 1
     end = time.perf_counter()
     return Load(
         units=float(len(latencies)), seconds=end - start, latencies=latencies, errors=errors
@@ -479,96 +409,24 @@ def run_echo(port: int, seconds: float) -> Load:
 # Setup
 
 
-@dataclass
-class Setup:
-    tmp: Path
-    server: AppServer | None = None
-    agents: list[Agent] = field(default_factory=list)
-    outbound_port: int = 0
-
-    def stop(self) -> None:
-        for agent in reversed(self.agents):
-            with contextlib.suppress(Exception):
-                agent.stop(timeout=10)
-        if self.server is not None:
-            with contextlib.suppress(Exception):
-                self.server.stop()
-
-
-def _tail(path: Path, lines: int = 12) -> list[str]:
-    try:
-        return path.read_text(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return []
-
-
-def write_identities(tmp: Path) -> dict[str, dict[str, str]]:
-    now = datetime.now(UTC)
-    ca = create_ca(MESH, now=now)
-    write_public_file(tmp / "ca.pem", ca.cert_pem)
-    tls: dict[str, dict[str, str]] = {}
-    for service in ("web", "orders"):
-        leaf = issue_leaf(ca, MESH, service, now=now, ttl=timedelta(days=30))  # no expiry warnings
-        write_public_file(tmp / f"{service}.pem", leaf.cert_pem)
-        write_private_file(tmp / f"{service}-key.pem", leaf.key_pem)
-        tls[service] = {
-            "ca": str(tmp / "ca.pem"),
-            "cert": str(tmp / f"{service}.pem"),
-            "key": str(tmp / f"{service}-key.pem"),
-        }
-    return tls
-
-
 def start(setup: Setup) -> None:
     tmp = setup.tmp
     setup.server = AppServer(tmp / "app-server.log")
     tls = write_identities(tmp)
     inbound_port = free_port(ORDERS_ADDRESS)
     setup.outbound_port = free_port(LOOPBACK)
-    common: dict[str, Any] = {
-        "log": {"level": "warning"},
-        "admin": "",
-        "limits": {"drain_timeout": "2s"},
-    }
-    orders = {
-        "mesh": MESH,
-        "node": "bench-orders",
-        "address": ORDERS_ADDRESS,
-        "tls": tls["orders"],
-        **common,
-        "inbound": [{"service": "orders", "port": inbound_port, "app_port": setup.server.port}],
-    }
-    web = {
-        "mesh": MESH,
-        "node": "bench-web",
-        "address": WEB_ADDRESS,
-        "tls": tls["web"],
-        **common,
-        "outbound": [
-            {
-                "service": "orders",
-                "port": setup.outbound_port,
-                "source": "web",
-                "endpoints": [f"{ORDERS_ADDRESS}:{inbound_port}"],
-            }
-        ],
-    }
-    for name, config in (("orders", orders), ("web", web)):
-        agent = Agent(config, tmp, name)
-        setup.agents.append(agent)
-        try:
-            agent.wait_for("READY=1", timeout=20)
-        except RuntimeError:
-            code = agent.proc.poll()
-            what = "did not become ready within 20 s" if code is None else f"exited ({code})"
-            raise SetupError(
-                f"agent {name} {what}; the last lines of its log:", _tail(agent.log_path)
-            ) from None
+    configs = agent_configs(
+        tls,
+        inbound_port=inbound_port,
+        outbound_port=setup.outbound_port,
+        app_port=setup.server.port,
+    )
+    start_agents(setup, configs)
     # One request through each path before anything is measured.
     for path, port in (("direct", setup.server.port), ("mesh", setup.outbound_port)):
         probe = run_connections_once(port)
         if probe is not None:
-            details = [f"{a.name}: {line}" for a in setup.agents for line in _tail(a.log_path)]
+            details = [f"{a.name}: {line}" for a in setup.agents for line in tail(a.log_path)]
             raise SetupError(f"a request over the {path} path failed: {probe}", details)
 
 
@@ -621,13 +479,6 @@ def rate(scenario: str, units: float, seconds: float) -> float:
     if seconds <= 0:
         return 0.0
     return units / seconds / (1e6 if scenario == "bulk" else 1.0)
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def measure(
@@ -683,12 +534,7 @@ def summarise(results: list[Measured]) -> list[Row]:
             client = sum(m.cpu.client for m in mine)
             busy = sum(m.cpu.host_busy_percent * m.cpu.seconds for m in mine)
             wall = sum(m.cpu.seconds for m in mine)
-            split: dict[str, dict[str, float]] = {}
-            for m in mine:
-                for name, kinds in m.cpu.agents_split.items():
-                    for kind, value in kinds.items():
-                        split.setdefault(name, {}).setdefault(kind, 0.0)
-                        split[name][kind] += value
+            split = add_splits([m.cpu.agents_split for m in mine])
             errors: Counter[str] = Counter()
             for m in mine:
                 errors.update(m.load.errors)
@@ -723,34 +569,12 @@ def summarise(results: list[Measured]) -> list[Row]:
     return rows
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.{digits}f}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
-def _times(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{_fmt(ratio)}x"
-
-
 def _latency(scenario: str, ms: float | None) -> str:
     if ms is None:
         return "-"
     if scenario == "echo":
-        return f"{_fmt(ms * 1e3)} µs"
-    return f"{_fmt(ms)} ms"
+        return f"{fmt(ms * 1e3)} µs"
+    return f"{fmt(ms)} ms"
 
 
 def render(rows: list[Row]) -> list[str]:
@@ -774,27 +598,18 @@ def render(rows: list[Row]) -> list[str]:
             [
                 row.scenario,
                 row.path,
-                f"{_fmt(row.rate)} {UNIT[row.scenario]}",
-                _times(_ratio(row.rate, direct.rate)),
+                f"{fmt(row.rate)} {UNIT[row.scenario]}",
+                times(ratio(row.rate, direct.rate)),
                 _latency(row.scenario, row.p50_ms),
                 _latency(row.scenario, row.p99_ms),
-                _times(_ratio(row.p50_ms, direct.p50_ms)),
-                f"{_fmt(row.agents_per_unit, 3)} {CPU_UNIT[row.scenario]}",
-                _times(_ratio(row.total_per_unit, direct.total_per_unit)),
+                times(ratio(row.p50_ms, direct.p50_ms)),
+                f"{fmt(row.agents_per_unit, 3)} {CPU_UNIT[row.scenario]}",
+                times(ratio(row.total_per_unit, direct.total_per_unit)),
                 f"{row.host_busy_percent:.0f}%",
                 str(sum(row.errors.values())),
             ]
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines = []
-    for n, line in enumerate(table):
-        cells = [
-            cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(line)
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
+    return render_table(table, left=2)
 
 
 def summary_line(rows: list[Row]) -> str:
@@ -804,50 +619,12 @@ def summary_line(rows: list[Row]) -> str:
         if "direct" not in pair or "mesh" not in pair:
             continue
         mesh, direct = pair["mesh"], pair["direct"]
-        ratio = _ratio(mesh.rate, direct.rate)
-        text = f"{scenario} {_times(ratio)}"
+        text = f"{scenario} {times(ratio(mesh.rate, direct.rate))}"
         if scenario != "bulk":
-            text += f" (p50 {_times(_ratio(mesh.p50_ms, direct.p50_ms))})"
-        text += f", agents {_fmt(mesh.agents_per_unit, 3)} {CPU_UNIT[scenario]}"
+            text += f" (p50 {times(ratio(mesh.p50_ms, direct.p50_ms))})"
+        text += f", agents {fmt(mesh.agents_per_unit, 3)} {CPU_UNIT[scenario]}"
         parts.append(text)
     return "mesh vs direct: " + "; ".join(parts)
-
-
-def _rounded(value: Any) -> Any:
-    """``value`` with floats kept to 6 significant digits, for JSON."""
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "commit": commit(),
-        "openssl": __import__("ssl").OPENSSL_VERSION,
-    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -869,14 +646,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             start(setup)
         except (SetupError, RuntimeError, OSError) as exc:
-            line, details = (
-                (exc.args[0], exc.args[1])
-                if isinstance(exc, SetupError)
-                else (f"{type(exc).__name__}: {exc}".splitlines()[0], [])
-            )
-            print(f"setup failed: {line}", file=sys.stderr)
-            for detail in details:
-                print(f"  | {detail}", file=sys.stderr)
+            print_setup_failure(exc)
             return 2
         assert setup.server is not None
         ports = {"direct": setup.server.port, "mesh": setup.outbound_port}
@@ -894,15 +664,12 @@ def run(args: argparse.Namespace) -> int:
                     bad = sum(m.load.errors.values())
                     print(
                         f"  round {n + 1}/{args.rounds} {scenario:7} {path:6} "
-                        f"{_fmt(rate(scenario, m.load.units, m.load.seconds))} "
+                        f"{fmt(rate(scenario, m.load.units, m.load.seconds))} "
                         f"{UNIT[scenario]} in {m.load.seconds:.1f} s"
                         + (f", {bad} errors {dict(m.load.errors)}" if bad else ""),
                         flush=True,
                     )
-        agent_logs = {a.name: _tail(a.log_path, 5) for a in setup.agents}
-        agent_log_lines = {
-            a.name: len(a.log_path.read_text(errors="replace").splitlines()) for a in setup.agents
-        }
+        warnings = agent_warnings(setup)
     finally:
         setup.stop()
         if args.keep:
@@ -924,11 +691,7 @@ def run(args: argparse.Namespace) -> int:
         )
         spread = " ".join(f"{r:.3f}" for r in row.round_ratios)
         print(f"  {row.scenario:7} agents CPU s: {split}; mesh/direct per round: {spread}")
-    for name, count in agent_log_lines.items():
-        if count:
-            print(f"  agent {name} logged {count} line(s) at warning or above, last:")
-            for line in agent_logs[name]:
-                print(f"    | {line[:200]}")
+    print_agent_warnings(warnings)
     print()
     print(summary_line(rows))
     elapsed = time.monotonic() - began
@@ -951,7 +714,7 @@ def run(args: argparse.Namespace) -> int:
                         "agents_per_unit": CPU_UNIT,
                         "total_per_unit": CPU_UNIT,
                     },
-                    "rows": [_rounded(row.__dict__) for row in rows],
+                    "rows": [rounded(row.__dict__) for row in rows],
                     "run_seconds": elapsed,
                 },
                 indent=2,

@@ -42,6 +42,10 @@ class Logger:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def enabled(self, level: str) -> bool:
+        """Would a line at ``level`` be written? (Skip building costly fields if not.)"""
+        return _LEVELS[level] >= _Settings.level
+
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if _LEVELS[level] < _Settings.level:
             return

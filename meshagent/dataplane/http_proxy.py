@@ -60,6 +60,7 @@ log = get_logger("http")
 access_log = get_logger("access")
 
 CHUNK = 64 * 1024
+_RNG = random.Random()
 HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 408)
 
 Stream = trio.abc.Stream
@@ -144,7 +145,7 @@ class Forward:
     key: Hashable = None  # the endpoint, so that a retry can go elsewhere
     retry: RetryRule | None = None
     budget: RetryBudget | None = None
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random | None = None  # for backoff jitter; None: a shared one
     request_seconds: float | None = None  # the whole request, retries included (504)
     per_try_seconds: float | None = None
 
@@ -184,6 +185,10 @@ async def serve_http(
         with trio.move_on_after(idle_seconds):
             try:
                 first = await _next_head(reader, head_seconds)
+            except trio.BrokenResourceError:
+                # Dropped between requests (an idle pooled connection whose peer went
+                # away without a TLS close): a normal end of keep-alive, not a failure.
+                return
             except trio.TooSlowError:
                 text = f"the request head did not arrive within {head_seconds}s"
                 await _send_quietly(downstream, error_response(408, text))
@@ -290,7 +295,7 @@ async def _one_request(
                 log.info(
                     "retrying", reason=outcome.text, attempt=attempts + 1, **labels, **log_fields
                 )
-                await trio.sleep(backoff_seconds(retry, attempts, fwd.rng))
+                await trio.sleep(backoff_seconds(retry, attempts, fwd.rng or _RNG))
                 next_decision = await decide(head, tuple(tried))
                 if isinstance(next_decision, Respond):
                     status = outcome.status
@@ -568,6 +573,8 @@ def _access(
     labels: dict[str, str],
     fields: dict[str, object],
 ) -> None:
+    if not access_log.enabled("info"):
+        return
     access_log.info(
         "request",
         method=method,
