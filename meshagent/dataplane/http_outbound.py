@@ -53,6 +53,8 @@ class HttpOutbound:
         self.balancer = EndpointBalancer()
         self.pool = ConnectionPool(self._connect)
         self.budget = RetryBudget()
+        # Without a TrafficRoute, every request goes to the outbound's own service.
+        self.implicit = RouteRule(route="", backends=(Backend(service=listener.service),))
         self._table: tuple[int, RouteTable] | None = None
         self._rules: dict[RequestPolicy, RetryRule] = {}
 
@@ -134,7 +136,7 @@ async def handle_http_outbound(
         target = head.target.decode("latin-1")
         facts = RequestFacts.from_target(head.method.decode("latin-1"), target, _header_map(head))
         table = state.table(snapshot)
-        rule = table.select(facts) if table is not None else _implicit(listener)
+        rule = table.select(facts) if table is not None else state.implicit
         labels = {"mesh": snapshot.mesh, "destination": listener.service}
         if rule is None:
             return Respond(
@@ -228,10 +230,6 @@ def _releaser(
             await trio.aclose_forcefully(upstream)
 
     return release
-
-
-def _implicit(listener: OutboundListener) -> RouteRule:
-    return RouteRule(route="", backends=(Backend(service=listener.service),))
 
 
 def _rewrite(target: bytes, path: str, rule: RouteRule) -> bytes:

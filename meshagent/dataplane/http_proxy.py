@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from meshagent.dataplane.connection import HttpStats
+from meshagent.dataplane.connection import HttpStats, describe
 from meshagent.log import get_logger
 from meshagent.protocol.headers import Headers, remove_headers, set_header, strip_hop_by_hop
 from meshagent.protocol.http1 import (
@@ -357,7 +357,7 @@ async def _send_head(head: RequestHead, fwd: Forward) -> _Reader:
         target_head = dataclasses.replace(head, target=fwd.target)
         await fwd.upstream.send_all(serialize_request_head(target_head, headers=headers))
     except (trio.BrokenResourceError, OSError) as exc:
-        raise UpstreamBroke(_why(exc)) from None
+        raise UpstreamBroke(describe(exc)) from None
     return _Reader(fwd.upstream, parser)
 
 
@@ -391,7 +391,7 @@ async def _first_final_event(up: _Reader, downstream: Stream, progress: _Progres
         try:
             event = await up.next_event()
         except (trio.BrokenResourceError, OSError) as exc:
-            raise UpstreamBroke(_why(exc)) from None
+            raise UpstreamBroke(describe(exc)) from None
         if event is None:
             raise UpstreamBroke("connection closed before a response")
         if isinstance(event, ResponseHead) and event.is_informational and event.status != 101:
@@ -462,7 +462,7 @@ async def _relay_response(
                 event = await up.next_event()
         except (trio.BrokenResourceError, OSError) as exc:
             if head is None:
-                raise UpstreamBroke(_why(exc)) from None
+                raise UpstreamBroke(describe(exc)) from None
             raise
         if event is None:
             if head is None:
@@ -554,13 +554,6 @@ async def _send_quietly(stream: Stream, data: bytes) -> None:
             await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
-
-
-def _why(exc: BaseException) -> str:
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror.lower()
-    return str(cause) or type(cause).__name__
 
 
 def _access(
