@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -27,6 +28,18 @@ from meshagent import __version__
 from meshagent.agent import systemd
 from meshagent.agent.admin import AdminState, serve_admin
 from meshagent.agent.catalog import follow_consul
+from meshagent.agent.central import (
+    Joined,
+    Status,
+    apply_config,
+    ensure_joined,
+    follow_config,
+    keep_certificates_fresh,
+    load_config,
+    report_status,
+    update_trust_bundle,
+)
+from meshagent.agent.central_client import CentralClient, central_tls_context
 from meshagent.agent.certs import not_after_of, warn_before_expiry
 from meshagent.agent.metrics import AgentCollector, new_registry
 from meshagent.agent.policies import (
@@ -45,18 +58,18 @@ from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import IdentityFiles, TlsContexts
 from meshagent.discovery.consul import ConsulClient
 from meshagent.log import get_logger
+from meshagent.pki.files import PkiError
 from meshagent.policy.load import PolicyError
 from meshagent.snapshot.model import Endpoint
+from meshagent.snapshot.wire import DataplaneConfig
 
 log = get_logger("agent")
 
 
 def identities_of(config: AgentConfig) -> dict[str, IdentityFiles]:
     """Every identity this host presents: one per inbound service and outbound source."""
-    names = {i.service for i in config.inbound}
-    names |= {config.outbound_source(o) for o in config.outbound}
     identities: dict[str, IdentityFiles] = {}
-    for name in sorted(names):
+    for name in config.identities():
         files = config.identity_files(name)
         if files is not None:
             identities[name] = IdentityFiles(ca=files.ca, cert=files.cert, key=files.key)
@@ -93,8 +106,27 @@ async def run_agent(
 
     Raises:
         ConfigError: unreadable TLS material or Consul token (before anything is bound).
+        JoinError: [central] refused the join, or stayed unreachable (before binding).
         BindError: a listener could not bind.
     """
+    if config.central is None:
+        await _run(config, None, shutdown, task_status)
+        return
+    try:
+        tls_context = central_tls_context(config.central.ca)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    async with CentralClient(config.central.url, tls_context) as client:
+        joined = await ensure_joined(config, client)
+        await _run(config, (client, joined), shutdown, task_status)
+
+
+async def _run(
+    config: AgentConfig,
+    central: tuple[CentralClient, Joined] | None,
+    shutdown: trio.Event | None,
+    task_status: trio.TaskStatus[DataplaneHandle],
+) -> None:
     shutdown = shutdown or trio.Event()
     identities = identities_of(config)
     try:
@@ -111,15 +143,29 @@ async def run_agent(
     state_dir = Path(config.state_dir) if config.state_dir else None
     if state_dir is not None:
         snapshot = load_cached_endpoints(state_dir, snapshot)
+    saved = None
+    if central is not None:
+        saved = await trio.to_thread.run_sync(load_config, central[1])
+        if saved is not None:
+            snapshot = apply_config(
+                snapshot, saved, static=frozenset(static), catalog=config.consul is None
+            )
     watch = SnapshotWatch(snapshot)
     cert_paths = {name: f.cert for name, f in identities.items()}
+    cert_expiry = not_after_of(cert_paths)
+
+    def swap_certificates() -> None:
+        """Rebuild the TLS contexts from the files (blocking; after a renewal)."""
+        tls.swap(identities)
+        cert_expiry.update(not_after_of(cert_paths))
+
     admin = AdminState(
         new_registry(
             AgentCollector(
                 lambda: admin.dataplane.by_listener if admin.dataplane else {},
                 lambda: admin.dataplane.http if admin.dataplane else None,
                 lambda: watch.current,
-                not_after_of(cert_paths),
+                cert_expiry,
             )
         )
     )
@@ -129,6 +175,23 @@ async def run_agent(
         log.info("endpoints changed", service=service, count=len(endpoints))
 
     watched = WatchedServices(discovered_services(snapshot, static))
+
+    async def apply_central(dataplane_config: DataplaneConfig) -> str:
+        assert central is not None
+        try:
+            await update_trust_bundle(central[1], dataplane_config.ca_bundle, swap_certificates)
+        except (PkiError, OSError, ValueError) as exc:
+            return f"cannot use the trust bundle: {exc}"
+        updated = apply_config(
+            watch.current,
+            dataplane_config,
+            static=frozenset(static),
+            catalog=config.consul is None,
+        )
+        watch.publish(updated)
+        watched.update(discovered_services(updated, static))
+        return ""
+
     consul = (
         ConsulClient(config.consul.address, token=token) if config.consul is not None else None
     )
@@ -144,6 +207,23 @@ async def run_agent(
                 _run_auxiliary, shutdown, root.cancel_scope, config.admin, admin
             )
             async with trio.open_nursery() as control:
+                if central is not None:
+                    client, joined = central
+                    status = Status(applied_version=saved.version if saved else 0)
+                    await control.start(
+                        partial(
+                            follow_config,
+                            client,
+                            joined,
+                            apply_central,
+                            status,
+                            after=saved.version if saved else 0,
+                        )
+                    )
+                    await control.start(
+                        keep_certificates_fresh, client, joined, swap_certificates, status
+                    )
+                    await control.start(report_status, client, joined, status)
                 if consul is not None:
                     wait = float(config.consul.watch_wait) if config.consul else 30.0
                     await control.start(
@@ -159,7 +239,8 @@ async def run_agent(
                     await control.start(keep_registered, consul, config)
                 if state_dir is not None:
                     await control.start(persist_snapshots, watch, state_dir)
-                await control.start(warn_before_expiry, cert_paths)
+                if central is None:  # certificates from [central] renew themselves
+                    await control.start(warn_before_expiry, cert_paths)
                 systemd.notify("READY=1")
                 log.info("ready")
                 task_status.started(dataplane)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -50,6 +50,8 @@ def _check_config(path: Path) -> tuple[object, list[str]]:
             load_paths([Path(config.policies)])
         except PolicyError as exc:
             problems += exc.problems
+    if config.central is not None:
+        return config, _central_problems(config)
     now = datetime.now(UTC)
     for service, files in identities_of(config).items():
         try:
@@ -60,6 +62,29 @@ def _check_config(path: Path) -> tuple[object, list[str]]:
         except PkiError as exc:
             problems.append(str(exc))
     return config, problems
+
+
+def _central_problems(config: Any) -> list[str]:
+    """What must be readable before an agent with [central] can start."""
+    from meshagent.agent.central import load_joined
+    from meshagent.agent.central_client import central_tls_context
+
+    problems: list[str] = []
+    try:
+        central_tls_context(config.central.ca)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if load_joined(config) is None:  # not joined yet: the join token is needed
+        path = Path(config.central.token_file)
+        try:
+            if not path.read_text().strip():
+                problems.append(f"central.token_file: {path} is empty")
+        except OSError as exc:
+            problems.append(
+                f"central.token_file: cannot read {path}: {exc.strerror or exc} (make one "
+                "with: meshagent token create --mesh <mesh> --service <service>)"
+            )
+    return problems
 
 
 @app.command()
@@ -88,6 +113,7 @@ def run(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
     import trio
 
     from meshagent import log
+    from meshagent.agent.central import JoinError
     from meshagent.agent.main import run_agent
     from meshagent.config.agent import AgentConfig
     from meshagent.config.load import ConfigError
@@ -101,7 +127,7 @@ def run(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
     log.configure(level=loaded.log.level, fmt=loaded.log.format, mesh=loaded.mesh, node=loaded.node)
     try:
         trio.run(run_agent, loaded)
-    except* (ConfigError, BindError) as group:
+    except* (ConfigError, BindError, JoinError) as group:
         fail(str(_first_leaf(group)))
 
 

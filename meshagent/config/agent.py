@@ -26,6 +26,7 @@ from meshagent.snapshot.model import (
     Timeouts,
 )
 
+CENTRAL_DIR = "central"
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -46,6 +47,18 @@ class TlsSettings(_Strict, frozen=True, kw_only=True):
     ca: str
     cert: str
     key: str
+
+
+class CentralSettings(_Strict, frozen=True, kw_only=True):
+    """Join a mesh managed by a central agent: certificates and policies come from it."""
+
+    url: str  # "https://central:5681"
+    ca: str  # the central agent's CA certificate (central-ca.pem in its data_dir)
+    token_file: str  # the join token (from: meshagent token create); read at first join
+    dataplane: str | None = None  # this agent's name in the mesh; default: node
+    # How long the first join keeps retrying an unreachable central agent before the
+    # agent gives up (a refused token gives up at once).
+    join_timeout: Duration = Duration(60.0)
 
 
 class HealthSettings(_Strict, frozen=True, kw_only=True):
@@ -122,6 +135,7 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     # by default; "" turns it off.
     admin: str = "127.0.0.1:15000"
     consul: ConsulSettings | None = None
+    central: CentralSettings | None = None
     tls: TlsSettings | None = None
     inbound: list[InboundSettings] = []
     outbound: list[OutboundSettings] = []
@@ -131,8 +145,31 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     def inbound_bind(self, inbound: InboundSettings) -> str:
         return inbound.bind or self.bind or self.address
 
+    @property
+    def dataplane_name(self) -> str:
+        return (self.central.dataplane if self.central else None) or self.node
+
+    @property
+    def central_dir(self) -> Path:
+        """Where a joined agent keeps its credentials, certificates and last config."""
+        return Path(self.state_dir or ".") / CENTRAL_DIR
+
+    def identities(self) -> list[str]:
+        """Every identity this host presents: its inbound services, its outbound sources."""
+        names = {i.service for i in self.inbound}
+        names |= {self.outbound_source(o) for o in self.outbound}
+        return sorted(n for n in names if n)
+
     def identity_files(self, service: str) -> TlsSettings | None:
-        """The CA, cert and key this host presents as ``service`` (None if it has none)."""
+        """The CA, cert and key this host presents as ``service`` (None if it has none).
+
+        With [central], the files the central agent issued, under ``state_dir``: one PEM
+        per service holding the certificate and its key (renewed as one atomic file)."""
+        if self.central is not None:
+            if service not in self.identities():
+                return None
+            pem = str(self.central_dir / f"{service}.pem")
+            return TlsSettings(ca=str(self.central_dir / "ca.pem"), cert=pem, key=pem)
         for inbound in self.inbound:
             if inbound.service == service and inbound.cert and inbound.key:
                 ca = self.tls.ca if self.tls else None
@@ -176,10 +213,13 @@ def validate_agent(config: AgentConfig) -> list[str]:
         problems.append(f"address: {config.address!r} is not an IP address")
     if config.bind is not None and not _is_ip(config.bind):
         problems.append(f"bind: {config.bind!r} is not an IP address")
-    if config.tls is None and any(not (i.cert and i.key) for i in config.inbound):
-        problems.append("tls: missing; add [tls] ca/cert/key, or cert/key on every inbound")
-    if config.tls is None and any(i.cert for i in config.inbound):
-        problems.append("tls.ca: missing; inbounds with their own cert still need [tls] ca")
+    if config.central is not None:
+        problems += _central_problems(config)
+    else:
+        if config.tls is None and any(not (i.cert and i.key) for i in config.inbound):
+            problems.append("tls: missing; add [tls] ca/cert/key, or cert/key on every inbound")
+        if config.tls is None and any(i.cert for i in config.inbound):
+            problems.append("tls.ca: missing; inbounds with their own cert still need [tls] ca")
     used: dict[tuple[str, int], str] = {}
 
     def claim(key: str, host: str, port: int) -> None:
@@ -238,8 +278,10 @@ def validate_agent(config: AgentConfig) -> list[str]:
             host, sep, port = text.rpartition(":")
             if not sep or not _is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
                 problems.append(f"{key}.endpoints[{m}]: {text!r} is not host:port (IP address)")
-        if not outbound.endpoints and config.consul is None:
-            problems.append(f"{key}: no endpoints and no [consul]; add one or the other")
+        if not outbound.endpoints and config.consul is None and config.central is None:
+            problems.append(
+                f"{key}: no endpoints, no [consul] and no [central]; add one of them"
+            )
         if outbound.max_connections is not None and outbound.max_connections < 1:
             problems.append(f"{key}.max_connections: must be at least 1")
     if config.admin:
@@ -254,6 +296,34 @@ def validate_agent(config: AgentConfig) -> list[str]:
             problems.append(f"limits.{field}: must be positive")
     if limits.max_connections < 1:
         problems.append("limits.max_connections: must be at least 1")
+    return problems
+
+
+def _central_problems(config: AgentConfig) -> list[str]:
+    central = config.central
+    assert central is not None
+    problems: list[str] = []
+    if not central.url.startswith("https://"):
+        problems.append(f"central.url: {central.url!r} must be an https:// URL")
+    if not config.state_dir:
+        problems.append(
+            "state_dir: required with [central] (certificates and the last config live "
+            'there), e.g. state_dir = "/var/lib/meshagent"'
+        )
+    if config.tls is not None:
+        problems.append("tls: remove it; with [central] the central agent issues certificates")
+    if any(i.cert or i.key for i in config.inbound):
+        problems.append("inbound: remove cert/key; with [central] the central agent issues them")
+    if config.policies:
+        problems.append("policies: remove it; with [central] policies come from the central agent")
+    if central.dataplane is not None and not _is_name(central.dataplane):
+        problems.append(f"central.dataplane: {central.dataplane!r} is not a valid name")
+    elif central.dataplane is None and not _is_name(config.node):
+        problems.append(
+            f"node: {config.node!r} is not a valid dataplane name; set central.dataplane"
+        )
+    if central.join_timeout <= 0:
+        problems.append("central.join_timeout: must be positive")
     return problems
 
 

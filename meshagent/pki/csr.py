@@ -7,11 +7,12 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshagent.pki.ca import PemPair, issue_leaf_for_public_key
+from meshagent.pki.ca import PemPair, issue_leaf_for_public_key, public_der, uri_sans
 from meshagent.pki.identity import parse_spiffe_id, spiffe_id
 
 
@@ -102,3 +103,38 @@ def sign_csr(
 def renew_at(not_before: datetime, not_after: datetime) -> datetime:
     """When to renew: at two thirds of the certificate's life."""
     return not_before + (not_after - not_before) * 2 / 3
+
+
+def check_issued(
+    cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, mesh: str, service: str
+) -> tuple[datetime, datetime]:
+    """Check a certificate the central agent issued before using it: it parses, holds
+    the public half of ``key_pem``, names exactly ``spiffe://<mesh>/service/<service>``
+    and was signed by one of the CAs in ``ca_pem``.
+
+    Returns:
+        (not_before, not_after), UTC.
+    Raises:
+        CsrRejected: with one line saying what does not match.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise CsrRejected(f"{service}: the issued certificate is not PEM") from None
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if public_der(cert.public_key()) != public_der(key.public_key()):
+        raise CsrRejected(f"{service}: the issued certificate is for another key")
+    wanted = spiffe_id(mesh, service)
+    if uri_sans(cert) != [wanted]:
+        raise CsrRejected(f"{service}: the issued certificate names {uri_sans(cert)}, not {wanted}")
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise CsrRejected("the trust bundle is not PEM certificates") from None
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    raise CsrRejected(f"{service}: the issued certificate is not signed by the mesh's CA")

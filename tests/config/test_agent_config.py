@@ -64,7 +64,7 @@ def test_examples_agent_toml_is_valid() -> None:
         (("port = 16001", "port = 70000"), "outbound[0].port: 70000 is not a TCP port"),
         (("app_port = 8080", "app_port = 0"), "inbound[0].app_port: 0 is not a TCP port"),
         (('address = "127.0.0.2"', 'address = "vm-12.example"'), "address: 'vm-12.example' is not an IP address"),
-        (("[consul]\naddress = \"http://127.0.0.1:8500\"", ""), "outbound[0]: no endpoints and no [consul]"),
+        (("[consul]\naddress = \"http://127.0.0.1:8500\"", ""), "outbound[0]: no endpoints, no [consul] and no [central]"),
         (('health = { tcp = true, interval = "5s" }', 'health = { http = "healthz" }'), "must be a path"),
     ],
 )
@@ -135,3 +135,58 @@ def test_static_endpoints_need_no_consul(tmp_path: Path) -> None:
     bad = text.replace("127.0.0.3:15443", "orders:15443")
     with pytest.raises(ConfigError, match="endpoints\\[0\\]: 'orders:15443' is not host:port"):
         load_agent_config(write(tmp_path, bad))
+
+
+CENTRAL = """
+mesh = "shop"
+node = "vm-1"
+address = "127.0.0.2"
+state_dir = "/var/lib/meshagent"
+[central]
+url = "https://central:5681"
+ca = "central-ca.pem"
+token_file = "join.token"
+[[inbound]]
+service = "web"
+port = 15443
+app_port = 8080
+[[outbound]]
+service = "orders"
+port = 16001
+"""
+
+
+def test_central_config_needs_no_tls_and_keeps_certificates_under_state_dir(
+    tmp_path: Path,
+) -> None:
+    config = load_agent_config(write(tmp_path, CENTRAL))
+    assert config.dataplane_name == "vm-1"
+    assert config.identities() == ["web"]
+    files = config.identity_files("web")
+    assert files is not None
+    assert files.cert == files.key == "/var/lib/meshagent/central/web.pem"
+    assert files.ca == "/var/lib/meshagent/central/ca.pem"
+    assert config.identity_files("orders") is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('state_dir = "/var/lib/meshagent"\n', ""), "state_dir: required with [central]"),
+        (("https://central", "http://central"), "central.url: 'http://central:5681' must be an https"),
+        (("[central]", '[tls]\nca = "a"\ncert = "b"\nkey = "c"\n[central]'), "tls: remove it"),
+        (('mesh = "shop"', 'mesh = "shop"\npolicies = "p"'), "policies: remove it"),
+        (("app_port = 8080", 'app_port = 8080\ncert = "w.pem"\nkey = "k.pem"'), "inbound: remove cert/key"),
+        (('node = "vm-1"', 'node = "VM_1"'), "node: 'VM_1' is not a valid dataplane name; set central.dataplane"),
+        (('token_file = "join.token"', 'token_file = "j"\ndataplane = "x y"'), "central.dataplane: 'x y'"),
+        (('token_file = "join.token"', 'token_file = "j"\njoin_timeout = "0s"'), "central.join_timeout"),
+    ],
+)
+def test_bad_central_configs_name_the_key(
+    tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    old, new = edit
+    assert old in CENTRAL
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(write(tmp_path, CENTRAL.replace(old, new, 1)))
+    assert message in str(info.value)

@@ -1,0 +1,199 @@
+"""The agent's client of the central agent's dataplane API (see ``snapshot.wire``).
+
+* One ``httpx.AsyncClient`` over TLS, verified against the central agent's own CA
+  (``[central] ca``), never the system's trust store. Every call has a deadline.
+* Two kinds of failure, because the agent treats them differently:
+  ``CentralUnavailable`` (cannot connect, timed out, 5xx, an answer that is not ours):
+  try again later, keep serving; ``CentralRefused`` (4xx: a bad token, a service the
+  token does not allow): retrying the same request will not help, an operator must act.
+* Secrets (join token, node credential) travel only in the Authorization header and
+  never appear in an error or a log line.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Final, TypeVar
+
+import httpx
+import msgspec
+import trio
+
+from meshagent import __version__
+from meshagent.snapshot.wire import (
+    Certificates,
+    DataplaneConfig,
+    JoinRequest,
+    JoinResponse,
+    RenewRequest,
+    StatusReport,
+)
+
+TIMEOUT_SECONDS: Final = 10.0
+_T = TypeVar("_T")
+
+
+class CentralProblem(Exception):
+    """Base class; ``str()`` is one line naming the central agent and what failed."""
+
+
+class CentralUnavailable(CentralProblem):
+    """The central agent could not be reached or failed; worth retrying."""
+
+
+class CentralRefused(CentralProblem):
+    """The central agent refused the request (4xx); retrying will not help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def central_tls_context(ca_path: str) -> ssl.SSLContext:
+    """Trust only the central agent's CA.
+
+    Raises:
+        ValueError: the file is missing or not a PEM certificate (one line).
+    """
+    try:
+        return ssl.create_default_context(cafile=ca_path)
+    except FileNotFoundError:
+        raise ValueError(f"central.ca {ca_path}: no such file (the central agent's "
+                         "central-ca.pem, in its data_dir)") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"central.ca {ca_path}: not a readable PEM certificate ({exc})") from None
+
+
+class CentralClient:
+    """Calls of one agent to one central agent. Use as an async context manager."""
+
+    def __init__(self, url: str, tls: ssl.SSLContext) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            verify=tls,
+            timeout=TIMEOUT_SECONDS,
+            headers={"User-Agent": f"meshagent/{__version__}"},
+            trust_env=False,
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+        )
+
+    async def __aenter__(self) -> CentralClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ calls
+
+    async def join(self, token: str, request: JoinRequest) -> JoinResponse:
+        return await self._call(
+            "POST", "/v1/join", token, JoinResponse, body=msgspec.json.encode(request)
+        )
+
+    async def renew(
+        self, node_token: str, mesh: str, dataplane: str, request: RenewRequest
+    ) -> Certificates:
+        return await self._call(
+            "POST",
+            f"{_dataplane_path(mesh, dataplane)}/certificates",
+            node_token,
+            Certificates,
+            body=msgspec.json.encode(request),
+        )
+
+    async def config(
+        self, node_token: str, mesh: str, dataplane: str, *, after: int, wait_seconds: float
+    ) -> DataplaneConfig:
+        """The dataplane's config; waits up to ``wait_seconds`` for a version other than
+        ``after`` (a long poll)."""
+        return await self._call(
+            "GET",
+            f"{_dataplane_path(mesh, dataplane)}/config",
+            node_token,
+            DataplaneConfig,
+            params={"after": str(after), "wait": f"{wait_seconds:g}"},
+            deadline_seconds=wait_seconds + TIMEOUT_SECONDS,
+        )
+
+    async def report(
+        self, node_token: str, mesh: str, dataplane: str, status: StatusReport
+    ) -> None:
+        await self._call(
+            "PUT",
+            f"{_dataplane_path(mesh, dataplane)}/status",
+            node_token,
+            None,
+            body=msgspec.json.encode(status),
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        answer: type[_T] | None,
+        *,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+        deadline_seconds: float = TIMEOUT_SECONDS,
+    ) -> _T:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        where = f"central agent {self.url}"
+        response = None
+        with trio.move_on_after(deadline_seconds):
+            try:
+                response = await self._http.request(
+                    method, path, content=body, params=params, headers=headers,
+                    timeout=deadline_seconds,
+                )
+            except httpx.TimeoutException:
+                pass
+            except httpx.HTTPError as exc:
+                raise CentralUnavailable(f"{where}: {_reason(exc)}") from None
+        if response is None:
+            raise CentralUnavailable(f"{where}: no answer within {deadline_seconds:g} s")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise CentralUnavailable(f"{where}: {_error_of(response)}")
+        if response.status_code >= 400:
+            raise CentralRefused(response.status_code, f"{where}: {_error_of(response)}")
+        if answer is None:
+            return None  # type: ignore[return-value]
+        try:
+            return msgspec.json.decode(response.content, type=answer)
+        except msgspec.DecodeError as exc:
+            raise CentralUnavailable(
+                f"{where}: {method} {path}: unexpected answer ({exc}); is the central "
+                "agent the same meshagent version?"
+            ) from None
+
+
+def _dataplane_path(mesh: str, dataplane: str) -> str:
+    return f"/v1/dataplanes/{mesh}/{dataplane}"
+
+
+def _reason(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            f"TLS certificate not trusted ({text}); is central.ca the central agent's "
+            "central-ca.pem?"
+        )
+    return f"cannot connect: {text}"
+
+
+def _error_of(response: httpx.Response) -> str:
+    """The server's one-line error, or the status when the answer is not ours."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    text = str(error) if error else response.reason_phrase
+    return f"HTTP {response.status_code}: {text}"
