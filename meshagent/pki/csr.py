@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshagent.pki.ca import PemPair, issue_leaf_for_public_key, public_der, uri_sans
+from meshagent.pki.ca import CLOCK_SKEW, PemPair, issue_leaf_for_public_key, public_der, uri_sans
 from meshagent.pki.identity import parse_spiffe_id, spiffe_id
 
 
@@ -101,8 +101,13 @@ def sign_csr(
 
 
 def renew_at(not_before: datetime, not_after: datetime) -> datetime:
-    """When to renew: at two thirds of the certificate's life."""
-    return not_before + (not_after - not_before) * 2 / 3
+    """When to renew: at two thirds of the certificate's life since it was issued.
+
+    Certificates are valid from ``CLOCK_SKEW`` before they were issued (for hosts whose
+    clocks lag); that margin is not life to count, or a certificate shorter-lived than
+    three times the margin would be due for renewal the moment it arrives."""
+    issued = min(not_before + CLOCK_SKEW, not_after)
+    return issued + (not_after - issued) * 2 / 3
 
 
 def check_issued(

@@ -55,7 +55,10 @@ def test_garbage_csr_is_rejected() -> None:
 
 
 def test_renewal_at_two_thirds() -> None:
-    assert renew_at(NOW, NOW + timedelta(hours=24)) == NOW + timedelta(hours=16)
+    skew = timedelta(minutes=5)  # certificates are valid from 5 min before issue
+    assert renew_at(NOW - skew, NOW + timedelta(hours=24)) == NOW + timedelta(hours=16)
+    assert renew_at(NOW - skew, NOW + timedelta(seconds=9)) == NOW + timedelta(seconds=6)
+    assert renew_at(NOW, NOW + timedelta(minutes=1)) == NOW + timedelta(minutes=1)
 
 
 def test_sealed_secrets_need_the_key_and_the_context() -> None:
