@@ -4,8 +4,9 @@ Theory of operation:
 
 * Callers present ``Authorization: Bearer ma1_<id>_<secret>``. The store keeps only the
   SHA-256 digest of a token (``pki.secrets.token_digest``); a request is authenticated
-  by finding an admin token with that digest (compared in constant time) that has not
-  expired. The token id (public) is the actor in audit entries.
+  by looking its token up by id (``Store.get_token``) and comparing the digests in
+  constant time; an admin token must not have expired. The token id (public) is the
+  actor in audit entries.
 * A *global* admin token (``meshes == ()``) sees every mesh and may create meshes and
   admin tokens. A *mesh-scoped* admin token sees only its meshes: any other mesh does
   not exist for it (404, not 403), so a tenant cannot probe other tenants' names.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from meshagent.central.store import Store, TokenRecord
+from meshagent.central.store import NotFound, Store, TokenRecord
 from meshagent.pki.files import write_private_file
 from meshagent.pki.secrets import SecretError, new_token, token_digest, token_id_of
 
@@ -73,17 +74,29 @@ async def authenticate(store: Store, authorization: str | None, *, now: float) -
         Unauthenticated: missing, malformed, unknown or expired token.
         StoreUnavailable: the store cannot answer.
     """
+    return _principal(await find_token(store, authorization), now)
+
+
+async def find_token(store: Store, authorization: str | None) -> TokenRecord:
+    """The stored token of a request's bearer token, of any kind. Cancel point.
+
+    Looked up by its (public) id, then its digest compared in constant time.
+
+    Raises:
+        Unauthenticated: missing, malformed or unknown token.
+        StoreUnavailable: the store cannot answer.
+    """
     token = bearer_token(authorization)
     try:
         token_id = token_id_of(token)
-    except SecretError:
+        record = await store.get_token(token_id)
+    except (SecretError, ValueError):
         raise Unauthenticated("not a meshagent token (expected ma1_<id>_<secret>)") from None
-    digest = token_digest(token)
-    # Tokens are few (admins); a store lookup by digest is the next slice's optimisation.
-    for record in await store.list_tokens():
-        if record.id == token_id and hmac.compare_digest(record.digest, digest):
-            return _principal(record, now)
-    raise Unauthenticated("unknown token")
+    except NotFound:
+        raise Unauthenticated("unknown token") from None
+    if not hmac.compare_digest(record.digest, token_digest(token)):
+        raise Unauthenticated("unknown token")
+    return record
 
 
 def _principal(record: TokenRecord, now: float) -> Principal:
@@ -138,9 +151,13 @@ async def ensure_admin_token(store: Store, path: Path, *, now: float) -> bool:
                 f"{path}: not a meshagent token; delete it to make a new admin token"
             ) from None
         digest = token_digest(token)
-        known = {record.id: record for record in await store.list_tokens()}
-        if token_id in known and hmac.compare_digest(known[token_id].digest, digest):
-            return False
+        try:
+            known = await store.get_token(token_id)
+        except NotFound:
+            pass
+        else:
+            if hmac.compare_digest(known.digest, digest):
+                return False
         await store.create_token(admin_token_record(token_id, digest, meshes=(), now=now))
         return False
     token, token_id, digest = new_token()

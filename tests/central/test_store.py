@@ -392,6 +392,31 @@ async def test_token_create_list_delete(store: Store) -> None:
         await store.consume_token(token_digest("one"), NOW)
 
 
+async def test_get_token_by_id(store: Store) -> None:
+    await store.create_mesh(mesh())
+    created = await store.create_token(token("tok-1", secret="one", uses_left=2))
+    admin = await store.create_token(
+        token("admin-1", secret="adm", mesh=None, uses_left=None, expires_at=None)
+    )
+    assert await store.get_token("tok-1") == created
+    assert await store.get_token("admin-1") == admin
+    await store.consume_token(token_digest("one"), NOW)
+    assert (await store.get_token("tok-1")).uses_left == 1
+    await store.consume_token(token_digest("one"), NOW)  # the last use deletes it
+    with pytest.raises(NotFound) as used_up:
+        await store.get_token("tok-1")
+    one_line_naming(used_up.value, "token tok-1", "not found")
+    with pytest.raises(NotFound):
+        await store.get_token("never-issued")
+    await store.create_token(token("t-exp", secret="exp", expires_at=NOW - 1))
+    assert (await store.get_token("t-exp")).expires_at == NOW - 1  # until purged
+    await store.delete_mesh("shop")
+    with pytest.raises(NotFound):
+        await store.get_token("t-exp")
+    with pytest.raises(ValueError):
+        await store.get_token("a/b")
+
+
 async def test_token_ids_and_digests_are_unique(store: Store) -> None:
     await store.create_mesh(mesh())
     await store.create_token(token("tok-1", secret="one"))

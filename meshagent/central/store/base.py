@@ -258,6 +258,14 @@ class Store(Protocol):
         """Raises Conflict (same id or digest), NotFound (``record.mesh`` does not exist)."""
         ...
 
+    async def get_token(self, token_id: str) -> TokenRecord:
+        """One token by its id, expired or not (until purged).
+
+        Raises:
+            NotFound: no such token. ValueError: an id that cannot be a key.
+        """
+        ...
+
     async def list_tokens(self, mesh: str | None = None) -> list[TokenRecord]:
         """Tokens (whose ``mesh`` is this one), by id; expired ones included until purged."""
         ...

@@ -603,6 +603,30 @@ class ConsulKvStore:
 
         return await self._commit(f"create {token_ref(record.id)}", plan)
 
+    async def get_token(self, token_id: str) -> TokenRecord:
+        """Two reads: the id's digest, then the token. Cancel point.
+
+        Raises:
+            NotFound, StoreUnavailable, ValueError (a bad id).
+        """
+        check_name("token id", token_id)
+        missing = NotFound(f"{token_ref(token_id)} not found")
+        by_id = await self._get(self._token_id_key(token_id))
+        if by_id is None:
+            raise missing
+        digest = (by_id.value or b"").decode(errors="replace")
+        try:
+            check_digest(digest)
+        except ValueError:
+            raise StoreUnavailable(
+                f"consul store {self.prefix}: key {by_id.key} does not hold a token digest"
+            ) from None
+        entry = await self._get(self._token_key(digest))
+        token = None if entry is None else self._decode(_decode_token, entry)
+        if token is None or token.id != token_id:  # consumed or deleted in between
+            raise missing
+        return token
+
     async def list_tokens(self, mesh: str | None = None) -> list[TokenRecord]:
         """Tokens (of one mesh), by id. Cancel point. Raises StoreUnavailable."""
         tokens = [self._decode(_decode_token, e) for e in await self._list(self._tokens_prefix)]

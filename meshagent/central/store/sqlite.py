@@ -533,6 +533,20 @@ class SqliteStore:
 
         return await self._write(create, mesh=None)
 
+    async def get_token(self, token_id: str) -> TokenRecord:
+        """Cancel point. Raises NotFound, StoreUnavailable, ValueError (a bad id)."""
+        check_name("token id", token_id)
+
+        def get(conn: sqlite3.Connection) -> TokenRecord:
+            found = conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if found is None:
+                raise NotFound(f"{token_ref(token_id)} not found")
+            return _token(found)
+
+        return await self._read(get)
+
     async def list_tokens(self, mesh: str | None = None) -> list[TokenRecord]:
         """Tokens (of one mesh), by id. Cancel point. Raises StoreUnavailable."""
 
