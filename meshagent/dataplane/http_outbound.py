@@ -207,11 +207,12 @@ async def handle_http_outbound(
 
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client):
         try:
-            timeouts = ctx.source.current.timeouts
+            current = ctx.source.current
+            timeouts = current.timeouts
             await serve_http(
                 stream,
                 decide,
-                idle_seconds=timeouts.idle_seconds,
+                idle_seconds=current.idle_seconds(listener.service),
                 head_seconds=timeouts.request_head_seconds,
                 log_fields=fields,
                 stats=ctx.http,

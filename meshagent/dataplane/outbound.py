@@ -43,7 +43,7 @@ async def connect_endpoint(
     timeouts = snapshot.timeouts
     where = f"{endpoint.service} at {endpoint.address}"
     with map_errors(timeout=UpstreamTimeout, failure=UpstreamConnectError, what=f"connect {where}"):
-        with trio.fail_after(timeouts.connect_seconds):
+        with trio.fail_after(snapshot.connect_seconds(endpoint.service)):
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     if snapshot.mtls == "off":
         return tcp
@@ -85,7 +85,7 @@ async def handle_outbound(
             mesh_side = RawTlsSide(upstream)
         log.debug("connected", endpoint=endpoint.address, **fields)
         sent, received = await splice(
-            PlainSide(stream), mesh_side, idle_seconds=snapshot.timeouts.idle_seconds
+            PlainSide(stream), mesh_side, idle_seconds=snapshot.idle_seconds(endpoint.service)
         )
         counters.bytes_out += sent
         counters.bytes_in += received

@@ -160,6 +160,10 @@ def compile_request_policies(
                 entry["request_seconds"] = float(r.request)
             if r.per_try is not None:
                 entry["per_try_seconds"] = float(r.per_try)
+            if r.connect is not None:
+                entry["connect_seconds"] = float(r.connect)
+            if r.idle is not None:
+                entry["idle_seconds"] = float(r.idle)
         else:
             statuses: set[int] = set()
             kinds: list[str] = []

@@ -126,6 +126,8 @@ class RequestPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     request_seconds: float | None = None  # the whole request, retries included
     per_try_seconds: float | None = None
+    connect_seconds: float | None = None  # TCP connect to an endpoint; default: timeouts
+    idle_seconds: float | None = None  # a connection with no bytes moving; default: timeouts
     retry_attempts: int = 1  # tries in all
     retry_on: tuple[str, ...] = ()  # "reset", "timeout" (connect failures always fail over)
     retry_statuses: tuple[int, ...] = ()
@@ -160,6 +162,20 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     def request_policy(self, service: str, route: str) -> RequestPolicy | None:
         policies = self.request_policies
         return policies.get(f"{service}/{route}") or policies.get(service)
+
+    def connect_seconds(self, service: str) -> float:
+        """The connect deadline to ``service``: its Timeout policy's, else the agent's."""
+        policy = self.request_policies.get(service)
+        if policy is not None and policy.connect_seconds is not None:
+            return policy.connect_seconds
+        return self.timeouts.connect_seconds
+
+    def idle_seconds(self, service: str) -> float:
+        """How long a connection to ``service`` may move no bytes before it is closed."""
+        policy = self.request_policies.get(service)
+        if policy is not None and policy.idle_seconds is not None:
+            return policy.idle_seconds
+        return self.timeouts.idle_seconds
 
     def may_call(self, source: str, destination: str) -> bool:
         allowed = self.permissions.get(destination)

@@ -147,6 +147,8 @@ mesh = "shop"
 destination = "orders"
 request = "5s"
 per_try = "2s"
+connect = "750ms"
+idle = "5m"
 [[Timeout]]
 name = "slow-reports"
 mesh = "shop"
@@ -164,6 +166,7 @@ on = ["reset", "gateway-error", 500]
     assert set(policies) == {"orders", "orders/reports"}
     base, route = policies["orders"], policies["orders/reports"]
     assert (base.request_seconds, base.per_try_seconds) == (5.0, 2.0)
+    assert (base.connect_seconds, base.idle_seconds) == (0.75, 300.0)
     assert base.retry_attempts == 3 and base.retry_on == ("reset",)
     assert base.retry_statuses == (500, 502, 503, 504)
     assert route.request_seconds == 30.0 and route.per_try_seconds == 2.0 and route.retry_attempts == 3
@@ -178,3 +181,20 @@ def test_encode_round_trips_every_example() -> None:
     for resource in load_paths([EXAMPLES]):
         document = json.dumps({kind_of(resource): [json.loads(encode(resource))]}).encode()
         assert load_document(document, source="x.json") == [resource]
+
+
+def test_connect_and_idle_timeouts_apply_per_destination() -> None:
+    from meshagent.snapshot.model import RequestPolicy, Snapshot, Timeouts
+
+    snapshot = Snapshot(
+        version=1,
+        mesh="shop",
+        timeouts=Timeouts(connect_seconds=5.0, idle_seconds=3600.0),
+        request_policies={
+            "orders": RequestPolicy(connect_seconds=0.5, idle_seconds=60.0),
+            "users": RequestPolicy(request_seconds=2.0),
+        },
+    )
+    assert (snapshot.connect_seconds("orders"), snapshot.idle_seconds("orders")) == (0.5, 60.0)
+    assert (snapshot.connect_seconds("users"), snapshot.idle_seconds("users")) == (5.0, 3600.0)
+    assert (snapshot.connect_seconds("other"), snapshot.idle_seconds("other")) == (5.0, 3600.0)
