@@ -14,7 +14,8 @@ What a proxy must do to a message it forwards (RFC 9110 §7.6.1):
   ``Connection: upgrade`` when the proxy passes a protocol switch through;
 * never let ``Connection`` remove ``Host`` or ``Content-Length`` (``PROTECTED``): a client
   that lists them would make the proxy forward a body the upstream cannot frame;
-* record the client in ``X-Forwarded-For`` (``append_forwarded_for``) and remove the mesh's
+* record the client in ``X-Forwarded-For`` (``append_forwarded_for``), and in an RFC 7239
+  ``Forwarded`` field when the request already carries one, and remove the mesh's
   own headers when they arrive from outside (``remove_headers``).
 """
 
@@ -42,6 +43,7 @@ PROTECTED: Final = frozenset({b"host", b"content-length"})
 """Names a ``Connection`` header may not nominate for removal (framing and routing)."""
 
 FORWARDED_FOR: Final = b"X-Forwarded-For"
+FORWARDED: Final = b"Forwarded"
 _OWS: Final = b" \t"
 
 
@@ -162,5 +164,11 @@ def append_forwarded_for(headers: Headers, client: bytes) -> Headers:
     """
     existing = get_all_headers(headers, FORWARDED_FOR)
     if not existing:
-        return (*headers, (FORWARDED_FOR, client))
-    return set_header(headers, FORWARDED_FOR, b", ".join((*existing, client)))
+        headers = (*headers, (FORWARDED_FOR, client))
+    else:
+        headers = set_header(headers, FORWARDED_FOR, b", ".join((*existing, client)))
+    forwarded = get_all_headers(headers, FORWARDED)
+    if not forwarded:  # not created: X-Forwarded-For is what legacy apps read
+        return headers
+    node = b'"[' + client + b']"' if b":" in client else client  # IPv6 is quoted (RFC 7239)
+    return set_header(headers, FORWARDED, b", ".join((*forwarded, b"for=" + node)))

@@ -125,6 +125,16 @@ def test_append_forwarded_for(fields: Headers, expected: Headers) -> None:
     assert append_forwarded_for(fields, b"10.0.0.9") == expected
 
 
+def test_an_existing_forwarded_field_gets_the_client_too() -> None:
+    fields: Headers = ((b"Forwarded", b"for=1.1.1.1;proto=https"), (b"forwarded", b"for=2.2.2.2"))
+    assert append_forwarded_for(fields, b"10.0.0.9") == (
+        (b"Forwarded", b"for=1.1.1.1;proto=https, for=2.2.2.2, for=10.0.0.9"),
+        (b"X-Forwarded-For", b"10.0.0.9"),
+    )
+    v6 = append_forwarded_for(((b"Forwarded", b"for=a"),), b"::1")
+    assert (b"Forwarded", b'for=a, for="[::1]"') in v6
+
+
 NAMES = st.sampled_from(
     [
         b"Host",
