@@ -49,6 +49,22 @@ async def test_every_older_schema_is_migrated(tmp_path: Path, old_version: int) 
     assert pragma(path, "user_version") == LATEST
 
 
+async def test_dataplanes_of_the_first_schema_gain_an_empty_last_error(tmp_path: Path) -> None:
+    path = tmp_path / "central.db"
+    async with await SqliteStore.open(path, migrations=MIGRATIONS[:1]) as store:
+        await store.create_mesh(MESH)
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO dataplanes (mesh, name, node, address, services, spec,"
+            " applied_version, last_seen, cert_not_after)"
+            " VALUES ('shop', 'vm-1', 'vm-1', '10.0.0.1', '[\"web\"]', ?, 3, 5.0, NULL)",
+            (b"{}",),
+        )
+    async with await SqliteStore.open(path) as store:
+        found = await store.get_dataplane("shop", "vm-1")
+    assert (found.services, found.applied_version, found.last_error) == (("web",), 3, "")
+
+
 async def test_a_new_migration_runs_once_and_keeps_the_data(tmp_path: Path) -> None:
     path = tmp_path / "central.db"
     runs: list[int] = []

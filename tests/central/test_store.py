@@ -370,6 +370,30 @@ async def test_dataplane_status_is_not_a_change_of_the_mesh(store: Store) -> Non
         )
 
 
+async def test_dataplane_last_error_is_kept_until_cleared(store: Store) -> None:
+    await store.create_mesh(mesh())
+    await store.put_dataplane(dataplane())
+    assert (await store.get_dataplane("shop", "host-a")).last_error == ""
+    rejected = await store.update_dataplane_status(
+        "shop", "host-a", applied_version=3, last_seen=NOW + 1, cert_not_after=None,
+        last_error="route orders: no such service",
+    )
+    assert rejected.last_error == "route orders: no such service"
+    kept = await store.update_dataplane_status(
+        "shop", "host-a", applied_version=3, last_seen=NOW + 2, cert_not_after=None
+    )
+    assert kept.last_error == "route orders: no such service" and kept.last_seen == NOW + 2
+    assert await store.get_dataplane("shop", "host-a") == kept
+    cleared = await store.update_dataplane_status(
+        "shop", "host-a", applied_version=4, last_seen=NOW + 3, cert_not_after=None,
+        last_error="",
+    )
+    assert cleared.last_error == ""
+    again = msgspec.structs.replace(dataplane(), last_error="kept as written")
+    assert await store.put_dataplane(again) == again
+    assert await store.get_dataplane("shop", "host-a") == again
+
+
 # ---------------------------------------------------------------------------- tokens
 
 
@@ -676,3 +700,19 @@ async def test_consul_keeps_specs_readable_json(module_consul: ConsulProcess) ->
         _, entry = await client.kv_get("readable/policies/shop/TrafficRoute/web")
     assert entry is not None and entry.value is not None
     assert json.loads(entry.value)["spec"] == {"destination": "web", "weight": 1}
+
+
+async def test_consul_reads_dataplanes_written_before_last_error(
+    module_consul: ConsulProcess,
+) -> None:
+    async with ConsulClient(module_consul.address) as client:
+        store = ConsulKvStore(client, "older-dataplanes/")
+        await store.create_mesh(mesh())
+        await store.put_dataplane(dataplane())
+        key = "older-dataplanes/dataplanes/shop/host-a"
+        _, entry = await client.kv_get(key)
+        assert entry is not None and entry.value is not None
+        document = json.loads(entry.value)
+        del document["last_error"]
+        await client.kv_put(key, json.dumps(document).encode())
+        assert await store.get_dataplane("shop", "host-a") == dataplane()

@@ -111,8 +111,10 @@ class TokenRecord(msgspec.Struct, frozen=True, kw_only=True):
 class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One agent's dataplane in a mesh. ``spec``: JSON.
 
-    ``applied_version`` (the snapshot version it runs), ``last_seen`` and
-    ``cert_not_after`` are its status, reported by ``update_dataplane_status``.
+    ``applied_version`` (the snapshot version it runs), ``last_seen``,
+    ``cert_not_after`` and ``last_error`` (why it refused the latest config; "" when
+    it runs the latest one it was given) are its status, reported by
+    ``update_dataplane_status``.
     """
 
     mesh: str
@@ -124,6 +126,7 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     applied_version: int = 0
     last_seen: float
     cert_not_after: float | None = None
+    last_error: str = ""
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -236,8 +239,12 @@ class Store(Protocol):
         applied_version: int,
         last_seen: float,
         cert_not_after: float | None,
+        last_error: str | None = None,
     ) -> DataplaneRecord:
-        """Record a heartbeat; does not change the mesh revision. Raises NotFound."""
+        """Record a heartbeat; does not change the mesh revision. Raises NotFound.
+
+        ``last_error``: None keeps the stored one; "" clears it.
+        """
         ...
 
     async def get_dataplane(self, mesh: str, name: str) -> DataplaneRecord:

@@ -124,6 +124,7 @@ class _DataplaneDoc(msgspec.Struct, frozen=True, kw_only=True):
     applied_version: int
     last_seen: float
     cert_not_after: float | None
+    last_error: str = ""  # added later: older documents have none
 
 
 def _mesh_doc(record: MeshRecord) -> bytes:
@@ -184,6 +185,7 @@ def _dataplane_doc(record: DataplaneRecord) -> bytes:
             applied_version=record.applied_version,
             last_seen=record.last_seen,
             cert_not_after=record.cert_not_after,
+            last_error=record.last_error,
         )
     )
 
@@ -199,6 +201,7 @@ def _dataplane_record(doc: _DataplaneDoc) -> DataplaneRecord:
         applied_version=doc.applied_version,
         last_seen=doc.last_seen,
         cert_not_after=doc.cert_not_after,
+        last_error=doc.last_error,
     )
 
 
@@ -523,8 +526,11 @@ class ConsulKvStore:
         applied_version: int,
         last_seen: float,
         cert_not_after: float | None,
+        last_error: str | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat without changing the mesh revision. Cancel point.
+
+        ``last_error``: None keeps the stored one.
 
         Raises:
             NotFound, StoreUnavailable.
@@ -542,6 +548,7 @@ class ConsulKvStore:
                 applied_version=applied_version,
                 last_seen=last_seen,
                 cert_not_after=cert_not_after,
+                last_error=current.last_error if last_error is None else last_error,
             )
             update = KvOp(verb="cas", key=key, value=_dataplane_doc(new), index=entry.modify_index)
             return [_Step(update)], new

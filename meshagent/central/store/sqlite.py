@@ -144,7 +144,11 @@ def _schema_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: Final[tuple[Migration, ...]] = (_schema_v1,)
+def _dataplane_last_error(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE dataplanes ADD COLUMN last_error TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (_schema_v1, _dataplane_last_error)
 
 
 # ---------------------------------------------------------------------------- the store
@@ -419,11 +423,12 @@ class SqliteStore:
             _require_mesh(conn, record.mesh)
             conn.execute(
                 f"INSERT INTO dataplanes ({_DATAPLANE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (mesh, name) DO UPDATE SET node = excluded.node,"
                 " address = excluded.address, services = excluded.services,"
                 " spec = excluded.spec, applied_version = excluded.applied_version,"
-                " last_seen = excluded.last_seen, cert_not_after = excluded.cert_not_after",
+                " last_seen = excluded.last_seen, cert_not_after = excluded.cert_not_after,"
+                " last_error = excluded.last_error",
                 (
                     record.mesh,
                     record.name,
@@ -434,6 +439,7 @@ class SqliteStore:
                     record.applied_version,
                     record.last_seen,
                     record.cert_not_after,
+                    record.last_error,
                 ),
             )
             _bump_revision(conn, record.mesh)
@@ -449,8 +455,11 @@ class SqliteStore:
         applied_version: int,
         last_seen: float,
         cert_not_after: float | None,
+        last_error: str | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat without changing the mesh revision. Cancel point.
+
+        ``last_error``: None keeps the stored one.
 
         Raises:
             NotFound, StoreUnavailable.
@@ -458,9 +467,9 @@ class SqliteStore:
 
         def update(conn: sqlite3.Connection) -> DataplaneRecord:
             changed = conn.execute(
-                "UPDATE dataplanes SET applied_version = ?, last_seen = ?, cert_not_after = ?"
-                " WHERE mesh = ? AND name = ?",
-                (applied_version, last_seen, cert_not_after, mesh, name),
+                "UPDATE dataplanes SET applied_version = ?, last_seen = ?, cert_not_after = ?,"
+                " last_error = coalesce(?, last_error) WHERE mesh = ? AND name = ?",
+                (applied_version, last_seen, cert_not_after, last_error, mesh, name),
             ).rowcount
             if changed == 0:
                 raise NotFound(f"{dataplane_ref(mesh, name)} not found")
@@ -728,7 +737,8 @@ class SqliteStore:
 _MESH_COLUMNS = "name, spec, ca, version, created_at"
 _POLICY_COLUMNS = "mesh, kind, name, spec, version, updated_at"
 _DATAPLANE_COLUMNS = (
-    "mesh, name, node, address, services, spec, applied_version, last_seen, cert_not_after"
+    "mesh, name, node, address, services, spec, applied_version, last_seen, cert_not_after,"
+    " last_error"
 )
 _TOKEN_COLUMNS = "id, mesh, kind, digest, services, meshes, expires_at, uses_left, created_at"
 _AUDIT_COLUMNS = "at, actor, action, mesh, target, detail"
@@ -749,7 +759,7 @@ def _policy(row: Any) -> PolicyRecord:
 
 
 def _dataplane(row: Any) -> DataplaneRecord:
-    mesh, name, node, address, services, spec, applied, last_seen, not_after = row
+    mesh, name, node, address, services, spec, applied, last_seen, not_after, error = row
     return DataplaneRecord(
         mesh=mesh,
         name=name,
@@ -760,6 +770,7 @@ def _dataplane(row: Any) -> DataplaneRecord:
         applied_version=applied,
         last_seen=last_seen,
         cert_not_after=not_after,
+        last_error=error,
     )
 
 
