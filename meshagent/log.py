@@ -8,6 +8,7 @@ The event name comes first so lines read well in ``journalctl``; every line carr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, ClassVar, TextIO
@@ -20,13 +21,32 @@ class _Settings:
     fmt = "logfmt"
     stream: TextIO | None = None
     context: ClassVar[dict[str, Any]] = {}
+    # Loggers whose lines go elsewhere than ``stream``: a file, or None (dropped).
+    routes: ClassVar[dict[str, TextIO | None]] = {}
 
 
-def configure(*, level: str = "info", fmt: str = "logfmt", **context: Any) -> None:
-    """Set the level, format and fields added to every line (e.g. ``mesh``, ``node``)."""
+def configure(
+    *,
+    level: str = "info",
+    fmt: str = "logfmt",
+    routes: dict[str, TextIO | None] | None = None,
+    **context: Any,
+) -> None:
+    """Set the level, format, where some loggers write (``routes``: name -> an open
+    text file, or None to drop their lines) and fields added to every line (e.g.
+    ``mesh``, ``node``)."""
     _Settings.level = _LEVELS[level]
     _Settings.fmt = fmt
+    _Settings.routes = dict(routes or {})
     _Settings.context = dict(context)
+
+
+def open_log_file(path: str) -> TextIO:
+    """Open ``path`` for appending lines (created 0640). Raises OSError.
+
+    Appends are atomic per line and survive ``logrotate``'s ``copytruncate``."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
 
 def _quote(value: Any) -> str:
@@ -44,11 +64,19 @@ class Logger:
 
     def enabled(self, level: str) -> bool:
         """Would a line at ``level`` be written? (Skip building costly fields if not.)"""
+        if self.name in _Settings.routes and _Settings.routes[self.name] is None:
+            return False
         return _LEVELS[level] >= _Settings.level
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if _LEVELS[level] < _Settings.level:
             return
+        stream = _Settings.stream or sys.stderr
+        if self.name in _Settings.routes:
+            routed = _Settings.routes[self.name]
+            if routed is None:
+                return
+            stream = routed
         record: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
             "level": level,
@@ -61,7 +89,6 @@ class Logger:
             line = json.dumps(record, default=str)
         else:
             line = " ".join(f"{k}={_quote(v)}" for k, v in record.items() if v is not None)
-        stream = _Settings.stream or sys.stderr
         stream.write(line + "\n")
         stream.flush()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
 
@@ -124,7 +124,18 @@ def run(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
         more = f" (and {len(problems) - 1} more: meshagent check)" if len(problems) > 1 else ""
         fail(problems[0] + more)
     assert isinstance(loaded, AgentConfig)
-    log.configure(level=loaded.log.level, fmt=loaded.log.format, mesh=loaded.mesh, node=loaded.node)
+    routes: dict[str, TextIO | None] = {}
+    if loaded.log.access == "off":
+        routes["access"] = None
+    elif loaded.log.access != "stderr":
+        try:
+            routes["access"] = log.open_log_file(loaded.log.access)
+        except OSError as exc:
+            fail(f"log.access: cannot open {loaded.log.access}: {exc.strerror or exc}")
+    log.configure(
+        level=loaded.log.level, fmt=loaded.log.format, routes=routes,
+        mesh=loaded.mesh, node=loaded.node,
+    )
     try:
         trio.run(run_agent, loaded)
     except* (ConfigError, BindError, JoinError) as group:

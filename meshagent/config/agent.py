@@ -117,6 +117,9 @@ class LimitSettings(_Strict, frozen=True, kw_only=True):
 class LogSettings(_Strict, frozen=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["logfmt", "json"] = "logfmt"
+    # HTTP access log (one line per request): "stderr" (with the rest), "off", or an
+    # absolute file path (appended to; rotate it with logrotate's copytruncate).
+    access: str = "stderr"
 
 
 class AgentConfig(_Strict, frozen=True, kw_only=True):
@@ -290,6 +293,10 @@ def validate_agent(config: AgentConfig) -> list[str]:
             problems.append(f"admin: {config.admin!r} is not ip:port (\"\" turns it off)")
         elif int(port):
             claim("admin", host, int(port))
+    if config.log.access not in ("stderr", "off") and not config.log.access.startswith("/"):
+        problems.append(
+            f'log.access: {config.log.access!r} must be "stderr", "off" or an absolute path'
+        )
     limits = config.limits
     for field in ("connect_timeout", "handshake_timeout", "idle_timeout", "drain_timeout"):
         if getattr(limits, field) <= 0:

@@ -51,6 +51,8 @@ def test_strangler_route_and_canary_through_http_agents(tmp_path: Path, consul: 
         web_cfg = agent_config("web", "127.0.0.2", ca, "web", consul=consul,
                                outbound=[{"service": "monolith", "port": web_port, "protocol": "http"}])
         web_cfg["policies"] = str(policies)
+        access_log = tmp_path / "web-access.log"
+        web_cfg["log"] = {"level": "debug", "access": str(access_log)}
         agents.append(start_agent(web_cfg, tmp_path, "web"))
         with running(*agents), httpx.Client(base_url=f"http://127.0.0.1:{web_port}", trust_env=False,
                                             timeout=10) as http:
@@ -72,6 +74,10 @@ def test_strangler_route_and_canary_through_http_agents(tmp_path: Path, consul: 
                   'mesh="shop",route="orders-migration",source="",subset="orders[version=v2]"}')
             assert v2 in metrics
             assert 'meshagent_http_request_duration_seconds_bucket{destination="monolith"' in metrics
+            lines = access_log.read_text().splitlines()
+            assert len(lines) >= 490 and all("logger=access" in line for line in lines)
+            assert any("path=/users/7" in line and "status=200" in line for line in lines)
+            assert "logger=access" not in agents[-1].output()
 
 
 def test_a_256_mib_upload_streams_with_bounded_agent_memory(tmp_path: Path) -> None:
