@@ -4,7 +4,7 @@
     GET    /v1/meshes                               meshes the caller may see
     POST   /v1/meshes                               create a mesh (global admins)
     GET    /v1/meshes/{mesh}                        one mesh, with its CA certificate
-    PATCH  /v1/meshes/{mesh}                        change ``mtls``
+    PATCH  /v1/meshes/{mesh}                        change ``mtls`` and/or ``default_allow``
     DELETE /v1/meshes/{mesh}                        delete a mesh (global admins)
     POST   /v1/meshes/{mesh}/tokens                 a join token (shown once)
     POST   /v1/tokens/admin                         a mesh-scoped admin token (global admins)
@@ -58,7 +58,7 @@ from meshagent.central.meshes import (
     plan_apply,
     policy_records,
     policy_view,
-    with_mtls,
+    with_settings,
 )
 from meshagent.central.store import (
     AuditRecord,
@@ -115,13 +115,17 @@ class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 class MeshCreate(_Strict, frozen=True, kw_only=True):
     name: str
     mtls: MtlsMode = "strict"
+    default_allow: bool = True  # False: strict; only what a TrafficPermission allows
     ca: CaKind = "builtin"
     ca_cert: str | None = None
     ca_key: str | None = None
 
 
 class MeshPatch(_Strict, frozen=True, kw_only=True):
-    mtls: MtlsMode
+    """At least one of the two; what is not named stays as it is."""
+
+    mtls: MtlsMode | None = None
+    default_allow: bool | None = None
 
 
 class JoinTokenCreate(_Strict, frozen=True, kw_only=True):
@@ -270,6 +274,7 @@ async def create_mesh(request: Request, state: CentralState, principal: Principa
         now=state.clock(),
         ca_cert=body.ca_cert,
         ca_key=body.ca_key,
+        default_allow=body.default_allow,
     )
     stored = await state.store.create_mesh(record)
     await _audit(
@@ -278,7 +283,7 @@ async def create_mesh(request: Request, state: CentralState, principal: Principa
         "mesh.create",
         mesh=body.name,
         target=f"mesh {body.name}",
-        detail=f"mtls={body.mtls} ca={body.ca}",
+        detail=f"mtls={body.mtls} default_allow={str(body.default_allow).lower()} ca={body.ca}",
     )
     log.info("mesh created", mesh=body.name, ca=body.ca, actor=principal.token_id)
     return JSONResponse(mesh_view(stored, with_ca_cert=True), status_code=201)
@@ -295,17 +300,23 @@ async def patch_mesh(request: Request, state: CentralState, principal: Principal
     mesh = request.path_params["mesh"]
     await _visible_mesh(state, principal, mesh)
     body = await _json_body(request, state, MeshPatch)
+    changes = {
+        key: str(value).lower() if isinstance(value, bool) else value
+        for key, value in msgspec.structs.asdict(body).items()
+        if value is not None
+    }
+    if not changes:
+        raise ApiError(400, "request body: name mtls and/or default_allow to change")
     current = await state.store.get_mesh(mesh)
-    stored = await state.store.update_mesh(
-        with_mtls(current, body.mtls), expected_version=current.version
-    )
+    changed = with_settings(current, mtls=body.mtls, default_allow=body.default_allow)
+    stored = await state.store.update_mesh(changed, expected_version=current.version)
     await _audit(
         state,
         principal,
         "mesh.update",
         mesh=mesh,
         target=f"mesh {mesh}",
-        detail=f"mtls={body.mtls}",
+        detail=" ".join(f"{key}={value}" for key, value in changes.items()),
     )
     return JSONResponse(mesh_view(stored, with_ca_cert=True))
 
@@ -601,7 +612,7 @@ OPENAPI: Final[dict[str, Any]] = {
         },
         "/v1/meshes/{mesh}": {
             "get": _op("Get a mesh", params=_M),
-            "patch": _op("Change mtls", body="MeshPatch", params=_M),
+            "patch": _op("Change mtls and/or default_allow", body="MeshPatch", params=_M),
             "delete": _op("Delete a mesh", params=_M),
         },
         "/v1/meshes/{mesh}/tokens": {

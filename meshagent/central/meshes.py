@@ -3,7 +3,7 @@
 Theory of operation:
 
 * A mesh is stored as a ``MeshRecord`` whose ``spec`` is the JSON of ``MeshSpec``
-  (mTLS mode, CA kind, CA certificate PEM: all public) and whose ``ca`` is the CA's
+  (mTLS mode, default_allow, CA kind, CA certificate PEM: all public) and whose ``ca`` is the CA's
   private key sealed with the operator's key (``pki.secrets.seal``, AES-256-GCM, the
   mesh name as associated data). A private key is never stored in clear.
 * ``builtin``: the central agent makes the CA (``pki.ca.create_ca``). ``provided``: the
@@ -43,9 +43,15 @@ class MeshError(ValueError):
 
 
 class MeshSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What ``MeshRecord.spec`` holds (JSON). Public: no key material."""
+    """What ``MeshRecord.spec`` holds (JSON). Public: no key material.
+
+    ``default_allow``: may a service that no TrafficPermission names be called by every
+    service of the mesh? True (the default) eases a migration; a strict mesh sets it to
+    False, so only what a TrafficPermission allows gets through.
+    """
 
     mtls: MtlsMode = "strict"
+    default_allow: bool = True
     ca: CaKind = "builtin"
     ca_cert: str
 
@@ -73,6 +79,7 @@ def new_mesh(
     now: float,
     ca_cert: str | None = None,
     ca_key: str | None = None,
+    default_allow: bool = True,
 ) -> MeshRecord:
     """The record of a new mesh, its CA made (builtin) or checked (provided), key sealed.
 
@@ -91,7 +98,7 @@ def new_mesh(
             raise MeshError('ca = "provided" needs both ca_cert and ca_key (PEM)')
         cert_pem, key_pem = ca_cert.encode(), ca_key.encode()
         check_provided_ca(name, cert_pem, key_pem, now=now)
-    spec = MeshSpec(mtls=mtls, ca=ca, ca_cert=cert_pem.decode())
+    spec = MeshSpec(mtls=mtls, default_allow=default_allow, ca=ca, ca_cert=cert_pem.decode())
     return MeshRecord(
         name=name,
         spec=encode_spec(spec),
@@ -131,9 +138,16 @@ def check_provided_ca(mesh: str, cert_pem: bytes, key_pem: bytes, *, now: float)
         raise MeshError(f"ca_cert expired on {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
-def with_mtls(record: MeshRecord, mtls: MtlsMode) -> MeshRecord:
-    """The record with another mTLS mode (CA unchanged)."""
-    spec = msgspec.structs.replace(decode_spec(record), mtls=mtls)
+def with_settings(
+    record: MeshRecord, *, mtls: MtlsMode | None = None, default_allow: bool | None = None
+) -> MeshRecord:
+    """The record with another mTLS mode and/or default_allow (None: unchanged; the CA
+    stays)."""
+    spec = decode_spec(record)
+    if mtls is not None:
+        spec = msgspec.structs.replace(spec, mtls=mtls)
+    if default_allow is not None:
+        spec = msgspec.structs.replace(spec, default_allow=default_allow)
     return msgspec.structs.replace(record, spec=encode_spec(spec))
 
 
@@ -143,6 +157,7 @@ def mesh_view(record: MeshRecord, *, with_ca_cert: bool) -> dict[str, object]:
     view: dict[str, object] = {
         "name": record.name,
         "mtls": spec.mtls,
+        "default_allow": spec.default_allow,
         "ca": spec.ca,
         "version": record.version,
         "created_at": record.created_at,

@@ -1,7 +1,7 @@
 """``meshagent central`` and the operator commands that talk to it.
 
     meshagent central --config central.toml        run the central agent
-    meshagent mesh create|set-mtls                 meshes
+    meshagent mesh create|set|set-mtls             meshes
     meshagent token create                         join tokens, mesh-scoped admin tokens
     meshagent apply -f FILE                        policies (TOML or JSON)
     meshagent get meshes|policies                  tables, or -o json
@@ -268,7 +268,7 @@ def _print_table(columns: list[str], rows: list[list[str]]) -> None:
 
 mesh_app = typer.Typer(
     cls=_Group,
-    help="Create meshes and change their mTLS mode.",
+    help="Create meshes and change their mTLS mode and default permission.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -279,7 +279,8 @@ mesh_app = typer.Typer(
     cls=_Command,
     epilog=(
         "Examples: meshagent mesh create shop --mtls permissive; "
-        "meshagent mesh create bank --ca provided --ca-cert ca.pem --ca-key ca-key.pem"
+        "meshagent mesh create bank --default-deny --ca provided --ca-cert ca.pem "
+        "--ca-key ca-key.pem"
     ),
 )
 def mesh_create(
@@ -287,6 +288,13 @@ def mesh_create(
     mtls: Annotated[
         str, typer.Option(metavar="MODE", help="strict, permissive or off.")
     ] = "strict",
+    default_deny: Annotated[
+        bool,
+        typer.Option(
+            "--default-deny",
+            help="Strict: a service no TrafficPermission names takes no callers.",
+        ),
+    ] = False,
     ca: Annotated[str, typer.Option(metavar="KIND", help="builtin or provided.")] = "builtin",
     ca_cert: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Provided CA certificate (PEM).")
@@ -305,13 +313,60 @@ def mesh_create(
         _fail("--ca provided needs --ca-cert FILE and --ca-key FILE")
     if ca == "builtin" and (ca_cert is not None or ca_key is not None):
         _fail("--ca-cert and --ca-key go with --ca provided")
-    body: dict[str, Any] = {"name": name, "mtls": mtls, "ca": ca}
+    body: dict[str, Any] = {
+        "name": name, "mtls": mtls, "default_allow": not default_deny, "ca": ca
+    }
     if ca_cert is not None and ca_key is not None:
         body["ca_cert"] = _read_file("--ca-cert", ca_cert)
         body["ca_key"] = _read_file("--ca-key", ca_key)
     with _client(central_url, central_ca, token_file) as client:
         mesh = client.call("POST", "/v1/meshes", json=body)
-    typer.echo(f"created mesh {mesh['name']} (mtls {mesh['mtls']}, {mesh['ca']} CA)")
+    typer.echo(
+        f"created mesh {mesh['name']} (mtls {mesh['mtls']}, {_default(mesh)}, "
+        f"{mesh['ca']} CA)"
+    )
+
+
+def _default(mesh: dict[str, Any]) -> str:
+    return "default allow" if mesh.get("default_allow", True) else "default deny"
+
+
+@mesh_app.command(
+    "set",
+    cls=_Command,
+    epilog=(
+        "Examples: meshagent mesh set shop --default-deny; "
+        "meshagent mesh set shop --mtls strict --default-deny"
+    ),
+)
+def mesh_set(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Mesh name.")],
+    mtls: Annotated[
+        str | None, typer.Option(metavar="MODE", help="strict, permissive or off.")
+    ] = None,
+    default_allow: Annotated[
+        bool | None,
+        typer.Option(
+            "--default-allow/--default-deny",
+            help="May a service no TrafficPermission names take every caller of the mesh?",
+            show_default=False,
+        ),
+    ] = None,
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """Change a mesh's mTLS mode and/or default permission (strict meshes: --default-deny)."""
+    body: dict[str, Any] = {}
+    if mtls is not None:
+        body["mtls"] = mtls
+    if default_allow is not None:
+        body["default_allow"] = default_allow
+    if not body:
+        _fail("nothing to change: pass --mtls MODE, --default-allow or --default-deny")
+    with _client(central_url, central_ca, token_file) as client:
+        mesh = client.call("PATCH", f"/v1/meshes/{name}", json=body)
+    typer.echo(f"mesh {mesh['name']}: mtls {mesh['mtls']}, {_default(mesh)}")
 
 
 @mesh_app.command(
@@ -499,8 +554,17 @@ def get_meshes(
         _print_json(meshes)
         return
     _print_table(
-        ["NAME", "MTLS", "CA", "VERSION"],
-        [[m["name"], m["mtls"], m["ca"], str(m["version"])] for m in meshes],
+        ["NAME", "MTLS", "DEFAULT", "CA", "VERSION"],
+        [
+            [
+                m["name"],
+                m["mtls"],
+                "allow" if m.get("default_allow", True) else "deny",
+                m["ca"],
+                str(m["version"]),
+            ]
+            for m in meshes
+        ],
     )
 
 

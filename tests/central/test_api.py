@@ -141,6 +141,24 @@ async def test_patch_mtls(central: Central) -> None:
     await central.call("PATCH", "/v1/meshes/nope", json={"mtls": "off"}, status=404)
 
 
+async def test_default_allow_at_create_and_by_patch(central: Central) -> None:
+    created = await central.create_mesh("shop")
+    assert created["default_allow"] is True
+    strict = await central.create_mesh("bank", default_allow=False)
+    assert strict["default_allow"] is False and strict["mtls"] == "strict"
+    opened = await central.call("PATCH", "/v1/meshes/bank", json={"default_allow": True})
+    assert (opened["default_allow"], opened["mtls"]) == (True, "strict")
+    both = await central.call(
+        "PATCH", "/v1/meshes/shop", json={"mtls": "permissive", "default_allow": False}
+    )
+    assert (both["mtls"], both["default_allow"], both["version"]) == ("permissive", False, 2)
+    answer = await central.call("PATCH", "/v1/meshes/shop", json={}, status=400)
+    assert "mtls and/or default_allow" in answer["error"]
+    await central.call("PATCH", "/v1/meshes/shop", json={"default_allow": "no"}, status=400)
+    entries = (await central.call("GET", "/v1/meshes/shop/audit"))["entries"]
+    assert entries[0]["detail"] == "mtls=permissive default_allow=false"
+
+
 async def test_apply_valid_policies(central: Central) -> None:
     await central.create_mesh("shop")
     body = SHOP_POLICIES.read_bytes()
