@@ -81,19 +81,47 @@ def load_document(data: bytes, *, source: str) -> list[Resource]:
             problems.append(f"{source}: {kind} must be a list of tables ([[{kind}]])")
             continue
         for index, item in enumerate(items):
-            label = _label(kind, index, item)
-            try:
-                resource = convert(item, KINDS[kind], source=f"{source}: {label}")
-            except ConfigError as exc:
-                problems.append(str(exc))
-                continue
-            violations = validate(resource)
-            problems += [f"{source}: {label}: {v}" for v in violations]
-            if not violations:
+            resource, found = _resource(kind, _label(kind, index, item), item, source)
+            problems += found
+            if resource is not None:
                 resources.append(resource)
     if problems:
         raise PolicyError(problems)
     return resources
+
+
+def _resource(kind: str, label: str, item: Any, source: str) -> tuple[Resource | None, list[str]]:
+    """One resource of a known ``kind``, checked (shape, then meaning), or its problems."""
+    try:
+        resource = convert(item, KINDS[kind], source=f"{source}: {label}")
+    except ConfigError as exc:
+        return None, [str(exc)]
+    violations = validate(resource)
+    if violations:
+        return None, [f"{source}: {label}: {v}" for v in violations]
+    return resource, []
+
+
+def decode(kind: str, data: bytes, *, source: str) -> Resource:
+    """The inverse of ``encode``: one resource of ``kind`` from its JSON, checked as
+    ``load_document`` checks it (what the central agent reads back from its store).
+
+    Raises:
+        PolicyError: an unknown kind, JSON that is not one table, or every problem of
+            the resource, each one line naming ``source``.
+    """
+    if kind not in KINDS:
+        raise PolicyError([f"{source}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}"])
+    try:
+        item = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise PolicyError([f"{source}: not valid JSON: {exc}"]) from None
+    if not isinstance(item, dict):
+        raise PolicyError([f"{source}: expected one {kind} table"])
+    resource, problems = _resource(kind, _label(kind, 0, item), item, source)
+    if resource is None:
+        raise PolicyError(problems)
+    return resource
 
 
 def policy_files(path: Path) -> list[Path]:

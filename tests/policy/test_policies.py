@@ -183,6 +183,29 @@ def test_encode_round_trips_every_example() -> None:
         assert load_document(document, source="x.json") == [resource]
 
 
+def test_decode_is_the_inverse_of_encode_and_checks_like_load_document() -> None:
+    from meshagent.policy.load import decode, encode
+    from meshagent.policy.model import kind_of
+
+    for resource in load_paths([EXAMPLES]):
+        assert decode(kind_of(resource), encode(resource), source="stored") == resource
+    bad = [
+        ("Nope", b"{}", "stored: unknown kind 'Nope'"),
+        ("Timeout", b"{not json", "stored: not valid JSON"),
+        ("Timeout", b"[]", "stored: expected one Timeout table"),
+        ("TrafficPermission", b'{"name": "p", "mesh": "shop", "destination": "a"}',
+         'stored: TrafficPermission "p"'),
+        ("TrafficRoute", b'{"name": "r", "mesh": "shop", "destination": "m", "rule": '
+         b'[{"split": [{"service": "a", "weight": -1}]}]}',
+         'stored: TrafficRoute "r": rule[0].split[0].weight'),
+    ]
+    for kind, data, start in bad:
+        with pytest.raises(PolicyError) as refused:
+            decode(kind, data, source="stored")
+        assert refused.value.problems[0].startswith(start), refused.value.problems
+        assert all("\n" not in p for p in refused.value.problems)
+
+
 def test_connect_and_idle_timeouts_apply_per_destination() -> None:
     from meshagent.snapshot.model import RequestPolicy, Snapshot, Timeouts
 
