@@ -19,7 +19,9 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"routing", "snapshot"},
     "dataplane": {"dataplane", "snapshot", "pki", "protocol", "routing", "log"},
     "discovery": {"discovery", "log", "__init__"},
-    "central": {"central", "discovery", "log", "snapshot", "config", "policy", "pki", "__init__"},
+    "central": {
+        "central", "discovery", "log", "systemd", "snapshot", "config", "policy", "pki", "__init__"
+    },
 }
 PURE = {"snapshot", "config", "policy", "pki", "protocol", "routing"}
 IO_LIBRARIES = {"trio", "httpx", "ssl", "asyncio"}  # socket.gethostname is fine

@@ -297,10 +297,12 @@ async def _run_auxiliary(
     *,
     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The tasks that live as long as the data path: the signal watcher and the admin
-    endpoint. ``started(scope)``: cancelling it ends them once the data path drained."""
+    """The tasks that live as long as the data path: the signal watcher, systemd's
+    watchdog pings and the admin endpoint. ``started(scope)``: cancelling it ends them
+    once the data path drained."""
     async with trio.open_nursery() as auxiliary:
         auxiliary.start_soon(_watch_signals, shutdown, force)
+        auxiliary.start_soon(systemd.watchdog)
         if admin_address:
             try:
                 await auxiliary.start(serve_admin, admin_address, admin)

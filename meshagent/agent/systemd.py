@@ -1,25 +1,10 @@
-"""sd_notify: tell systemd we are ready, stopping, or alive (Type=notify units).
+"""sd_notify for the agent: ``notify`` (READY=1, STOPPING=1) and the ``watchdog`` task.
 
-A no-op when ``NOTIFY_SOCKET`` is unset (not started by systemd)."""
+Both live in ``meshagent/systemd.py``, which the central agent uses too (it may not
+import ``agent``); this module keeps the agent's imports where they were."""
 
 from __future__ import annotations
 
-import os
-import socket
+from meshagent.systemd import notify, watchdog, watchdog_interval
 
-
-def notify(state: str) -> bool:
-    """Send ``state`` (e.g. "READY=1") to $NOTIFY_SOCKET; True if sent. Not async: one
-    datagram to a local socket never blocks for long."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(state.encode())
-        except OSError:
-            return False
-    return True
+__all__ = ["notify", "watchdog", "watchdog_interval"]

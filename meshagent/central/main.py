@@ -31,6 +31,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
+from meshagent import systemd
 from meshagent.central.api import CentralState, create_app
 from meshagent.central.auth import ADMIN_TOKEN_FILE, ensure_admin_token
 from meshagent.central.store import ConsulKvStore, SqliteStore, Store
@@ -179,6 +180,7 @@ async def run_central(
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(watch)
+            nursery.start_soon(systemd.watchdog, stop)
             binds: list[str] = await nursery.start(
                 partial(serve, app, server_config, shutdown_trigger=stop.wait)
             )
