@@ -27,9 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshagent.central.store import MAX_POLICIES_PER_APPLY, MeshRecord, PolicyRecord
-from meshagent.pki.ca import ca_trust_domain, create_ca, public_der
+from meshagent.pki.ca import PemPair, ca_trust_domain, create_ca, public_der
 from meshagent.pki.identity import NAME_RULE, is_valid_name
-from meshagent.pki.secrets import seal
+from meshagent.pki.secrets import seal, unseal
 from meshagent.policy.load import encode
 from meshagent.policy.model import Resource, kind_of
 
@@ -105,6 +105,17 @@ def new_mesh(
         ca=seal(seal_key, key_pem, context=name),
         created_at=now,
     )
+
+
+def mesh_ca(record: MeshRecord, seal_key: bytes) -> PemPair:
+    """The mesh's CA certificate and its key, unsealed (keep it in memory only).
+
+    Raises:
+        SecretError: the seal key is not the one the key was sealed with, or the blob
+            was altered.
+    """
+    key_pem = unseal(seal_key, record.ca, context=record.name)
+    return PemPair(decode_spec(record).ca_cert.encode(), key_pem)
 
 
 def check_provided_ca(mesh: str, cert_pem: bytes, key_pem: bytes, *, now: float) -> None:

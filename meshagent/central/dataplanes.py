@@ -1,0 +1,247 @@
+"""Dataplanes as the central agent keeps them, and the config it compiles for each one.
+Pure (no trio, no store): functions over records.
+
+Theory of operation:
+
+* A dataplane is stored as a ``DataplaneRecord`` whose ``spec`` is the JSON of
+  ``DataplaneSpec``: its inbounds and outbounds as it joined, and the id of its node
+  credential (a ``TokenRecord`` of kind "node"). Only the token whose id the record
+  names may act for the dataplane, so joining again under the same name (which writes
+  a new record with a new credential) locks out the old credential.
+* ``compile_config`` builds the ``DataplaneConfig`` of one dataplane at one mesh
+  revision from the mesh record, its stored policies and its dataplanes:
+
+  - routes: for each outbound, the TrafficRoute that governs (its source, its
+    service), or the implicit rule to the service itself (``policy.compile``);
+  - permissions: the TrafficPermissions of its inbound services;
+  - request_policies: Timeouts and Retries of every service its routes reach;
+  - mtls, default_allow and ca_bundle: from the mesh;
+  - endpoints, the built-in catalog: for every service its routes reach, one endpoint
+    per inbound of that service on every dataplane of the mesh (itself included),
+    at the dataplane's address. Every reachable service has an entry, empty when
+    nothing serves it.
+
+  The result depends only on its inputs, so one revision always compiles to one
+  config. Heartbeats do not change the revision, so the catalog lists dataplanes
+  whether or not they are online (the agent's outlier detection skips dead
+  endpoints; an operator deletes a dataplane that is gone for good).
+* A stored policy that no longer decodes (written by another meshagent version) is
+  left out and reported in ``Compiled.skipped``, one line each, rather than failing
+  every dataplane of the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from meshagent.central.joining import identities
+from meshagent.central.meshes import decode_spec as decode_mesh_spec
+from meshagent.central.store import DataplaneRecord, MeshRecord, PolicyRecord
+from meshagent.policy.compile import (
+    compile_permissions,
+    compile_request_policies,
+    compile_route,
+    select_route,
+)
+from meshagent.policy.load import PolicyError, decode
+from meshagent.policy.model import Resource
+from meshagent.snapshot.model import Endpoint, OutboundRoutes
+from meshagent.snapshot.wire import DataplaneConfig, InboundSpec, JoinRequest, OutboundSpec
+
+# Agents report their status this often; one not heard from for three heartbeats is offline.
+HEARTBEAT_SECONDS: Final = 10.0
+ONLINE_WITHIN_SECONDS: Final = 3 * HEARTBEAT_SECONDS
+
+
+class DataplaneSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``DataplaneRecord.spec`` holds (JSON). The node token's id is public."""
+
+    inbounds: tuple[InboundSpec, ...] = ()
+    outbounds: tuple[OutboundSpec, ...] = ()
+    node_token_id: str
+
+
+_decode_spec = msgspec.json.Decoder(DataplaneSpec).decode
+
+
+def decode_spec(record: DataplaneRecord) -> DataplaneSpec:
+    """Raises msgspec.DecodeError when the spec is not a ``DataplaneSpec``."""
+    return _decode_spec(record.spec)
+
+
+def new_dataplane(
+    request: JoinRequest, *, node_token_id: str, now: float, cert_not_after: float
+) -> DataplaneRecord:
+    """The record of a dataplane that joins with a checked ``request``."""
+    spec = DataplaneSpec(
+        inbounds=tuple(request.inbounds),
+        outbounds=tuple(request.outbounds),
+        node_token_id=node_token_id,
+    )
+    return DataplaneRecord(
+        mesh=request.mesh,
+        name=request.dataplane,
+        node=request.node,
+        address=request.address,
+        services=tuple(identities(request)),
+        spec=msgspec.json.encode(spec),
+        applied_version=0,
+        last_seen=now,
+        cert_not_after=cert_not_after,
+    )
+
+
+# ---------------------------------------------------------------------------- the view
+
+
+def is_online(record: DataplaneRecord, now: float) -> bool:
+    """Was the dataplane heard from within ``ONLINE_WITHIN_SECONDS``?"""
+    return now - record.last_seen <= ONLINE_WITHIN_SECONDS
+
+
+def dataplane_view(
+    record: DataplaneRecord, *, now: float, latest_version: int
+) -> dict[str, object]:
+    """The admin API's JSON view of a dataplane (never a secret)."""
+    spec = decode_spec(record)
+    return {
+        "name": record.name,
+        "mesh": record.mesh,
+        "node": record.node,
+        "address": record.address,
+        "services": list(record.services),
+        "online": is_online(record, now),
+        "last_seen": record.last_seen,
+        "applied_version": record.applied_version,
+        "latest_version": latest_version,
+        "cert_not_after": record.cert_not_after,
+        "last_error": record.last_error,
+        "inbounds": [msgspec.to_builtins(inbound) for inbound in spec.inbounds],
+        "outbounds": [msgspec.to_builtins(outbound) for outbound in spec.outbounds],
+        "node_token_id": spec.node_token_id,
+    }
+
+
+# ---------------------------------------------------------------------------- compiling
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A dataplane's config, and the stored policies left out of it (one line each)."""
+
+    config: DataplaneConfig
+    skipped: list[str]
+
+
+def decode_policies(records: Iterable[PolicyRecord]) -> tuple[list[Resource], list[str]]:
+    """The resources of stored policies, and one line for each that does not decode."""
+    resources: list[Resource] = []
+    skipped: list[str] = []
+    for record in records:
+        source = f"stored policy {record.kind}/{record.name} of mesh {record.mesh}"
+        try:
+            resources.append(decode(record.kind, record.spec, source=source))
+        except PolicyError as exc:
+            skipped.append(exc.summary())
+    return resources, skipped
+
+
+def compile_config(
+    mesh: MeshRecord,
+    *,
+    revision: int,
+    policies: Sequence[PolicyRecord],
+    dataplane: DataplaneRecord,
+    dataplanes: Sequence[DataplaneRecord],
+) -> Compiled:
+    """The config of ``dataplane`` at mesh ``revision``.
+
+    Args:
+        mesh: the mesh record (mTLS mode, default_allow, CA certificate).
+        revision: the mesh revision the inputs were read at (the config's version).
+        policies: the mesh's stored policies.
+        dataplane: the dataplane to compile for.
+        dataplanes: every dataplane of the mesh (the built-in catalog's source).
+
+    Raises:
+        msgspec.DecodeError: a dataplane record whose spec is not a ``DataplaneSpec``.
+    """
+    mesh_spec = decode_mesh_spec(mesh)
+    resources, skipped = decode_policies(policies)
+    spec = decode_spec(dataplane)
+    routes = compile_routes(resources, mesh=mesh.name, outbounds=spec.outbounds)
+    reachable = sorted({service for route in routes.values() for service in route.services()})
+    config = DataplaneConfig(
+        version=revision,
+        mesh=mesh.name,
+        mtls=mesh_spec.mtls,
+        ca_bundle=mesh_spec.ca_cert,
+        routes=routes,
+        permissions=compile_permissions(
+            resources, mesh=mesh.name, destinations=[i.service for i in spec.inbounds]
+        ),
+        default_allow=mesh_spec.default_allow,
+        request_policies=compile_request_policies(resources, mesh=mesh.name, services=reachable),
+        endpoints=catalog(reachable, dataplanes),
+    )
+    return Compiled(config=config, skipped=skipped)
+
+
+def compile_routes(
+    resources: Sequence[Resource], *, mesh: str, outbounds: Iterable[OutboundSpec]
+) -> dict[str, OutboundRoutes]:
+    """The routes of every outbound, by its service, as its source sees them."""
+    return {
+        outbound.service: compile_route(
+            select_route(
+                resources, mesh=mesh, source=outbound.source, destination=outbound.service
+            ),
+            outbound.service,
+        )
+        for outbound in outbounds
+    }
+
+
+def catalog(
+    services: Iterable[str], dataplanes: Iterable[DataplaneRecord]
+) -> dict[str, tuple[Endpoint, ...]]:
+    """The built-in catalog: for each of ``services``, an endpoint per inbound serving
+    it on any of ``dataplanes``, sorted by address (an empty tuple when none does)."""
+    wanted = set(services)
+    found: dict[str, list[Endpoint]] = {service: [] for service in sorted(wanted)}
+    for record in dataplanes:
+        for inbound in decode_spec(record).inbounds:
+            if inbound.service in wanted:
+                found[inbound.service].append(
+                    Endpoint(
+                        host=record.address,
+                        port=inbound.port,
+                        service=inbound.service,
+                        node=record.node,
+                        tags=tuple(sorted(inbound.tags.items())),
+                    )
+                )
+    return {
+        service: tuple(sorted(endpoints, key=lambda e: (e.host, e.port, e.node)))
+        for service, endpoints in found.items()
+    }
+
+
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "ONLINE_WITHIN_SECONDS",
+    "Compiled",
+    "DataplaneSpec",
+    "catalog",
+    "compile_config",
+    "compile_routes",
+    "dataplane_view",
+    "decode_policies",
+    "decode_spec",
+    "is_online",
+    "new_dataplane",
+]

@@ -1,0 +1,316 @@
+"""The dataplane records and the config compiler (pure: records in, a config out)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from meshagent.central.dataplanes import (
+    HEARTBEAT_SECONDS,
+    ONLINE_WITHIN_SECONDS,
+    catalog,
+    compile_config,
+    dataplane_view,
+    decode_policies,
+    decode_spec,
+    is_online,
+    new_dataplane,
+)
+from meshagent.central.meshes import MtlsMode, new_mesh, policy_records, with_settings
+from meshagent.central.store import DataplaneRecord, MeshRecord, PolicyRecord
+from meshagent.pki.secrets import key_from_file_bytes, new_key_file_bytes
+from meshagent.policy.load import load_document
+from meshagent.snapshot.model import Backend, Endpoint, RequestPolicy
+from meshagent.snapshot.wire import InboundSpec, JoinRequest, OutboundSpec
+from tests.test_layers import imports_of
+
+NOW = 1_800_000_000.0
+PURE_MODULES = ("dataplanes.py", "joining.py", "meshes.py")
+
+POLICIES = b"""
+[[TrafficRoute]]
+name = "orders-migration"
+mesh = "shop"
+destination = "monolith"
+  [[TrafficRoute.rule]]
+  match = { path_prefix = "/orders" }
+  split = [ { service = "orders", weight = 90, tags = { version = "v2" } },
+            { service = "orders", weight = 10, tags = { version = "v1" } } ]
+  [TrafficRoute.default]
+  split = [ { service = "monolith", weight = 100 } ]
+
+[[TrafficRoute]]
+name = "batch-only"
+mesh = "shop"
+source = "batch"
+destination = "monolith"
+  [TrafficRoute.default]
+  split = [ { service = "legacy", weight = 100 } ]
+
+[[TrafficPermission]]
+name = "callers-of-web"
+mesh = "shop"
+sources = ["gateway"]
+destination = "web"
+
+[[TrafficPermission]]
+name = "callers-of-orders"
+mesh = "shop"
+sources = ["web"]
+destination = "orders"
+
+[[Timeout]]
+name = "orders-timeouts"
+mesh = "shop"
+destination = "orders"
+request = "3s"
+
+[[Retry]]
+name = "unrelated"
+mesh = "shop"
+destination = "payments"
+"""
+
+
+@cache
+def shop(default_allow: bool = True, mtls: MtlsMode = "strict") -> MeshRecord:
+    record = new_mesh(
+        "shop",
+        mtls="strict",
+        ca="builtin",
+        seal_key=key_from_file_bytes(new_key_file_bytes()),
+        now=NOW,
+    )
+    return with_settings(record, mtls=mtls, default_allow=default_allow)
+
+
+def stored_policies(document: bytes = POLICIES) -> list[PolicyRecord]:
+    records, problems = policy_records("shop", load_document(document, source="p.toml"), now=NOW)
+    assert not problems
+    return records
+
+
+def dataplane(
+    name: str,
+    address: str,
+    *,
+    inbounds: list[InboundSpec] | None = None,
+    outbounds: list[OutboundSpec] | None = None,
+    **changes: Any,
+) -> DataplaneRecord:
+    request = JoinRequest(
+        mesh="shop",
+        dataplane=name,
+        node=f"node-{name}",
+        address=address,
+        inbounds=inbounds or [],
+        outbounds=outbounds or [],
+        csrs={},
+    )
+    record = new_dataplane(request, node_token_id=f"tok-{name}", now=NOW, cert_not_after=NOW + 3600)
+    return msgspec.structs.replace(record, **changes)
+
+
+WEB = dataplane(
+    "web-1",
+    "10.0.0.1",
+    inbounds=[InboundSpec(service="web", port=15443, protocol="http", tags={"version": "v1"})],
+    outbounds=[OutboundSpec(service="monolith", port=16001, protocol="http", source="web")],
+)
+ORDERS_V1 = dataplane(
+    "orders-1",
+    "10.0.0.3",
+    inbounds=[InboundSpec(service="orders", port=15443, tags={"version": "v1", "zone": "a"})],
+)
+ORDERS_V2 = dataplane(
+    "orders-2",
+    "10.0.0.2",
+    inbounds=[
+        InboundSpec(service="orders", port=15443, tags={"version": "v2"}),
+        InboundSpec(service="orders", port=15444, tags={"version": "v2"}),
+    ],
+)
+MONOLITH = dataplane(
+    "mono", "10.0.0.9", inbounds=[InboundSpec(service="monolith", port=15443)]
+)
+BANK = [ORDERS_V1, ORDERS_V2, MONOLITH, WEB]
+
+
+def compile_for(
+    target: DataplaneRecord,
+    *,
+    mesh: MeshRecord | None = None,
+    policies: list[PolicyRecord] | None = None,
+    dataplanes: list[DataplaneRecord] | None = None,
+) -> Any:
+    return compile_config(
+        mesh or shop(),
+        revision=42,
+        policies=stored_policies() if policies is None else policies,
+        dataplane=target,
+        dataplanes=BANK if dataplanes is None else dataplanes,
+    )
+
+
+def test_these_modules_are_pure() -> None:
+    central = Path(__file__).parents[2] / "meshagent" / "central"
+    for module in PURE_MODULES:
+        imported = imports_of(central / module)
+        assert not {"trio", "httpx", "starlette"} & {name.split(".")[0] for name in imported}
+        assert not any(name.startswith("meshagent.central.store.") for name in imported)
+
+
+def test_new_dataplane_record_and_spec() -> None:
+    assert (WEB.mesh, WEB.name, WEB.node, WEB.address) == ("shop", "web-1", "node-web-1", "10.0.0.1")
+    assert WEB.services == ("web",)
+    assert (WEB.applied_version, WEB.last_seen, WEB.cert_not_after, WEB.last_error) == (
+        0, NOW, NOW + 3600, ""
+    )
+    spec = decode_spec(WEB)
+    assert spec.node_token_id == "tok-web-1"
+    assert spec.inbounds[0].tags == {"version": "v1"} and spec.outbounds[0].source == "web"
+
+
+def test_config_carries_the_mesh_settings_and_version() -> None:
+    config = compile_for(WEB).config
+    assert (config.version, config.mesh, config.mtls, config.default_allow) == (
+        42, "shop", "strict", True
+    )
+    assert config.ca_bundle.startswith("-----BEGIN CERTIFICATE-----")
+    strict = compile_for(WEB, mesh=shop(default_allow=False, mtls="permissive")).config
+    assert (strict.mtls, strict.default_allow) == ("permissive", False)
+
+
+def test_routes_follow_the_traffic_route_of_each_outbound_source() -> None:
+    routes = compile_for(WEB).config.routes
+    assert list(routes) == ["monolith"]
+    rules = routes["monolith"].rules
+    assert [rule.route for rule in rules] == ["orders-migration", "orders-migration"]
+    assert rules[0].match.path_prefix == "/orders"
+    assert rules[0].backends == (
+        Backend(service="orders", tags=(("version", "v2"),), weight=90),
+        Backend(service="orders", tags=(("version", "v1"),), weight=10),
+    )
+    assert rules[1].backends == (Backend(service="monolith", weight=100),)
+    # The batch source has a route of its own.
+    batch = dataplane(
+        "batch-1", "10.0.0.5",
+        outbounds=[OutboundSpec(service="monolith", port=16001, source="batch")],
+    )
+    routes = compile_for(batch).config.routes
+    assert routes["monolith"].rules[0].backends == (Backend(service="legacy", weight=100),)
+
+
+def test_an_outbound_without_a_route_goes_to_its_service() -> None:
+    config = compile_for(WEB, policies=[]).config
+    rules = config.routes["monolith"].rules
+    assert len(rules) == 1 and rules[0].route == "" and rules[0].backends == (
+        Backend(service="monolith"),
+    )
+    assert config.permissions == {} and config.request_policies == {}
+    assert list(config.endpoints) == ["monolith"]
+
+
+def test_permissions_are_those_of_its_inbound_services() -> None:
+    assert compile_for(WEB).config.permissions == {"web": ("gateway",)}
+    assert compile_for(ORDERS_V1).config.permissions == {"orders": ("web",)}
+    assert compile_for(MONOLITH).config.permissions == {}
+
+
+def test_request_policies_of_every_service_its_routes_reach() -> None:
+    policies = compile_for(WEB).config.request_policies
+    assert policies == {"orders": RequestPolicy(request_seconds=3.0)}
+    assert compile_for(ORDERS_V1).config.request_policies == {}  # no outbounds
+
+
+def test_endpoints_are_the_inbounds_of_every_dataplane_serving_a_reachable_service() -> None:
+    endpoints = compile_for(WEB).config.endpoints
+    assert list(endpoints) == ["monolith", "orders"]
+    assert endpoints["orders"] == (
+        Endpoint(host="10.0.0.2", port=15443, service="orders", node="node-orders-2",
+                 tags=(("version", "v2"),)),
+        Endpoint(host="10.0.0.2", port=15444, service="orders", node="node-orders-2",
+                 tags=(("version", "v2"),)),
+        Endpoint(host="10.0.0.3", port=15443, service="orders", node="node-orders-1",
+                 tags=(("version", "v1"), ("zone", "a"))),
+    )
+    assert endpoints["monolith"] == (
+        Endpoint(host="10.0.0.9", port=15443, service="monolith", node="node-mono"),
+    )
+    # Order of the records does not matter; a reachable service nobody serves is empty.
+    alone = compile_for(WEB, dataplanes=[WEB, ORDERS_V1]).config.endpoints
+    assert alone["monolith"] == () and len(alone["orders"]) == 1
+    assert compile_for(WEB, dataplanes=list(reversed(BANK))).config == compile_for(WEB).config
+
+
+def test_a_dataplane_can_reach_its_own_service() -> None:
+    selfish = dataplane(
+        "self-1", "10.0.0.7",
+        inbounds=[InboundSpec(service="web", port=15443)],
+        outbounds=[OutboundSpec(service="web", port=16002, source="web")],
+    )
+    endpoints = compile_for(selfish, dataplanes=[selfish]).config.endpoints
+    assert endpoints == {"web": (Endpoint(host="10.0.0.7", port=15443, service="web", node="node-self-1"),)}
+
+
+def test_catalog_directly() -> None:
+    assert catalog([], BANK) == {}
+    assert catalog(["nothing"], BANK) == {"nothing": ()}
+    assert [e.node for e in catalog(["orders"], BANK)["orders"]] == [
+        "node-orders-2", "node-orders-2", "node-orders-1"
+    ]
+
+
+def test_a_stored_policy_that_no_longer_decodes_is_skipped_and_reported() -> None:
+    good = stored_policies()
+    broken = [
+        PolicyRecord(mesh="shop", kind="TrafficRoute", name="old", updated_at=NOW,
+                     spec=b'{"name": "old", "mesh": "shop", "destination": "monolith", "weights": 1}'),
+        PolicyRecord(mesh="shop", kind="MeshGateway", name="gw", updated_at=NOW, spec=b"{}"),
+    ]
+    resources, skipped = decode_policies([*broken, *good])
+    assert len(resources) == len(good) and len(skipped) == 2
+    assert skipped[0].startswith('stored policy TrafficRoute/old of mesh shop: TrafficRoute "old"')
+    assert "weights" in skipped[0]
+    assert skipped[1].startswith("stored policy MeshGateway/gw of mesh shop: unknown kind")
+    compiled = compile_for(WEB, policies=[*broken, *good])
+    assert compiled.skipped == skipped
+    assert compiled.config == compile_for(WEB).config
+
+
+def test_online_within_three_heartbeats() -> None:
+    assert ONLINE_WITHIN_SECONDS == 3 * HEARTBEAT_SECONDS == 30.0
+    assert is_online(WEB, NOW + 30.0)
+    assert not is_online(WEB, NOW + 30.5)
+
+
+def test_view_shows_status_and_no_secret() -> None:
+    record = msgspec.structs.replace(WEB, applied_version=41, last_error="bad route")
+    view = dataplane_view(record, now=NOW + 5, latest_version=42)
+    assert view == {
+        "name": "web-1",
+        "mesh": "shop",
+        "node": "node-web-1",
+        "address": "10.0.0.1",
+        "services": ["web"],
+        "online": True,
+        "last_seen": NOW,
+        "applied_version": 41,
+        "latest_version": 42,
+        "cert_not_after": NOW + 3600,
+        "last_error": "bad route",
+        "inbounds": [{"service": "web", "port": 15443, "protocol": "http", "tags": {"version": "v1"}}],
+        "outbounds": [{"service": "monolith", "port": 16001, "protocol": "http", "source": "web"}],
+        "node_token_id": "tok-web-1",
+    }
+    assert dataplane_view(record, now=NOW + 60, latest_version=42)["online"] is False
+
+
+@pytest.mark.parametrize("spec", [b"{}", b'{"node_token_id": 5}'])
+def test_a_spec_that_is_not_a_dataplane_spec_raises(spec: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_spec(msgspec.structs.replace(WEB, spec=spec))
