@@ -1,6 +1,8 @@
-"""The central agent's admin HTTP/JSON API (Starlette, served by hypercorn over TLS).
+"""The central agent's HTTP/JSON API (Starlette, served by hypercorn over TLS).
 
-    GET    /v1/openapi.json                         this API as an OpenAPI 3 document
+Admin endpoints (``Authorization: Bearer <admin token>``)::
+
+    GET    /v1/openapi.json                         this API as an OpenAPI 3 document (no token)
     GET    /v1/meshes                               meshes the caller may see
     POST   /v1/meshes                               create a mesh (global admins)
     GET    /v1/meshes/{mesh}                        one mesh, with its CA certificate
@@ -12,28 +14,38 @@
     PUT    /v1/meshes/{mesh}/policies               apply a TOML/JSON document, all or nothing
     DELETE /v1/meshes/{mesh}/policies/{kind}/{name} delete one policy
     GET    /v1/meshes/{mesh}/audit                  the mesh's audit trail, newest first
+    GET    /v1/meshes/{mesh}/dataplanes             dataplanes: online, versions, expiry, errors
+    DELETE /v1/meshes/{mesh}/dataplanes/{name}      a dataplane and its node credential
+
+Dataplane endpoints (agents; ``central.dataplane_api``, messages in ``snapshot.wire``)::
+
+    POST   /v1/join                                 join with a join token -> 201
+    POST   /v1/dataplanes/{mesh}/{name}/certificates  renew (node credential)
+    GET    /v1/dataplanes/{mesh}/{name}/config      long poll: ?after=<version>&wait=<s>
+    PUT    /v1/dataplanes/{mesh}/{name}/status      heartbeat -> 204
 
 Theory of operation:
 
-* Every endpoint but the OpenAPI document needs ``Authorization: Bearer <admin token>``
-  (``central.auth``). A mesh the caller may not see answers 404, as if it did not exist.
+* Admin endpoints authenticate an admin token (``central.auth.authenticate``). A mesh
+  the caller may not see answers 404, as if it did not exist. Dataplane endpoints
+  authenticate a join token or a node credential themselves; what they cannot use is
+  401, the same line whether or not the mesh or dataplane exists.
 * Every error is JSON ``{"error": "<one line>"}`` (plus ``problems`` for invalid
-  policies) with its status: 400 bad request, 401 no or bad token, 403 a global admin's
-  action, 404, 409 conflict, 413 body over ``max_body_bytes``, 415 unknown content type,
-  503 store unavailable, 500 a bug (logged here; the client sees one line, never a
-  traceback). Store errors are translated once, in ``_endpoint``.
+  policies) with its status: 400 bad request, 401 no or bad token, 403 not allowed
+  (a global admin's action; a service or mesh a token does not grant), 404, 409
+  conflict, 413 body over ``max_body_bytes``, 415 unknown content type, 503 store
+  unavailable, 500 a bug (logged; the client sees one line, never a traceback).
+  Errors are translated once, in ``central.web.guarded``.
 * Every change appends an audit entry: actor (token id), action, mesh, target.
-* Bodies are read through ``_read_body``, which refuses more than ``max_body_bytes``
-  (from Content-Length, or while streaming when there is none).
+* Bodies are read through ``central.web.read_body``, which refuses more than
+  ``max_body_bytes`` (from Content-Length, or while streaming when there is none).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from contextlib import suppress
+from typing import Any, Final
 
 import msgspec
 from starlette.applications import Starlette
@@ -42,15 +54,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from meshagent.central.auth import (
-    Principal,
-    Unauthenticated,
-    admin_token_record,
-    authenticate,
-)
+from meshagent.central import dataplane_api
+from meshagent.central.auth import Principal, admin_token_record, authenticate
+from meshagent.central.dataplanes import dataplane_view, decode_spec
 from meshagent.central.meshes import (
     CaKind,
-    MeshError,
     MtlsMode,
     check_mesh_name,
     mesh_view,
@@ -60,49 +68,38 @@ from meshagent.central.meshes import (
     policy_view,
     with_settings,
 )
-from meshagent.central.store import (
-    AuditRecord,
-    Conflict,
-    NotFound,
-    Store,
-    StoreError,
-    StoreUnavailable,
-    TokenRecord,
+from meshagent.central.store import NotFound, TokenRecord
+from meshagent.central.web import (
+    JSON,
+    ApiError,
+    CentralState,
+    audit,
+    error_response,
+    guarded,
+    json_body,
+    log,
+    media_type,
+    parse_count,
+    read_body,
 )
-from meshagent.config.load import ConfigError, Duration, convert
-from meshagent.log import get_logger
+from meshagent.config.load import Duration
 from meshagent.pki.identity import NAME_RULE, is_valid_name
 from meshagent.pki.secrets import new_token
 from meshagent.policy.load import PolicyError, load_document
 from meshagent.policy.model import KINDS
+from meshagent.snapshot.wire import (
+    MAX_WAIT_SECONDS,
+    Certificates,
+    DataplaneConfig,
+    JoinRequest,
+    JoinResponse,
+    RenewRequest,
+    StatusReport,
+)
 
-log = get_logger("central.api")
-
-MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_AUDIT_ENTRIES: Final = 1000
-_JSON = "application/json"
-_T = TypeVar("_T")
+_JSON = JSON
 _TOML = "application/toml"
-
-
-@dataclass(frozen=True, slots=True)
-class CentralState:
-    """What the API works with. ``clock`` returns seconds since the epoch."""
-
-    store: Store
-    seal_key: bytes
-    join_token_ttl_seconds: float
-    max_body_bytes: int = MAX_BODY_BYTES
-    clock: Callable[[], float] = field(default=time.time)
-
-
-class ApiError(Exception):
-    """An answer other than success; ``str()`` is the one-line error for the client."""
-
-    def __init__(self, status: int, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.problems = problems
 
 
 # ---------------------------------------------------------------------------- request bodies
@@ -145,81 +142,27 @@ class AdminTokenCreate(_Strict, frozen=True, kw_only=True):
 Handler = Callable[[Request, CentralState, Principal], Awaitable[Response]]
 
 
-def _error(status: int, message: str, problems: list[str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message}
-    if problems is not None:
-        body["problems"] = problems
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _endpoint(state: CentralState, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Authenticate, run ``handler``, and turn every error into a JSON answer."""
+    """An admin endpoint: authenticate an admin token, run ``handler``, answer errors."""
 
     async def endpoint(request: Request) -> Response:
-        try:
-            principal = await authenticate(
-                state.store, request.headers.get("authorization"), now=state.clock()
-            )
-            return await handler(request, state, principal)
-        except Unauthenticated as exc:
-            return _error(401, str(exc))
-        except ApiError as exc:
-            return _error(exc.status, str(exc), exc.problems)
-        except NotFound as exc:
-            return _error(404, str(exc))
-        except Conflict as exc:
-            return _error(409, str(exc))
-        except StoreUnavailable as exc:
-            log.error("store unavailable", error=str(exc))
-            return _error(503, "the central agent's store is unavailable; try again")
-        except (StoreError, MeshError) as exc:
-            return _error(400, str(exc))
-        except Exception as exc:
-            log.error(
-                "request failed",
-                method=request.method,
-                path=request.url.path,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return _error(500, "internal error in the central agent (see its log)")
+        principal = await authenticate(
+            state.store, request.headers.get("authorization"), now=state.clock()
+        )
+        return await handler(request, state, principal)
 
-    return endpoint
+    return guarded(endpoint)
 
 
-async def _read_body(request: Request, state: CentralState) -> bytes:
-    limit = state.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is {declared} bytes; at most {limit} are accepted")
-    chunks: list[bytes] = []
-    size = 0
-    async with aclosing(request.stream()) as stream:
-        async for chunk in stream:
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body is over {limit} bytes")
-            chunks.append(chunk)
-    return b"".join(chunks)
+def _agent_endpoint(
+    state: CentralState, handler: Callable[[Request, CentralState], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """A dataplane API endpoint: ``handler`` authenticates the agent itself."""
 
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, state)
 
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-async def _json_body(request: Request, state: CentralState, type_: type[_T]) -> _T:
-    media = _media_type(request)
-    if media not in ("", _JSON):
-        raise ApiError(415, f"content type {media!r} is not accepted; send {_JSON}")
-    body = await _read_body(request, state)
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"request body is not JSON: {exc}") from None
-    try:
-        return convert(data, type_, source="request body")
-    except ConfigError as exc:
-        raise ApiError(400, str(exc)) from None
+    return guarded(endpoint)
 
 
 async def _visible_mesh(state: CentralState, principal: Principal, mesh: str) -> None:
@@ -243,16 +186,7 @@ async def _audit(
     target: str,
     detail: str = "",
 ) -> None:
-    await state.store.append_audit(
-        AuditRecord(
-            at=state.clock(),
-            actor=principal.token_id,
-            action=action,
-            mesh=mesh,
-            target=target,
-            detail=detail,
-        )
-    )
+    await audit(state, principal.token_id, action, mesh=mesh, target=target, detail=detail)
 
 
 # ---------------------------------------------------------------------------- meshes
@@ -265,7 +199,7 @@ async def list_meshes(request: Request, state: CentralState, principal: Principa
 
 async def create_mesh(request: Request, state: CentralState, principal: Principal) -> Response:
     _require_global(principal, "create meshes")
-    body = await _json_body(request, state, MeshCreate)
+    body = await json_body(request, state, MeshCreate)
     record = new_mesh(
         body.name,
         mtls=body.mtls,
@@ -299,7 +233,7 @@ async def get_mesh(request: Request, state: CentralState, principal: Principal) 
 async def patch_mesh(request: Request, state: CentralState, principal: Principal) -> Response:
     mesh = request.path_params["mesh"]
     await _visible_mesh(state, principal, mesh)
-    body = await _json_body(request, state, MeshPatch)
+    body = await json_body(request, state, MeshPatch)
     changes = {
         key: str(value).lower() if isinstance(value, bool) else value
         for key, value in msgspec.structs.asdict(body).items()
@@ -338,7 +272,7 @@ async def create_join_token(
 ) -> Response:
     mesh = request.path_params["mesh"]
     await _visible_mesh(state, principal, mesh)
-    body = await _json_body(request, state, JoinTokenCreate)
+    body = await json_body(request, state, JoinTokenCreate)
     if not body.services:
         raise ApiError(400, "services: name at least one service the token may join as")
     for service in body.services:
@@ -388,7 +322,7 @@ async def create_admin_token(
     request: Request, state: CentralState, principal: Principal
 ) -> Response:
     _require_global(principal, "create admin tokens")
-    body = await _json_body(request, state, AdminTokenCreate)
+    body = await json_body(request, state, AdminTokenCreate)
     if not body.meshes:
         raise ApiError(400, "meshes: name at least one mesh the token may manage")
     for mesh in body.meshes:
@@ -438,11 +372,11 @@ async def list_policies(request: Request, state: CentralState, principal: Princi
 async def apply_policies(request: Request, state: CentralState, principal: Principal) -> Response:
     mesh = request.path_params["mesh"]
     await _visible_mesh(state, principal, mesh)
-    media = _media_type(request)
+    media = media_type(request)
     suffixes = {_JSON: ".json", _TOML: ".toml", "text/toml": ".toml"}
     if media not in suffixes:
         raise ApiError(415, f"content type {media!r} is not accepted; send {_TOML} or {_JSON}")
-    body = await _read_body(request, state)
+    body = await read_body(request, state)
     try:
         resources = load_document(body, source=f"document{suffixes[media]}")
     except PolicyError as exc:
@@ -487,10 +421,47 @@ async def list_audit(request: Request, state: CentralState, principal: Principal
     mesh = request.path_params["mesh"]
     await _visible_mesh(state, principal, mesh)
     text = request.query_params.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= MAX_AUDIT_ENTRIES:
-        raise ApiError(400, f"limit: must be a number from 1 to {MAX_AUDIT_ENTRIES}")
-    entries = await state.store.list_audit(mesh, int(text))
+    limit = parse_count("limit", text, maximum=MAX_AUDIT_ENTRIES)
+    if limit < 1:
+        raise ApiError(400, f"limit: must be a whole number from 1 to {MAX_AUDIT_ENTRIES}")
+    entries = await state.store.list_audit(mesh, limit)
     return JSONResponse({"mesh": mesh, "entries": [msgspec.to_builtins(e) for e in entries]})
+
+
+# ---------------------------------------------------------------------------- dataplanes
+
+
+async def list_dataplanes(request: Request, state: CentralState, principal: Principal) -> Response:
+    mesh = request.path_params["mesh"]
+    await _visible_mesh(state, principal, mesh)
+    latest = await state.store.mesh_revision(mesh)
+    records = await state.store.list_dataplanes(mesh)
+    now = state.clock()
+    views = [dataplane_view(r, now=now, latest_version=latest) for r in records]
+    return JSONResponse({"mesh": mesh, "latest_version": latest, "dataplanes": views})
+
+
+async def delete_dataplane(request: Request, state: CentralState, principal: Principal) -> Response:
+    mesh = request.path_params["mesh"]
+    name = request.path_params["name"]
+    await _visible_mesh(state, principal, mesh)
+    record = await state.store.get_dataplane(mesh, name)
+    token_id = decode_spec(record).node_token_id
+    # The record first: without it the credential opens nothing, even if its own
+    # deletion fails.
+    await state.store.delete_dataplane(mesh, name)
+    with suppress(NotFound):
+        await state.store.delete_token(token_id)
+    await _audit(
+        state,
+        principal,
+        "dataplane.delete",
+        mesh=mesh,
+        target=f"dataplane {name}",
+        detail=f"node credential {token_id} deleted",
+    )
+    log.info("dataplane deleted", mesh=mesh, dataplane=name, actor=principal.token_id)
+    return JSONResponse({"deleted": f"dataplane {name}", "mesh": mesh})
 
 
 # ---------------------------------------------------------------------------- the app
@@ -502,7 +473,7 @@ async def openapi(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, str(exc.detail).lower())
+    return error_response(exc.status_code, str(exc.detail).lower())
 
 
 def create_app(state: CentralState) -> Starlette:
@@ -510,6 +481,13 @@ def create_app(state: CentralState) -> Starlette:
 
     def route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, _endpoint(state, handler), methods=[method])
+
+    def agent(
+        path: str, handler: Callable[[Request, CentralState], Awaitable[Response]], method: str
+    ) -> Route:
+        return Route(path, _agent_endpoint(state, handler), methods=[method])
+
+    dataplane = "/v1/dataplanes/{mesh}/{name}"
 
     routes = [
         Route("/v1/openapi.json", openapi, methods=["GET"]),
@@ -524,6 +502,12 @@ def create_app(state: CentralState) -> Starlette:
         route("/v1/meshes/{mesh}/policies", apply_policies, "PUT"),
         route("/v1/meshes/{mesh}/policies/{kind}/{name}", delete_policy, "DELETE"),
         route("/v1/meshes/{mesh}/audit", list_audit, "GET"),
+        route("/v1/meshes/{mesh}/dataplanes", list_dataplanes, "GET"),
+        route("/v1/meshes/{mesh}/dataplanes/{name}", delete_dataplane, "DELETE"),
+        agent("/v1/join", dataplane_api.join, "POST"),
+        agent(f"{dataplane}/certificates", dataplane_api.renew, "POST"),
+        agent(f"{dataplane}/config", dataplane_api.get_config, "GET"),
+        agent(f"{dataplane}/status", dataplane_api.put_status, "PUT"),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -541,11 +525,16 @@ def _op(
     *,
     auth: bool = True,
     params: tuple[str, ...] = (),
+    answer: str | None = None,
+    query: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": "success"}
+    if answer is not None:
+        success["content"] = {_JSON: {"schema": {"$ref": f"#/components/schemas/{answer}"}}}
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {
-            status: {"description": "success"},
+            status: success,
             "default": {"description": "error", "content": {_JSON: {"schema": _ERROR_REF}}},
         },
     }
@@ -556,11 +545,15 @@ def _op(
         }
     if not auth:
         op["security"] = []
-    if params:
-        op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-            for p in params
-        ]
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (query or {}).items()
+    ]
+    if parameters:
+        op["parameters"] = parameters
     return op
 
 
@@ -570,15 +563,27 @@ def _duration_schema(type_: type) -> dict[str, Any]:
     raise NotImplementedError
 
 
-def _schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+def _schemas(*structs: type[msgspec.Struct]) -> dict[str, Any]:
+    """The schemas of ``structs`` and of every type they refer to, by name."""
     _, components = msgspec.json.schema_components(
-        [struct], schema_hook=_duration_schema, ref_template="{name}"
+        structs, schema_hook=_duration_schema, ref_template="#/components/schemas/{name}"
     )
-    schema: dict[str, Any] = components[struct.__name__]
-    return schema
+    return dict(components)
 
 
 _M = ("mesh",)
+_DP = ("mesh", "name")
+_NODE: list[dict[str, list[str]]] = [{"bearer": []}]  # the node credential from the join
+_POLL = {
+    "after": {"type": "integer", "minimum": 0, "description": "the version the agent has"},
+    "wait": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": MAX_WAIT_SECONDS,
+        "description": f"seconds to wait for another version (default "
+        f"{dataplane_api.DEFAULT_WAIT_SECONDS:g})",
+    },
+}
 _POLICY_DOC = {
     "description": "A policy document: kinds as keys, lists of resources",
     "type": "object",
@@ -597,10 +602,18 @@ OPENAPI: Final[dict[str, Any]] = {
                     "problems": {"type": "array", "items": {"type": "string"}},
                 },
             },
-            "MeshCreate": _schema(MeshCreate),
-            "MeshPatch": _schema(MeshPatch),
-            "JoinTokenCreate": _schema(JoinTokenCreate),
-            "AdminTokenCreate": _schema(AdminTokenCreate),
+            **_schemas(
+                MeshCreate,
+                MeshPatch,
+                JoinTokenCreate,
+                AdminTokenCreate,
+                JoinRequest,
+                JoinResponse,
+                RenewRequest,
+                Certificates,
+                DataplaneConfig,
+                StatusReport,
+            ),
         },
     },
     "security": [{"bearer": []}],
@@ -638,5 +651,51 @@ OPENAPI: Final[dict[str, Any]] = {
             "delete": _op("Delete a policy", params=("mesh", "kind", "name"))
         },
         "/v1/meshes/{mesh}/audit": {"get": _op("The mesh's audit trail", params=_M)},
+        "/v1/meshes/{mesh}/dataplanes": {
+            "get": _op("List dataplanes with their status", params=_M)
+        },
+        "/v1/meshes/{mesh}/dataplanes/{name}": {
+            "delete": _op("Delete a dataplane and its node credential", params=_DP)
+        },
+        "/v1/join": {
+            "post": {
+                **_op(
+                    "Join a mesh (Bearer: a join token)",
+                    "201",
+                    "JoinRequest",
+                    answer="JoinResponse",
+                ),
+                "security": [{"bearer": []}],
+            }
+        },
+        "/v1/dataplanes/{mesh}/{name}/certificates": {
+            "post": {
+                **_op("Renew certificates", body="RenewRequest", params=_DP, answer="Certificates"),
+                "security": _NODE,
+            }
+        },
+        "/v1/dataplanes/{mesh}/{name}/config": {
+            "get": {
+                **_op(
+                    "The dataplane's config (a long poll)",
+                    params=_DP,
+                    answer="DataplaneConfig",
+                    query=_POLL,
+                ),
+                "security": _NODE,
+            }
+        },
+        "/v1/dataplanes/{mesh}/{name}/status": {
+            "put": {**_op("Report status", "204", "StatusReport", params=_DP), "security": _NODE}
+        },
     },
 }
+
+
+__all__ = [
+    "MAX_AUDIT_ENTRIES",
+    "OPENAPI",
+    "ApiError",
+    "CentralState",
+    "create_app",
+]

@@ -10,6 +10,8 @@ Theory of operation:
 * A *global* admin token (``meshes == ()``) sees every mesh and may create meshes and
   admin tokens. A *mesh-scoped* admin token sees only its meshes: any other mesh does
   not exist for it (404, not 403), so a tenant cannot probe other tenants' names.
+* A *node credential* (a "node" token, made when a dataplane joins) acts only for the
+  dataplane whose record names its id (``authenticate_node``).
 * The first global admin token is made at first start and written to
   ``<data_dir>/admin.token`` (0600); later starts reuse it, and register it again if
   the store was replaced.
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import trio
 
-from meshagent.central.store import NotFound, Store, TokenRecord
+from meshagent.central.dataplanes import decode_spec
+from meshagent.central.store import DataplaneRecord, NotFound, Store, TokenRecord
 from meshagent.pki.files import write_private_file
 from meshagent.pki.secrets import SecretError, new_token, token_digest, token_id_of
 
@@ -32,6 +35,10 @@ ADMIN_TOKEN_FILE = "admin.token"
 
 class Unauthenticated(Exception):
     """No usable credentials; ``str()`` is one line for the client (HTTP 401)."""
+
+
+class UnknownToken(Unauthenticated):
+    """The token is not (or no longer) in the store: never issued, deleted, used up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,7 @@ async def find_token(store: Store, authorization: str | None) -> TokenRecord:
     Looked up by its (public) id, then its digest compared in constant time.
 
     Raises:
-        Unauthenticated: missing, malformed or unknown token.
+        Unauthenticated: missing or malformed token; UnknownToken: not in the store.
         StoreUnavailable: the store cannot answer.
     """
     token = bearer_token(authorization)
@@ -93,10 +100,41 @@ async def find_token(store: Store, authorization: str | None) -> TokenRecord:
     except (SecretError, ValueError):
         raise Unauthenticated("not a meshagent token (expected ma1_<id>_<secret>)") from None
     except NotFound:
-        raise Unauthenticated("unknown token") from None
+        raise UnknownToken("unknown token") from None
     if not hmac.compare_digest(record.digest, token_digest(token)):
-        raise Unauthenticated("unknown token")
+        raise UnknownToken("unknown token")
     return record
+
+
+async def authenticate_node(
+    store: Store, authorization: str | None, *, mesh: str, name: str
+) -> tuple[TokenRecord, DataplaneRecord]:
+    """Check that a request comes from the node credential of dataplane ``name`` of
+    ``mesh``: a "node" token whose id that dataplane's record names. Cancel point.
+
+    Returns:
+        The token and the dataplane's record.
+
+    Raises:
+        Unauthenticated: anything else; the same line whether or not the mesh or the
+            dataplane exist, so a credential of one mesh learns nothing of another.
+        StoreUnavailable: the store cannot answer.
+    """
+    token = await find_token(store, authorization)
+    if token.kind != "node":
+        raise Unauthenticated("this token is not a node credential")
+    refused = Unauthenticated(
+        f"this node credential is not valid for dataplane {name} in mesh {mesh}"
+    )
+    if token.mesh != mesh:
+        raise refused
+    try:
+        record = await store.get_dataplane(mesh, name)
+    except NotFound:
+        raise refused from None
+    if decode_spec(record).node_token_id != token.id:
+        raise refused
+    return token, record
 
 
 def _principal(record: TokenRecord, now: float) -> Principal:

@@ -42,11 +42,14 @@ from meshagent.discovery.consul import ConsulClient
 from meshagent.log import get_logger
 from meshagent.pki.files import write_private_file
 from meshagent.pki.secrets import key_from_file_bytes, new_key_file_bytes
+from meshagent.snapshot.wire import MAX_WAIT_SECONDS
 
 log = get_logger("central")
 
 GRACEFUL_SECONDS: Final = 5.0
-READ_TIMEOUT_SECONDS: Final = 30
+# hypercorn closes a connection that sends nothing for this long, even while its
+# request is being answered: it must outlast the longest config long poll.
+READ_TIMEOUT_SECONDS: Final = int(MAX_WAIT_SECONDS) + 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,7 @@ async def run_central(
             store=store,
             seal_key=prepared.seal_key,
             join_token_ttl_seconds=float(config.join_token_ttl),
+            cert_ttl_seconds=float(config.cert_ttl),
         )
         # Starlette is an ASGI app; hypercorn's Framework type is stricter than Starlette's.
         app = cast("ASGIFramework", create_app(state))

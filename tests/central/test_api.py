@@ -342,8 +342,25 @@ async def test_openapi_lists_every_path(central: Central) -> None:
     app_paths = {"/v1/meshes", "/v1/meshes/{mesh}", "/v1/meshes/{mesh}/tokens",
                  "/v1/tokens/admin", "/v1/meshes/{mesh}/policies",
                  "/v1/meshes/{mesh}/policies/{kind}/{name}", "/v1/meshes/{mesh}/audit",
-                 "/v1/openapi.json"}
+                 "/v1/openapi.json", "/v1/meshes/{mesh}/dataplanes",
+                 "/v1/meshes/{mesh}/dataplanes/{name}", "/v1/join",
+                 "/v1/dataplanes/{mesh}/{name}/certificates",
+                 "/v1/dataplanes/{mesh}/{name}/config", "/v1/dataplanes/{mesh}/{name}/status"}
     assert set(document["paths"]) == app_paths
+    routes = {(route.path, method) for route in central.app.routes for method in route.methods}
+    documented = {(path, method.upper()) for path, ops in document["paths"].items() for method in ops}
+    assert documented <= routes
+    schemas = document["components"]["schemas"]
+    assert {"JoinRequest", "JoinResponse", "RenewRequest", "Certificates", "DataplaneConfig",
+            "StatusReport", "InboundSpec", "Endpoint"} <= set(schemas)
+    refs = [ref for ref in json.dumps(document).split('"$ref": "')[1:]]
+    for ref in refs:
+        name = ref.split('"')[0].removeprefix("#/components/schemas/")
+        assert name in schemas, ref
+    join = document["paths"]["/v1/join"]["post"]
+    assert join["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("JoinRequest")
+    poll = document["paths"]["/v1/dataplanes/{mesh}/{name}/config"]["get"]
+    assert {p["name"] for p in poll["parameters"]} == {"mesh", "name", "after", "wait"}
 
 
 # ---------------------------------------------------------------------------- config, TLS, storage
