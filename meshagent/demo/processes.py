@@ -150,5 +150,6 @@ class Agent(Process):
         code = super().stop(sig, timeout)
         self.notify.close()
         self.notify_path.unlink(missing_ok=True)
-        self.notify_path.parent.rmdir()
+        if self.notify_path.parent.exists():  # stop() may be called twice
+            self.notify_path.parent.rmdir()
         return code
