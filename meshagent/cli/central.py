@@ -4,8 +4,8 @@
     meshagent mesh create|set|set-mtls             meshes
     meshagent token create                         join tokens, mesh-scoped admin tokens
     meshagent apply -f FILE                        policies (TOML or JSON)
-    meshagent get meshes|policies                  tables, or -o json
-    meshagent delete policy|mesh                   remove things
+    meshagent get meshes|policies|dataplanes       tables, or -o json
+    meshagent delete policy|mesh|dataplane         remove things
 
 Where the central agent is, in order: ``--central URL`` / ``--central-ca FILE`` /
 ``--token-file FILE``; then ``$MESHAGENT_CENTRAL``, ``$MESHAGENT_CENTRAL_CA``,
@@ -35,6 +35,7 @@ from meshagent.pki.secrets import SecretError, token_id_of
 CLI_CONFIG = Path("~/.config/meshagent/cli.toml")
 DEFAULT_CENTRAL = "https://127.0.0.1:5681"
 TIMEOUT_SECONDS = 30.0
+MAX_TABLE_WIDTH = 1000
 
 
 def _fail(message: str) -> NoReturn:
@@ -260,7 +261,10 @@ def _print_table(columns: list[str], rows: list[list[str]]) -> None:
     table = Table(*columns, box=None, header_style="bold", pad_edge=False)
     for row in rows:
         table.add_row(*row)
-    Console(soft_wrap=True).print(table)
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # a pipe or a file: never cut a cell to fit 80 columns
+        console = Console(soft_wrap=True, width=MAX_TABLE_WIDTH)
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------- meshes
@@ -535,7 +539,10 @@ def apply(
 
 
 get_app = typer.Typer(
-    cls=_Group, help="Show meshes and policies.", no_args_is_help=True, add_completion=False
+    cls=_Group,
+    help="Show meshes, policies and dataplanes.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 
@@ -598,8 +605,65 @@ def get_policies(
     )
 
 
+@get_app.command(
+    "dataplanes", cls=_Command, epilog="Example: meshagent get dataplanes --mesh shop -o json"
+)
+def get_dataplanes(
+    mesh: Annotated[str, typer.Option(metavar="NAME", help="The mesh.")],
+    output: OutputOption = "table",
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """List a mesh's dataplanes: online or not, config versions, certificate expiry.
+
+    STATUS: offline after three missed heartbeats (30 s). APPLIED/LATEST: its config version.
+
+    A dataplane that refused its latest config says why below the table.
+    """
+    _check_output(output)
+    with _client(central_url, central_ca, token_file) as client:
+        dataplanes = client.call("GET", f"/v1/meshes/{mesh}/dataplanes")["dataplanes"]
+    if output == "json":
+        _print_json(dataplanes)
+        return
+    _print_table(
+        ["NAME", "NODE", "ADDRESS", "SERVICES", "STATUS", "APPLIED/LATEST", "CERT-EXPIRES"],
+        [_dataplane_row(d) for d in dataplanes],
+    )
+    for d in dataplanes:
+        if d.get("last_error"):
+            typer.echo(f"{d['name']}: config rejected: {d['last_error']}")
+
+
+def _dataplane_row(view: dict[str, Any]) -> list[str]:
+    status = "online" if view["online"] else "offline"
+    if view.get("last_error"):
+        status += ", rejected"
+    return [
+        view["name"],
+        view["node"],
+        view["address"],
+        ",".join(view["services"]),
+        status,
+        f"{view['applied_version']}/{view['latest_version']}",
+        _utc_minutes(view.get("cert_not_after")),
+    ]
+
+
+def _utc_minutes(epoch: float | None) -> str:
+    from datetime import UTC, datetime
+
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
 delete_app = typer.Typer(
-    cls=_Group, help="Delete policies and meshes.", no_args_is_help=True, add_completion=False
+    cls=_Group,
+    help="Delete policies, dataplanes and meshes.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 
@@ -620,6 +684,22 @@ def delete_policy(
     with _client(central_url, central_ca, token_file) as client:
         client.call("DELETE", f"/v1/meshes/{mesh}/policies/{kind}/{name}")
     typer.echo(f"{mesh}: {kind}/{name} deleted")
+
+
+@delete_app.command(
+    "dataplane", cls=_Command, epilog="Example: meshagent delete dataplane vm-1 --mesh shop"
+)
+def delete_dataplane(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The dataplane's name.")],
+    mesh: Annotated[str, typer.Option(metavar="NAME", help="Its mesh.")],
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """Delete a dataplane and its node credential (its agent must join again)."""
+    with _client(central_url, central_ca, token_file) as client:
+        client.call("DELETE", f"/v1/meshes/{mesh}/dataplanes/{name}")
+    typer.echo(f"{mesh}: dataplane {name} deleted, with its node credential")
 
 
 @delete_app.command("mesh", cls=_Command, epilog="Example: meshagent delete mesh shop --yes")
