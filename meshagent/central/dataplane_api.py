@@ -19,8 +19,9 @@ Theory of operation:
   race never yields a certificate. The join creates a node credential (a "node"
   token of the mesh, allowed the join token's services, no expiry), stores the
   dataplane with that credential's id (replacing a dataplane of the same name, whose
-  credential is deleted), audits it (actor: the join token's id) and answers the
-  credential once.
+  credential is deleted; only one whose services the token allows, so a token for
+  one service cannot take over another service's dataplane), audits it (actor: the
+  join token's id) and answers the credential once.
 * Every other call authenticates with the node credential (``auth.authenticate_node``):
   a node token whose id the dataplane's record names. Anything else, an unknown mesh
   or dataplane included, is 401 with the same line, so credentials of one mesh learn
@@ -52,6 +53,7 @@ from meshagent.central.auth import (
 )
 from meshagent.central.dataplanes import compile_config, decode_spec, new_dataplane
 from meshagent.central.joining import (
+    Forbidden,
     Signed,
     check_join,
     check_renewal,
@@ -95,6 +97,8 @@ async def join(request: Request, state: CentralState) -> Response:
     token, token_mesh = await _join_token(request, state, now)
     body = await json_body(request, state, JoinRequest)
     services = check_join(body, token_mesh=token_mesh, allowed=token.services)
+    previous = await _existing(state, body.mesh, body.dataplane)
+    _check_replaceable(previous, token)
     ca = await _mesh_ca(state, body.mesh)
     # Every check passed: use the token now, and sign only if this request won it.
     try:
@@ -102,7 +106,8 @@ async def join(request: Request, state: CentralState) -> Response:
     except NotFound:
         raise Unauthenticated("this join token has expired or is used up") from None
     signed = _sign(state, ca, body.csrs, mesh=body.mesh, allowed=token.services, now=now)
-    node_token, replaced = await _store_dataplane(state, body, token, signed, now)
+    node_token = await _store_dataplane(state, body, token, signed, previous, now)
+    replaced = previous is not None
     detail = f"node={body.node} address={body.address} services={','.join(services)}"
     await audit(
         state,
@@ -150,12 +155,32 @@ async def _join_token(request: Request, state: CentralState, now: float) -> tupl
     return token, token.mesh
 
 
+def _check_replaceable(previous: DataplaneRecord | None, token: TokenRecord) -> None:
+    """A join replaces a dataplane of the same name only if the token could have made it.
+
+    Raises:
+        Forbidden: the dataplane presents services the join token does not allow.
+    """
+    if previous is None:
+        return
+    foreign = sorted(set(previous.services) - set(token.services))
+    if foreign:
+        raise Forbidden(
+            f"dataplane: {previous.name} exists with services this join token does not "
+            f"allow ({', '.join(foreign)}); delete it first or join under another name"
+        )
+
+
 async def _store_dataplane(
-    state: CentralState, body: JoinRequest, join_token: TokenRecord, signed: Signed, now: float
-) -> tuple[str, bool]:
-    """Make the node credential and store the dataplane (replacing one of the same name,
-    whose credential goes). Returns the credential (secret) and whether it replaced."""
-    previous = await _existing(state, body.mesh, body.dataplane)
+    state: CentralState,
+    body: JoinRequest,
+    join_token: TokenRecord,
+    signed: Signed,
+    previous: DataplaneRecord | None,
+    now: float,
+) -> str:
+    """Make the node credential and store the dataplane, replacing ``previous`` (whose
+    credential goes). Returns the credential (the secret, shown once)."""
     node_token, node_record = _node_token(join_token, now)
     await state.store.create_token(node_record)
     record = new_dataplane(
@@ -170,7 +195,7 @@ async def _store_dataplane(
     if previous is not None:
         with suppress(NotFound):
             await state.store.delete_token(decode_spec(previous).node_token_id)
-    return node_token, previous is not None
+    return node_token
 
 
 def _node_token(join_token: TokenRecord, now: float) -> tuple[str, TokenRecord]:

@@ -350,6 +350,20 @@ async def test_joining_again_replaces_the_dataplane_and_its_credential(central: 
     assert len(await central.store.list_tokens("shop")) == 1  # the join token is used up
 
 
+async def test_a_join_token_cannot_take_over_another_services_dataplane(central: Central) -> None:
+    await central.mesh("shop")
+    payments = agent("vm-1", inbounds=[InboundSpec(service="payments", port=15443)])
+    await join(central, await central.join_token("shop", "payments"), payments)
+    web_token = await central.join_token("shop", "web")
+    refused = await join(central, web_token, agent("vm-1"), status=403)
+    assert refused["error"] == (
+        "dataplane: vm-1 exists with services this join token does not allow (payments); "
+        "delete it first or join under another name"
+    )
+    assert await token_left(central, web_token) == 1
+    assert (await central.dataplanes("shop"))["vm-1"]["services"] == ["payments"]
+
+
 # ---------------------------------------------------------------------------- node credentials
 
 
