@@ -23,6 +23,7 @@ Dataplane endpoints (agents; ``central.dataplane_api``, messages in ``snapshot.w
     POST   /v1/dataplanes/{mesh}/{name}/certificates  renew (node credential)
     GET    /v1/dataplanes/{mesh}/{name}/config      long poll: ?after=<version>&wait=<s>
     PUT    /v1/dataplanes/{mesh}/{name}/status      heartbeat -> 204
+    PUT    /v1/dataplanes/{mesh}/{name}             new listeners, same identities -> 204
 
 Theory of operation:
 
@@ -91,6 +92,7 @@ from meshagent.snapshot.wire import (
     MAX_WAIT_SECONDS,
     Certificates,
     DataplaneConfig,
+    DataplaneUpdate,
     JoinRequest,
     JoinResponse,
     RenewRequest,
@@ -508,6 +510,7 @@ def create_app(state: CentralState) -> Starlette:
         agent(f"{dataplane}/certificates", dataplane_api.renew, "POST"),
         agent(f"{dataplane}/config", dataplane_api.get_config, "GET"),
         agent(f"{dataplane}/status", dataplane_api.put_status, "PUT"),
+        agent(dataplane, dataplane_api.update, "PUT"),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -613,6 +616,7 @@ OPENAPI: Final[dict[str, Any]] = {
                 Certificates,
                 DataplaneConfig,
                 StatusReport,
+                DataplaneUpdate,
             ),
         },
     },
@@ -687,6 +691,12 @@ OPENAPI: Final[dict[str, Any]] = {
         },
         "/v1/dataplanes/{mesh}/{name}/status": {
             "put": {**_op("Report status", "204", "StatusReport", params=_DP), "security": _NODE}
+        },
+        "/v1/dataplanes/{mesh}/{name}": {
+            "put": {
+                **_op("Change listeners (same identities)", "204", "DataplaneUpdate", params=_DP),
+                "security": _NODE,
+            }
         },
     },
 }

@@ -9,6 +9,8 @@
          -> 200 DataplaneConfig (long poll)
     PUT  /v1/dataplanes/{mesh}/{name}/status         Bearer <node credential>
          StatusReport -> 204
+    PUT  /v1/dataplanes/{mesh}/{name}                Bearer <node credential>
+         DataplaneUpdate -> 204                      agent.toml changed, same identities
 
 Theory of operation:
 
@@ -51,12 +53,18 @@ from meshagent.central.auth import (
     authenticate_node,
     find_token,
 )
-from meshagent.central.dataplanes import compile_config, decode_spec, new_dataplane
+from meshagent.central.dataplanes import (
+    compile_config,
+    decode_spec,
+    new_dataplane,
+    updated_dataplane,
+)
 from meshagent.central.joining import (
     Forbidden,
     Signed,
     check_join,
     check_renewal,
+    check_update,
     sign_csrs,
 )
 from meshagent.central.meshes import mesh_ca
@@ -75,6 +83,7 @@ from meshagent.pki.secrets import new_token
 from meshagent.snapshot.wire import (
     MAX_WAIT_SECONDS,
     Certificates,
+    DataplaneUpdate,
     JoinRequest,
     JoinResponse,
     RenewRequest,
@@ -287,6 +296,28 @@ async def renew(request: Request, state: CentralState) -> Response:
     return struct_response(
         Certificates(certificates=signed.certificates, ca_bundle=ca.cert_pem.decode())
     )
+
+
+async def update(request: Request, state: CentralState) -> Response:
+    """PUT /v1/dataplanes/{mesh}/{name}: new listeners after an agent.toml change; 204.
+
+    The mesh revision goes up, so every dataplane's catalog and routes follow."""
+    mesh, name, token, record = await _node(request, state)
+    body = await json_body(request, state, DataplaneUpdate)
+    check_update(body, mesh=mesh, name=name, identities_now=record.services)
+    changed = updated_dataplane(record, body)
+    if changed != record:
+        await state.store.put_dataplane(changed)
+        await audit(
+            state,
+            token.id,
+            "dataplane.update",
+            mesh=mesh,
+            target=f"dataplane {name}",
+            detail=f"node={body.node} address={body.address}",
+        )
+        log.info("dataplane updated", mesh=mesh, dataplane=name, address=body.address)
+    return Response(status_code=204)
 
 
 def poll_parameters(request: Request) -> tuple[int, float]:

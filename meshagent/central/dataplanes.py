@@ -50,7 +50,13 @@ from meshagent.policy.compile import (
 from meshagent.policy.load import PolicyError, decode
 from meshagent.policy.model import Resource
 from meshagent.snapshot.model import Endpoint, OutboundRoutes
-from meshagent.snapshot.wire import DataplaneConfig, InboundSpec, JoinRequest, OutboundSpec
+from meshagent.snapshot.wire import (
+    DataplaneConfig,
+    DataplaneUpdate,
+    InboundSpec,
+    JoinRequest,
+    OutboundSpec,
+)
 
 # Agents report their status this often; one not heard from for three heartbeats is offline.
 HEARTBEAT_SECONDS: Final = 10.0
@@ -92,6 +98,19 @@ def new_dataplane(
         applied_version=0,
         last_seen=now,
         cert_not_after=cert_not_after,
+    )
+
+
+def updated_dataplane(record: DataplaneRecord, update: DataplaneUpdate) -> DataplaneRecord:
+    """``record`` with the listeners, node and address of a checked ``update`` (same
+    identities, same node credential, same status)."""
+    spec = msgspec.structs.replace(
+        decode_spec(record),
+        inbounds=tuple(update.inbounds),
+        outbounds=tuple(update.outbounds),
+    )
+    return msgspec.structs.replace(
+        record, node=update.node, address=update.address, spec=msgspec.json.encode(spec)
     )
 
 

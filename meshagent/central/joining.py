@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshagent.pki.ca import PemPair
 from meshagent.pki.csr import CsrRejected, requested_identity, sign_csr
 from meshagent.pki.identity import NAME_RULE, is_valid_name
-from meshagent.snapshot.wire import JoinRequest
+from meshagent.snapshot.wire import DataplaneUpdate, JoinRequest
 
 MAX_NODE_CHARS = 253
 
@@ -100,6 +100,36 @@ def check_join(request: JoinRequest, *, token_mesh: str, allowed: Collection[str
             )
         check_csr(service, request.csrs[service], mesh=request.mesh)
     return wanted
+
+
+def check_update(
+    update: DataplaneUpdate, *, mesh: str, name: str, identities_now: Collection[str]
+) -> None:
+    """Every check of a joined dataplane's new listeners.
+
+    Raises:
+        Forbidden: the identities differ from those it joined with.
+        BadRequest: anything malformed (node, address, names, ports).
+    """
+    request = JoinRequest(
+        mesh=mesh,
+        dataplane=name,
+        node=update.node,
+        address=update.address,
+        inbounds=update.inbounds,
+        outbounds=update.outbounds,
+        csrs={},
+    )
+    _check_node(request.node)
+    _check_address(request.address)
+    _check_listeners(request)
+    wanted = identities(request)
+    if sorted(wanted) != sorted(identities_now):
+        raise Forbidden(
+            f"inbounds, outbounds: the services this dataplane presents would change from "
+            f"{', '.join(sorted(identities_now)) or 'none'} to {', '.join(wanted) or 'none'}; "
+            "join again with a join token for the new set"
+        )
 
 
 def check_renewal(csrs: Mapping[str, str], *, mesh: str, allowed: Collection[str]) -> None:

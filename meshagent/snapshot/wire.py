@@ -11,6 +11,9 @@ An agent *joins* a mesh once, then keeps itself up to date::
                                                      differs from ``after``, or at ``wait``
     PUT  /v1/dataplanes/{mesh}/{name}/status         Bearer <node credential>
          StatusReport -> 204                         heartbeat: applied version, expiry
+    PUT  /v1/dataplanes/{mesh}/{name}                Bearer <node credential>
+         DataplaneUpdate -> 204                      agent.toml changed (ports, tags,
+                                                     outbounds, address); same identities
 
 Rules both sides keep:
 
@@ -72,6 +75,17 @@ class JoinRequest(_Message, frozen=True, kw_only=True):
     csrs: dict[str, str]  # service -> CSR PEM, one per identity presented
 
 
+class DataplaneUpdate(_Message, frozen=True, kw_only=True):
+    """A joined dataplane's listeners after an agent.toml change. The identities (its
+    inbound services and outbound sources) must stay those it joined with: another
+    identity needs a certificate, and so a join token."""
+
+    node: str
+    address: str
+    inbounds: list[InboundSpec] = []
+    outbounds: list[OutboundSpec] = []
+
+
 class Certificates(_Message, frozen=True, kw_only=True):
     certificates: dict[str, str]  # service -> certificate PEM
     ca_bundle: str  # the mesh's trust bundle (CA certificates, PEM)
@@ -116,6 +130,7 @@ __all__ = [
     "MAX_WAIT_SECONDS",
     "Certificates",
     "DataplaneConfig",
+    "DataplaneUpdate",
     "InboundSpec",
     "JoinRequest",
     "JoinResponse",

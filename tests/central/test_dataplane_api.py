@@ -671,3 +671,53 @@ async def test_deleting_a_dataplane_deletes_its_credential(central: Central) -> 
     assert missing["error"] == "dataplane vm-1 in mesh shop not found"
     entry = (await central.call("GET", "/v1/meshes/shop/audit"))["entries"][0]
     assert (entry["action"], entry["target"]) == ("dataplane.delete", "dataplane vm-1")
+
+
+# ---------------------------------------------------------------------------- update
+
+
+async def test_an_update_changes_listeners_and_wakes_the_mesh(central: Central) -> None:
+    await central.mesh("shop")
+    orders = await joined(central, agent("orders-1", address="10.0.0.2", inbounds=[
+        InboundSpec(service="orders", port=15443, tags={"version": "v1"})]), "orders")
+    web = await joined(central, agent("web-1", inbounds=[], outbounds=[
+        OutboundSpec(service="orders", port=16001, source="web")]), "web")
+    before = await central.store.mesh_revision("shop")
+    update = {
+        "node": "node-orders-1", "address": "10.0.0.9",
+        "inbounds": [{"service": "orders", "port": 15500, "tags": {"version": "v2"}}],
+    }
+    await central.call("PUT", "/v1/dataplanes/shop/orders-1", token=orders, json=update,
+                       status=204)
+    assert await central.store.mesh_revision("shop") == before + 1
+    answer = await central.call("GET", "/v1/dataplanes/shop/web-1/config?wait=0", token=web)
+    config = msgspec.convert(answer, DataplaneConfig)
+    assert config.endpoints["orders"] == (
+        Endpoint(host="10.0.0.9", port=15500, service="orders", node="node-orders-1",
+                 tags=(("version", "v2"),)),
+    )
+    # The same update again changes nothing: no revision step, no audit entry.
+    await central.call("PUT", "/v1/dataplanes/shop/orders-1", token=orders, json=update,
+                       status=204)
+    assert await central.store.mesh_revision("shop") == before + 1
+    actions = [e["action"] for e in (await central.call("GET", "/v1/meshes/shop/audit"))["entries"]]
+    assert actions.count("dataplane.update") == 1
+
+
+async def test_an_update_cannot_change_identities_or_act_for_another(central: Central) -> None:
+    await central.mesh("shop")
+    node = await joined(central, agent(), "web", "orders")
+    other = await joined(central, agent("vm-2"), "web")
+    more = {"node": "n", "address": "10.0.0.1", "inbounds": [
+        {"service": "web", "port": 15443}, {"service": "orders", "port": 15444}]}
+    answer = await central.call("PUT", "/v1/dataplanes/shop/vm-1", token=node, json=more,
+                                status=403)
+    assert "from web to orders, web" in answer["error"] and "join again" in answer["error"]
+    same = {"node": "n", "address": "10.0.0.1", "inbounds": [{"service": "web", "port": 15443}]}
+    await central.call("PUT", "/v1/dataplanes/shop/vm-1", token=other, json=same, status=401)
+    bad = {**same, "address": "vm-1.example"}
+    answer = await central.call("PUT", "/v1/dataplanes/shop/vm-1", token=node, json=bad,
+                                status=400)
+    assert answer["error"].startswith("address:")
+    view = (await central.dataplanes("shop"))["vm-1"]
+    assert view["address"] == "10.0.0.1" and view["node"] == "node-vm-1"
