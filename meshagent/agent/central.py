@@ -43,6 +43,7 @@ from meshagent.pki.files import PkiError, write_private_file, write_public_file
 from meshagent.snapshot.model import Endpoint, Snapshot
 from meshagent.snapshot.wire import (
     DataplaneConfig,
+    DataplaneUpdate,
     InboundSpec,
     JoinRequest,
     OutboundSpec,
@@ -70,6 +71,8 @@ class _Marker(msgspec.Struct, frozen=True, kw_only=True):
     mesh: str
     dataplane: str
     identities: list[str]
+    # The listeners the central agent knows; None in files of an older agent.
+    registration: DataplaneUpdate | None = None
 
 
 @dataclass
@@ -83,6 +86,19 @@ class Joined:
     identities: list[str]
     node_token: str = field(repr=False)
     ca_bundle: str
+    # The listeners the central agent knows, and the ones agent.toml now has when they
+    # differ (sent by ``follow_config`` before its first fetch).
+    registration: DataplaneUpdate | None = None
+    pending: DataplaneUpdate | None = None
+
+    def marker(self) -> _Marker:
+        return _Marker(
+            url=self.url,
+            mesh=self.mesh,
+            dataplane=self.dataplane,
+            identities=self.identities,
+            registration=self.registration,
+        )
 
     def pem_path(self, service: str) -> Path:
         return self.directory / f"{service}.pem"
@@ -112,6 +128,7 @@ def load_joined(config: AgentConfig) -> Joined | None:
         mesh=config.mesh,
         dataplane=config.dataplane_name,
         identities=config.identities(),
+        registration=marker.registration,
     )
     if marker != wanted:
         log.warning(
@@ -120,6 +137,7 @@ def load_joined(config: AgentConfig) -> Joined | None:
             path=str(directory),
         )
         return None
+    current = registration(config)
     return Joined(
         directory=directory,
         url=marker.url,
@@ -128,11 +146,17 @@ def load_joined(config: AgentConfig) -> Joined | None:
         identities=marker.identities,
         node_token=token,
         ca_bundle=ca_bundle,
+        registration=marker.registration,
+        pending=None if marker.registration == current else current,
     )
 
 
 def _write_identity(joined: Joined, service: str, cert_pem: str, key_pem: bytes) -> None:
     write_private_file(joined.pem_path(service), cert_pem.encode() + key_pem)
+
+
+def _write_marker(joined: Joined) -> None:
+    write_private_file(joined.directory / JOINED_FILE, msgspec.json.encode(joined.marker()))
 
 
 def _write_ca(joined: Joined) -> None:
@@ -172,10 +196,9 @@ def certificate_window(joined: Joined) -> tuple[datetime, datetime]:
 # ---------------------------------------------------------------------------- joining
 
 
-def join_request(config: AgentConfig, csrs: Mapping[str, bytes]) -> JoinRequest:
-    return JoinRequest(
-        mesh=config.mesh,
-        dataplane=config.dataplane_name,
+def registration(config: AgentConfig) -> DataplaneUpdate:
+    """The listeners of agent.toml as the central agent knows them."""
+    return DataplaneUpdate(
         node=config.node,
         address=config.address,
         inbounds=[
@@ -191,6 +214,18 @@ def join_request(config: AgentConfig, csrs: Mapping[str, bytes]) -> JoinRequest:
             )
             for o in config.outbound
         ],
+    )
+
+
+def join_request(config: AgentConfig, csrs: Mapping[str, bytes]) -> JoinRequest:
+    listeners = registration(config)
+    return JoinRequest(
+        mesh=config.mesh,
+        dataplane=config.dataplane_name,
+        node=listeners.node,
+        address=listeners.address,
+        inbounds=listeners.inbounds,
+        outbounds=listeners.outbounds,
         csrs={service: pem.decode() for service, pem in csrs.items()},
     )
 
@@ -253,6 +288,7 @@ async def ensure_joined(config: AgentConfig, client: CentralClient) -> Joined:
         identities=identities,
         node_token=answer.node_token,
         ca_bundle=answer.ca_bundle,
+        registration=registration(config),
     )
     await trio.to_thread.run_sync(_save_join, joined, answer.certificates, keys)
     log.info("joined", mesh=joined.mesh, dataplane=joined.dataplane, services=",".join(identities))
@@ -288,11 +324,7 @@ def _save_join(
             _write_identity(joined, service, certificates[service], keys[service][1])
         _write_ca(joined)
         write_private_file(joined.directory / TOKEN_FILE, (joined.node_token + "\n").encode())
-        marker = _Marker(
-            url=joined.url, mesh=joined.mesh, dataplane=joined.dataplane,
-            identities=joined.identities,
-        )
-        write_private_file(joined.directory / JOINED_FILE, msgspec.json.encode(marker))
+        _write_marker(joined)
     except OSError as exc:
         raise JoinError(f"{joined.directory}: cannot save the membership: {exc}") from None
 
@@ -418,6 +450,8 @@ async def follow_config(
     while True:
         wait = 0.0 if not started else LONG_POLL_SECONDS
         try:
+            if joined.pending is not None:
+                await send_update(client, joined)
             config = await client.config(
                 joined.node_token, joined.mesh, joined.dataplane, after=after, wait_seconds=wait
             )
@@ -444,6 +478,19 @@ async def follow_config(
         if not started:
             task_status.started()
             started = True
+
+
+async def send_update(client: CentralClient, joined: Joined) -> None:
+    """Tell the central agent the listeners agent.toml has now, then remember them.
+    Raises CentralUnavailable, CentralRefused (new identities need a new join)."""
+    assert joined.pending is not None
+    await client.update(joined.node_token, joined.mesh, joined.dataplane, joined.pending)
+    joined.registration, joined.pending = joined.pending, None
+    try:
+        await trio.to_thread.run_sync(_write_marker, joined)
+    except PkiError as exc:
+        log.warning("cannot save the membership", error=str(exc))
+    log.info("listeners updated at the central agent", dataplane=joined.dataplane)
 
 
 async def _persist(joined: Joined, config: DataplaneConfig) -> None:

@@ -23,6 +23,7 @@ from meshagent import __version__
 from meshagent.snapshot.wire import (
     Certificates,
     DataplaneConfig,
+    DataplaneUpdate,
     JoinRequest,
     JoinResponse,
     RenewRequest,
@@ -117,6 +118,17 @@ class CentralClient:
             DataplaneConfig,
             params={"after": str(after), "wait": f"{wait_seconds:g}"},
             deadline_seconds=wait_seconds + TIMEOUT_SECONDS,
+        )
+
+    async def update(
+        self, node_token: str, mesh: str, dataplane: str, update: DataplaneUpdate
+    ) -> None:
+        await self._call(
+            "PUT",
+            _dataplane_path(mesh, dataplane),
+            node_token,
+            None,
+            body=msgspec.json.encode(update),
         )
 
     async def report(

@@ -21,6 +21,7 @@ from meshagent.agent.central import (
     join_request,
     load_config,
     load_joined,
+    registration,
     save_config,
 )
 from meshagent.config.agent import AgentConfig
@@ -235,3 +236,20 @@ def test_status_report_says_rejected_with_the_reason() -> None:
     assert (report.state, report.error, report.applied_version, report.cert_not_after) == (
         "rejected", "bad bundle", 4, 12.0,
     )
+
+
+def test_changed_listeners_with_the_same_identities_are_pending_not_a_new_join(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    ca_pem, certs, keys = issue("shop", ["web"])
+    joined = joined_for(config, ca_pem)
+    joined.registration = registration(config)
+    _save_join(joined, certs, keys)
+    same = load_joined(config)
+    assert same is not None and same.pending is None
+    moved = make_config(tmp_path, address="127.0.0.9", inbound=[
+        {"service": "web", "port": 15500, "app_port": 8080}])
+    loaded = load_joined(moved)
+    assert loaded is not None and loaded.pending == registration(moved)
+    assert loaded.pending.address == "127.0.0.9" and loaded.pending.inbounds[0].port == 15500

@@ -153,6 +153,24 @@ def test_joined_agents_talk_and_survive_a_central_outage(
         eventually(all_applied, within=20, what="agents report again once it is back")
 
 
+def test_a_moved_inbound_reaches_callers_without_a_new_token(
+    tmp_path: Path, central: CentralProcess
+) -> None:
+    with central.admin() as admin, Mesh(central, tmp_path) as mesh:
+        admin.create_mesh("shop")
+        echo_port = mesh.start_echo()
+        orders_config = mesh.orders_config(admin, echo_port)
+        orders = mesh.start(orders_config, "orders")
+        mesh.start(mesh.web_config(admin), "web")
+        eventually(lambda: round_trip(mesh.web_port), within=10, what="web -> orders")
+        orders.stop()
+        # Same services, another port: the (used) join token is not needed again.
+        orders_config["inbound"][0]["port"] = free_port("127.0.0.3")
+        moved = mesh.start(orders_config, "orders-moved")
+        eventually(lambda: round_trip(mesh.web_port), within=15, what="web finds the new port")
+        assert "listeners updated at the central agent" in moved.output()
+
+
 def test_permissive_to_strict_switch_reaches_a_live_agent(
     tmp_path: Path, central: CentralProcess
 ) -> None:
