@@ -106,3 +106,30 @@ def test_help_has_examples() -> None:
         done = meshagent(*command, "--help")
         assert done.returncode == 0, done.stderr
         assert "Example" in done.stdout or "example" in done.stdout, command
+
+
+def test_check_and_run_of_a_central_config_name_what_is_missing(tmp_path: Path) -> None:
+    config = {
+        "mesh": "shop", "node": "vm-1", "state_dir": str(tmp_path / "state"),
+        "admin": "",
+        "central": {"url": f"https://127.0.0.1:{free_port()}", "ca": str(tmp_path / "c.pem"),
+                    "token_file": str(tmp_path / "join.token"), "join_timeout": "1s"},
+        "inbound": [{"service": "orders", "port": free_port(), "app_port": free_port()}],
+    }
+    path = tmp_path / "agent.toml"
+    path.write_text(render_agent_toml(config))
+    done = meshagent("check", "--config", str(path))
+    assert done.returncode == 1
+    errors = done.stderr.strip().splitlines()
+    assert any("central.ca" in e and "no such file" in e for e in errors), errors
+    assert any("central.token_file" in e and "meshagent token create" in e for e in errors)
+    # With the files present, the agent tries to join and gives up after join_timeout.
+    ca_pem = str(make_ca(tmp_path / "ca", "shop").ca_path)
+    config["central"]["ca"] = ca_pem  # type: ignore[index]
+    path.write_text(render_agent_toml(config))
+    (tmp_path / "join.token").write_text("ma1_abc_secret\n")
+    assert meshagent("check", "--config", str(path)).returncode == 0
+    assert_one_line_error(
+        meshagent("run", "--config", str(path)), "cannot join mesh shop", "central.join_timeout"
+    )
+    assert "ma1_abc_secret" not in meshagent("run", "--config", str(path)).stderr
