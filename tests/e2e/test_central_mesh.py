@@ -12,10 +12,12 @@ from __future__ import annotations
 import socket
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from meshagent.demo.central import AdminClient, CentralProcess
@@ -256,3 +258,72 @@ def test_tenants_cannot_join_or_reach_each_other(
         mesh.start(config, "billing-web")
         assert not round_trip(billing_port)
         assert [d["name"] for d in admin.dataplanes("billing")] == ["billing-web"]
+
+
+STRANGLER = """
+[[TrafficRoute]]
+name = "orders-migration"
+mesh = "shop"
+destination = "monolith"
+  [[TrafficRoute.rule]]
+  match = { path_prefix = "/orders" }
+  split = [ { service = "orders", tags = { version = "v1" }, weight = %d },
+            { service = "orders", tags = { version = "v2" }, weight = %d } ]
+  [TrafficRoute.default]
+  split = [ { service = "monolith", weight = 100 } ]
+
+[[TrafficPermission]]
+name = "web-calls"
+mesh = "shop"
+sources = ["web"]
+destination = "orders"
+"""
+
+
+def test_routes_from_the_central_agent_move_a_canary_without_restarts(
+    tmp_path: Path, central: CentralProcess
+) -> None:
+    hosts = [("monolith", "127.0.0.3", "monolith", "v1"), ("orders-v1", "127.0.0.4", "orders", "v1"),
+             ("orders-v2", "127.0.0.5", "orders", "v2")]
+    with central.admin() as admin, Mesh(central, tmp_path) as mesh:
+        admin.create_mesh("shop", default_allow=False)
+        admin.apply("shop", STRANGLER % (100, 0))
+        for name, address, service, version in hosts:
+            app, app_port = start_app("http", tmp_path, name=name)
+            mesh.processes.append(app)
+            config = joined_config(
+                central, tmp_path, name, address, admin.join_token("shop", [service]),
+                inbound={"service": service, "port": free_port(address), "app_port": app_port,
+                         "protocol": "http", "tags": {"version": version}},
+            )
+            mesh.start(config, name)
+        web_port = free_port()
+        config = joined_config(
+            central, tmp_path, "web", "127.0.0.2", admin.join_token("shop", ["web"]),
+            outbound=[{"service": "monolith", "port": web_port, "protocol": "http",
+                       "source": "web"}],
+        )
+        mesh.start(config, "web")
+        with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", timeout=10,
+                          trust_env=False) as http:
+
+            def apps_for(path: str, n: int) -> Counter[str]:
+                answers = [http.get(path) for _ in range(n)]
+                return Counter(r.json()["app"] if r.status_code == 200 else str(r.status_code)
+                               for r in answers)
+
+            eventually(lambda: apps_for("/orders/1", 5) == Counter({"orders-v1": 5}),
+                       within=15, what="/orders goes to orders v1")
+            # default_allow = false and no permission names monolith: the mesh denies it.
+            assert http.get("/users/7").status_code in (502, 503)
+            admin.apply("shop", STRANGLER % (0, 100) + """
+[[TrafficPermission]]
+name = "web-calls-monolith"
+mesh = "shop"
+sources = ["web"]
+destination = "monolith"
+""")
+            eventually(lambda: apps_for("/orders/1", 5) == Counter({"orders-v2": 5}),
+                       within=15, what="the canary moved to v2 without a restart")
+            eventually(lambda: apps_for("/users/7", 3) == Counter({"monolith": 3}),
+                       within=15, what="the new permission lets web call the monolith")
