@@ -1,24 +1,35 @@
-"""The agent's admin endpoint: a tiny HTTP/1.1 server (h11) on loopback.
+"""The agent's admin endpoint: a tiny HTTP/1.1 server (h11) on loopback or a unix socket.
 
     GET /ready      200 "ready" once the data path serves, 503 before
     GET /stats      connection counters per listener (JSON)
     GET /snapshot   the snapshot in force (JSON)
     GET /metrics    Prometheus text exposition
 
-Every read has a deadline and each connection serves at most ``MAX_REQUESTS`` requests,
-so a stuck or greedy client costs one task for a bounded time.
+The address is ``host:port`` or ``unix:/absolute/path``. A unix socket is made mode
+0660 (the service's group may use it: ``meshagent status``), a stale one left by a
+crash is replaced, a live one (another agent answering) is an error, and the file is
+removed on the way out. Every read has a deadline and each connection serves at most
+``MAX_REQUESTS`` requests, so a stuck or greedy client costs one task for a bounded time.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import h11
 import trio
 from prometheus_client import CollectorRegistry
 
 from meshagent.agent.metrics import exposition
+from meshagent.config.agent import ADMIN_UNIX_PREFIX
 from meshagent.dataplane.connection import DataplaneContext
 from meshagent.log import get_logger
 from meshagent.snapshot import codec
@@ -28,6 +39,7 @@ log = get_logger("admin")
 READ_TIMEOUT_SECONDS = 10.0
 MAX_REQUESTS = 100
 MAX_CONNECTIONS = 64
+SOCKET_MODE = 0o660
 
 
 class AdminState:
@@ -106,14 +118,13 @@ async def serve_admin(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the admin endpoint on ``host:port`` until cancelled; ``started(port)``.
+    """Serve the admin endpoint on ``host:port`` or ``unix:/path`` until cancelled;
+    ``started(port)`` (0 for a unix socket).
 
     Raises:
-        OSError: the address cannot be bound (before ``started``).
+        OSError: the address cannot be bound (before ``started``); EADDRINUSE for a
+            unix socket another process answers on.
     """
-    host, _, port = address.rpartition(":")
-    listeners = await trio.open_tcp_listeners(int(port), host=host)
-    bound: int = listeners[0].socket.getsockname()[1]
     limit = trio.Semaphore(MAX_CONNECTIONS)
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -127,8 +138,71 @@ async def serve_admin(
         finally:
             limit.release()
 
-    log.info("admin listening", address=f"{host}:{bound}")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started(bound)
+    async with _open_admin_listeners(address) as (listeners, bound, shown):
+        log.info("admin listening", address=shown)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handle, listeners)
+            task_status.started(bound)
 
+
+@asynccontextmanager
+async def _open_admin_listeners(
+    address: str,
+) -> AsyncIterator[tuple[list[trio.SocketListener], int, str]]:
+    """(listeners, bound port or 0, the address to log); a unix socket file is removed
+    when the block ends."""
+    if not address.startswith(ADMIN_UNIX_PREFIX):
+        host, _, port = address.rpartition(":")
+        listeners = await trio.open_tcp_listeners(int(port), host=host)
+        bound: int = listeners[0].socket.getsockname()[1]
+        yield listeners, bound, f"{host}:{bound}"
+        return
+    path = Path(address.removeprefix(ADMIN_UNIX_PREFIX))
+    await trio.to_thread.run_sync(_remove_stale_socket, path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        identity = os.stat(path)
+        os.chmod(path, SOCKET_MODE)
+        sock.listen(MAX_CONNECTIONS)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        yield [trio.SocketListener(sock)], 0, address
+    finally:
+        sock.close()
+        _unlink_if_ours(path, identity)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody answers on (left by a crash). Blocking.
+
+    Raises:
+        OSError: EADDRINUSE when a process answers on it; EEXIST when the path is
+            not a socket (never removed: it is not ours).
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, "the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)
+            return
+    raise OSError(errno.EADDRINUSE, "another process answers on it (a running agent?)")
+
+
+def _unlink_if_ours(path: Path, identity: os.stat_result) -> None:
+    """Remove the socket file unless another process has replaced it since."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return
+    if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
+        path.unlink(missing_ok=True)

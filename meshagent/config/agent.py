@@ -27,6 +27,8 @@ from meshagent.snapshot.model import (
 )
 
 CENTRAL_DIR = "central"
+ADMIN_UNIX_PREFIX = "unix:"
+MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, with the final NUL
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -134,8 +136,9 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     # A policy file or directory (TrafficRoute, ...), for hosts without a central agent.
     # Reloaded on SIGHUP.
     policies: str | None = None
-    # The admin endpoint: /ready, /stats, /snapshot and Prometheus /metrics. Loopback
-    # by default; "" turns it off.
+    # The admin endpoint: /ready, /stats, /snapshot and Prometheus /metrics (what
+    # `meshagent status` reads). "ip:port" (loopback by default), "unix:/absolute/path"
+    # (a socket made 0660, e.g. "unix:/run/meshagent/admin.sock"), or "" for none.
     admin: str = "127.0.0.1:15000"
     consul: ConsulSettings | None = None
     central: CentralSettings | None = None
@@ -287,10 +290,15 @@ def validate_agent(config: AgentConfig) -> list[str]:
             )
         if outbound.max_connections is not None and outbound.max_connections < 1:
             problems.append(f"{key}.max_connections: must be at least 1")
-    if config.admin:
+    if config.admin.startswith(ADMIN_UNIX_PREFIX):
+        problems += _unix_admin_problems(config.admin)
+    elif config.admin:
         host, sep, port = config.admin.rpartition(":")
         if not sep or not _is_ip(host) or not port.isdigit() or not 0 <= int(port) < 65536:
-            problems.append(f"admin: {config.admin!r} is not ip:port (\"\" turns it off)")
+            problems.append(
+                f"admin: {config.admin!r} is not ip:port or unix:/absolute/path "
+                '("" turns it off)'
+            )
         elif int(port):
             claim("admin", host, int(port))
     if config.log.access not in ("stderr", "off") and not config.log.access.startswith("/"):
@@ -304,6 +312,24 @@ def validate_agent(config: AgentConfig) -> list[str]:
     if limits.max_connections < 1:
         problems.append("limits.max_connections: must be at least 1")
     return problems
+
+
+def _unix_admin_problems(admin: str) -> list[str]:
+    path = admin.removeprefix(ADMIN_UNIX_PREFIX)
+    if not path.startswith("/") or path.endswith("/"):
+        return [f"admin: {admin!r}: the socket must be an absolute file path, e.g. "
+                '"unix:/run/meshagent/admin.sock"']
+    if len(path.encode()) > MAX_UNIX_PATH_BYTES:
+        return [f"admin: {admin!r}: a unix socket path has at most "
+                f"{MAX_UNIX_PATH_BYTES} bytes; use a shorter one"]
+    return []
+
+
+def admin_socket_path(config: AgentConfig) -> Path | None:
+    """The admin unix socket's path, or None when the admin endpoint is TCP or off."""
+    if config.admin.startswith(ADMIN_UNIX_PREFIX):
+        return Path(config.admin.removeprefix(ADMIN_UNIX_PREFIX))
+    return None
 
 
 def _central_problems(config: AgentConfig) -> list[str]:
