@@ -210,11 +210,13 @@ def policy_validate(
 
 def _add_subcommands() -> None:
     from meshagent.cli.central import register as register_central
+    from meshagent.cli.host import register as register_host
     from meshagent.cli.pki import pki_app
 
     app.add_typer(pki_app, name="pki")
     app.add_typer(policy_app, name="policy")
     register_central(app)
+    register_host(app)
 
 
 _add_subcommands()
