@@ -547,6 +547,47 @@ async def test_audit_is_listed_newest_first_per_mesh_and_limited(store: Store) -
     assert await store.list_audit(limit=0) == []
 
 
+async def test_delete_audit_before_keeps_newer_entries_of_every_mesh(store: Store) -> None:
+    # More than one Consul transaction's worth (32 entries), in two meshes and none.
+    entries = [
+        AuditRecord(
+            at=NOW + i, actor="alice", action="apply", mesh=("shop", None)[i % 2],
+            target=f"policy p{i}",
+        )
+        for i in range(40)
+    ]
+    for entry in entries:
+        await store.append_audit(entry)
+    assert await store.delete_audit_before(NOW + 35) == 35  # an entry at the cut stays
+    assert await store.list_audit() == entries[:34:-1]
+    assert await store.list_audit("shop") == [entries[38], entries[36]]
+    assert await store.delete_audit_before(NOW + 35) == 0
+    assert await store.delete_audit_before(NOW) == 0
+    assert await store.delete_audit_before(NOW + 1000) == 5
+    assert await store.list_audit() == []
+
+
+async def test_concurrent_audit_deletions_count_each_entry_once(
+    backend: Backend, store: Store
+) -> None:
+    for i in range(12):
+        await store.append_audit(
+            AuditRecord(at=NOW + i, actor="a", action="b", mesh="shop", target=f"t{i}")
+        )
+    counts: list[int] = []
+
+    async def delete(handle: Store) -> None:
+        counts.append(await handle.delete_audit_before(NOW + 10))
+
+    async with backend.open() as other:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(delete, store)
+                nursery.start_soon(delete, other)
+    assert sum(counts) == 10
+    assert [e.target for e in await store.list_audit()] == ["t11", "t10"]
+
+
 # ---------------------------------------------------------------------------- revisions and long-polls
 
 

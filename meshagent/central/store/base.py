@@ -130,7 +130,10 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One entry of the append-only audit log: who did what to which record, when."""
+    """One entry of the append-only audit log: who did what to which record, when.
+
+    Entries are never changed; the leader deletes those older than ``audit_retention``
+    (``Store.delete_audit_before``)."""
 
     at: float
     actor: str
@@ -305,6 +308,11 @@ class Store(Protocol):
 
     async def list_audit(self, mesh: str | None = None, limit: int = 100) -> list[AuditRecord]:
         """The newest ``limit`` entries (of one mesh), newest first."""
+        ...
+
+    async def delete_audit_before(self, at: float) -> int:
+        """Delete the entries (of every mesh) whose ``at`` is before ``at``; returns how
+        many (a leader's job: audit retention). The only way entries leave the log."""
         ...
 
     # -- change tracking

@@ -89,6 +89,8 @@ log = get_logger("central.store")
 MAX_ATTEMPTS: Final = 32
 # Tokens deleted per transaction (three operations each; Consul allows 64).
 _TOKENS_PER_TXN: Final = 20
+# Audit entries deleted per transaction (two operations each).
+_AUDIT_PER_TXN: Final = 32
 
 _T = TypeVar("_T")
 _encode = msgspec.json.Encoder().encode
@@ -752,14 +754,44 @@ class ConsulKvStore:
     async def list_audit(self, mesh: str | None = None, limit: int = 100) -> list[AuditRecord]:
         """The newest ``limit`` entries (of one mesh), newest first. Cancel point.
 
-        Lists every entry (of the mesh) from Consul: audit logs that grow large want a
-        retention job. Raises StoreUnavailable.
+        Lists every entry (of the mesh) from Consul; the leader's retention job
+        (``delete_audit_before``) keeps that bounded. Raises StoreUnavailable.
         """
         prefix = f"{self.prefix}audit/" if mesh is None else self._audit_prefix(mesh)
         entries = await self._list(prefix)
         keyed = [(self._decode(_decode_audit, e), e.key.rsplit("/", 1)[-1]) for e in entries]
         keyed.sort(key=lambda pair: (pair[0].at, pair[1]), reverse=True)
         return [record for record, _ in keyed[: max(0, limit)]]
+
+    async def delete_audit_before(self, at: float) -> int:
+        """Delete entries older than ``at``; returns how many. Cancel point.
+
+        Lists every entry, then deletes the old ones, ``_AUDIT_PER_TXN`` per transaction,
+        each only if unchanged (so two callers racing count each entry once; a lost race
+        lists again, at most MAX_ATTEMPTS times).
+
+        Raises:
+            StoreUnavailable.
+        """
+        deleted = 0
+        for _ in range(MAX_ATTEMPTS):
+            entries = await self._list(f"{self.prefix}audit/")
+            old = [e for e in entries if self._decode(_decode_audit, e).at < at]
+            raced = False
+            for start in range(0, len(old), _AUDIT_PER_TXN):
+                batch = old[start : start + _AUDIT_PER_TXN]
+                ops = [
+                    step.op
+                    for entry in batch
+                    for step in _delete_unchanged(entry.key, entry.modify_index)
+                ]
+                if (await self._txn(ops)).ok:
+                    deleted += len(batch)
+                else:
+                    raced = True  # someone deleted one meanwhile: look again
+            if not raced:
+                break
+        return deleted
 
     # -- change tracking -------------------------------------------------------------------
 

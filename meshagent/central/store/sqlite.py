@@ -667,6 +667,19 @@ class SqliteStore:
 
         return await self._read(list_)
 
+    async def delete_audit_before(self, at: float) -> int:
+        """Delete entries older than ``at`` (``audit_by_time`` index); returns how many.
+        Cancel point.
+
+        Raises:
+            StoreUnavailable.
+        """
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM audit WHERE at < ?", (at,)).rowcount
+
+        return await self._write(delete, mesh=None)
+
     # -- change tracking -------------------------------------------------------------------
 
     async def mesh_revision(self, mesh: str) -> int:
