@@ -1,0 +1,297 @@
+"""The jobs only the leader runs: housekeeping of the store that must happen once, not
+once per replica.
+
+Theory of operation:
+
+* Replicas on one Consul elect a leader (``central/election.py``); a central agent on
+  SQLite is the only process on its file, so it is always the leader (``SoleLeader``).
+  ``run_leader_jobs`` waits for leadership, then runs every job in a nursery that is
+  cancelled as soon as leadership is lost, and waits for leadership again.
+* Each job is a loop: run once at once, then every ``interval_seconds`` (measured from
+  the start of a run, so a slow run does not drift the schedule). A run is bounded by
+  ``RUN_TIMEOUT_SECONDS``. A run that fails (the store unreachable, a bug) is one log
+  line and is tried again next interval: a job never takes the process down.
+* Every job is idempotent and its writes are conditional in the store, so a run cut
+  short by a lost leadership, or overlapping with the next leader's first run, does no
+  harm: what one deleted, the other no longer finds.
+* A run that removed something says how much (one info line per job); a run that
+  found nothing to do is quiet.
+
+The jobs:
+
+* ``purge_expired_tokens``: join and admin tokens past ``expires_at``.
+* ``purge_old_audit``: audit entries older than ``audit_retention``.
+* ``purge_orphan_node_tokens``: node credentials that no dataplane record names any
+  more (``orphan_node_tokens`` is the pure decision). A join stores the credential a
+  moment before the dataplane record that names it, so credentials younger than
+  ``ORPHAN_GRACE_SECONDS`` are never orphans.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, Protocol
+
+import msgspec
+import trio
+
+from meshagent.central.dataplanes import decode_spec
+from meshagent.central.store import DataplaneRecord, NotFound, Store, StoreError, TokenRecord
+from meshagent.log import get_logger
+
+log = get_logger("central.jobs")
+
+# A run that takes longer than this is cut short and tried again next interval.
+RUN_TIMEOUT_SECONDS: Final = 300.0
+# A node credential this young may belong to a join whose dataplane record is not
+# stored yet; it also absorbs clock differences between replicas (``created_at`` is the
+# joining replica's clock, ``now`` the leader's).
+ORPHAN_GRACE_SECONDS: Final = 3600.0
+
+
+class Leadership(Protocol):
+    """What the jobs need of a leader election (``LeaderElection`` has it)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    async def wait_leader(self) -> None: ...
+
+    async def wait_not_leader(self) -> None: ...
+
+
+class SoleLeader:
+    """Leadership of the only process on a store (SQLite): always the leader."""
+
+    @property
+    def is_leader(self) -> bool:
+        return True
+
+    async def wait_leader(self) -> None:
+        """Returns at once. Cancel point."""
+        await trio.lowlevel.checkpoint()
+
+    async def wait_not_leader(self) -> None:
+        """Never returns: this process never loses leadership. Cancel point."""
+        await trio.sleep_forever()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderJob:
+    """One job: ``run(now)`` does it once and returns how many records it removed.
+
+    ``name`` names the job in logs; ``removed`` is the log event of a run that removed
+    something (e.g. "expired tokens purged").
+    """
+
+    name: str
+    removed: str
+    run: Callable[[float], Awaitable[int]]
+
+
+# ---------------------------------------------------------------------------- decisions (pure)
+
+
+def orphan_node_tokens(
+    tokens: Iterable[TokenRecord],
+    dataplanes: Iterable[DataplaneRecord],
+    *,
+    now: float,
+    grace_seconds: float = ORPHAN_GRACE_SECONDS,
+) -> list[TokenRecord]:
+    """The node credentials no dataplane names, created ``grace_seconds`` before ``now``
+    or earlier. Pure.
+
+    Args:
+        tokens: tokens of any kind (only kind "node" can be orphans).
+        dataplanes: every dataplane of the meshes the tokens belong to. One whose spec
+            cannot be read might name any credential of its mesh, so that mesh's
+            credentials are all kept.
+
+    Returns:
+        The orphans, in the order given.
+    """
+    named: set[str] = set()
+    unreadable_meshes: set[str] = set()
+    for record in dataplanes:
+        try:
+            named.add(decode_spec(record).node_token_id)
+        except msgspec.DecodeError:
+            unreadable_meshes.add(record.mesh)
+    return [
+        token
+        for token in tokens
+        if token.kind == "node"
+        and token.id not in named
+        and token.mesh not in unreadable_meshes
+        and token.created_at <= now - grace_seconds
+    ]
+
+
+# ---------------------------------------------------------------------------- the jobs
+
+
+async def purge_expired_tokens(store: Store, now: float) -> int:
+    """Delete tokens that expired by ``now``; how many. Cancel point. Raises StoreError."""
+    return await store.delete_expired_tokens(now)
+
+
+async def purge_old_audit(store: Store, now: float, *, retention_seconds: float) -> int:
+    """Delete audit entries older than ``now - retention_seconds``; how many. Cancel point.
+
+    Raises:
+        StoreError.
+    """
+    return await store.delete_audit_before(now - retention_seconds)
+
+
+async def purge_orphan_node_tokens(
+    store: Store, now: float, *, grace_seconds: float = ORPHAN_GRACE_SECONDS
+) -> int:
+    """Delete node credentials no dataplane names (see ``orphan_node_tokens``); how many.
+    Cancel point.
+
+    Tokens are read before dataplanes: a credential whose dataplane was stored before the
+    dataplanes are read is seen as named.
+
+    Raises:
+        StoreError.
+    """
+    tokens = [t for t in await store.list_tokens() if t.kind == "node"]
+    if not tokens:
+        return 0
+    dataplanes: list[DataplaneRecord] = []
+    for mesh in sorted({t.mesh for t in tokens if t.mesh is not None}):
+        dataplanes.extend(await store.list_dataplanes(mesh))
+    deleted = 0
+    for token in orphan_node_tokens(tokens, dataplanes, now=now, grace_seconds=grace_seconds):
+        try:
+            await store.delete_token(token.id)
+        except NotFound:  # deleted meanwhile (its dataplane was deleted or joined again)
+            continue
+        deleted += 1
+    return deleted
+
+
+def leader_jobs(store: Store, *, audit_retention_seconds: float) -> list[LeaderJob]:
+    """The central agent's leader jobs over ``store``."""
+    return [
+        LeaderJob("expired tokens", "expired tokens purged", partial(purge_expired_tokens, store)),
+        LeaderJob(
+            "orphan node credentials",
+            "node credentials no dataplane names purged",
+            partial(purge_orphan_node_tokens, store),
+        ),
+        LeaderJob(
+            "audit retention",
+            "audit entries past retention purged",
+            partial(purge_old_audit, store, retention_seconds=audit_retention_seconds),
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------- running them
+
+
+async def run_job_once(
+    job: LeaderJob,
+    *,
+    clock: Callable[[], float] = time.time,
+    timeout_seconds: float = RUN_TIMEOUT_SECONDS,
+) -> int | None:
+    """Run ``job`` once within ``timeout_seconds``; log what it removed or why it failed.
+    Cancel point.
+
+    Returns:
+        How many records it removed; None when it failed or timed out (logged).
+    """
+    removed: int | None = None
+    with trio.move_on_after(timeout_seconds) as scope:
+        try:
+            removed = await job.run(clock())
+        except Exception as exc:  # one failure must not stop the job, nor the process
+            error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            log.warning("leader job failed; retried next interval", job=job.name, error=error)
+            return None
+    if scope.cancelled_caught:
+        log.warning(
+            "leader job timed out; retried next interval",
+            job=job.name,
+            timeout_seconds=timeout_seconds,
+        )
+        return None
+    if removed:
+        log.info(job.removed, job=job.name, count=removed)
+    return removed
+
+
+async def run_job_forever(
+    job: LeaderJob,
+    *,
+    interval_seconds: float,
+    clock: Callable[[], float] = time.time,
+    timeout_seconds: float = RUN_TIMEOUT_SECONDS,
+) -> None:
+    """Run ``job`` now and then every ``interval_seconds``, until cancelled. Cancel point."""
+    while True:
+        started = trio.current_time()
+        await run_job_once(job, clock=clock, timeout_seconds=timeout_seconds)
+        await trio.sleep_until(started + interval_seconds)
+
+
+async def run_leader_jobs(
+    leadership: Leadership,
+    jobs: Sequence[LeaderJob],
+    *,
+    interval_seconds: float,
+    clock: Callable[[], float] = time.time,
+    timeout_seconds: float = RUN_TIMEOUT_SECONDS,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``jobs`` while ``leadership`` says we lead; stop them the moment it ends.
+    ``started()`` at once. Cancel point; never returns.
+
+    Args:
+        interval_seconds: the time between two starts of a job (central.toml
+            ``leader_jobs_interval``).
+        clock: wall-clock seconds since the epoch (the store's time).
+    """
+    task_status.started()
+    names = [job.name for job in jobs]
+    while True:
+        await leadership.wait_leader()
+        log.info("leader jobs running", jobs=",".join(names), interval_seconds=interval_seconds)
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(
+                    partial(
+                        run_job_forever,
+                        job,
+                        interval_seconds=interval_seconds,
+                        clock=clock,
+                        timeout_seconds=timeout_seconds,
+                    )
+                )
+            await leadership.wait_not_leader()
+            nursery.cancel_scope.cancel()
+        log.info("leader jobs stopped: not the leader any more")
+
+
+__all__ = [
+    "ORPHAN_GRACE_SECONDS",
+    "RUN_TIMEOUT_SECONDS",
+    "LeaderJob",
+    "Leadership",
+    "SoleLeader",
+    "leader_jobs",
+    "orphan_node_tokens",
+    "purge_expired_tokens",
+    "purge_old_audit",
+    "purge_orphan_node_tokens",
+    "run_job_forever",
+    "run_job_once",
+    "run_leader_jobs",
+]

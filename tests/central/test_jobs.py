@@ -1,0 +1,242 @@
+"""The leader's jobs: the pure orphan decision, the jobs against both stores, and the
+loops (run while leading, stop at once when leadership goes, survive failures) under
+trio's autojump clock."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from meshagent.central.dataplanes import DataplaneSpec
+from meshagent.central.jobs import (
+    ORPHAN_GRACE_SECONDS,
+    LeaderJob,
+    SoleLeader,
+    leader_jobs,
+    orphan_node_tokens,
+    purge_old_audit,
+    purge_orphan_node_tokens,
+    run_job_once,
+    run_leader_jobs,
+)
+from meshagent.central.store import (
+    AuditRecord,
+    DataplaneRecord,
+    MeshRecord,
+    Store,
+    StoreUnavailable,
+    TokenKind,
+    TokenRecord,
+    token_digest,
+)
+
+NOW = 1_700_000_000.0
+OLD = NOW - ORPHAN_GRACE_SECONDS
+
+
+def token(token_id: str, *, kind: TokenKind = "node", mesh: str = "shop", created_at: float = OLD) -> TokenRecord:
+    return TokenRecord(
+        id=token_id, mesh=mesh, kind=kind, digest=token_digest(token_id),
+        services=("web",), expires_at=None, uses_left=None if kind == "node" else 1,
+        created_at=created_at,
+    )
+
+
+def dataplane(name: str, *, names: str | None, mesh: str = "shop") -> DataplaneRecord:
+    spec = (
+        msgspec.json.encode(DataplaneSpec(node_token_id=names)) if names is not None
+        else b'{"inbound": []}'  # JSON, but not a DataplaneSpec
+    )
+    return DataplaneRecord(
+        mesh=mesh, name=name, node=f"host-{name}", address="10.0.0.1", services=("web",),
+        spec=spec, last_seen=NOW,
+    )
+
+
+# ---------------------------------------------------------------------------- the pure decision
+
+
+def ids(tokens: list[TokenRecord]) -> list[str]:
+    return [t.id for t in tokens]
+
+
+def test_a_node_credential_no_dataplane_names_is_an_orphan() -> None:
+    tokens = [token("n1"), token("n2"), token("n3")]
+    dataplanes = [dataplane("a", names="n1"), dataplane("b", names="n3")]
+    assert ids(orphan_node_tokens(tokens, dataplanes, now=NOW)) == ["n2"]
+
+
+def test_join_and_admin_tokens_are_never_orphans() -> None:
+    tokens = [token("j1", kind="join"), token("a1", kind="admin"), token("n1")]
+    assert ids(orphan_node_tokens(tokens, [], now=NOW)) == ["n1"]
+
+
+def test_a_young_credential_may_belong_to_a_join_under_way() -> None:
+    tokens = [token("edge", created_at=OLD), token("young", created_at=OLD + 1)]
+    assert ids(orphan_node_tokens(tokens, [], now=NOW)) == ["edge"]
+    assert ids(orphan_node_tokens(tokens, [], now=NOW, grace_seconds=0)) == ["edge", "young"]
+
+
+def test_an_unreadable_dataplane_keeps_every_credential_of_its_mesh() -> None:
+    tokens = [token("s1", mesh="shop"), token("b1", mesh="blog")]
+    dataplanes = [dataplane("x", names=None, mesh="shop")]
+    assert ids(orphan_node_tokens(tokens, dataplanes, now=NOW)) == ["b1"]
+
+
+def test_a_dataplane_of_another_mesh_still_names_its_credential() -> None:
+    # Token ids are unique across meshes: a name is a name wherever it is.
+    assert orphan_node_tokens([token("n1", mesh="shop")], [dataplane("a", names="n1", mesh="blog")], now=NOW) == []
+
+
+# ---------------------------------------------------------------------------- the jobs, on both stores
+
+
+async def test_purge_orphan_node_tokens(store: Store) -> None:
+    for name in ("shop", "blog"):
+        await store.create_mesh(MeshRecord(name=name, spec=b"{}", ca=b"ca", created_at=NOW))
+    for record in (
+        token("named"), token("orphan"), token("young", created_at=NOW - 5),
+        token("join", kind="join"), token("blog-orphan", mesh="blog"),
+    ):
+        await store.create_token(record)
+    await store.put_dataplane(dataplane("web-1", names="named"))
+    await store.put_dataplane(dataplane("odd", names=None, mesh="blog"))
+    assert await purge_orphan_node_tokens(store, NOW) == 1
+    assert [t.id for t in await store.list_tokens()] == ["blog-orphan", "join", "named", "young"]
+    assert await purge_orphan_node_tokens(store, NOW) == 0
+    assert await purge_orphan_node_tokens(store, NOW + ORPHAN_GRACE_SECONDS) == 1  # "young" now
+    assert [t.id for t in await store.list_tokens()] == ["blog-orphan", "join", "named"]
+
+
+async def test_leader_jobs_purge_and_say_so(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    await store.create_mesh(MeshRecord(name="shop", spec=b"{}", ca=b"ca", created_at=NOW))
+    expired = msgspec.structs.replace(token("j1", kind="join"), expires_at=NOW - 1)
+    await store.create_token(expired)
+    await store.create_token(token("n1"))
+    for at in (NOW - 100 * 86400, NOW - 91 * 86400, NOW - 1):
+        await store.append_audit(AuditRecord(at=at, actor="a", action="b", mesh="shop", target="c"))
+    jobs = leader_jobs(store, audit_retention_seconds=90 * 86400)
+    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [1, 1, 2]
+    assert await store.list_tokens() == []
+    assert [e.at for e in await store.list_audit()] == [NOW - 1]
+    lines = capsys.readouterr().err.splitlines()
+    assert sum("expired tokens purged" in line and "count=1" in line for line in lines) == 1
+    assert sum("node credentials no dataplane names purged" in line for line in lines) == 1
+    assert sum("audit entries past retention purged" in line and "count=2" in line for line in lines) == 1
+    # Nothing left to do: nothing said.
+    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [0, 0, 0]
+    assert "purged" not in capsys.readouterr().err
+
+
+async def test_purge_old_audit_keeps_the_retention_window(store: Store) -> None:
+    await store.append_audit(AuditRecord(at=NOW - 11, actor="a", action="b", mesh=None, target="c"))
+    await store.append_audit(AuditRecord(at=NOW - 10, actor="a", action="b", mesh=None, target="d"))
+    assert await purge_old_audit(store, NOW, retention_seconds=10) == 1
+    assert [e.target for e in await store.list_audit()] == ["d"]
+
+
+# ---------------------------------------------------------------------------- running them
+
+
+class Switch:
+    """A Leadership a test turns on and off."""
+
+    def __init__(self, leader: bool = False) -> None:
+        self._leader = leader
+        self._changed = trio.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    def set(self, leader: bool) -> None:
+        self._leader = leader
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_leader(self) -> None:
+        while not self._leader:
+            await self._changed.wait()
+
+    async def wait_not_leader(self) -> None:
+        while self._leader:
+            await self._changed.wait()
+
+
+class Recorder:
+    """A job that records when it ran; it can fail or hang on request."""
+
+    def __init__(self) -> None:
+        self.runs: list[float] = []
+        self.cancelled_at: list[float] = []
+        self.fail_next: BaseException | None = None
+        self.hang = False
+
+    async def __call__(self, now: float) -> int:
+        self.runs.append(trio.current_time())
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        if self.hang:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled_at.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        return 0
+
+
+async def test_jobs_run_only_while_leading_and_stop_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    switch = Switch()
+    quick, slow = Recorder(), Recorder()
+    jobs = [LeaderJob("quick", "quick purged", quick), LeaderJob("slow", "slow purged", slow)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_leader_jobs(switch, jobs, interval_seconds=10, task_status=task_status))
+        await trio.sleep(50)
+        assert quick.runs == [] and slow.runs == []  # not the leader: nothing runs
+        switch.set(True)
+        await trio.sleep(25)  # t = 75
+        assert quick.runs == [50, 60, 70]
+        slow.hang = True
+        await trio.sleep(10)  # t = 85: slow hangs in its run from t = 80
+        switch.set(False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert slow.cancelled_at == [85]  # stopped the moment leadership went
+        await trio.sleep(100)
+        assert quick.runs == [50, 60, 70, 80]
+        slow.hang = False
+        switch.set(True)  # t = 185: leader again, the jobs start over at once
+        await trio.sleep(5)
+        assert quick.runs[-1] == slow.runs[-1] == 185
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_run_is_one_line_and_the_job_goes_on(
+    autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = Recorder()
+    job.fail_next = StoreUnavailable("consul store meshagent/: consul at http://127.0.0.1:1 unreachable")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_leader_jobs(SoleLeader(), [LeaderJob("tokens", "purged", job)], interval_seconds=10, task_status=task_status))
+        await trio.sleep(15)
+        job.fail_next = RuntimeError("a bug")
+        await trio.sleep(10)
+        assert job.runs == [0, 10, 20]
+        nursery.cancel_scope.cancel()
+    failed = [line for line in capsys.readouterr().err.splitlines() if "leader job failed" in line]
+    assert len(failed) == 2
+    assert "job=tokens" in failed[0] and "127.0.0.1:1 unreachable" in failed[0]
+    assert "RuntimeError: a bug" in failed[1]
+
+
+async def test_a_run_that_hangs_is_cut_short(
+    autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = Recorder()
+    job.hang = True
+    assert await run_job_once(LeaderJob("tokens", "purged", job), timeout_seconds=30) is None
+    assert job.cancelled_at == [30]
+    assert "leader job timed out" in capsys.readouterr().err
