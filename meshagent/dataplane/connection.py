@@ -93,6 +93,31 @@ class HttpStats:
         slot[-1] += seconds
 
 
+class Drain:
+    """The agent is stopping: keep-alive connections that sit idle between requests close
+    now (their peers reconnect elsewhere), and busy ones close after their request."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def begin(self) -> None:
+        self.started = True
+        for scope in self._idle:
+            scope.cancel()
+
+    @contextmanager
+    def idle(self, scope: trio.CancelScope) -> Iterator[None]:
+        """While inside, a drain cancels ``scope`` (at once if one already began)."""
+        if self.started:
+            scope.cancel()
+        self._idle.add(scope)
+        try:
+            yield
+        finally:
+            self._idle.discard(scope)
+
+
 @dataclass(slots=True)
 class DataplaneContext:
     source: SnapshotSource
@@ -101,6 +126,7 @@ class DataplaneContext:
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     rng: random.Random = field(default_factory=random.Random)  # splits; seeded in tests
     http: HttpStats = field(default_factory=HttpStats)
+    drain: Drain = field(default_factory=Drain)
 
     def listener_counters(self, listener: str) -> ConnectionCounters:
         counters = self.by_listener.get(listener)

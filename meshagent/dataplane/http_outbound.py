@@ -216,6 +216,7 @@ async def handle_http_outbound(
                 head_seconds=timeouts.request_head_seconds,
                 log_fields=fields,
                 stats=ctx.http,
+                drain=ctx.drain,
             )
         finally:
             await trio.aclose_forcefully(stream)

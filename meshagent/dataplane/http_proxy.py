@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from meshagent.dataplane.connection import HttpStats, describe
+from meshagent.dataplane.connection import Drain, HttpStats, describe
 from meshagent.log import get_logger
 from meshagent.protocol.headers import Headers, remove_headers, set_header, strip_hop_by_hop
 from meshagent.protocol.http1 import (
@@ -95,6 +95,12 @@ class _Reader:
                 return None
             await self.receive()
         return self._pending.popleft()
+
+    async def wait_for_bytes(self) -> None:
+        """Return once the next request has begun to arrive (or the stream ended): the
+        wait between keep-alive requests, which has no deadline of its own."""
+        if not self._pending and not self.eof:
+            await self.receive()
 
     async def receive(self) -> None:
         """Read once from the stream into the parser (events may or may not result)."""
@@ -177,41 +183,44 @@ async def serve_http(
     prefix: bytes = b"",
     head_seconds: float = HEAD_SECONDS,
     stats: HttpStats | None = None,
+    drain: Drain | None = None,
 ) -> None:
-    """Serve requests from ``downstream`` until it closes, idles out or breaks HTTP.
-    A cancel point; closes nothing it did not open (the caller closes ``downstream``)."""
+    """Serve requests from ``downstream`` until it closes, idles out, breaks HTTP or the
+    agent drains (between requests: at once; during one: after it). A cancel point;
+    closes nothing it did not open (the caller closes ``downstream``)."""
     reader = _Reader(downstream, RequestParser(), prefix)
+    drain = drain or Drain()
     while True:
-        with trio.move_on_after(idle_seconds):
-            try:
-                first = await _next_head(reader, head_seconds)
-            except trio.BrokenResourceError:
-                # Dropped between requests (an idle pooled connection whose peer went
-                # away without a TLS close): a normal end of keep-alive, not a failure.
-                return
-            except trio.TooSlowError:
-                text = f"the request head did not arrive within {head_seconds}s"
-                await _send_quietly(downstream, error_response(408, text))
-                log.info("request timeout", status=408, **log_fields)
-                return
-            except HttpError as exc:
-                await _send_quietly(downstream, error_response(exc.status, exc.reason))
-                log.info("bad request", status=exc.status, reason=exc.reason, **log_fields)
-                return
-            if first is None:
-                return
-            keep = await _one_request(reader, downstream, first, decide, log_fields, stats)
-            if not keep:
-                return
-            continue
-        return  # idle: the client said nothing for idle_seconds
+        if drain.started:
+            return
+        try:
+            with trio.move_on_after(idle_seconds) as waiting, drain.idle(waiting):
+                await reader.wait_for_bytes()
+            if waiting.cancelled_caught:
+                return  # idle for idle_seconds, or the agent drains
+            first = await _next_head(reader, head_seconds)
+        except trio.BrokenResourceError:
+            # Dropped between requests (an idle pooled connection whose peer went
+            # away without a TLS close): a normal end of keep-alive, not a failure.
+            return
+        except trio.TooSlowError:
+            text = f"the request head did not arrive within {head_seconds}s"
+            await _send_quietly(downstream, error_response(408, text))
+            log.info("request timeout", status=408, **log_fields)
+            return
+        except HttpError as exc:
+            await _send_quietly(downstream, error_response(exc.status, exc.reason))
+            log.info("bad request", status=exc.status, reason=exc.reason, **log_fields)
+            return
+        if first is None:
+            return
+        keep = await _one_request(reader, downstream, first, decide, log_fields, stats)
+        if not keep:
+            return
 
 
 async def _next_head(reader: _Reader, head_seconds: float) -> RequestHead | None:
-    if not reader.has_pending() and not reader.eof:
-        # Wait for the first bytes without a deadline (idle is the caller's), then
-        # give the rest of the head head_seconds.
-        await reader.receive()
+    """The next request head, once its first bytes arrived (``wait_for_bytes``)."""
     with trio.fail_after(head_seconds):
         event = await reader.next_event()
     if event is None:

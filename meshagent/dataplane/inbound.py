@@ -125,6 +125,7 @@ async def _serve_app_http(
         stats=app.ctx.http,
         log_fields=fields,
         prefix=prefix,
+        drain=app.ctx.drain,
     )
 
 

@@ -58,6 +58,7 @@ class ConnectionPool:
         self._idle_seconds = idle_seconds
         self._idle: OrderedDict[Hashable, deque[_Idle]] = OrderedDict()
         self._count = 0
+        self._closing = False
         self.reused = 0
         self.opened = 0
 
@@ -80,7 +81,11 @@ class ConnectionPool:
         return stream, False
 
     async def release(self, key: Hashable, stream: Upstream) -> None:
-        """Keep ``stream`` for reuse, or close it when the pool is full. A cancel point."""
+        """Keep ``stream`` for reuse, or close it when the pool is full or closing. A
+        cancel point."""
+        if self._closing:
+            await trio.aclose_forcefully(stream)
+            return
         idle = self._idle.setdefault(key, deque())
         self._idle.move_to_end(key)
         if len(idle) >= self._max_per_key:
@@ -98,6 +103,12 @@ class ConnectionPool:
 
     def idle_count(self) -> int:
         return self._count
+
+    async def close_idle(self) -> None:
+        """The agent drains: close every idle connection, and from now on every one
+        released (connections in use finish their request first)."""
+        self._closing = True
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Close every idle connection."""

@@ -6,7 +6,9 @@ Nursery layout (STYLE §2.4)::
     └── listeners nursery one serve_listener task per inbound and outbound
 
 ``DataplaneHandle.drain(seconds)`` stops accepting at once and gives in-flight
-connections ``seconds`` to finish before they are cancelled.
+connections ``seconds`` to finish before they are cancelled. HTTP keep-alive
+connections close as soon as they are between requests, and idle pooled connections to
+other agents close at once, so peers are not held until the deadline.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class DataplaneHandle:
     def drain(self, seconds: float) -> None:
         """Stop accepting; cancel connections still open ``seconds`` from now. Not async."""
         self.stop_accepting()
+        self.context.drain.begin()
         self._connections.deadline = min(self._connections.deadline, trio.current_time() + seconds)
 
 
@@ -113,7 +116,7 @@ async def serve_dataplane(
             await listener.aclose()
         raise
     try:
-        await _serve(specs, bound, ctx, task_status)
+        await _serve(specs, bound, ctx, pools, task_status)
     finally:
         with trio.CancelScope(shield=True):
             for pool in pools:
@@ -125,6 +128,7 @@ async def _serve(
     specs: list[tuple[InboundListener | OutboundListener, Handler]],
     bound: list[trio.SocketListener],
     ctx: DataplaneContext,
+    pools: list[ConnectionPool],
     task_status: trio.TaskStatus[DataplaneHandle],
 ) -> None:
     async with trio.open_nursery() as connections:
@@ -145,3 +149,5 @@ async def _serve(
                 DataplaneHandle(ctx, listeners.cancel_scope, connections.cancel_scope)
             )
         log.info("stopped accepting", active=ctx.counters.active)
+        for pool in pools:  # peers holding our idle connections can finish draining too
+            await pool.close_idle()

@@ -311,3 +311,41 @@ async def test_access_log_lines_on_both_agents_share_the_request_id(
     for field in ("method=GET", "path=/logged", "status=200", "subset=orders", "endpoint=127.0.0.2:",
                   "attempts=1", "duration_ms="):
         assert field in outbound_line
+
+
+async def test_a_drain_closes_idle_keep_alive_at_once_and_lets_a_request_finish(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    slow_port = await nursery.start(
+        functools.partial(serve_http_app, "slow", delay_seconds=0.5)
+    )
+    port = free_port("127.0.0.2")
+    snapshot = Snapshot(
+        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        inbounds=(InboundListener(name="inbound:slow", service="orders", bind="127.0.0.2",
+                                  port=port, app_port=slow_port, protocol="http"),),
+    )
+    inbound: DataplaneHandle = await nursery.start(
+        serve_dataplane, StaticSource(snapshot), TlsContexts({"orders": ca.issue("orders")})
+    )
+    web_port, web = await start_web(nursery, ca, [ep(port)])
+    async with client(web_port) as http:
+        assert (await http.get("/warm")).status_code == 200
+        # Idle now: web's pooled connection to the inbound, the client's to web.
+        assert inbound.context.counters.active == 1 and web.context.counters.active == 1
+        answers: list[int] = []
+
+        async def slow_request() -> None:
+            answers.append((await http.get("/slow")).status_code)
+
+        async with trio.open_nursery() as requests:
+            requests.start_soon(slow_request)
+            await trio.sleep(0.2)  # the request is in flight
+            began = trio.current_time()
+            inbound.drain(30)
+            web.drain(30)
+        assert answers == [200], "the request in flight was cut by the drain"
+        with trio.fail_after(3):  # well before the 30 s deadline
+            while inbound.context.counters.active or web.context.counters.active:
+                await trio.sleep(0.02)
+        assert trio.current_time() - began < 3
