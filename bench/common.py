@@ -1,8 +1,9 @@
 """What the benchmarks in this directory share: addresses, the mesh CA and identities,
-starting the two agents, CPU accounting and the helpers that format the report.
+starting the two agents, child processes (a line from their stdout, stopping them by
+pid), CPU and memory accounting, and the helpers that format the report.
 
-Not a script: ``l4.py`` and ``http_keepalive.py`` import it (``import common``: Python
-puts a script's own directory first on ``sys.path``).
+Not a script: ``l4.py``, ``http_keepalive.py`` and ``compare.py`` import it (``import
+common``: Python puts a script's own directory first on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
+import selectors
 import subprocess
 import sys
 import time
@@ -54,6 +57,41 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads)."""
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, its live descendants (worker processes)
+    and the children it has already waited for."""
+    proc = psutil.Process(pid)
+    times = proc.cpu_times()
+    total = float(times.user + times.system + times.children_user + times.children_system)
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            c = child.cpu_times()
+            total += float(c.user + c.system)
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of a process and its live descendants."""
+    proc = psutil.Process(pid)
+    total = int(proc.memory_info().rss)
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += int(child.memory_info().rss)
+    return total
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (children inherit it);
+    return the soft limit now in force. Raising the hard limit needs more than root in
+    a container, so it is not tried."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 @dataclass
@@ -140,6 +178,44 @@ class Load:
     errors: Counter[str] = field(default_factory=Counter)
 
 
+# --------------------------------------------------------------------------------------
+# Child processes
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """One line from a child's stdout (a pipe), or what came before ``timeout`` passed
+    or the pipe closed. Reads byte by byte, so nothing after the line is consumed."""
+    assert proc.stdout is not None
+    line = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while not line.endswith(b"\n") and time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                break
+            byte = os.read(proc.stdout.fileno(), 1)
+            if not byte:
+                break
+            line += byte
+    return line
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5) -> None:
+    """Stop a child by its pid: SIGTERM, SIGKILL after ``timeout``; wait for it and close
+    the pipes this side holds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
 def error_name(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{type(exc).__name__}[{exc.errno}]"
@@ -207,15 +283,20 @@ def agent_configs(
     outbound_port: int,
     app_port: int,
     protocol: str | None = None,
+    max_connections: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The orders agent (an inbound to the app on 127.0.0.3) and the web agent (an
     outbound on 127.0.0.1 with the orders inbound as its fixed endpoint): warning-level
     log, no admin endpoint, no Consul. ``protocol`` is set on both listeners when given
-    (else the default, tcp)."""
+    (else the default, tcp); ``max_connections`` per listener when given (else the
+    agent's default)."""
+    limits: dict[str, Any] = {"drain_timeout": "2s"}
+    if max_connections is not None:
+        limits["max_connections"] = max_connections
     common: dict[str, Any] = {
         "log": {"level": "warning"},
         "admin": "",
-        "limits": {"drain_timeout": "2s"},
+        "limits": limits,
     }
     listener = {} if protocol is None else {"protocol": protocol}
     orders = {

@@ -28,9 +28,7 @@ separately. See bench/README.md for how to read the figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import selectors
 import shutil
 import socket
@@ -61,9 +59,11 @@ from common import (
     print_agent_warnings,
     print_setup_failure,
     ratio,
+    read_line,
     render_table,
     rounded,
     start_agents,
+    stop_process,
     tail,
     times,
     write_identities,
@@ -307,19 +307,7 @@ class LoadGenerator:
     def expect(self, word: str, timeout: float) -> None:
         """Wait for a line ``word`` from the load generator; RuntimeError if it does not
         come within ``timeout``."""
-        assert self.proc.stdout is not None
-        line = b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + timeout
-            while not line.endswith(b"\n") and time.monotonic() < deadline:
-                if not sel.select(max(0.0, deadline - time.monotonic())):
-                    break
-                byte = os.read(self.proc.stdout.fileno(), 1)
-                if not byte:
-                    break
-                line += byte
-        if line.strip() != word.encode():
+        if read_line(self.proc, timeout).strip() != word.encode():
             raise RuntimeError(f"no {word} from the load generator within {timeout:g} s")
 
     def say(self, word: str) -> None:
@@ -336,17 +324,7 @@ class LoadGenerator:
         return data
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -67,9 +67,11 @@ from common import (
     print_agent_warnings,
     print_setup_failure,
     ratio,
+    read_line,
     render_table,
     rounded,
     start_agents,
+    stop_process,
     tail,
     times,
     write_identities,
@@ -228,35 +230,14 @@ class AppServer:
         return self.proc.pid
 
     def _read_port(self, timeout: float) -> int:
-        assert self.proc.stdout is not None
-        line = b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + timeout
-            while not line.endswith(b"\n") and time.monotonic() < deadline:
-                if not sel.select(max(0.0, deadline - time.monotonic())):
-                    break
-                byte = os.read(self.proc.stdout.fileno(), 1)
-                if not byte:
-                    break
-                line += byte
-        words = line.split()
+        words = read_line(self.proc, timeout).split()
         if len(words) != 2 or words[0] != b"READY" or not words[1].isdigit():
             self.stop()
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-10:]
-            raise SetupError("the app server did not start within 10 s", tail)
+            raise SetupError("the app server did not start within 10 s", tail(self.log_path, 10))
         return int(words[1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -1,0 +1,695 @@
+"""The meshagent pair against HAProxy and Consul's built-in proxy, side by side, on the
+work issue 5 sets: CPU of the proxy pair per unit of work, latency, memory.
+
+    python bench/compare.py            # full run, about 5 minutes
+    python bench/compare.py --smoke    # seconds; installs nothing; for CI
+    python bench/compare.py --profile http   # py-spy on the HTTP pair under keep-alive
+
+Everything runs on this host, on loopback, with free ports. The upstream is nginx (one
+worker) serving a 100-byte body at /small and a 100 MiB body at /bulk, or the Python
+stand-in ``bench/upstream.py`` when nginx is not installed. Paths to it (see peers.py):
+direct, the meshagent pair in L4 mode and in HTTP mode, an HAProxy pair with mTLS both
+ways, and a Consul 1.8.7 ``consul connect proxy`` pair. Scenarios, each run on every
+path in turn:
+
+    keep-alive  wrk -t1 -c32, GET /small on kept-alive connections
+    new conn    wrk -t1 -c16 with Connection: close: a new connection per request
+    bulk        wrk -t1 -c1, GET /bulk (100 MiB bodies)
+    memory      10,000 connections (fewer if RLIMIT_NOFILE is lower; smoke: 100),
+                each after one GET /small, held idle; RSS per connection per proxy
+
+The load generator is wrk, or ``bench/loadgen.py`` when wrk is not installed. CPU
+(user + system, with psutil) of the proxy processes is read before and after each
+run, and divided by the work done: µs per request, CPU-s per GiB. The table gives the
+ratios to the direct path and to each peer from the same run.
+
+Without ``--smoke`` missing Debian packages (nginx-light, haproxy, wrk) are installed
+with apt-get (``--no-install`` to skip); Consul always comes from
+``scripts/install-consul.sh`` when missing (it honours MESHAGENT_CONSUL_DEB). A path
+that cannot run is reported as ``not run: <reason>`` and the rest goes on. Every
+process started here is stopped by pid at the end, on Ctrl-C, on SIGTERM, on an error
+and when the run's deadline (``--deadline``) passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import psutil
+from common import (
+    SetupError,
+    environment,
+    fmt,
+    raise_open_files_limit,
+    read_line,
+    render_table,
+    rounded,
+    stop_process,
+    tail,
+    tree_cpu_seconds,
+    tree_rss,
+    write_identities,
+)
+from peers import (
+    PathUnderTest,
+    Stopper,
+    Tools,
+    Upstream,
+    find_tools,
+    start_consul_pair,
+    start_haproxy_pair,
+    start_meshagent_pair,
+    start_upstream,
+)
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+GIB = 1 << 30
+BULK_BYTES = 100 * MIB
+HOLD = 10_000
+PATH_NAMES = ("direct", "meshagent L4", "meshagent HTTP", "haproxy pair", "consul pair")
+PEERS = ("haproxy pair", "consul pair")
+
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "bytes": %d, "p50_us": %.1f, ' ..
+    '"p99_us": %.1f, "errors": {"connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d}}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+class DeadlineReached(Exception):
+    """The run's --deadline passed."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    target: str  # URL path
+    connections: int
+    close: bool = False
+
+
+KEEPALIVE = Scenario("keep-alive", "/small", 32)
+NEW_CONNECTION = Scenario("new conn", "/small", 16, close=True)
+BULK = Scenario("bulk", "/bulk", 1)
+LOAD_SCENARIOS = (KEEPALIVE, NEW_CONNECTION, BULK)
+MEMORY = "memory"
+
+
+# --------------------------------------------------------------------------------------
+# Load
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    bytes: int
+    p50_us: float
+    p99_us: float
+    errors: dict[str, int]
+
+
+def run_load(
+    tools: Tools, tmp: Path, port: int, scenario: Scenario, seconds: float
+) -> LoadResult:
+    """One run of wrk (or bench/loadgen.py) against 127.0.0.1:``port``."""
+    url = f"http://127.0.0.1:{port}{scenario.target}"
+    if "wrk" in tools.paths:
+        script = tmp / "report.lua"
+        if not script.exists():
+            script.write_text(WRK_SCRIPT)
+        args = [
+            tools.paths["wrk"], "-t1", f"-c{scenario.connections}",
+            f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+        ]
+        if scenario.close:
+            args += ["-H", "Connection: close"]
+        done = subprocess.run(
+            [*args, url], capture_output=True, text=True, timeout=seconds + 60, check=False
+        )
+        lines = [x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+        data = json.loads(lines[-1].removeprefix("WRKJSON "))
+    else:
+        args = [
+            sys.executable, str(HERE / "loadgen.py"), "run", "--port", str(port),
+            "--path", scenario.target, "--connections", str(scenario.connections),
+            "--seconds", str(seconds),
+        ]
+        if scenario.close:
+            args.append("--close")
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=seconds + 60, check=False
+        )
+        if done.returncode != 0 or not done.stdout.strip():
+            raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+        data = json.loads(done.stdout.strip().splitlines()[-1])
+    return LoadResult(
+        requests=int(data["requests"]),
+        seconds=float(data["duration_us"]) / 1e6,
+        bytes=int(data["bytes"]),
+        p50_us=float(data["p50_us"]),
+        p99_us=float(data["p99_us"]),
+        errors={k: int(v) for k, v in data["errors"].items() if v},
+    )
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = tree_cpu_seconds(pid)
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+def rss_of(pids: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = tree_rss(pid)
+        except psutil.Error:
+            out[name] = 0
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass
+class Measured:
+    scenario: str
+    path: str
+    not_run: str | None = None
+    load: LoadResult | None = None
+    proxy_cpu: dict[str, float] = field(default_factory=dict)  # seconds, per process
+    control_cpu: dict[str, float] = field(default_factory=dict)
+    held: int = 0
+    rss_kib_per_conn: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cpu(self) -> float:
+        return sum(self.proxy_cpu.values())
+
+    def rate(self) -> float | None:
+        """Requests per second (memory: connections held)."""
+        if self.scenario == MEMORY:
+            return float(self.held)
+        if self.load is None or self.load.seconds <= 0:
+            return None
+        return self.load.requests / self.load.seconds
+
+    def mb_per_s(self) -> float | None:
+        if self.load is None or self.load.seconds <= 0:
+            return None
+        return self.load.bytes / self.load.seconds / 1e6
+
+    def cost(self) -> float | None:
+        """The proxy pair's cost per unit: µs of CPU per request, CPU-s per GiB (bulk),
+        KiB of RSS per held connection (memory: the larger of the two proxies)."""
+        if self.scenario == MEMORY:
+            return max(self.rss_kib_per_conn.values()) if self.rss_kib_per_conn else None
+        if self.load is None or not self.proxy_cpu:
+            return None
+        if self.scenario == BULK.name:
+            return self.cpu / (self.load.bytes / GIB) if self.load.bytes else None
+        return 1e6 * self.cpu / self.load.requests if self.load.requests else None
+
+    def control_cost(self) -> float | None:
+        if not self.control_cpu or self.load is None:
+            return None
+        total = sum(self.control_cpu.values())
+        if self.scenario == BULK.name:
+            return total / (self.load.bytes / GIB) if self.load.bytes else None
+        return 1e6 * total / self.load.requests if self.load.requests else None
+
+
+def measure_load(
+    tools: Tools, tmp: Path, path: PathUnderTest, scenario: Scenario, seconds: float
+) -> Measured:
+    m = Measured(scenario.name, path.name)
+    before, before_ctl = cpu_of(path.proxies), cpu_of(path.control)
+    try:
+        m.load = run_load(tools, tmp, path.port, scenario, seconds)
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        m.errors = {f"load generator: {exc}"[:160]: 1}
+        return m
+    after, after_ctl = cpu_of(path.proxies), cpu_of(path.control)
+    m.proxy_cpu = {n: after[n] - before[n] for n in before}
+    m.control_cpu = {n: after_ctl[n] - before_ctl[n] for n in before_ctl}
+    m.errors = dict(m.load.errors)
+    return m
+
+
+def measure_memory(tmp: Path, path: PathUnderTest, connections: int, seconds: float) -> Measured:
+    """Hold ``connections`` idle connections (each after one GET /small) through the
+    path; RSS of each proxy before and while they are held."""
+    m = Measured(MEMORY, path.name)
+    before = rss_of(path.proxies)
+    log = tmp / f"hold-{path.name.replace(' ', '-')}.log"
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "loadgen.py"), "hold", "--port", str(path.port),
+             "--connections", str(connections), "--seconds", str(seconds)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+        )
+    try:
+        words = read_line(proc, seconds + 30).decode(errors="replace").split(" ", 2)
+        if len(words) != 3 or words[0] != "HELD":
+            m.errors = {f"the connection holder failed: {' '.join(tail(log, 2))}"[:160]: 1}
+            return m
+        m.held = int(words[1])
+        m.errors = {k: int(v) for k, v in json.loads(words[2]).items()}
+        time.sleep(0.5)  # let the proxies finish what the last answers left them
+        during = rss_of(path.proxies)
+        if m.held:
+            m.rss_kib_per_conn = {
+                n: (during[n] - before[n]) / 1024 / m.held for n in path.proxies
+            }
+        assert proc.stdin is not None
+        with suppress(OSError):
+            proc.stdin.write(b"BYE\n")
+            proc.stdin.flush()
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+    finally:
+        stop_process(proc)
+    return m
+
+
+# --------------------------------------------------------------------------------------
+# The report
+
+
+def unit(scenario: str) -> tuple[str, str]:
+    """(rate unit, cost unit)"""
+    if scenario == MEMORY:
+        return "held", "KiB/conn"
+    if scenario == BULK.name:
+        return "req/s", "CPU-s/GiB"
+    return "req/s", "µs/req"
+
+
+def _lat(us: float | None) -> str:
+    if us is None:
+        return "-"
+    if us >= 1000:
+        return f"{fmt(us / 1000)} ms"
+    return f"{fmt(us)} µs"
+
+
+def _x(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{fmt(a / b)}x"
+
+
+def render(results: list[Measured], scenarios: list[str]) -> list[str]:
+    header = [
+        "scenario", "path", "rate", "MB/s", "p50", "p99", "pair cost", "x direct",
+        "cost x haproxy", "cost x consul", "p99 x haproxy", "errors",
+    ]
+    rows: list[list[str]] = [header]
+    skipped: dict[int, str] = {}
+    for scenario in scenarios:
+        mine = {m.path: m for m in results if m.scenario == scenario}
+        direct = mine.get("direct")
+        peers = {p: mine.get(p) for p in PEERS}
+        rate_unit, cost_unit = unit(scenario)
+        for name in PATH_NAMES:
+            m = mine.get(name)
+            if m is None:
+                continue
+            if m.not_run is not None:
+                skipped[len(rows)] = m.not_run
+                rows.append([scenario, name] + [""] * (len(header) - 2))
+                continue
+            load = m.load
+            is_memory = scenario == MEMORY
+            peer_cost = {
+                p: (pm.cost() if pm is not None and pm.not_run is None else None)
+                for p, pm in peers.items()
+            }
+            haproxy = peers["haproxy pair"]
+            rows.append([
+                scenario,
+                name,
+                f"{fmt(m.rate())} {rate_unit}" if m.rate() is not None else "-",
+                "-" if is_memory else fmt(m.mb_per_s()),
+                "-" if load is None else _lat(load.p50_us),
+                "-" if load is None else _lat(load.p99_us),
+                f"{fmt(m.cost())} {cost_unit}" if m.cost() is not None else "-",
+                "-" if is_memory or direct is None else _x(
+                    m.mb_per_s() if scenario == BULK.name else m.rate(),
+                    direct.mb_per_s() if scenario == BULK.name else direct.rate(),
+                ),
+                _x(m.cost(), peer_cost["haproxy pair"]),
+                _x(m.cost(), peer_cost["consul pair"]),
+                "-" if load is None or haproxy is None or haproxy.load is None
+                else _x(load.p99_us, haproxy.load.p99_us),
+                str(sum(m.errors.values())),
+            ])
+    lines = render_table(rows, left=2)
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for index, reason in skipped.items():
+        row = rows[index]
+        first = f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}"
+        lines[index + 1] = f"{first}  not run: {reason}"
+    return lines
+
+
+def details(results: list[Measured]) -> list[str]:
+    out = []
+    for m in results:
+        if m.not_run is not None:
+            continue
+        parts = []
+        if m.proxy_cpu:
+            parts.append("CPU s " + ", ".join(f"{n} {v:.2f}" for n, v in m.proxy_cpu.items()))
+        if m.control_cpu:
+            ctl = m.control_cost()
+            _, cost_unit = unit(m.scenario)
+            parts.append(
+                "besides the pair: " + ", ".join(f"{n} {v:.2f} s" for n, v in m.control_cpu.items())
+                + (f" ({fmt(ctl)} {cost_unit})" if ctl is not None else "")
+            )
+        if m.rss_kib_per_conn:
+            parts.append("RSS " + ", ".join(
+                f"{n} {fmt(v)} KiB/conn" for n, v in m.rss_kib_per_conn.items()
+            ))
+        if m.errors:
+            parts.append(f"errors {m.errors}")
+        if parts:
+            out.append(f"  {m.scenario:10} {m.path:14} " + "; ".join(parts))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The run
+
+
+@contextmanager
+def signals_as_exceptions(deadline: float) -> Iterator[None]:
+    """SIGTERM becomes KeyboardInterrupt and the deadline (SIGALRM) DeadlineReached, so
+    the ``finally`` that stops every process runs in both cases."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise DeadlineReached
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(max(1, round(deadline)))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGALRM, old_alarm)
+
+
+def stop_all(stops: list[Stopper]) -> None:
+    """Stop every process started, newest first, each by its pid; not interruptible by
+    Ctrl-C (a second one would leave processes behind)."""
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        while stops:
+            with suppress(Exception):
+                stops.pop()()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def start_paths(
+    args: argparse.Namespace, tools: Tools, tmp: Path, upstream: Upstream, nofile: int,
+    stops: list[Stopper],
+) -> list[PathUnderTest]:
+    tls = write_identities(tmp)
+    hold = args.hold
+    starters: dict[str, Callable[[], PathUnderTest]] = {
+        "direct": lambda: PathUnderTest("direct", upstream.port),
+        "meshagent L4": lambda: start_meshagent_pair(
+            "meshagent L4", None, tls, tmp, upstream, hold + 100, stops),
+        "meshagent HTTP": lambda: start_meshagent_pair(
+            "meshagent HTTP", "http", tls, tmp, upstream, hold + 100, stops),
+        "haproxy pair": lambda: start_haproxy_pair(
+            tools, tls, tmp, upstream, max(256, min(hold + 100, (nofile - 100) // 2)), stops),
+        "consul pair": lambda: start_consul_pair(tools, tmp, upstream, stops),
+    }
+    needs = {"haproxy pair": "haproxy", "consul pair": "consul"}
+    paths = []
+    for name in args.paths:
+        tool = needs.get(name)
+        if tool is not None and tool in tools.missing:
+            paths.append(PathUnderTest(name, not_run=tools.missing[tool]))
+            continue
+        began = time.monotonic()
+        try:
+            path = starters[name]()
+        except (SetupError, RuntimeError, OSError, ValueError) as exc:
+            line = exc.args[0] if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
+            print(f"  {name}: not run: {line}", flush=True)
+            if isinstance(exc, SetupError):
+                for detail in exc.args[1][-6:]:
+                    print(f"    | {detail[:200]}", flush=True)
+            paths.append(PathUnderTest(name, not_run=str(line).splitlines()[0][:200]))
+            continue
+        print(f"  {name}: ready on 127.0.0.1:{path.port} in {time.monotonic() - began:.1f} s",
+              flush=True)
+        paths.append(path)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    began = time.monotonic()
+    env = environment()
+    nofile = raise_open_files_limit()
+    hold = min(args.hold, max(10, (nofile - 200) // 2))
+    hold_note = (
+        f"{hold:,} connections (RLIMIT_NOFILE {nofile:,} allows two sockets per connection "
+        f"in one proxy process)" if hold < args.hold else f"{hold:,} connections"
+    )
+    args.hold = hold
+    print(
+        f"meshagent compare: python {env['python']}, {env['cpus']} CPUs, commit "
+        f"{env['commit']}, {env['openssl']}; {'smoke' if args.smoke else 'full'} run, "
+        f"{args.seconds:g} s per measurement, deadline {args.deadline:g} s",
+        flush=True,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="meshbench-compare-"))
+    stops: list[Stopper] = []
+    results: list[Measured] = []
+    tools = Tools()
+    upstream: Upstream | None = None
+    status = 0
+    try:
+        with signals_as_exceptions(args.deadline):
+            tools = find_tools(args.install, tmp)
+            for note in tools.notes:
+                print(f"  {note}", flush=True)
+            upstream = start_upstream(tools, tmp, BULK_BYTES, nofile, stops)
+            loadgen = (
+                f"wrk {tools.versions.get('wrk', '')}" if "wrk" in tools.paths
+                else "bench/loadgen.py (Python; wrk not installed)"
+            )
+            print(f"upstream: {upstream.kind}; load generator: {loadgen}", flush=True)
+            paths = start_paths(args, tools, tmp, upstream, nofile, stops)
+            status = measure_all(args, tools, tmp, paths, results)
+    except DeadlineReached:
+        print(f"deadline of {args.deadline:g} s reached: stopping; the table shows what "
+              "was measured", file=sys.stderr, flush=True)
+        status = 3
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process started", file=sys.stderr, flush=True)
+        status = 130
+    except SetupError as exc:
+        print(f"setup failed: {exc.args[0]}", file=sys.stderr)
+        for detail in exc.args[1]:
+            print(f"  | {detail}", file=sys.stderr)
+        status = 2
+    finally:
+        stop_all(stops)
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    scenarios = [s.name for s in LOAD_SCENARIOS if s.name in args.scenarios]
+    if MEMORY in args.scenarios:
+        scenarios.append(MEMORY)
+    print()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env['cpus']} CPUs, python {env['python']}, "
+        f"{env['openssl']}, commit {env['commit']}"
+    )
+    print(
+        "upstream: " + (upstream.kind if upstream else "none")
+        + "; load: " + (f"wrk {tools.versions.get('wrk', '')}" if "wrk" in tools.paths
+                       else "bench/loadgen.py")
+        + "; peers: " + ", ".join(
+            f"{k} {tools.versions[k]}" for k in ("haproxy", "consul") if k in tools.versions
+        )
+    )
+    print(
+        f"keep-alive: {KEEPALIVE.connections} connections; new conn: "
+        f"{NEW_CONNECTION.connections} connections, Connection: close; bulk: "
+        f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each; "
+        f"memory: {hold_note}"
+    )
+    print()
+    for line in render(results, scenarios):
+        print(line)
+    print()
+    for line in details(results):
+        print(line)
+    print()
+    print(f"total run time {time.monotonic() - began:.0f} s")
+    if args.json:
+        print(json.dumps({
+            "environment": env,
+            "tools": tools.versions,
+            "missing": tools.missing,
+            "upstream": upstream.kind if upstream else None,
+            "results": [rounded({**m.__dict__, "load": m.load.__dict__ if m.load else None,
+                                 "cost": m.cost()}) for m in results],
+        }, indent=2))
+    return status
+
+
+def measure_all(
+    args: argparse.Namespace, tools: Tools, tmp: Path, paths: list[PathUnderTest],
+    results: list[Measured],
+) -> int:
+    live = [p for p in paths if p.not_run is None]
+    print("warming up (not measured)", flush=True)
+    for path in live:
+        measure_load(tools, tmp, path, KEEPALIVE, args.warmup)
+    for scenario in LOAD_SCENARIOS:
+        if scenario.name not in args.scenarios:
+            continue
+        for path in paths:
+            if path.not_run is not None:
+                results.append(Measured(scenario.name, path.name, not_run=path.not_run))
+                continue
+            m = measure_load(tools, tmp, path, scenario, args.seconds)
+            results.append(m)
+            print(
+                f"  {scenario.name:10} {path.name:14} "
+                + (f"{fmt(m.rate())} req/s, {fmt(m.mb_per_s())} MB/s" if m.load else "failed")
+                + (f", pair {fmt(m.cost())} {unit(scenario.name)[1]}" if m.cost() else "")
+                + (f", errors {m.errors}" if m.errors else ""),
+                flush=True,
+            )
+    if MEMORY in args.scenarios:
+        for path in paths:
+            if path.not_run is not None:
+                results.append(Measured(MEMORY, path.name, not_run=path.not_run))
+                continue
+            m = measure_memory(tmp, path, args.hold, args.hold_seconds)
+            results.append(m)
+            print(
+                f"  {MEMORY:10} {path.name:14} {m.held:,} held"
+                + (f", {fmt(m.cost())} KiB/conn (larger proxy)" if m.cost() is not None else "")
+                + (f", errors {m.errors}" if m.errors else ""),
+                flush=True,
+            )
+    failed = [m for m in results if m.not_run is None and (m.errors or (
+        m.load is None and m.scenario != MEMORY))]
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="The meshagent pair vs. HAProxy and Consul's proxy, side by side."
+    )
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long run for CI: 1 s per measurement, 100 held "
+                        "connections, installs nothing")
+    install = parser.add_mutually_exclusive_group()
+    install.add_argument("--install", action="store_true", default=None,
+                         help="apt-get install missing packages (default unless --smoke)")
+    install.add_argument("--no-install", dest="install", action="store_false")
+    parser.add_argument("--seconds", type=float, help="per measurement (default 8, smoke 1)")
+    parser.add_argument("--hold", type=int, help=f"memory: connections (default {HOLD:,}, "
+                        "smoke 100)")
+    parser.add_argument("--deadline", type=float, help="for the whole run, seconds "
+                        "(default 900, smoke 240)")
+    parser.add_argument("--paths", default=",".join(PATH_NAMES),
+                        help="comma-separated subset of: " + ", ".join(PATH_NAMES))
+    parser.add_argument("--scenarios", default="keep-alive,new conn,bulk,memory",
+                        help="comma-separated subset of: keep-alive, new conn, bulk, memory")
+    parser.add_argument("--profile", choices=("l4", "http"),
+                        help="instead of the comparison: py-spy on that meshagent pair under "
+                        "the keep-alive load (see profile.py)")
+    parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    args = parser.parse_args(argv)
+    if args.install is None:
+        args.install = not args.smoke
+    if args.seconds is None:
+        args.seconds = 1.0 if args.smoke else 8.0
+    if args.hold is None:
+        args.hold = 100 if args.smoke else HOLD
+    if args.deadline is None:
+        args.deadline = 240.0 if args.smoke else 900.0
+    args.warmup = 1.0 if args.smoke else 2.0
+    args.hold_seconds = 30.0 if args.smoke else 120.0
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    for p in args.paths:
+        if p not in PATH_NAMES:
+            parser.error(f"--paths: unknown path {p!r}")
+    for s in args.scenarios:
+        if s not in ("keep-alive", "new conn", "bulk", MEMORY):
+            parser.error(f"--scenarios: unknown scenario {s!r}")
+    if not 0 < args.seconds <= 120:
+        parser.error("--seconds must be in (0, 120]")
+    if not 1 <= args.hold <= 100_000:
+        parser.error("--hold must be 1..100000")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if args.profile:
+        from profile_pair import profile
+
+        return profile(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
