@@ -7,16 +7,24 @@ Startup order (each step bounded, each failure one line):
 2. Open the store (SQLite file in the data directory, or Consul KV).
 3. ``ensure_admin_token``: the global admin token in ``<data_dir>/admin.token``.
 4. One root nursery: ``watch_signals`` and ``serve_api`` (hypercorn over TLS); the
-   started value is the bound URL. Then one line says where the admin token and the
-   CA certificate are.
+   started value is the bound URL.
+5. Leadership (``run_leadership``): with a Consul store, the leader election on
+   ``<prefix>leader`` (its own Consul client, so long polls of agents cannot starve its
+   renewals); with SQLite, this process is the only one on its file and always leads.
+   ``run_leader_jobs`` runs the jobs that must run once (``central/jobs.py``) while this
+   process leads. Then one line says where the admin token and the CA certificate are.
 
-SIGTERM or SIGINT: hypercorn stops accepting, lets requests in flight finish within
-``GRACEFUL_SECONDS`` and returns; the store is closed; exit 0.
+Every replica serves the whole API, leader or not: the store keeps the shared state.
+
+SIGTERM or SIGINT: the leader jobs stop and the election gives the leader key up (so
+another replica takes over at once), hypercorn stops accepting, lets requests in flight
+finish within ``GRACEFUL_SECONDS`` and returns; the store is closed; exit 0.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,11 +42,13 @@ from hypercorn.typing import ASGIFramework
 from meshagent import systemd
 from meshagent.central.api import CentralState, create_app
 from meshagent.central.auth import ADMIN_TOKEN_FILE, ensure_admin_token
+from meshagent.central.election import run_election
+from meshagent.central.jobs import Leadership, SoleLeader, leader_jobs, run_leader_jobs
 from meshagent.central.store import ConsulKvStore, SqliteStore, Store
 from meshagent.central.tls import CentralTls, ensure_central_tls
 from meshagent.config.central import CentralConfig, split_listen
 from meshagent.config.load import ConfigError
-from meshagent.discovery.consul import ConsulClient
+from meshagent.discovery.consul import ConsulClient, ConsulError
 from meshagent.log import get_logger
 from meshagent.pki.files import write_private_file
 from meshagent.pki.secrets import key_from_file_bytes, new_key_file_bytes
@@ -98,20 +108,68 @@ async def open_store(config: CentralConfig) -> AsyncIterator[Store]:
         async with await SqliteStore.open(config.store_path) as sqlite:
             yield sqlite
         return
-    token = None
-    if config.store.token_file:
-        try:
-            token_path = Path(config.store.token_file)
-            token = (await trio.to_thread.run_sync(token_path.read_text)).strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"store.token_file {config.store.token_file}: {exc.strerror or exc}"
-            ) from None
+    token = await read_consul_token(config)
     async with (
         ConsulClient(config.store.address, token=token) as consul,
         ConsulKvStore(consul, config.store.prefix) as kv,
     ):
         yield kv
+
+
+async def read_consul_token(config: CentralConfig) -> str | None:
+    """The ACL token of ``[store] token_file`` (None without one). Cancel point.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    if not config.store.token_file:
+        return None
+    try:
+        token_path = Path(config.store.token_file)
+        return (await trio.to_thread.run_sync(token_path.read_text)).strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"store.token_file {config.store.token_file}: {exc.strerror or exc}"
+        ) from None
+
+
+def leader_key(config: CentralConfig) -> str:
+    """The Consul key the leader of the replicas on ``config``'s store holds."""
+    return f"{config.store.prefix}leader"
+
+
+async def run_leadership(
+    config: CentralConfig,
+    node_name: str,
+    *,
+    task_status: trio.TaskStatus[Leadership] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Take part in choosing the leader until cancelled; ``started`` with the Leadership.
+
+    SQLite: this process is alone on its file, so it leads (``SoleLeader``). Consul: a
+    ``LeaderElection`` on ``leader_key(config)``, with its own Consul client. Cancel
+    point; never returns.
+
+    Raises:
+        ConfigError: before ``started``, Consul refused the session (ACL, or a
+            session_ttl outside what it accepts), or the token file is unreadable.
+    """
+    if config.store.kind == "sqlite":
+        task_status.started(SoleLeader())
+        await trio.sleep_forever()
+    token = await read_consul_token(config)
+    async with ConsulClient(config.store.address, token=token) as consul:
+        try:
+            await run_election(
+                consul,
+                leader_key(config),
+                node_name,
+                ttl_seconds=float(config.store.session_ttl),
+                lock_delay_seconds=float(config.store.lock_delay),
+                task_status=task_status,
+            )
+        except ConsulError as exc:  # only before started: later ones are retried
+            raise ConfigError(f"store: the leader election cannot start: {exc}") from None
 
 
 def hypercorn_config(config: CentralConfig, tls: CentralTls) -> HypercornConfig:
@@ -181,6 +239,23 @@ async def run_central(
             with signal_scope:
                 await watch_signals(stop)
 
+        jobs = leader_jobs(store, audit_retention_seconds=float(config.audit_retention))
+        leader_scope = trio.CancelScope()
+
+        async def lead(node_name: str, *, task_status: trio.TaskStatus[None]) -> None:
+            with leader_scope:
+                async with trio.open_nursery() as leading:
+                    leadership = await leading.start(run_leadership, config, node_name)
+                    await leading.start(
+                        partial(
+                            run_leader_jobs,
+                            leadership,
+                            jobs,
+                            interval_seconds=float(config.leader_jobs_interval),
+                        )
+                    )
+                    task_status.started()
+
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(watch)
@@ -189,6 +264,7 @@ async def run_central(
                 partial(serve, app, server_config, shutdown_trigger=stop.wait)
             )
             url = binds[0] if binds else f"https://{config.listen}"
+            await nursery.start(partial(lead, f"{socket.gethostname()} {url}"))
             say(
                 f"meshagent central: serving {url}; admin token in "
                 f"{prepared.admin_token_path}, CA certificate in {prepared.tls.ca_cert}"
@@ -197,6 +273,7 @@ async def run_central(
             task_status.started(url)
             await stop.wait()
             signal_scope.cancel()
+            leader_scope.cancel()  # the election gives the key up (shielded, at most 2 s)
             # hypercorn drains requests in flight for GRACEFUL_SECONDS; bound it anyway.
             nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_SECONDS + 2
         log.info("stopped")

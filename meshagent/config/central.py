@@ -3,7 +3,8 @@
 Two stages, as everywhere in meshagent:
 1. shape: ``load_toml`` decodes strictly (unknown keys, wrong types -> ConfigError);
 2. meaning: ``validate_central`` checks what types cannot (the listen address, store
-   settings that go together, positive durations) and returns every violation.
+   settings that go together, positive durations, Consul's session limits) and returns
+   every violation.
 
 Every key is documented once, with its default, in ``examples/central.toml``. Pure: no
 I/O beyond what ``load_central`` reads.
@@ -22,6 +23,9 @@ from meshagent.config.load import ConfigError, Duration, load_toml
 DEFAULT_LISTEN = "127.0.0.1:5681"
 SEAL_KEY_FILE = "seal.key"
 STORE_FILE = "central.db"
+# Consul's limits for sessions: TTL up to 24 h, lock-delay up to 60 s.
+MAX_SESSION_TTL_SECONDS = 24 * 3600.0
+MAX_LOCK_DELAY_SECONDS = 60.0
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -36,6 +40,10 @@ class StoreSettings(_Strict, frozen=True, kw_only=True):
     address: str = "http://127.0.0.1:8500"  # consul: the Consul HTTP address
     token_file: str | None = None  # consul: ACL token file, sent as X-Consul-Token
     prefix: str = "meshagent/"  # consul: KV key prefix
+    # consul: the leader election's session (replicas elect one leader for the jobs that
+    # must run once). A dead leader is replaced after at most 2 x session_ttl + lock_delay.
+    session_ttl: Duration = Duration(10.0)
+    lock_delay: Duration = Duration(1.0)
 
 
 class CentralLogSettings(_Strict, frozen=True, kw_only=True):
@@ -51,6 +59,8 @@ class CentralConfig(_Strict, frozen=True, kw_only=True):
     seal_key_file: str | None = None  # default <data_dir>/seal.key
     cert_ttl: Duration = Duration(24 * 3600.0)
     join_token_ttl: Duration = Duration(3600.0)
+    audit_retention: Duration = Duration(90 * 86400.0)  # the leader deletes older entries
+    leader_jobs_interval: Duration = Duration(600.0)  # how often the leader runs its jobs
     store: StoreSettings = StoreSettings()
     log: CentralLogSettings = CentralLogSettings()
 
@@ -94,9 +104,21 @@ def validate_central(config: CentralConfig) -> list[str]:
         problems.append(f"listen: {text}")
     if not config.data_dir:
         problems.append("data_dir: must not be empty")
-    for key, seconds in (("cert_ttl", config.cert_ttl), ("join_token_ttl", config.join_token_ttl)):
+    for key, seconds, example in (
+        ("cert_ttl", config.cert_ttl, "1h"),
+        ("join_token_ttl", config.join_token_ttl, "1h"),
+        ("audit_retention", config.audit_retention, "90d"),
+        ("leader_jobs_interval", config.leader_jobs_interval, "10m"),
+    ):
         if seconds <= 0:
-            problems.append(f'{key}: must be more than 0, e.g. "1h"')
+            problems.append(f'{key}: must be more than 0, e.g. "{example}"')
+    if not 0 < config.store.session_ttl <= MAX_SESSION_TTL_SECONDS:
+        problems.append(
+            'store.session_ttl: must be more than 0 and at most 24h, e.g. "10s" (Consul '
+            "also refuses TTLs under its session_ttl_min, 10s by default)"
+        )
+    if config.store.lock_delay > MAX_LOCK_DELAY_SECONDS:
+        problems.append('store.lock_delay: must be at most 60s (Consul\'s limit), e.g. "1s"')
     if config.store.kind == "consul" and not config.store.address.startswith(
         ("http://", "https://")
     ):
