@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from meshagent.demo.ports import free_port
@@ -78,6 +79,8 @@ class ConsulProcess:
     Args:
         acl_master_token: enable ACLs (default policy deny) with this master token.
         node: the Consul node name.
+        hcl: more agent settings, one HCL snippet each (e.g. ``'session_ttl_min = "1s"'``
+            so leader elections can use short sessions in tests).
     """
 
     def __init__(
@@ -86,8 +89,10 @@ class ConsulProcess:
         acl_master_token: str | None = None,
         node: str = "meshtest",
         binary: str | None = None,
+        hcl: Sequence[str] = (),
     ) -> None:
         self.binary = binary
+        self.hcl = tuple(hcl)
         self.acl_master_token = acl_master_token
         self.node = node
         self.http_port = free_port()
@@ -179,6 +184,7 @@ class ConsulProcess:
             "-log-level=warn",
             "-hcl=disable_update_check = true",
         ]
+        args += [f"-hcl={snippet}" for snippet in self.hcl]
         if self.acl_master_token:
             args.append(
                 '-hcl=acl { enabled = true, default_policy = "deny", '
