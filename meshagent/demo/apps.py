@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable
 
 import h11
 import trio
@@ -45,8 +46,17 @@ async def main(mode: str, host: str, port: int, name: str) -> None:
     await trio.serve_listeners(serve, listeners)
 
 
+Responder = Callable[[str, str, bytes], tuple[int, dict[str, object]]]
+"""(method, path, body) -> (status, JSON answer): an app's own routes (see demo.legacy)."""
+MAX_KEPT_BODY = 64 * 1024
+
+
 async def _handle_http(
-    stream: trio.SocketStream, name: str, status: int = 200, delay_seconds: float = 0.0
+    stream: trio.SocketStream,
+    name: str,
+    status: int = 200,
+    delay_seconds: float = 0.0,
+    respond: Responder | None = None,
 ) -> None:
     conn = h11.Connection(h11.SERVER)
 
@@ -72,10 +82,13 @@ async def _handle_http(
             if conn.they_are_waiting_for_100_continue:
                 await send(h11.InformationalResponse(status_code=100, headers=[]))
             received = 0
+            kept = bytearray()
             while True:
                 event = await next_event()
                 if isinstance(event, h11.Data):
                     received += len(event.data)
+                    if respond is not None and len(kept) < MAX_KEPT_BODY:
+                        kept += event.data[: MAX_KEPT_BODY - len(kept)]
                 elif isinstance(event, h11.EndOfMessage):
                     break
             path = request.target.decode()
@@ -105,8 +118,12 @@ async def _handle_http(
             else:
                 if delay_seconds:
                     await trio.sleep(delay_seconds)
-                body = json.dumps(
-                    {
+                answer_status = status
+                if respond is not None:
+                    answer_status, answer = respond(request.method.decode(), path, bytes(kept))
+                    answer = {"app": name, **answer}
+                else:
+                    answer = {
                         "app": name,
                         "method": request.method.decode(),
                         "path": path,
@@ -115,10 +132,10 @@ async def _handle_http(
                         "request_id": headers.get("x-request-id"),
                         "traceparent": headers.get("traceparent"),
                     }
-                ).encode()
+                body = json.dumps(answer).encode()
                 await send(
                     h11.Response(
-                        status_code=status,
+                        status_code=answer_status,
                         headers=[
                             ("content-type", "application/json"),
                             ("content-length", str(len(body))),
@@ -145,6 +162,7 @@ async def serve_http_app(
     port: int = 0,
     status: int = 200,
     delay_seconds: float = 0.0,
+    respond: Responder | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A small HTTP/1.1 app (h11): GET/HEAD describe the request as JSON, POST counts
@@ -153,7 +171,7 @@ async def serve_http_app(
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_http(stream, name, status, delay_seconds)
+        await _handle_http(stream, name, status, delay_seconds, respond)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

@@ -1,4 +1,5 @@
-"""The README's first command, in short mode: it must meet every step and leave nothing."""
+"""The README's first command, in short mode: the monolith strangled step by step; it
+must meet every step and leave nothing behind."""
 
 from __future__ import annotations
 
@@ -14,18 +15,21 @@ import pytest
 @pytest.mark.parametrize("consul", ["--consul", "--no-consul"])
 def test_demo_meets_every_step_and_cleans_up(consul: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "meshagent", "demo", "--duration", "3", consul],
+        [sys.executable, "-m", "meshagent", "demo", "--duration", "5", consul],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result: every step met its expectation" in done.stdout
     assert "ok 100.0%" in done.stdout
-    if consul == "--consul":
-        assert "critical after" in done.stdout
+    assert done.stdout.count("-> met") == 5 and "NOT met" not in done.stdout
+    assert "/orders: orders v1  " in done.stdout and "orders v2" in done.stdout
+    assert "refused (strict)" in done.stdout
+    if consul == "--no-consul":
+        assert "the central agent's inventory is the catalog" in done.stdout
     pids = [int(p) for p in re.findall(r"pid (\d+)", done.stdout)]
-    assert len(pids) >= 3
+    assert len(pids) >= 4
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    workdir = re.search(r"configs in (\S+)", done.stdout)
+    workdir = re.search(r"configs and logs in (\S+)", done.stdout)
     assert workdir is not None
     assert not Path(workdir.group(1)).exists()
