@@ -151,23 +151,27 @@ def _first_leaf(exc: BaseException) -> BaseException:
 @app.command()
 def demo(
     duration: Annotated[
-        float, typer.Option(help="Bound the whole walkthrough to about this many seconds.")
-    ] = 12.0,
+        float, typer.Option(help="Seconds of traffic in all (five steps share them).")
+    ] = 20.0,
     keep_running: Annotated[
         bool, typer.Option(help="Leave the mesh up afterwards (Ctrl-C stops it).")
     ] = False,
     consul: Annotated[
-        bool, typer.Option(help="Use Consul when it is installed (--no-consul: fixed endpoints).")
+        bool,
+        typer.Option(
+            help="Use Consul when it is installed (--no-consul: the central agent's catalog)."
+        ),
     ] = True,
 ) -> None:
-    """Run a small mesh on this machine and walk through it.
+    """Strangle a legacy monolith on this machine, step by step, and check each step.
 
-    Three agents on 127.0.0.2-4, two instances of an "orders" app, a dev-mode Consul
-    when installed. Traffic flows over mTLS, one app is stopped, its check turns
-    critical and traffic moves to the other. Exit code 0 only if every step met what
-    it printed. Nothing is left running afterwards.
+    A central agent, three agents on 127.0.0.2-4 (the monolith with its front door, the
+    new orders service v1 and v2), a dev-mode Consul when installed. Traffic flows
+    while /orders is peeled off the monolith, a v2 canary goes 10 -> 50 -> 100 %, and
+    the mesh goes from permissive to strict mTLS. Exit code 0 only if every step met
+    what it printed. Nothing is left running afterwards.
 
-    Example: meshagent demo --duration 20
+    Example: meshagent demo --duration 60 --keep-running
     """
     from meshagent.demo.mesh import run_demo
 
