@@ -33,3 +33,40 @@ def test_demo_meets_every_step_and_cleans_up(consul: str) -> None:
     workdir = re.search(r"configs and logs in (\S+)", done.stdout)
     assert workdir is not None
     assert not Path(workdir.group(1)).exists()
+
+
+def test_keep_running_stays_up_until_ctrl_c_and_then_cleans_up() -> None:
+    import signal
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshagent", "demo", "--duration", "2", "--no-consul",
+         "--keep-running"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "curl -s 127.0.0.1:" in line:
+                break
+        front = re.search(r"curl -s (127\.0\.0\.1:\d+)/orders/7", "".join(lines))
+        assert front is not None, "".join(lines)
+        answer = httpx.get(f"http://{front.group(1)}/orders/7", trust_env=False, timeout=10)
+        assert answer.json()["version"] == "v2"  # the canary reached 100 %
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = "".join(lines) + out
+    assert proc.returncode == 130, text
+    assert "stopping every process of the demo" in text
+    for pid in (int(p) for p in re.findall(r"pid (\d+)", text)):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
