@@ -346,3 +346,26 @@ def test_roles_share_one_set_of_installation_defaults() -> None:
     assert {k: v for k, v in agent[0].items() if k != "meshagent_purge_state"} == {
         k: v for k, v in central[0].items() if k != "meshagent_purge_state"}
     assert "meshagent_package_source" not in agent[0]  # required: no default on purpose
+
+
+def test_every_config_key_has_a_role_variable() -> None:
+    """agent.toml's and central.toml's top-level keys are meshagent_<key> and
+    meshagent_central_<key> in the roles' argument specs, and the templates render them:
+    a key added to the config without the roles fails here."""
+    import msgspec
+    import yaml
+
+    from meshagent.config.agent import AgentConfig
+    from meshagent.config.central import CentralConfig
+
+    for role, config_type, prefix, template in (
+        ("meshagent_agent", AgentConfig, "meshagent_", "agent.toml.j2"),
+        ("meshagent_central", CentralConfig, "meshagent_central_", "central.toml.j2"),
+    ):
+        options = yaml.safe_load((ROLES / role / "meta" / "main.yml").read_text())[
+            "argument_specs"]["main"]["options"]
+        text = (ROLES / role / "templates" / template).read_text()
+        for field in msgspec.structs.fields(config_type):
+            assert f"{prefix}{field.name}" in options, f"{role}: no {prefix}{field.name}"
+            assert f"'{field.name}'" in text or f"{prefix}{field.name}" in text, (
+                f"{template} does not render {field.name}")
