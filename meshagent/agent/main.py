@@ -229,8 +229,8 @@ async def _run(
                     await control.start(
                         _follow_catalog, consul, config.mesh, watched, publish, wait
                     )
-                if config.policies:
-                    await control.start(reload_on_sighup, config, watch, watched, static)
+                # Always: a SIGHUP (systemctl reload) must never end the agent.
+                await control.start(reload_on_sighup, config, watch, watched, static)
                 dataplane: DataplaneHandle = await root.start(
                     _serve_dataplane_then_stop, watch, tls, auxiliary
                 )

@@ -115,10 +115,18 @@ async def reload_on_sighup(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """On each SIGHUP, reload the policies; publish new routes, or keep the old ones and
-    log every problem. A cancel point."""
+    log every problem. Without a policy path, SIGHUP is acknowledged and ignored (it
+    must never end the agent: ``systemctl reload`` sends it). A cancel point."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
         async for _ in signals:
+            if not config.policies:
+                log.info(
+                    "SIGHUP: nothing to reload",
+                    detail="no policies path; policies from [central] arrive by themselves; "
+                    "restart the agent to apply other agent.toml changes",
+                )
+                continue
             try:
                 compiled = await trio.to_thread.run_sync(load_policies, config)
             except PolicyError as exc:
