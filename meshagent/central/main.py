@@ -270,8 +270,10 @@ async def run_central(
                 f"{prepared.admin_token_path}, CA certificate in {prepared.tls.ca_cert}"
             )
             log.info("serving", url=url, pid=os.getpid())
+            systemd.notify("READY=1")
             task_status.started(url)
             await stop.wait()
+            systemd.notify("STOPPING=1")
             signal_scope.cancel()
             leader_scope.cancel()  # the election gives the key up (shielded, at most 2 s)
             # hypercorn drains requests in flight for GRACEFUL_SECONDS; bound it anyway.

@@ -151,12 +151,13 @@ def wait_for_datagram(sock: socket.socket, state: str, timeout: float) -> None:
 def test_central_process_pings_and_stops_promptly(
     tmp_path: Path, notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The central agent with WatchdogSec=1s pings from its loop, and the watchdog task
-    does not hold the process open after SIGTERM."""
+    """The central agent (Type=notify) says READY=1 once serving, pings from its loop
+    with WatchdogSec=1s, and the watchdog task does not hold it open after SIGTERM."""
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     central = CentralProcess(tmp_path)
     central.start()
     try:
+        wait_for_datagram(notify_socket, "READY=1", timeout=10)
         wait_for_datagram(notify_socket, "WATCHDOG=1", timeout=10)
         wait_for_datagram(notify_socket, "WATCHDOG=1", timeout=10)
         started = time.monotonic()

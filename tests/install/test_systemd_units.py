@@ -93,6 +93,7 @@ def test_central_unit_stops_within_its_grace() -> None:
     from meshagent.central.main import GRACEFUL_SECONDS
 
     keys = unit_keys((UNIT_DIR / "meshagent-central.service").read_text())
+    assert keys["Service.Type"] == ["notify"]  # READY=1 once the API serves
     assert keys["Service.ExecStart"] == [
         f"{INSTALLED_BINARY} central --config /etc/meshagent/central.toml"
     ]
