@@ -13,10 +13,12 @@ import os
 import platform
 import resource
 import selectors
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -214,6 +216,20 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 5) -> None:
         if pipe is not None:
             with contextlib.suppress(OSError):
                 pipe.close()
+
+
+def stop_all(stops: list[Callable[[], object]]) -> None:
+    """Stop every process started, newest first, each by its pid; not interruptible by
+    Ctrl-C (a second one would leave processes behind)."""
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        while stops:
+            with contextlib.suppress(Exception):
+                stops.pop()()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
 
 
 def error_name(exc: BaseException) -> str:

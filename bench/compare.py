@@ -56,6 +56,7 @@ from common import (
     read_line,
     render_table,
     rounded,
+    stop_all,
     stop_process,
     tail,
     tree_cpu_seconds,
@@ -434,20 +435,6 @@ def signals_as_exceptions(deadline: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old_alarm)
 
 
-def stop_all(stops: list[Stopper]) -> None:
-    """Stop every process started, newest first, each by its pid; not interruptible by
-    Ctrl-C (a second one would leave processes behind)."""
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        while stops:
-            with suppress(Exception):
-                stops.pop()()
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-
-
 def start_paths(
     args: argparse.Namespace, tools: Tools, tmp: Path, upstream: Upstream, nofile: int,
     stops: list[Stopper],
@@ -517,7 +504,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {note}", flush=True)
             upstream = start_upstream(tools, tmp, BULK_BYTES, nofile, stops)
             loadgen = (
-                f"wrk {tools.versions.get('wrk', '')}" if "wrk" in tools.paths
+                tools.versions.get("wrk", "wrk") if "wrk" in tools.paths
                 else "bench/loadgen.py (Python; wrk not installed)"
             )
             print(f"upstream: {upstream.kind}; load generator: {loadgen}", flush=True)
@@ -552,10 +539,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         "upstream: " + (upstream.kind if upstream else "none")
-        + "; load: " + (f"wrk {tools.versions.get('wrk', '')}" if "wrk" in tools.paths
+        + "; load: " + (tools.versions.get("wrk", "wrk") if "wrk" in tools.paths
                        else "bench/loadgen.py")
         + "; peers: " + ", ".join(
-            f"{k} {tools.versions[k]}" for k in ("haproxy", "consul") if k in tools.versions
+            tools.versions[k] for k in ("haproxy", "consul") if k in tools.versions
         )
     )
     print(
@@ -650,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="instead of the comparison: py-spy on that meshagent pair under "
                         "the keep-alive load (see profile.py)")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument("--profile-native", action="store_true",
+                        help="with --profile: C frames too (where a syscall's time goes)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args(argv)
@@ -683,7 +672,7 @@ def main() -> int:
     if args.profile:
         from profile_pair import profile
 
-        return profile(args)
+        return profile(args, KEEPALIVE.connections)
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -280,7 +280,8 @@ http {{
         stops.append(proc.stop)
         wait_listening(port, proc, "nginx")
         wait_get_small(port, "nginx", [root / "error.log", root / "stdout.log"], 5)
-        return Upstream(f"nginx {tools.versions.get('nginx', '')} (one worker)", port, proc.pid)
+        version = tools.versions.get("nginx", "nginx")
+        return Upstream(f"{version} (nginx-light, one worker)", port, proc.pid)
     proc_log = tmp / "upstream.log"
     with open(proc_log, "ab") as log:
         popen = subprocess.Popen(
