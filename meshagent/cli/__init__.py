@@ -10,10 +10,13 @@ from typing import Annotated, Any, NoReturn, TextIO
 import typer
 
 from meshagent import __version__
+from meshagent.cli.pki import _Command, _Group
 
 app = typer.Typer(
+    cls=_Group,
     name="meshagent",
     help="A service mesh for virtual machines and bare metal.",
+    epilog="Example: meshagent demo (a whole mesh on this machine, checked step by step)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -87,7 +90,7 @@ def _central_problems(config: Any) -> list[str]:
     return problems
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
     """Validate agent.toml and the certificates it names; print every problem.
 
@@ -101,7 +104,7 @@ def check(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
     typer.echo(f"{config}: ok")
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(config: ConfigOption = Path("/etc/meshagent/agent.toml")) -> None:
     """Run the agent: proxy the host's inbounds and outbounds over mTLS.
 
@@ -148,7 +151,7 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     duration: Annotated[
         float, typer.Option(help="Seconds of traffic in all (five steps share them).")
@@ -184,16 +187,25 @@ def demo(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
-    """Print the meshagent version."""
+    """Print the meshagent version.
+
+    Example: meshagent version
+    """
     typer.echo(__version__)
 
 
-policy_app = typer.Typer(help="Check policy documents.", no_args_is_help=True)
+policy_app = typer.Typer(
+    cls=_Group,
+    help="Check policy documents.",
+    epilog="Example: meshagent policy validate examples/policies/",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
-@policy_app.command("validate")
+@policy_app.command("validate", cls=_Command)
 def policy_validate(
     paths: Annotated[list[Path], typer.Argument(help="Policy files or directories.")],
 ) -> None:

@@ -273,6 +273,7 @@ def _print_table(columns: list[str], rows: list[list[str]]) -> None:
 mesh_app = typer.Typer(
     cls=_Group,
     help="Create meshes and change their mTLS mode and default permission.",
+    epilog="Example: meshagent mesh create shop --mtls permissive",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -282,8 +283,8 @@ mesh_app = typer.Typer(
     "create",
     cls=_Command,
     epilog=(
-        "Examples: meshagent mesh create shop --mtls permissive; "
-        "meshagent mesh create bank --default-deny --ca provided --ca-cert ca.pem "
+        "Example: meshagent mesh create shop --mtls permissive\n\n"
+        "Example: meshagent mesh create bank --default-deny --ca provided --ca-cert ca.pem "
         "--ca-key ca-key.pem"
     ),
 )
@@ -339,8 +340,8 @@ def _default(mesh: dict[str, Any]) -> str:
     "set",
     cls=_Command,
     epilog=(
-        "Examples: meshagent mesh set shop --default-deny; "
-        "meshagent mesh set shop --mtls strict --default-deny"
+        "Example: meshagent mesh set shop --default-deny\n\n"
+        "Example: meshagent mesh set shop --mtls strict --default-deny"
     ),
 )
 def mesh_set(
@@ -395,6 +396,7 @@ def mesh_set_mtls(
 token_app = typer.Typer(
     cls=_Group,
     help="Create join tokens and mesh-scoped admin tokens.",
+    epilog="Example: meshagent token create --mesh shop --service orders > join.token",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -404,8 +406,8 @@ token_app = typer.Typer(
     "create",
     cls=_Command,
     epilog=(
-        "Examples: meshagent token create --mesh shop --service orders --ttl 30m > join.token; "
-        "meshagent token create --admin --mesh shop > shop-admin.token"
+        "Example: meshagent token create --mesh shop --service orders --ttl 30m > join.token"
+        "\n\nExample: meshagent token create --admin --mesh shop > shop-admin.token"
     ),
 )
 def token_create(
@@ -541,6 +543,7 @@ def apply(
 get_app = typer.Typer(
     cls=_Group,
     help="Show meshes, policies and dataplanes.",
+    epilog="Example: meshagent get dataplanes --mesh shop",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -662,6 +665,7 @@ def _utc_minutes(epoch: float | None) -> str:
 delete_app = typer.Typer(
     cls=_Group,
     help="Delete policies, dataplanes and meshes.",
+    epilog="Example: meshagent delete policy orders-migration --mesh shop --kind TrafficRoute",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -723,11 +727,11 @@ def delete_mesh(
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``meshagent`` app."""
     app.command(
-        "central", epilog="Example: meshagent central --config /etc/meshagent/central.toml"
+        "central",
+        cls=_Command,
+        epilog="Example: meshagent central --config /etc/meshagent/central.toml",
     )(central)
-    app.command(
-        "apply", cls=_Command, epilog="Example: meshagent apply -f examples/policies/shop.toml"
-    )(apply)
+    app.command("apply", cls=_Command)(apply)  # its example is in its docstring
     app.add_typer(mesh_app, name="mesh")
     app.add_typer(token_app, name="token")
     app.add_typer(get_app, name="get")

@@ -65,6 +65,7 @@ pki_app = typer.Typer(
         "Create a mesh CA and issue service certificates, without a central agent. "
         "Service keys are generated on the host that runs this command."
     ),
+    epilog="Example: meshagent pki init-ca --mesh shop --out /etc/meshagent/ca",
     no_args_is_help=True,
     add_completion=False,
 )
