@@ -48,8 +48,11 @@ class ConnectionPool:
         self,
         connect: Callable[[Hashable], Awaitable[Upstream]],
         *,
-        max_idle_per_key: int = 16,
-        max_idle: int = 256,
+        # As many as requests in flight to one endpoint at a busy moment: a smaller bound
+        # closes, at every lull, connections the next burst must open (and handshake)
+        # again. Idle connections cost memory only, and expire after idle_seconds.
+        max_idle_per_key: int = 256,
+        max_idle: int = 2048,
         idle_seconds: float = 60.0,
     ) -> None:
         self._connect = connect
