@@ -58,7 +58,14 @@ class AgentCollector(Collector):
             "Failed connections by reason (handshake, unauthorized, upstream-connect, ...)",
             labels=["mesh", "listener", "reason"],
         )
+        plaintext = CounterMetricFamily(
+            "meshagent_inbound_plaintext_connections",
+            "Inbound connections without TLS (permissive/off): callers that skip the mesh",
+            labels=["mesh", "listener"],
+        )
         for name, c in sorted(by_listener.items()):
+            if name.startswith("inbound:"):
+                plaintext.add_metric([mesh, name], c.plaintext)
             for reason, count in sorted(dict(c.failures).items()):
                 reasons.add_metric([mesh, name, reason], count)
             accepted.add_metric([mesh, name], c.accepted)
@@ -66,7 +73,7 @@ class AgentCollector(Collector):
             active.add_metric([mesh, name], c.active)
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
-        yield from (accepted, failed, reasons, active, bytes_total)
+        yield from (accepted, failed, reasons, active, bytes_total, plaintext)
         yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(
             "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]

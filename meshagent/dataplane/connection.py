@@ -40,6 +40,9 @@ class ConnectionCounters:
     failed: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    # Inbound connections that came without TLS (permissive/off): legacy callers that
+    # skip the mesh. A mesh can go strict once this stops growing.
+    plaintext: int = 0
     # Failed connections by reason: handshake, unauthorized, upstream-connect,
     # upstream-timeout, no-endpoints, protocol, error (anything unexpected).
     failures: dict[str, int] = field(default_factory=dict)
@@ -144,6 +147,7 @@ class DataplaneContext:
             total.failed += c.failed
             total.bytes_in += c.bytes_in
             total.bytes_out += c.bytes_out
+            total.plaintext += c.plaintext
         return total
 
 

@@ -176,6 +176,7 @@ async def handle_inbound(
             mesh_side = FramedSide(tls) if framed else RawTlsSide(tls)  # type: ignore[arg-type]
         else:
             caller = "plaintext"
+            counters.plaintext += 1
             if app is not None:
                 try:
                     await _serve_app_http(stream, prefix, None, app, fields)

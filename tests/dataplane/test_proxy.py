@@ -462,12 +462,14 @@ async def test_permissive_and_off_inbounds_take_plaintext_and_mtls(
     inbound = await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({"orders": ca.issue("orders")}))
     # A legacy client that knows nothing of the mesh, straight to the inbound port:
     assert await round_trip("127.0.0.2", inbound_port, b"plain") == b"plain"
+    assert inbound.context.counters.plaintext == 1
     # An agent, with mTLS (strict outbound) or plaintext (off outbound):
     outbound_port = free_port()
     out = msgspec.structs.replace(outbound_snapshot(outbound_port, [("127.0.0.2", inbound_port)]), mtls=mode)
     await nursery.start(serve_dataplane, StaticSource(out), TlsContexts({"web": ca.issue("web")}))
     payload = b"y" * 300_000
     assert await round_trip("127.0.0.1", outbound_port, payload) == payload
+    assert inbound.context.counters.plaintext == (1 if mode == "permissive" else 2)
     # A TLS caller from another CA is still refused in permissive mode.
     evil = _client_context(make_ca(tmp_path / "evil", MESH).issue("web"), ca.ca_path)
     assert await _tls_client(inbound_port, evil) == b""

@@ -1,0 +1,26 @@
+"""The Prometheus collector reads the data path's counters at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from meshagent.agent.metrics import AgentCollector, new_registry
+from meshagent.dataplane.connection import ConnectionCounters
+from meshagent.snapshot.model import Snapshot
+
+
+def test_plaintext_callers_of_inbounds_are_counted_for_the_strict_switch() -> None:
+    counters = {
+        "inbound:orders:15443": ConnectionCounters(accepted=5, plaintext=2),
+        "outbound:users:16001": ConnectionCounters(accepted=7),
+    }
+    registry = new_registry(
+        AgentCollector(lambda: counters, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {})
+    )
+    text = generate_latest(registry).decode()
+    assert (
+        'meshagent_inbound_plaintext_connections_total{listener="inbound:orders:15443",'
+        'mesh="shop"} 2.0'
+    ) in text
+    assert 'meshagent_inbound_plaintext_connections_total{listener="outbound' not in text
+    assert 'meshagent_connections_total{listener="outbound:users:16001",mesh="shop"} 7.0' in text
