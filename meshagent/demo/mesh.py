@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -336,6 +337,7 @@ def run_steps(mesh: MigrationMesh, duration: float, say: Say) -> bool:
 
 def run_demo(*, duration: float, keep_running: bool, use_consul: bool, say: Say) -> int:
     """Run the demo; returns the exit code. Leaves no process or file behind."""
+    _stop_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-"))
     say(f"meshagent demo: strangling a monolith in mesh {MESH!r}; configs and logs in {workdir}")
     mesh: MigrationMesh | None = None
@@ -354,6 +356,17 @@ def run_demo(*, duration: float, keep_running: bool, use_consul: bool, say: Say)
         if mesh is not None:
             mesh.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) stop the demo as Ctrl-C does: every
+    process it started is stopped, none is left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 def _keep_running(mesh: MigrationMesh, say: Say) -> None:

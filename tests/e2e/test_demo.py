@@ -35,7 +35,8 @@ def test_demo_meets_every_step_and_cleans_up(consul: str) -> None:
     assert not Path(workdir.group(1)).exists()
 
 
-def test_keep_running_stays_up_until_ctrl_c_and_then_cleans_up() -> None:
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_keep_running_stays_up_until_stopped_and_then_cleans_up(how: str) -> None:
     import signal
     import time
 
@@ -59,7 +60,7 @@ def test_keep_running_stays_up_until_ctrl_c_and_then_cleans_up() -> None:
         assert front is not None, "".join(lines)
         answer = httpx.get(f"http://{front.group(1)}/orders/7", trust_env=False, timeout=10)
         assert answer.json()["version"] == "v2"  # the canary reached 100 %
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, how))
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
