@@ -163,6 +163,7 @@ class Respond:
     status: int
     text: str
     labels: dict[str, str] = field(default_factory=dict)
+    close: bool = False  # close the connection after this answer
 
 
 # decide(head, tried): where the request goes; ``tried`` holds the keys (endpoints) of
@@ -256,6 +257,7 @@ async def _one_request(
     decision = await decide(head, ())
     if isinstance(decision, Respond):
         keep = head.keep_alive and bodyless and not head.may_switch_protocols
+        keep = keep and not decision.close
         await downstream.send_all(error_response(decision.status, decision.text, close=not keep))
         _access(method, path, decision.status, 0, 0, started, decision.labels, log_fields)
         if stats is not None:

@@ -24,7 +24,13 @@ from meshagent.dataplane.errors import (
     UpstreamTimeout,
     map_errors,
 )
-from meshagent.dataplane.http_proxy import Forward, Respond, mesh_request_headers, serve_http
+from meshagent.dataplane.http_proxy import (
+    Forward,
+    Respond,
+    Stream,
+    mesh_request_headers,
+    serve_http,
+)
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.dataplane.tcp_proxy import (
     FramedSide,
@@ -129,6 +135,22 @@ async def _serve_app_http(
     )
 
 
+async def _deny_http(
+    stream: Stream, reason: str, fields: dict[str, object], head_seconds: float
+) -> None:
+    """Answer the first request of a caller no TrafficPermission allows with 403 and the
+    reason (its app sees why, not a bare reset), then let the connection close."""
+
+    async def deny(head: RequestHead, tried: tuple[Hashable, ...]) -> Respond:
+        return Respond(403, reason, close=True)
+
+    with trio.move_on_after(head_seconds):
+        await serve_http(
+            stream, deny, idle_seconds=head_seconds, head_seconds=head_seconds,
+            log_fields=fields,
+        )
+
+
 async def handle_inbound(
     stream: trio.SocketStream,
     listener: InboundListener,
@@ -159,9 +181,12 @@ async def handle_inbound(
                 caller = check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=None)
                 source = caller.rsplit("/", 1)[-1]
                 if not snapshot.may_call(source, listener.service):
-                    raise Unauthorized(
+                    denied = Unauthorized(
                         f"{source} may not call {listener.service}: no TrafficPermission allows it"
                     )
+                    if app is not None:  # say why to the caller's app, then close
+                        await _deny_http(tls, str(denied), fields, timeouts.request_head_seconds)
+                    raise denied
             except BaseException:
                 await trio.aclose_forcefully(tls)
                 raise

@@ -349,3 +349,28 @@ async def test_a_drain_closes_idle_keep_alive_at_once_and_lets_a_request_finish(
             while inbound.context.counters.active or web.context.counters.active:
                 await trio.sleep(0.02)
         assert trio.current_time() - began < 3
+
+
+async def test_a_caller_no_permission_allows_gets_403_with_the_reason(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    app_port = await nursery.start(serve_http_app, "orders-a")
+    port = free_port("127.0.0.2")
+    snapshot = Snapshot(
+        version=1, mesh=MESH, timeouts=TIMEOUTS, permissions={"orders": ("api",)},
+        inbounds=(InboundListener(name="inbound:orders", service="orders", bind="127.0.0.2",
+                                  port=port, app_port=app_port, protocol="http"),),
+    )
+    inbound: DataplaneHandle = await nursery.start(
+        serve_dataplane, StaticSource(snapshot), TlsContexts({"orders": ca.issue("orders")})
+    )
+    web_port, _ = await start_web(nursery, ca, [ep(port)])
+    async with client(web_port) as http:
+        for _ in range(2):  # the denied connection is closed, never pooled and reused
+            answer = await http.get("/orders/1")
+            assert answer.status_code == 403
+            assert "web may not call orders: no TrafficPermission allows it" in answer.text
+    counters = inbound.context.by_listener["inbound:orders"]
+    with trio.fail_after(2):  # counted as the inbound closes, just after its answer
+        while counters.failures.get("unauthorized", 0) < 2:
+            await trio.sleep(0.01)

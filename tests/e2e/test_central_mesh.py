@@ -314,8 +314,10 @@ def test_routes_from_the_central_agent_move_a_canary_without_restarts(
 
             eventually(lambda: apps_for("/orders/1", 5) == Counter({"orders-v1": 5}),
                        within=15, what="/orders goes to orders v1")
-            # default_allow = false and no permission names monolith: the mesh denies it.
-            assert http.get("/users/7").status_code in (502, 503)
+            # default_allow = false and no permission names monolith: the mesh denies it,
+            # and says why.
+            denied = http.get("/users/7")
+            assert denied.status_code == 403 and "no TrafficPermission" in denied.text
             admin.apply("shop", STRANGLER % (0, 100) + """
 [[TrafficPermission]]
 name = "web-calls-monolith"
