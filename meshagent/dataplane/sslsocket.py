@@ -1,0 +1,391 @@
+"""TLS over a non-blocking ``ssl.SSLSocket``: the mTLS legs of the data path.
+
+Why not ``trio.SSLStream``. trio's stream drives an ``ssl.SSLObject`` through two
+``MemoryBIO`` buffers: every record is copied from the socket into Python bytes, into
+the BIO, decrypted, and the ciphertext of every send is copied out of the BIO into
+Python bytes again before it reaches the socket, with a Python-level retry loop around
+each step. Here OpenSSL reads and writes the file descriptor itself (``SSL_read`` /
+``SSL_write`` on a socket BIO), and trio only waits for readiness with
+``trio.lowlevel.wait_readable`` / ``wait_writable``. Measured on loopback: about half
+the CPU per GiB in both directions (see docs/architecture.md, "The data path").
+
+Theory of operation. Every operation first tries the ``SSLSocket`` call without
+blocking. ``SSLWantReadError`` means OpenSSL needs bytes from the peer, whatever the
+call was (a send can need to read, and a receive can need to write: a TLS 1.3 key
+update answer), so the task waits for the fd to become readable (or writable, for
+``SSLWantWriteError``) and tries the same call again. Invariants:
+
+* Never wait for readability while OpenSSL holds decrypted bytes (``pending()``): a
+  receive always calls ``recv`` before it waits, and ``recv`` only asks to wait when
+  nothing is buffered. ``is_readable()`` counts buffered bytes too.
+* A send that OpenSSL started must be retried with the same bytes until it completes
+  (OpenSSL refuses another buffer: "bad write retry"). A send interrupted in the middle
+  (cancelled, or failed) therefore breaks the stream: every later send raises
+  ``trio.BrokenResourceError``, as with ``trio.SSLStream``. A cancelled receive leaves
+  nothing half done and does not break the stream.
+* One task may receive while another sends (the two pumps of ``tcp_proxy.splice``).
+  trio lets only one task wait for one direction of one fd; when a receive needs the
+  fd writable while the sending task already waits for that (or the reverse), it
+  parks until that task's wait ends, then retries.
+* End of stream: ``b""`` only after the peer's close_notify. A peer that closes the TCP
+  connection without one (killed, or closed forcefully) breaks the stream
+  (``trio.BrokenResourceError``): for an agent the stream ends with an END frame or an
+  HTTP message boundary, so an EOF without close_notify is a truncation.
+* The file descriptor: ``wrap`` detaches it from the ``trio.SocketStream`` (which can
+  then be closed or dropped harmlessly: it no longer owns a descriptor); from then on
+  only this stream closes it, once, in ``aclose``.
+* ``aclose`` sends close_notify when the socket takes it without waiting (and waits
+  for writability otherwise, a cancel point: ``trio.aclose_forcefully`` gives that up
+  at once), never waits for the peer's, then closes the fd.
+
+TLS cannot half-close (a close_notify ends the session both ways), so there is no
+``send_eof``: agents frame a half-close inside the session (``tcp_proxy.FramedSide``).
+The first bytes of a permissive inbound are looked at with ``MSG_PEEK``
+(``inbound._detect``), so they are still in the socket when this stream takes it.
+
+Renegotiation is refused (``OP_NO_RENEGOTIATION``, ``dataplane/tls.py``); a peer that
+insists gets an alert, and the stream breaks.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from collections.abc import Mapping
+
+import trio
+
+# The largest receive_some without max_bytes; the proxies always pass their chunk size.
+DEFAULT_RECEIVE = 64 * 1024
+# A TLS record carries at most 16 KiB; a receive that got a whole one reads on while
+# more is already there (bulk transfer), up to max_bytes, instead of going once round
+# the pump and trio's scheduler per record.
+_RECORD = 16 * 1024
+
+
+class SslSocketStream(trio.abc.Stream):
+    """A TLS connection over a non-blocking ``ssl.SSLSocket``; the subset of the
+    ``trio.SSLStream`` API the data path uses. Build it with ``wrap``."""
+
+    __slots__ = (
+        "_broken",
+        "_closed",
+        "_handshake_done",
+        "_read_lot",
+        "_read_waiter",
+        "_receiving",
+        "_sending",
+        "_sock",
+        "_write_lot",
+        "_write_waiter",
+        "server_side",
+    )
+
+    def __init__(self, sock: ssl.SSLSocket, *, server_side: bool) -> None:
+        """Take ``sock`` (non-blocking, not yet handshaken); prefer ``wrap``."""
+        self._sock = sock
+        self.server_side = server_side
+        self._handshake_done = False
+        self._broken = False
+        self._closed = False
+        self._receiving = False
+        self._sending = False
+        self._read_waiter = False
+        self._write_waiter = False
+        self._read_lot = trio.lowlevel.ParkingLot()
+        self._write_lot = trio.lowlevel.ParkingLot()
+
+    @classmethod
+    def wrap(
+        cls,
+        stream: trio.SocketStream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        session: ssl.SSLSession | None = None,
+    ) -> SslSocketStream:
+        """TLS over the connection of ``stream``, whose descriptor this takes: ``stream``
+        owns none afterwards (closing it is harmless). Not async; no handshake yet.
+
+        Args:
+            session: a client's earlier session with the same peer, made with this very
+                ``context`` (a TLS 1.3 ticket), to resume.
+        Raises:
+            OSError: the socket is closed.
+            ValueError: ``session`` belongs to another context.
+        """
+        plain = socket.socket(fileno=stream.socket.detach())
+        try:
+            plain.setblocking(False)
+            # wrap_socket takes the descriptor over, and closes it if it fails.
+            sock = context.wrap_socket(
+                plain,
+                server_side=server_side,
+                do_handshake_on_connect=False,
+                suppress_ragged_eofs=False,
+                session=session,
+            )
+        except BaseException:
+            plain.close()
+            raise
+        return cls(sock, server_side=server_side)
+
+    # -- what the data path asks of a TLS stream ---------------------------------------
+
+    @property
+    def ssl_object(self) -> ssl.SSLSocket:
+        """The ``SSLSocket`` (for ``session``, ``version()``, ``cipher()``)."""
+        return self._sock
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    def getpeercert(self) -> Mapping[str, object] | None:
+        """The verified peer certificate, decoded (after the handshake)."""
+        return self._sock.getpeercert()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._sock.selected_alpn_protocol()
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session, resumable on a later connection to the same peer. With TLS
+        1.3 the server's ticket arrives after the handshake, so a client has one worth
+        keeping only once it read something."""
+        return self._sock.session
+
+    @property
+    def session_reused(self) -> bool:
+        return bool(self._sock.session_reused)
+
+    def is_readable(self) -> bool:
+        """True when a receive would not wait: decrypted bytes buffered in OpenSSL, or
+        bytes (or EOF) on the socket. Not async, never blocks."""
+        if self._closed:
+            return True
+        if self._sock.pending():
+            return True
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        return bool(readable)
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (once; later calls return at once). A cancel point.
+
+        Raises:
+            trio.BrokenResourceError: the handshake failed (its ``__cause__`` says why).
+            trio.ClosedResourceError: the stream was closed.
+        """
+        self._check_open()
+        if self._handshake_done:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._sending or self._receiving:
+            raise trio.BusyResourceError("another task is using this stream")
+        self._sending = self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                try:
+                    self._sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    await self._wait_readable()
+                except ssl.SSLWantWriteError:
+                    await self._wait_writable()
+                except (ssl.SSLError, OSError) as exc:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+                else:
+                    break
+            self._handshake_done = True
+        finally:
+            self._sending = self._receiving = False
+        await trio.lowlevel.checkpoint()
+
+    # -- bytes -------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to ``max_bytes`` of plaintext; ``b""`` after the peer's close_notify. A
+        cancel point; a cancelled receive does not break the stream.
+
+        Raises:
+            trio.BrokenResourceError: TLS error, reset, or EOF without close_notify.
+            trio.ClosedResourceError, trio.BusyResourceError.
+        """
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._check_open()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            sock = self._sock
+            waited = False
+            while True:
+                try:
+                    data = sock.recv(max_bytes)
+                    break
+                except ssl.SSLWantReadError:
+                    await self._wait_readable()
+                except ssl.SSLWantWriteError:
+                    await self._wait_writable()
+                except (ssl.SSLError, OSError) as exc:
+                    raise self._broke(exc) from exc
+                waited = True
+            if len(data) >= _RECORD and len(data) < max_bytes:
+                data = self._read_on(data, max_bytes)
+        finally:
+            self._receiving = False
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    def _read_on(self, first: bytes, max_bytes: int) -> bytes:
+        """More whole records already at hand, without waiting (bulk transfer)."""
+        parts = [first]
+        size = len(first)
+        sock = self._sock
+        while size < max_bytes:
+            try:
+                more = sock.recv(max_bytes - size)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except (ssl.SSLError, OSError):
+                break  # the next receive raises it again, after these bytes
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+            if len(more) < _RECORD:
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send all of ``data``; waits while the peer is slow. A cancel
+        point; cancelled (or failed) part way, the stream is broken for sending.
+
+        Raises:
+            trio.BrokenResourceError: TLS error, reset, or an earlier interrupted send.
+            trio.ClosedResourceError, trio.BusyResourceError.
+        """
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._broken:
+            raise trio.BrokenResourceError("an earlier send was interrupted")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not data:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            view = memoryview(data)
+            total = len(view)
+            sent = 0
+            sock = self._sock
+            waited = False
+            try:
+                while sent < total:
+                    try:
+                        sent += sock.send(view[sent:])
+                    except ssl.SSLWantWriteError:
+                        waited = True
+                        await self._wait_writable()
+                    except ssl.SSLWantReadError:
+                        waited = True
+                        await self._wait_readable()
+            except (ssl.SSLError, OSError) as exc:
+                raise self._broke(exc) from exc
+            except BaseException:
+                self._broken = True  # OpenSSL holds a write it must finish: unusable
+                raise
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket takes bytes. A cancel point."""
+        self._check_open()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._wait_writable()
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send close_notify (best effort, see the module docstring), close the fd.
+        Idempotent. A cancel point; the fd is closed even when cancelled."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._handshake_done and not self._broken and not self._sending:
+                await self._send_close_notify()
+        finally:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+    async def _send_close_notify(self) -> None:
+        self._sending = True
+        try:
+            while True:
+                try:
+                    self._sock.unwrap()  # SSL_shutdown: sends close_notify
+                except ssl.SSLWantWriteError:
+                    await self._wait_writable()
+                    continue
+                except (ssl.SSLWantReadError, ssl.SSLError, OSError, ValueError):
+                    pass  # sent; we do not wait for the peer's
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            self._sending = False
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the TLS stream was closed")
+
+    def _broke(self, exc: BaseException) -> trio.BrokenResourceError:
+        self._broken = True
+        if isinstance(exc, ssl.SSLEOFError):
+            return trio.BrokenResourceError("the peer closed without close_notify")
+        return trio.BrokenResourceError(str(exc) or type(exc).__name__)
+
+    async def _wait_readable(self) -> None:
+        """Wait until the fd is readable, or, if another task of this stream already
+        waits for that, until its wait ended. A cancel point."""
+        if self._read_waiter:
+            await self._read_lot.park()
+            return
+        self._read_waiter = True
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("the TLS stream was closed") from None
+        finally:
+            self._read_waiter = False
+            self._read_lot.unpark_all()
+
+    async def _wait_writable(self) -> None:
+        if self._write_waiter:
+            await self._write_lot.park()
+            return
+        self._write_waiter = True
+        try:
+            await trio.lowlevel.wait_writable(self._sock)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("the TLS stream was closed") from None
+        finally:
+            self._write_waiter = False
+            self._write_lot.unpark_all()
