@@ -11,6 +11,7 @@ The mesh's mTLS mode decides what a caller may speak:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Hashable
 
 import trio
@@ -32,14 +33,8 @@ from meshagent.dataplane.http_proxy import (
     serve_http,
 )
 from meshagent.dataplane.pool import ConnectionPool, Upstream
-from meshagent.dataplane.tcp_proxy import (
-    FramedSide,
-    PlainSide,
-    PrefixedStream,
-    RawTlsSide,
-    Side,
-    splice,
-)
+from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
 from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
 from meshagent.protocol.detect import Detected, detect
@@ -53,18 +48,28 @@ log = get_logger("inbound")
 # How long a permissive inbound waits for a caller's first bytes before it treats the
 # connection as plaintext (mesh agents always speak first: a TLS ClientHello).
 DETECT_SECONDS = 1.0
+_DETECT_BYTES = 2  # detect() decides on the first two bytes (a TLS record header's)
+_PEEK_RETRY_SECONDS = 0.005
 
 
-async def _detect(stream: trio.SocketStream) -> tuple[Detected, bytes]:
-    prefix = b""
+async def _detect(stream: trio.SocketStream) -> Detected:
+    """What the caller speaks, from its first bytes, looked at with ``MSG_PEEK``: they
+    stay in the socket, so the TLS layer (which reads the descriptor itself) or the app
+    still gets them. A cancel point."""
+    sock = stream.socket
+    seen = 0
     with trio.move_on_after(DETECT_SECONDS):
-        while (kind := detect(prefix)) is Detected.NEED_MORE:
-            data = await stream.receive_some(4096)
-            if not data:
-                break
-            prefix += data
-        return kind, prefix
-    return Detected.PLAINTEXT, prefix
+        while True:
+            prefix = await sock.recv(_DETECT_BYTES, socket.MSG_PEEK)
+            kind = detect(prefix)
+            if kind is not Detected.NEED_MORE or not prefix:
+                return kind  # NEED_MORE with nothing: the caller closed; plaintext
+            if len(prefix) == seen:
+                # The socket stays readable with the bytes peeked before: wait a little
+                # for the rest of the record header instead of spinning.
+                await trio.sleep(_PEEK_RETRY_SECONDS)
+            seen = len(prefix)
+    return Detected.PLAINTEXT
 
 
 class AppPool:
@@ -90,7 +95,6 @@ class AppPool:
 
 async def _serve_app_http(
     downstream: trio.abc.Stream,
-    prefix: bytes,
     source: str | None,
     app: AppPool,
     fields: dict[str, object],
@@ -130,7 +134,6 @@ async def _serve_app_http(
         head_seconds=app.ctx.source.current.timeouts.request_head_seconds,
         stats=app.ctx.http,
         log_fields=fields,
-        prefix=prefix,
         drain=app.ctx.drain,
     )
 
@@ -164,14 +167,17 @@ async def handle_inbound(
     fields = {"conn": conn, "peer": peer_address(stream)}
     timeouts = snapshot.timeouts
     with connection_boundary(ctx, log, listener.name, **fields) as counters:
-        kind, prefix = Detected.TLS, b""
+        kind = Detected.TLS
         if snapshot.mtls != "strict":
             with map_errors(timeout=HandshakeError, failure=HandshakeError, what="detect"):
-                kind, prefix = await _detect(stream)
+                kind = await _detect(stream)
         mesh_side: Side
         if kind is Detected.TLS:
-            transport = PrefixedStream(stream, prefix) if prefix else stream
-            tls = trio.SSLStream(transport, ctx.tls.server(listener.service), server_side=True)
+            with map_errors(timeout=HandshakeError, failure=HandshakeError, what="handshake"):
+                # Takes the descriptor: ``stream`` owns none from here on.
+                tls = SslSocketStream.wrap(
+                    stream, ctx.tls.server(listener.service), server_side=True
+                )
             try:
                 with (
                     map_errors(timeout=HandshakeError, failure=HandshakeError, what="handshake"),
@@ -192,23 +198,22 @@ async def handle_inbound(
                 raise
             if app is not None:  # HTTP: requests over the TLS session
                 try:
-                    await _serve_app_http(tls, b"", source, app, fields)
+                    await _serve_app_http(tls, source, app, fields)
                 finally:
                     await trio.aclose_forcefully(tls)
                 return
             framed = tls.selected_alpn_protocol() == ALPN
-            # SSLStream is generic in its transport; the sides only use the TLS API.
-            mesh_side = FramedSide(tls) if framed else RawTlsSide(tls)  # type: ignore[arg-type]
+            mesh_side = FramedSide(tls) if framed else RawTlsSide(tls)
         else:
             caller = "plaintext"
             counters.plaintext += 1
             if app is not None:
                 try:
-                    await _serve_app_http(stream, prefix, None, app, fields)
+                    await _serve_app_http(stream, None, app, fields)
                 finally:
                     await trio.aclose_forcefully(stream)
                 return
-            mesh_side = PlainSide(stream, prefix)
+            mesh_side = PlainSide(stream)
         try:
             with map_errors(
                 timeout=UpstreamTimeout,

@@ -17,6 +17,7 @@ from meshagent.dataplane.errors import (
     UpstreamTimeout,
     map_errors,
 )
+from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
 from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
@@ -33,7 +34,7 @@ CONNECT_ATTEMPTS = 3
 
 async def connect_endpoint(
     endpoint: Endpoint, listener: OutboundListener, snapshot: Snapshot, ctx: DataplaneContext
-) -> trio.SSLStream[trio.SocketStream] | trio.SocketStream:
+) -> SslSocketStream | trio.SocketStream:
     """TCP connect + mTLS handshake + identity check, each under its deadline (plain TCP
     only when the mesh's mTLS mode is ``off``). A cancel point.
 
@@ -47,7 +48,11 @@ async def connect_endpoint(
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     if snapshot.mtls == "off":
         return tcp
-    tls = trio.SSLStream(tcp, ctx.tls.client(listener.source), server_side=False)
+    try:
+        tls = SslSocketStream.wrap(tcp, ctx.tls.client(listener.source), server_side=False)
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
     try:
         with map_errors(timeout=UpstreamTimeout, failure=HandshakeError, what=f"handshake {where}"):
             with trio.fail_after(timeouts.handshake_seconds):
@@ -112,7 +117,7 @@ async def _connect_any(
     ctx: DataplaneContext,
     balancer: EndpointBalancer,
     fields: dict[str, object],
-) -> tuple[trio.SSLStream[trio.SocketStream] | trio.SocketStream, Endpoint]:
+) -> tuple[SslSocketStream | trio.SocketStream, Endpoint]:
     backend = tcp_backend(listener, snapshot, ctx.rng)
     endpoints = subset(snapshot.endpoints_of(backend.service), backend)
     tried: list[Endpoint] = []

@@ -18,18 +18,18 @@ from dataclasses import dataclass
 
 import trio
 
-Upstream = trio.SSLStream[trio.SocketStream] | trio.SocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream
 
-
-def _socket_of(stream: Upstream) -> trio.socket.SocketType:
-    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    return transport.socket
+Upstream = SslSocketStream | trio.SocketStream
 
 
 def is_stale(stream: Upstream) -> bool:
-    """True if the idle connection has something to read (EOF or stray bytes). Not async."""
+    """True if the idle connection has something to read (EOF, stray bytes, or bytes
+    OpenSSL already decrypted). Not async."""
     try:
-        readable, _, _ = select.select([_socket_of(stream).fileno()], [], [], 0)
+        if isinstance(stream, SslSocketStream):
+            return stream.is_readable()
+        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
     except (OSError, ValueError):
         return True
     return bool(readable)

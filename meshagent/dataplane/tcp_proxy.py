@@ -15,6 +15,7 @@ from typing import Protocol
 
 import trio
 
+from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
 
 CHUNK = 64 * 1024
@@ -57,49 +58,16 @@ class _StreamSide:
 
 
 class PlainSide(_StreamSide):
-    """A TCP connection to or from a local app; half-close is a FIN. ``prefix``: bytes
-    already read from it (protocol detection) that the pump must see first."""
+    """A TCP connection to or from a local app; half-close is a FIN."""
 
-    __slots__ = ("_prefix", "_socket")
+    __slots__ = ("_socket",)
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes = b"") -> None:
+    def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
         self._socket = stream
-        self._prefix = prefix
-
-    async def receive(self) -> bytes | bytearray:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            return data
-        return await self.stream.receive_some(CHUNK)
 
     async def send_eof(self) -> None:
         await self._socket.send_eof()
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream whose first bytes were already read (to detect TLS): they are returned
-    again first, so a TLS layer on top sees the whole handshake."""
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self.stream = stream
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 class FramedSide:
@@ -107,7 +75,7 @@ class FramedSide:
 
     __slots__ = ("_decoder", "_pending", "stream")
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    def __init__(self, stream: SslSocketStream) -> None:
         self.stream = stream
         self._decoder = FrameDecoder()
         self._pending: list[bytes] = []
