@@ -53,7 +53,11 @@ from meshagent.snapshot.wire import (
 
 log = get_logger("central")
 
+# The heartbeat until a config names one (DataplaneConfig.heartbeat_seconds), and the
+# bounds put on what a config names.
 HEARTBEAT_SECONDS: Final = 10.0
+MIN_HEARTBEAT_SECONDS: Final = 1.0
+MAX_HEARTBEAT_SECONDS: Final = 300.0
 LONG_POLL_SECONDS: Final = 30.0
 MAX_BACKOFF_SECONDS: Final = 30.0
 JOINED_FILE = "joined.json"
@@ -379,6 +383,7 @@ class Status:
     applied_version: int = 0
     rejected: str = ""
     cert_not_after: float | None = None
+    heartbeat_seconds: float = HEARTBEAT_SECONDS
     changed: trio.Event = field(default_factory=trio.Event)
 
     def update(self, **changes: object) -> None:
@@ -402,7 +407,8 @@ async def report_status(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Send the status every HEARTBEAT_SECONDS, and soon after it changes. A cancel point."""
+    """Send the status every ``status.heartbeat_seconds`` (what the central agent's
+    configs ask for), and soon after it changes. A cancel point."""
     task_status.started()
     failing = False
     while True:
@@ -416,7 +422,7 @@ async def report_status(
             if not failing:
                 log.warning("cannot report status", error=str(exc))
             failing = True
-        with trio.move_on_after(HEARTBEAT_SECONDS):
+        with trio.move_on_after(status.heartbeat_seconds):
             await status.changed.wait()
 
 
@@ -465,6 +471,10 @@ async def follow_config(
             delay = min(delay * 2, MAX_BACKOFF_SECONDS)
             continue
         delay = 1.0
+        if math.isfinite(config.heartbeat_seconds):
+            status.heartbeat_seconds = min(
+                max(config.heartbeat_seconds, MIN_HEARTBEAT_SECONDS), MAX_HEARTBEAT_SECONDS
+            )
         if config.version != after:
             problem = config_problem(config, joined) or await apply(config)
             if problem:

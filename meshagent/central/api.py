@@ -57,7 +57,7 @@ from starlette.routing import Route
 
 from meshagent.central import dataplane_api
 from meshagent.central.auth import Principal, admin_token_record, authenticate
-from meshagent.central.dataplanes import dataplane_view, decode_spec
+from meshagent.central.dataplanes import dataplane_view, decode_spec, online_window
 from meshagent.central.meshes import (
     CaKind,
     MtlsMode,
@@ -439,7 +439,8 @@ async def list_dataplanes(request: Request, state: CentralState, principal: Prin
     latest = await state.store.mesh_revision(mesh)
     records = await state.store.list_dataplanes(mesh)
     now = state.clock()
-    views = [dataplane_view(r, now=now, latest_version=latest) for r in records]
+    within = online_window(state.heartbeat_seconds)
+    views = [dataplane_view(r, now=now, latest_version=latest, within=within) for r in records]
     return JSONResponse({"mesh": mesh, "latest_version": latest, "dataplanes": views})
 
 

@@ -34,7 +34,8 @@ Theory of operation:
   older than its version says.
 * Status: a heartbeat (``last_seen``), the version applied, the earliest certificate
   expiry, and the last rejection (kept until a report says "applied"; a new error is
-  logged once as a warning).
+  logged once as a warning). The heartbeat of a dataplane the leader marked offline
+  brings it back into the built-in catalog (the store bumps the revision).
 """
 
 from __future__ import annotations
@@ -360,6 +361,7 @@ async def get_config(request: Request, state: CentralState) -> Response:
         policies=policies,
         dataplane=current,
         dataplanes=dataplanes,
+        heartbeat_seconds=state.heartbeat_seconds,
     )
     for problem in compiled.skipped:
         state.warn_once("stored policy left out of configs", problem, mesh=mesh)
@@ -389,7 +391,13 @@ async def put_status(request: Request, state: CentralState) -> Response:
                 applied_version=body.applied_version,
                 error=last_error,
             )
-    elif record.last_error:
+    if record.offline:
+        log.info(
+            "dataplane back online: its endpoints return to the built-in catalog",
+            mesh=mesh,
+            dataplane=name,
+        )
+    if body.state == "applied" and record.last_error:
         log.info(
             "dataplane applied a config again",
             mesh=mesh,

@@ -17,14 +17,16 @@ Theory of operation:
   - request_policies: Timeouts and Retries of every service its routes reach;
   - mtls, default_allow and ca_bundle: from the mesh;
   - endpoints, the built-in catalog: for every service its routes reach, one endpoint
-    per inbound of that service on every dataplane of the mesh (itself included),
-    at the dataplane's address. Every reachable service has an entry, empty when
-    nothing serves it.
+    per inbound of that service on every dataplane of the mesh (itself included)
+    that is not marked ``offline``, at the dataplane's address. Every reachable
+    service has an entry, empty when nothing serves it.
 
   The result depends only on its inputs, so one revision always compiles to one
-  config. Heartbeats do not change the revision, so the catalog lists dataplanes
-  whether or not they are online (the agent's outlier detection skips dead
-  endpoints; an operator deletes a dataplane that is gone for good).
+  config. Heartbeats do not change the revision; what takes a silent dataplane out
+  of the catalog is a stored flag, ``DataplaneRecord.offline``, whose every change
+  bumps the revision: the leader sets it on the dataplanes ``silent_dataplanes``
+  names (the rule ``is_online`` shows operators), the dataplane's next heartbeat
+  clears it (``Store.mark_dataplanes_offline``, ``Store.update_dataplane_status``).
 * A stored policy that no longer decodes (written by another meshagent version) is
   left out and reported in ``Compiled.skipped``, one line each, rather than failing
   every dataplane of the mesh.
@@ -58,9 +60,16 @@ from meshagent.snapshot.wire import (
     OutboundSpec,
 )
 
-# Agents report their status this often; one not heard from for three heartbeats is offline.
+# Agents report their status this often (central.toml ``heartbeat_interval`` sets it, and
+# the configs tell the agents); one not heard from for three heartbeats is offline.
 HEARTBEAT_SECONDS: Final = 10.0
-ONLINE_WITHIN_SECONDS: Final = 3 * HEARTBEAT_SECONDS
+ONLINE_HEARTBEATS: Final = 3
+ONLINE_WITHIN_SECONDS: Final = ONLINE_HEARTBEATS * HEARTBEAT_SECONDS
+
+
+def online_window(heartbeat_seconds: float) -> float:
+    """How long a dataplane stays online after a heartbeat."""
+    return ONLINE_HEARTBEATS * heartbeat_seconds
 
 
 class DataplaneSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,15 +126,32 @@ def updated_dataplane(record: DataplaneRecord, update: DataplaneUpdate) -> Datap
 # ---------------------------------------------------------------------------- the view
 
 
-def is_online(record: DataplaneRecord, now: float) -> bool:
-    """Was the dataplane heard from within ``ONLINE_WITHIN_SECONDS``?"""
-    return now - record.last_seen <= ONLINE_WITHIN_SECONDS
+def is_online(
+    record: DataplaneRecord, now: float, *, within: float = ONLINE_WITHIN_SECONDS
+) -> bool:
+    """Was the dataplane heard from within ``within`` seconds (three heartbeats)?"""
+    return now - record.last_seen <= within
+
+
+def silent_dataplanes(
+    records: Iterable[DataplaneRecord], *, now: float, within: float = ONLINE_WITHIN_SECONDS
+) -> list[str]:
+    """The names of dataplanes not online by ``is_online`` and not marked offline yet:
+    what the leader marks offline. Pure."""
+    return sorted(
+        r.name for r in records if not r.offline and not is_online(r, now, within=within)
+    )
 
 
 def dataplane_view(
-    record: DataplaneRecord, *, now: float, latest_version: int
+    record: DataplaneRecord,
+    *,
+    now: float,
+    latest_version: int,
+    within: float = ONLINE_WITHIN_SECONDS,
 ) -> dict[str, object]:
-    """The admin API's JSON view of a dataplane (never a secret)."""
+    """The admin API's JSON view of a dataplane (never a secret). ``in_catalog``: are
+    its endpoints in the built-in catalog (false once the leader marked it offline)."""
     spec = decode_spec(record)
     return {
         "name": record.name,
@@ -133,7 +159,8 @@ def dataplane_view(
         "node": record.node,
         "address": record.address,
         "services": list(record.services),
-        "online": is_online(record, now),
+        "online": is_online(record, now, within=within),
+        "in_catalog": not record.offline,
         "last_seen": record.last_seen,
         "applied_version": record.applied_version,
         "latest_version": latest_version,
@@ -176,6 +203,7 @@ def compile_config(
     policies: Sequence[PolicyRecord],
     dataplane: DataplaneRecord,
     dataplanes: Sequence[DataplaneRecord],
+    heartbeat_seconds: float = HEARTBEAT_SECONDS,
 ) -> Compiled:
     """The config of ``dataplane`` at mesh ``revision``.
 
@@ -184,7 +212,9 @@ def compile_config(
         revision: the mesh revision the inputs were read at (the config's version).
         policies: the mesh's stored policies.
         dataplane: the dataplane to compile for.
-        dataplanes: every dataplane of the mesh (the built-in catalog's source).
+        dataplanes: every dataplane of the mesh (the built-in catalog's source; those
+            marked offline are left out).
+        heartbeat_seconds: how often the agent is to report its status.
 
     Raises:
         msgspec.DecodeError: a dataplane record whose spec is not a ``DataplaneSpec``.
@@ -206,6 +236,7 @@ def compile_config(
         default_allow=mesh_spec.default_allow,
         request_policies=compile_request_policies(resources, mesh=mesh.name, services=reachable),
         endpoints=catalog(reachable, dataplanes),
+        heartbeat_seconds=heartbeat_seconds,
     )
     return Compiled(config=config, skipped=skipped)
 
@@ -229,10 +260,13 @@ def catalog(
     services: Iterable[str], dataplanes: Iterable[DataplaneRecord]
 ) -> dict[str, tuple[Endpoint, ...]]:
     """The built-in catalog: for each of ``services``, an endpoint per inbound serving
-    it on any of ``dataplanes``, sorted by address (an empty tuple when none does)."""
+    it on any of ``dataplanes`` not marked offline, sorted by address (an empty tuple
+    when none does)."""
     wanted = set(services)
     found: dict[str, list[Endpoint]] = {service: [] for service in sorted(wanted)}
     for record in dataplanes:
+        if record.offline:
+            continue
         for inbound in decode_spec(record).inbounds:
             if inbound.service in wanted:
                 found[inbound.service].append(
@@ -252,6 +286,7 @@ def catalog(
 
 __all__ = [
     "HEARTBEAT_SECONDS",
+    "ONLINE_HEARTBEATS",
     "ONLINE_WITHIN_SECONDS",
     "Compiled",
     "DataplaneSpec",
@@ -263,4 +298,6 @@ __all__ = [
     "decode_spec",
     "is_online",
     "new_dataplane",
+    "online_window",
+    "silent_dataplanes",
 ]

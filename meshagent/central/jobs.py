@@ -25,6 +25,17 @@ The jobs:
   more (``orphan_node_tokens`` is the pure decision). A join stores the credential a
   moment before the dataplane record that names it, so credentials younger than
   ``ORPHAN_GRACE_SECONDS`` are never orphans.
+* ``OfflineSweep`` (every half heartbeat, not every ``leader_jobs_interval``): marks
+  offline the dataplanes silent for three heartbeats (``silent_dataplanes``, the rule
+  ``meshagent get dataplanes`` shows), which takes their endpoints out of the
+  built-in catalog and wakes the mesh's long polls (a revision step). Only the leader
+  writes it, so replicas that all see a dataplane go silent do not all write; a
+  dataplane comes back with its next heartbeat, through whichever replica receives it
+  (that write was going to happen anyway). A sweep marks nothing until it has been
+  running without a gap for the online window: after a start or a takeover it cannot
+  tell a silent dataplane from one whose heartbeats had nowhere to go (every central
+  agent was down), and emptying the catalog of a whole mesh at once is worse than a
+  late removal.
 """
 
 from __future__ import annotations
@@ -38,7 +49,12 @@ from typing import Final, Protocol
 import msgspec
 import trio
 
-from meshagent.central.dataplanes import decode_spec
+from meshagent.central.dataplanes import (
+    HEARTBEAT_SECONDS,
+    decode_spec,
+    online_window,
+    silent_dataplanes,
+)
 from meshagent.central.store import DataplaneRecord, NotFound, Store, StoreError, TokenRecord
 from meshagent.log import get_logger
 
@@ -84,12 +100,14 @@ class LeaderJob:
     """One job: ``run(now)`` does it once and returns how many records it removed.
 
     ``name`` names the job in logs; ``removed`` is the log event of a run that removed
-    something (e.g. "expired tokens purged").
+    something (e.g. "expired tokens purged"; "" for a job that logs its own lines).
+    ``interval_seconds``: its own interval; None, central.toml's ``leader_jobs_interval``.
     """
 
     name: str
     removed: str
     run: Callable[[float], Awaitable[int]]
+    interval_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------- decisions (pure)
@@ -176,8 +194,61 @@ async def purge_orphan_node_tokens(
     return deleted
 
 
-def leader_jobs(store: Store, *, audit_retention_seconds: float) -> list[LeaderJob]:
+class OfflineSweep:
+    """The leader job that marks silent dataplanes offline (see the module docstring).
+
+    Call it with the time now, every ``interval_seconds``; it returns how many it marked.
+    A call later than ``GAP_INTERVALS`` intervals after the previous one (the first
+    call, a new leadership, a stalled store) starts the watch again: nothing is marked
+    until the watch has lasted the online window.
+    """
+
+    GAP_INTERVALS: Final = 3
+
+    def __init__(self, store: Store, *, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+        self.store = store
+        self.within = online_window(heartbeat_seconds)
+        self.interval_seconds = heartbeat_seconds / 2
+        self._watching_since: float | None = None
+        self._last_call: float | None = None
+
+    async def __call__(self, now: float) -> int:
+        """One sweep over every mesh. Cancel point. Raises StoreError."""
+        last, self._last_call = self._last_call, now
+        if last is None or now - last > self.GAP_INTERVALS * self.interval_seconds:
+            self._watching_since = now
+        assert self._watching_since is not None
+        if now - self._watching_since < self.within:
+            return 0
+        marked = 0
+        for mesh in await self.store.list_meshes():
+            silent = silent_dataplanes(
+                await self.store.list_dataplanes(mesh.name), now=now, within=self.within
+            )
+            if not silent:
+                continue
+            names = await self.store.mark_dataplanes_offline(
+                mesh.name, silent, seen_before=now - self.within
+            )
+            if names:
+                log.info(
+                    "dataplanes offline: their endpoints left the built-in catalog",
+                    mesh=mesh.name,
+                    dataplanes=",".join(names),
+                    silent_seconds=self.within,
+                )
+            marked += len(names)
+        return marked
+
+
+def leader_jobs(
+    store: Store,
+    *,
+    audit_retention_seconds: float,
+    heartbeat_seconds: float = HEARTBEAT_SECONDS,
+) -> list[LeaderJob]:
     """The central agent's leader jobs over ``store``."""
+    sweep = OfflineSweep(store, heartbeat_seconds=heartbeat_seconds)
     return [
         LeaderJob("expired tokens", "expired tokens purged", partial(purge_expired_tokens, store)),
         LeaderJob(
@@ -190,6 +261,7 @@ def leader_jobs(store: Store, *, audit_retention_seconds: float) -> list[LeaderJ
             "audit entries past retention purged",
             partial(purge_old_audit, store, retention_seconds=audit_retention_seconds),
         ),
+        LeaderJob("offline dataplanes", "", sweep, interval_seconds=sweep.interval_seconds),
     ]
 
 
@@ -223,7 +295,7 @@ async def run_job_once(
             timeout_seconds=timeout_seconds,
         )
         return None
-    if removed:
+    if removed and job.removed:
         log.info(job.removed, job=job.name, count=removed)
     return removed
 
@@ -270,7 +342,7 @@ async def run_leader_jobs(
                     partial(
                         run_job_forever,
                         job,
-                        interval_seconds=interval_seconds,
+                        interval_seconds=job.interval_seconds or interval_seconds,
                         clock=clock,
                         timeout_seconds=timeout_seconds,
                     )
@@ -285,6 +357,7 @@ __all__ = [
     "RUN_TIMEOUT_SECONDS",
     "LeaderJob",
     "Leadership",
+    "OfflineSweep",
     "SoleLeader",
     "leader_jobs",
     "orphan_node_tokens",

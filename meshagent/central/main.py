@@ -229,6 +229,7 @@ async def run_central(
             seal_key=prepared.seal_key,
             join_token_ttl_seconds=float(config.join_token_ttl),
             cert_ttl_seconds=float(config.cert_ttl),
+            heartbeat_seconds=float(config.heartbeat_interval),
         )
         # Starlette is an ASGI app; hypercorn's Framework type is stricter than Starlette's.
         app = cast("ASGIFramework", create_app(state))
@@ -239,7 +240,11 @@ async def run_central(
             with signal_scope:
                 await watch_signals(stop)
 
-        jobs = leader_jobs(store, audit_retention_seconds=float(config.audit_retention))
+        jobs = leader_jobs(
+            store,
+            audit_retention_seconds=float(config.audit_retention),
+            heartbeat_seconds=float(config.heartbeat_interval),
+        )
         leader_scope = trio.CancelScope()
 
         async def lead(node_name: str, *, task_status: trio.TaskStatus[None]) -> None:

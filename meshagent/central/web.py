@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from meshagent.central.auth import Unauthenticated
+from meshagent.central.dataplanes import HEARTBEAT_SECONDS
 from meshagent.central.joining import BadRequest, Forbidden
 from meshagent.central.meshes import MeshError
 from meshagent.central.store import (
@@ -53,7 +54,8 @@ class CentralState:
     """What the API works with. ``clock`` returns seconds since the epoch.
 
     ``cert_ttl_seconds``: the lifetime of the certificates it signs (central.toml
-    ``cert_ttl``). ``warned``: warnings already logged (see ``warn_once``).
+    ``cert_ttl``). ``heartbeat_seconds``: how often agents report (central.toml
+    ``heartbeat_interval``). ``warned``: warnings already logged (see ``warn_once``).
     """
 
     store: Store
@@ -62,6 +64,7 @@ class CentralState:
     max_body_bytes: int = MAX_BODY_BYTES
     clock: Callable[[], float] = field(default=time.time)
     cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS
+    heartbeat_seconds: float = HEARTBEAT_SECONDS
     warned: set[str] = field(default_factory=set)
 
     def warn_once(self, event: str, problem: str, **fields: object) -> None:

@@ -26,6 +26,9 @@ STORE_FILE = "central.db"
 # Consul's limits for sessions: TTL up to 24 h, lock-delay up to 60 s.
 MAX_SESSION_TTL_SECONDS = 24 * 3600.0
 MAX_LOCK_DELAY_SECONDS = 60.0
+# Agents report their status at most this often, and at least this often.
+MIN_HEARTBEAT_SECONDS = 1.0
+MAX_HEARTBEAT_SECONDS = 300.0
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -61,6 +64,9 @@ class CentralConfig(_Strict, frozen=True, kw_only=True):
     join_token_ttl: Duration = Duration(3600.0)
     audit_retention: Duration = Duration(90 * 86400.0)  # the leader deletes older entries
     leader_jobs_interval: Duration = Duration(600.0)  # how often the leader runs its jobs
+    # How often agents report their status (the configs tell them); a dataplane silent
+    # for three of these is offline and leaves the built-in catalog.
+    heartbeat_interval: Duration = Duration(10.0)
     store: StoreSettings = StoreSettings()
     log: CentralLogSettings = CentralLogSettings()
 
@@ -112,6 +118,8 @@ def validate_central(config: CentralConfig) -> list[str]:
     ):
         if seconds <= 0:
             problems.append(f'{key}: must be more than 0, e.g. "{example}"')
+    if not MIN_HEARTBEAT_SECONDS <= config.heartbeat_interval <= MAX_HEARTBEAT_SECONDS:
+        problems.append('heartbeat_interval: must be from 1s to 5m, e.g. "10s"')
     if not 0 < config.store.session_ttl <= MAX_SESSION_TTL_SECONDS:
         problems.append(
             'store.session_ttl: must be more than 0 and at most 24h, e.g. "10s" (Consul '

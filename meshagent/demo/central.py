@@ -77,6 +77,7 @@ class CentralProcess:
         secrets_from: a replica (started once) whose seal key and central CA this one
             starts with.
         leader_jobs_interval: central.toml ``leader_jobs_interval`` (default: its own).
+        heartbeat_interval: central.toml ``heartbeat_interval`` (default: its own).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class CentralProcess:
         store: ConsulStore | None = None,
         secrets_from: CentralProcess | None = None,
         leader_jobs_interval: str | None = None,
+        heartbeat_interval: str | None = None,
     ) -> None:
         self.directory = directory
         self.name = name
@@ -96,6 +98,8 @@ class CentralProcess:
         self.config = directory / f"{name}.toml"
         self.secrets_from = secrets_from
         jobs = f'leader_jobs_interval = "{leader_jobs_interval}"\n' if leader_jobs_interval else ""
+        if heartbeat_interval:
+            jobs += f'heartbeat_interval = "{heartbeat_interval}"\n'
         self.config.write_text(
             f'listen = "127.0.0.1:{self.port}"\ndata_dir = "{self.data}"\n'
             f'cert_ttl = "{cert_ttl}"\n{jobs}{store.toml() if store else ""}'

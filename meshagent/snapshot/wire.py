@@ -117,6 +117,9 @@ class DataplaneConfig(_Message, frozen=True, kw_only=True):
     # The built-in catalog: every service the routes send to, with the endpoints other
     # dataplanes of the mesh serve. Agents that follow Consul ignore it.
     endpoints: dict[str, tuple[Endpoint, ...]] = {}
+    # How often the agent reports its status (central.toml heartbeat_interval); the
+    # central agent counts a dataplane offline after three missed reports.
+    heartbeat_seconds: float = 10.0
 
 
 class StatusReport(_Message, frozen=True, kw_only=True):

@@ -19,6 +19,8 @@ from meshagent.central.dataplanes import (
     decode_spec,
     is_online,
     new_dataplane,
+    online_window,
+    silent_dataplanes,
 )
 from meshagent.central.meshes import MtlsMode, new_mesh, policy_records, with_settings
 from meshagent.central.store import DataplaneRecord, MeshRecord, PolicyRecord
@@ -298,6 +300,7 @@ def test_view_shows_status_and_no_secret() -> None:
         "address": "10.0.0.1",
         "services": ["web"],
         "online": True,
+        "in_catalog": True,
         "last_seen": NOW,
         "applied_version": 41,
         "latest_version": 42,
@@ -308,6 +311,47 @@ def test_view_shows_status_and_no_secret() -> None:
         "node_token_id": "tok-web-1",
     }
     assert dataplane_view(record, now=NOW + 60, latest_version=42)["online"] is False
+    # The window follows the heartbeat; in_catalog follows the stored flag.
+    assert dataplane_view(record, now=NOW + 4, latest_version=42, within=3)["online"] is False
+    marked = msgspec.structs.replace(record, offline=True)
+    assert dataplane_view(marked, now=NOW + 60, latest_version=42)["in_catalog"] is False
+
+
+def test_dataplanes_marked_offline_leave_the_catalog_of_every_caller() -> None:
+    gone = msgspec.structs.replace(ORDERS_V2, offline=True)
+    endpoints = compile_for(WEB, dataplanes=[ORDERS_V1, gone, MONOLITH, WEB]).config.endpoints
+    assert [e.node for e in endpoints["orders"]] == ["node-orders-1"]
+    # Every endpoint of the service gone: an empty list, not the dead ones.
+    both = [gone, msgspec.structs.replace(ORDERS_V1, offline=True), MONOLITH, WEB]
+    assert compile_for(WEB, dataplanes=both).config.endpoints["orders"] == ()
+    # Its own config still compiles (it may come back, and then needs its routes).
+    assert compile_for(gone, dataplanes=[gone, WEB]).config.mesh == "shop"
+
+
+def test_silent_dataplanes_follow_the_online_rule() -> None:
+    records = [
+        msgspec.structs.replace(WEB, last_seen=NOW - 30.0),  # exactly three heartbeats: online
+        msgspec.structs.replace(ORDERS_V1, last_seen=NOW - 30.5),
+        msgspec.structs.replace(ORDERS_V2, last_seen=NOW - 100, offline=True),  # marked already
+        msgspec.structs.replace(MONOLITH, last_seen=NOW - 4),
+    ]
+    assert silent_dataplanes(records, now=NOW) == ["orders-1"]
+    assert silent_dataplanes(records, now=NOW, within=online_window(1.0)) == [
+        "mono", "orders-1", "web-1"
+    ]
+    for record in records:
+        assert (record.name in silent_dataplanes(records, now=NOW)) == (
+            not record.offline and not is_online(record, NOW)
+        )
+
+
+def test_the_config_tells_the_agent_its_heartbeat() -> None:
+    assert compile_for(WEB).config.heartbeat_seconds == HEARTBEAT_SECONDS
+    mesh = shop()
+    config = compile_config(
+        mesh, revision=1, policies=[], dataplane=WEB, dataplanes=BANK, heartbeat_seconds=2.5
+    ).config
+    assert config.heartbeat_seconds == 2.5
 
 
 @pytest.mark.parametrize("spec", [b"{}", b'{"node_token_id": 5}'])

@@ -14,6 +14,7 @@ from meshagent.central.dataplanes import DataplaneSpec
 from meshagent.central.jobs import (
     ORPHAN_GRACE_SECONDS,
     LeaderJob,
+    OfflineSweep,
     SoleLeader,
     leader_jobs,
     orphan_node_tokens,
@@ -119,7 +120,7 @@ async def test_leader_jobs_purge_and_say_so(store: Store, capsys: pytest.Capture
     for at in (NOW - 100 * 86400, NOW - 91 * 86400, NOW - 1):
         await store.append_audit(AuditRecord(at=at, actor="a", action="b", mesh="shop", target="c"))
     jobs = leader_jobs(store, audit_retention_seconds=90 * 86400)
-    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [1, 1, 2]
+    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [1, 1, 2, 0]
     assert await store.list_tokens() == []
     assert [e.at for e in await store.list_audit()] == [NOW - 1]
     lines = capsys.readouterr().err.splitlines()
@@ -127,7 +128,7 @@ async def test_leader_jobs_purge_and_say_so(store: Store, capsys: pytest.Capture
     assert sum("node credentials no dataplane names purged" in line for line in lines) == 1
     assert sum("audit entries past retention purged" in line and "count=2" in line for line in lines) == 1
     # Nothing left to do: nothing said.
-    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [0, 0, 0]
+    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [0, 0, 0, 0]
     assert "purged" not in capsys.readouterr().err
 
 
@@ -240,3 +241,65 @@ async def test_a_run_that_hangs_is_cut_short(
     assert await run_job_once(LeaderJob("tokens", "purged", job), timeout_seconds=30) is None
     assert job.cancelled_at == [30]
     assert "leader job timed out" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- offline dataplanes
+
+
+async def test_the_sweep_marks_silent_dataplanes_once_it_has_watched_long_enough(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await store.create_mesh(MeshRecord(name="shop", spec=b"{}", ca=b"ca", created_at=NOW))
+    await store.create_mesh(MeshRecord(name="blog", spec=b"{}", ca=b"ca", created_at=NOW))
+    for record in (dataplane("a", names="t1"), dataplane("b", names="t2"),
+                   dataplane("c", names="t3", mesh="blog")):
+        await store.put_dataplane(record)
+    sweep = OfflineSweep(store, heartbeat_seconds=2.0)  # online for 6 s, a sweep every 1 s
+    assert (sweep.within, sweep.interval_seconds) == (6.0, 1.0)
+    revision = await store.mesh_revision("shop")
+    # Just started: every dataplane is silent (the central agent was down, say), but
+    # the sweep has not watched for the online window yet, so nothing is marked.
+    t = NOW + 100
+    for step in range(6):
+        assert await sweep(t + step) == 0
+    assert await store.mesh_revision("shop") == revision
+    # "b" reports meanwhile; after six seconds of watching, "a" and "c" are marked.
+    await store.update_dataplane_status("shop", "b", applied_version=1, last_seen=t + 5,
+                                        cert_not_after=None)
+    assert await sweep(t + 6) == 2
+    assert [d.name for d in await store.list_dataplanes("shop") if d.offline] == ["a"]
+    assert [d.offline for d in await store.list_dataplanes("blog")] == [True]
+    assert await store.mesh_revision("shop") == revision + 1
+    assert await sweep(t + 7) == 0  # marked already: no write
+    assert await store.mesh_revision("shop") == revision + 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "left the built-in" in line]
+    assert len(lines) == 2 and any("mesh=shop" in line and "dataplanes=a" in line for line in lines)
+    # A gap of more than three intervals (lost leadership, a stalled store): watch again.
+    assert await sweep(t + 20) == 0
+    await store.update_dataplane_status("shop", "a", applied_version=1, last_seen=t + 20,
+                                        cert_not_after=None)
+    for later in (22, 24, 25.5):  # "b" is silent, but the new watch is not 6 s old
+        assert await sweep(t + later) == 0
+    assert await sweep(t + 26) == 1  # "b" ("a" reported at t + 20, so is online)
+    assert [d.name for d in await store.list_dataplanes("shop") if d.offline] == ["b"]
+
+
+async def test_the_sweep_runs_every_half_heartbeat_while_leading(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[float] = []
+
+    async def job(now: float) -> int:
+        calls.append(trio.current_time())
+        return 0
+
+    sweep = LeaderJob("offline dataplanes", "", job, interval_seconds=0.5)
+    other = LeaderJob("tokens", "purged", job)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_leader_jobs(
+            SoleLeader(), [sweep, other], interval_seconds=10, task_status=task_status
+        ))
+        await trio.sleep(2.9)
+        nursery.cancel_scope.cancel()
+    # The sweep at 0, 0.5 ... 2.5 (6 runs); the other job once, at 0.
+    assert len(calls) == 7

@@ -63,6 +63,7 @@ async def test_dataplanes_of_the_first_schema_gain_an_empty_last_error(tmp_path:
     async with await SqliteStore.open(path) as store:
         found = await store.get_dataplane("shop", "vm-1")
     assert (found.services, found.applied_version, found.last_error) == (("web",), 3, "")
+    assert found.offline is False  # schema 3: in the catalog until the leader says otherwise
 
 
 async def test_a_new_migration_runs_once_and_keeps_the_data(tmp_path: Path) -> None:

@@ -394,6 +394,74 @@ async def test_dataplane_last_error_is_kept_until_cleared(store: Store) -> None:
     assert await store.get_dataplane("shop", "host-a") == again
 
 
+async def test_a_silent_dataplane_marked_offline_is_a_change_and_so_is_its_return(
+    store: Store,
+) -> None:
+    await store.create_mesh(mesh())
+    await store.put_dataplane(dataplane("host-a"))
+    await store.put_dataplane(dataplane("host-b", address="10.0.0.2"))
+    await store.update_dataplane_status(
+        "shop", "host-b", applied_version=1, last_seen=NOW + 50, cert_not_after=None
+    )
+    revision = await store.mesh_revision("shop")
+    # Only what is still silent before seen_before is marked; unknown names are skipped.
+    marked = await store.mark_dataplanes_offline(
+        "shop", ["host-b", "host-a", "ghost"], seen_before=NOW + 40
+    )
+    assert marked == ["host-a"]
+    assert await store.mesh_revision("shop") == revision + 1
+    assert (await store.get_dataplane("shop", "host-a")).offline is True
+    assert (await store.get_dataplane("shop", "host-b")).offline is False
+    # Marking again changes nothing, and does not bump the revision.
+    assert await store.mark_dataplanes_offline("shop", ["host-a"], seen_before=NOW + 40) == []
+    assert await store.mark_dataplanes_offline("shop", [], seen_before=NOW + 40) == []
+    assert await store.mesh_revision("shop") == revision + 1
+    # Its next heartbeat brings it back: flag cleared, one more revision.
+    back = await store.update_dataplane_status(
+        "shop", "host-a", applied_version=2, last_seen=NOW + 60, cert_not_after=None
+    )
+    assert back.offline is False and back.last_seen == NOW + 60
+    assert await store.get_dataplane("shop", "host-a") == back
+    assert await store.mesh_revision("shop") == revision + 2
+    # Heartbeats of a dataplane that is online still change nothing.
+    await store.update_dataplane_status(
+        "shop", "host-a", applied_version=2, last_seen=NOW + 70, cert_not_after=None
+    )
+    assert await store.mesh_revision("shop") == revision + 2
+    # The flag is part of the record as written.
+    flagged = msgspec.structs.replace(dataplane("host-c"), offline=True)
+    assert await store.put_dataplane(flagged) == flagged
+    assert await store.get_dataplane("shop", "host-c") == flagged
+
+
+async def test_marking_offline_wakes_the_long_polls(store: Store) -> None:
+    await store.create_mesh(mesh())
+    await store.put_dataplane(dataplane("host-a"))
+    revision = await store.mesh_revision("shop")
+    seen: list[int] = []
+
+    async def wait(after: int) -> None:
+        seen.append(await store.wait_for_change("shop", after, 30))
+
+    for change in (
+        lambda: store.mark_dataplanes_offline("shop", ["host-a"], seen_before=NOW + 1),
+        lambda: store.update_dataplane_status(
+            "shop", "host-a", applied_version=1, last_seen=NOW + 2, cert_not_after=None
+        ),
+    ):
+        seen.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, revision)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            assert seen == []
+            await change()
+            with trio.fail_after(5):  # woken, long before its 30 s timeout
+                while not seen:
+                    await trio.sleep(0.01)
+        revision += 1
+        assert seen == [revision]
+
+
 # ---------------------------------------------------------------------------- tokens
 
 

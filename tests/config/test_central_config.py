@@ -20,6 +20,7 @@ def test_defaults(tmp_path: Path) -> None:
     config = load_central(write(tmp_path, ""))
     assert config.audit_retention == 90 * 86400.0
     assert config.leader_jobs_interval == 600.0
+    assert config.heartbeat_interval == 10.0
     assert (config.store.session_ttl, config.store.lock_delay) == (10.0, 1.0)
 
 
@@ -41,6 +42,8 @@ def test_replica_settings_are_read(tmp_path: Path) -> None:
     [
         ('audit_retention = "0s"\n', 'audit_retention: must be more than 0, e.g. "90d"'),
         ('leader_jobs_interval = "0ms"\n', 'leader_jobs_interval: must be more than 0, e.g. "10m"'),
+        ('heartbeat_interval = "500ms"\n', 'heartbeat_interval: must be from 1s to 5m, e.g. "10s"'),
+        ('heartbeat_interval = "6m"\n', 'heartbeat_interval: must be from 1s to 5m, e.g. "10s"'),
         ('[store]\nsession_ttl = "0s"\n', "store.session_ttl: must be more than 0 and at most 24h"),
         ('[store]\nsession_ttl = "25h"\n', "store.session_ttl: must be more than 0 and at most 24h"),
         ('[store]\nlock_delay = "61s"\n', "store.lock_delay: must be at most 60s"),
@@ -65,7 +68,9 @@ def test_a_duration_that_is_not_one_names_the_key(tmp_path: Path) -> None:
 def test_example_documents_every_key_with_its_default() -> None:
     example = Path(__file__).parents[2] / "examples" / "central.toml"
     text = example.read_text()
-    for key in ("audit_retention", "leader_jobs_interval", "session_ttl", "lock_delay"):
+    for key in (
+        "audit_retention", "leader_jobs_interval", "heartbeat_interval", "session_ttl", "lock_delay"
+    ):
         assert f"{key} = " in text, key
     config = load_central(example)
     assert config.audit_retention == 90 * 86400.0 and config.leader_jobs_interval == 600.0

@@ -15,6 +15,9 @@ Theory of operation:
   dataplanes (``put_dataplane``, ``delete_dataplane``) adds 1; tokens, audit entries and
   dataplane *status* reports (``update_dataplane_status``: heartbeats) do not, so
   agents long-polling ``wait_for_change`` wake only when their snapshot may change.
+  Two status changes do change what agents see, and add 1: a dataplane marked offline
+  (``mark_dataplanes_offline``: it leaves the built-in catalog) and the first heartbeat
+  of a dataplane marked offline (it comes back).
 * Deleting a mesh deletes its policies, dataplanes and tokens with it (audit stays).
 * Names (mesh, policy kind and name, dataplane, token id) must be non-empty, at most
   253 characters, without ``/`` or control characters: they become keys.
@@ -114,7 +117,9 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     ``applied_version`` (the snapshot version it runs), ``last_seen``,
     ``cert_not_after`` and ``last_error`` (why it refused the latest config; "" when
     it runs the latest one it was given) are its status, reported by
-    ``update_dataplane_status``.
+    ``update_dataplane_status``. ``offline``: the leader found it silent for longer
+    than the online window (``mark_dataplanes_offline``), so the built-in catalog
+    leaves its endpoints out; its next heartbeat clears it.
     """
 
     mesh: str
@@ -127,6 +132,7 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     last_seen: float
     cert_not_after: float | None = None
     last_error: str = ""
+    offline: bool = False
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -244,9 +250,24 @@ class Store(Protocol):
         cert_not_after: float | None,
         last_error: str | None = None,
     ) -> DataplaneRecord:
-        """Record a heartbeat; does not change the mesh revision. Raises NotFound.
+        """Record a heartbeat; does not change the mesh revision, except for a
+        dataplane marked ``offline``: the flag is cleared and the revision goes up in the
+        same write (its endpoints return to the catalog). Raises NotFound.
 
         ``last_error``: None keeps the stored one; "" clears it.
+        """
+        ...
+
+    async def mark_dataplanes_offline(
+        self, mesh: str, names: Sequence[str], *, seen_before: float
+    ) -> list[str]:
+        """Mark the named dataplanes ``offline``, each only if it is not yet and its
+        ``last_seen`` is still before ``seen_before`` (a heartbeat that came meanwhile
+        wins). One write and one revision step for all of them; none when nothing
+        changed. Names that do not exist are skipped.
+
+        Returns:
+            The names marked, sorted.
         """
         ...
 

@@ -91,6 +91,8 @@ MAX_ATTEMPTS: Final = 32
 _TOKENS_PER_TXN: Final = 20
 # Audit entries deleted per transaction (two operations each).
 _AUDIT_PER_TXN: Final = 32
+# Dataplanes marked offline per transaction (one operation each, plus the revision).
+_OFFLINE_PER_TXN: Final = 60
 
 _T = TypeVar("_T")
 _encode = msgspec.json.Encoder().encode
@@ -127,6 +129,7 @@ class _DataplaneDoc(msgspec.Struct, frozen=True, kw_only=True):
     last_seen: float
     cert_not_after: float | None
     last_error: str = ""  # added later: older documents have none
+    offline: bool = False  # added later: older documents have none
 
 
 def _mesh_doc(record: MeshRecord) -> bytes:
@@ -188,6 +191,7 @@ def _dataplane_doc(record: DataplaneRecord) -> bytes:
             last_seen=record.last_seen,
             cert_not_after=record.cert_not_after,
             last_error=record.last_error,
+            offline=record.offline,
         )
     )
 
@@ -204,6 +208,7 @@ def _dataplane_record(doc: _DataplaneDoc) -> DataplaneRecord:
         last_seen=doc.last_seen,
         cert_not_after=doc.cert_not_after,
         last_error=doc.last_error,
+        offline=doc.offline,
     )
 
 
@@ -530,7 +535,9 @@ class ConsulKvStore:
         cert_not_after: float | None,
         last_error: str | None = None,
     ) -> DataplaneRecord:
-        """Record a heartbeat without changing the mesh revision. Cancel point.
+        """Record a heartbeat without changing the mesh revision, unless the dataplane
+        was marked offline (then it is back: flag cleared, revision + 1 in the same
+        transaction). Cancel point.
 
         ``last_error``: None keeps the stored one.
 
@@ -551,11 +558,58 @@ class ConsulKvStore:
                 last_seen=last_seen,
                 cert_not_after=cert_not_after,
                 last_error=current.last_error if last_error is None else last_error,
+                offline=False,
             )
             update = KvOp(verb="cas", key=key, value=_dataplane_doc(new), index=entry.modify_index)
-            return [_Step(update)], new
+            steps = [_Step(update)]
+            if current.offline:
+                steps.append(await self._revision_step(mesh))
+            return steps, new
 
         return await self._commit(f"update the status of {ref}", plan)
+
+    async def mark_dataplanes_offline(
+        self, mesh: str, names: Sequence[str], *, seen_before: float
+    ) -> list[str]:
+        """See ``Store.mark_dataplanes_offline``: one transaction (``cas`` on every
+        dataplane it marks, and on the revision), so a heartbeat written meanwhile makes
+        it read again and decide again. At most ``_OFFLINE_PER_TXN`` dataplanes per
+        call; the rest wait for the next call. Cancel point. Raises StoreUnavailable.
+        """
+        wanted = set(names)
+
+        async def plan() -> tuple[list[_Step], list[str]]:
+            steps: list[_Step] = []
+            marked: list[str] = []
+            for entry in await self._list(self._dataplanes_prefix(mesh)):
+                current = _dataplane_record(self._decode(_decode_dataplane, entry))
+                if (
+                    current.name not in wanted
+                    or current.offline
+                    or current.last_seen >= seen_before
+                ):
+                    continue
+                new = msgspec.structs.replace(current, offline=True)
+                steps.append(
+                    _Step(
+                        KvOp(
+                            verb="cas",
+                            key=entry.key,
+                            value=_dataplane_doc(new),
+                            index=entry.modify_index,
+                        )
+                    )
+                )
+                marked.append(current.name)
+                if len(marked) == _OFFLINE_PER_TXN:
+                    break
+            if steps:
+                steps.append(await self._revision_step(mesh))
+            return steps, sorted(marked)
+
+        if not wanted:
+            return []
+        return await self._commit(f"mark dataplanes of {mesh_ref(mesh)} offline", plan)
 
     async def get_dataplane(self, mesh: str, name: str) -> DataplaneRecord:
         """Cancel point. Raises NotFound, StoreUnavailable."""

@@ -148,7 +148,15 @@ def _dataplane_last_error(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dataplanes ADD COLUMN last_error TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: Final[tuple[Migration, ...]] = (_schema_v1, _dataplane_last_error)
+def _dataplane_offline(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE dataplanes ADD COLUMN offline INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _schema_v1,
+    _dataplane_last_error,
+    _dataplane_offline,
+)
 
 
 # ---------------------------------------------------------------------------- the store
@@ -423,12 +431,12 @@ class SqliteStore:
             _require_mesh(conn, record.mesh)
             conn.execute(
                 f"INSERT INTO dataplanes ({_DATAPLANE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (mesh, name) DO UPDATE SET node = excluded.node,"
                 " address = excluded.address, services = excluded.services,"
                 " spec = excluded.spec, applied_version = excluded.applied_version,"
                 " last_seen = excluded.last_seen, cert_not_after = excluded.cert_not_after,"
-                " last_error = excluded.last_error",
+                " last_error = excluded.last_error, offline = excluded.offline",
                 (
                     record.mesh,
                     record.name,
@@ -440,6 +448,7 @@ class SqliteStore:
                     record.last_seen,
                     record.cert_not_after,
                     record.last_error,
+                    int(record.offline),
                 ),
             )
             _bump_revision(conn, record.mesh)
@@ -457,25 +466,61 @@ class SqliteStore:
         cert_not_after: float | None,
         last_error: str | None = None,
     ) -> DataplaneRecord:
-        """Record a heartbeat without changing the mesh revision. Cancel point.
+        """Record a heartbeat without changing the mesh revision, unless the dataplane
+        was marked offline (then it is back: flag cleared, revision + 1). Cancel point.
 
         ``last_error``: None keeps the stored one.
 
         Raises:
             NotFound, StoreUnavailable.
         """
+        came_back = False
 
         def update(conn: sqlite3.Connection) -> DataplaneRecord:
-            changed = conn.execute(
+            nonlocal came_back
+            was = _get_dataplane(conn, mesh, name)
+            conn.execute(
                 "UPDATE dataplanes SET applied_version = ?, last_seen = ?, cert_not_after = ?,"
-                " last_error = coalesce(?, last_error) WHERE mesh = ? AND name = ?",
+                " last_error = coalesce(?, last_error), offline = 0 WHERE mesh = ? AND name = ?",
                 (applied_version, last_seen, cert_not_after, last_error, mesh, name),
-            ).rowcount
-            if changed == 0:
-                raise NotFound(f"{dataplane_ref(mesh, name)} not found")
+            )
+            if was.offline:
+                came_back = True
+                _bump_revision(conn, mesh)
             return _get_dataplane(conn, mesh, name)
 
-        return await self._write(update, mesh=None)
+        # Only a dataplane that comes back changes the mesh; the others wake nobody.
+        record = await self._write(update, mesh=None)
+        if came_back:
+            self._wake(mesh)
+        return record
+
+    async def mark_dataplanes_offline(
+        self, mesh: str, names: Sequence[str], *, seen_before: float
+    ) -> list[str]:
+        """See ``Store.mark_dataplanes_offline``. Cancel point. Raises StoreUnavailable."""
+        wanted = sorted(set(names))
+        if not wanted:
+            return []
+
+        def mark(conn: sqlite3.Connection) -> list[str]:
+            marked = [
+                name
+                for name in wanted
+                if conn.execute(
+                    "UPDATE dataplanes SET offline = 1 WHERE mesh = ? AND name = ?"
+                    " AND offline = 0 AND last_seen < ?",
+                    (mesh, name, seen_before),
+                ).rowcount
+            ]
+            if marked:
+                _bump_revision(conn, mesh)
+            return marked
+
+        marked = await self._write(mark, mesh=None)
+        if marked:
+            self._wake(mesh)
+        return marked
 
     async def get_dataplane(self, mesh: str, name: str) -> DataplaneRecord:
         """Cancel point. Raises NotFound, StoreUnavailable."""
@@ -728,10 +773,14 @@ class SqliteStore:
 
         result = await trio.to_thread.run_sync(self._call, transaction, limiter=self._limiter)
         if mesh is not None:
-            event = self._events.pop(mesh, None)
-            if event is not None:
-                event.set()
+            self._wake(mesh)
         return result
+
+    def _wake(self, mesh: str) -> None:
+        """Wake the ``wait_for_change`` calls of ``mesh`` (after a commit that changed it)."""
+        event = self._events.pop(mesh, None)
+        if event is not None:
+            event.set()
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """In the worker thread: run ``fn`` on the open connection."""
@@ -751,7 +800,7 @@ _MESH_COLUMNS = "name, spec, ca, version, created_at"
 _POLICY_COLUMNS = "mesh, kind, name, spec, version, updated_at"
 _DATAPLANE_COLUMNS = (
     "mesh, name, node, address, services, spec, applied_version, last_seen, cert_not_after,"
-    " last_error"
+    " last_error, offline"
 )
 _TOKEN_COLUMNS = "id, mesh, kind, digest, services, meshes, expires_at, uses_left, created_at"
 _AUDIT_COLUMNS = "at, actor, action, mesh, target, detail"
@@ -772,7 +821,7 @@ def _policy(row: Any) -> PolicyRecord:
 
 
 def _dataplane(row: Any) -> DataplaneRecord:
-    mesh, name, node, address, services, spec, applied, last_seen, not_after, error = row
+    mesh, name, node, address, services, spec, applied, last_seen, not_after, error, off = row
     return DataplaneRecord(
         mesh=mesh,
         name=name,
@@ -784,6 +833,7 @@ def _dataplane(row: Any) -> DataplaneRecord:
         last_seen=last_seen,
         cert_not_after=not_after,
         last_error=error,
+        offline=bool(off),
     )
 
 
