@@ -112,8 +112,9 @@ class Joined:
 
 
 def load_joined(config: AgentConfig) -> Joined | None:
-    """The membership on disk, if it is complete and matches ``config`` (same central
-    agent, mesh, name and identities); None means: join. Blocking."""
+    """The membership on disk, if it is complete and matches ``config`` (the central
+    agent it joined through is among ``central.url``; same mesh, name and identities);
+    None means: join. Blocking."""
     assert config.central is not None
     directory = config.central_dir
     try:
@@ -127,8 +128,10 @@ def load_joined(config: AgentConfig) -> Joined | None:
     except (OSError, UnicodeDecodeError, msgspec.DecodeError) as exc:
         log.warning("ignoring the saved membership", path=str(directory), error=str(exc))
         return None
+    urls = config.central.urls
     wanted = _Marker(
-        url=config.central.url.rstrip("/"),
+        # Replicas share one store: adding or removing one keeps the membership.
+        url=marker.url if marker.url in urls else urls[0],
         mesh=config.mesh,
         dataplane=config.dataplane_name,
         identities=config.identities(),

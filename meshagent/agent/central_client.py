@@ -8,11 +8,18 @@
   token does not allow): retrying the same request will not help, an operator must act.
 * Secrets (join token, node credential) travel only in the Authorization header and
   never appear in an error or a log line.
+* Replicas: ``[central] url`` may list several central agents on one store (no load
+  balancer in front). Every call goes to the one in use (``url``); a call it cannot
+  answer (``CentralUnavailable``) is tried on the next ones in turn, once each, and the
+  first that answers becomes the one in use for every later call (sticky: no moving
+  back while it works). A refusal is the store's answer, the same on every replica, so
+  it is not tried elsewhere. When none answers, the error names each URL.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from typing import Final, TypeVar
 
 import httpx
@@ -20,6 +27,7 @@ import msgspec
 import trio
 
 from meshagent import __version__
+from meshagent.log import get_logger
 from meshagent.snapshot.wire import (
     Certificates,
     DataplaneConfig,
@@ -32,6 +40,8 @@ from meshagent.snapshot.wire import (
 
 TIMEOUT_SECONDS: Final = 10.0
 _T = TypeVar("_T")
+
+log = get_logger("central")
 
 
 class CentralProblem(Exception):
@@ -66,18 +76,36 @@ def central_tls_context(ca_path: str) -> ssl.SSLContext:
 
 
 class CentralClient:
-    """Calls of one agent to one central agent. Use as an async context manager."""
+    """Calls of one agent to its central agent: one URL, or replicas tried in turn.
+    Use as an async context manager.
 
-    def __init__(self, url: str, tls: ssl.SSLContext) -> None:
-        self.url = url.rstrip("/")
+    Args:
+        urls: one URL or several (``[central] url``); the first is used first.
+        tls: trusts the central agent's CA (``central_tls_context``).
+
+    Raises:
+        ValueError: no URL.
+    """
+
+    def __init__(self, urls: str | Sequence[str], tls: ssl.SSLContext) -> None:
+        listed = [urls] if isinstance(urls, str) else list(urls)
+        if not listed:
+            raise ValueError("central.url: no URL")
+        self.urls = tuple(url.rstrip("/") for url in listed)
+        self._current = 0
         self._http = httpx.AsyncClient(
-            base_url=self.url,
             verify=tls,
             timeout=TIMEOUT_SECONDS,
             headers={"User-Agent": f"meshagent/{__version__}"},
             trust_env=False,
+            # Per replica: a long poll, a status report and a renewal at once.
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
         )
+
+    @property
+    def url(self) -> str:
+        """The central agent in use: the last one that answered."""
+        return self.urls[self._current]
 
     async def __aenter__(self) -> CentralClient:
         return self
@@ -155,15 +183,62 @@ class CentralClient:
         params: dict[str, str] | None = None,
         deadline_seconds: float = TIMEOUT_SECONDS,
     ) -> _T:
+        """The call on the central agent in use, then on the next ones in turn while
+        they are unavailable; the first that answers is in use from then on.
+
+        Raises:
+            CentralRefused: a 4xx answer (from any of them: not tried further).
+            CentralUnavailable: none answered; one line naming each URL tried.
+        """
+        start = self._current
+        failures: list[CentralUnavailable] = []
+        for step in range(len(self.urls)):
+            index = (start + step) % len(self.urls)
+            try:
+                result = await self._call_one(
+                    self.urls[index], method, path, token, answer,
+                    body=body, params=params, deadline_seconds=deadline_seconds,
+                )
+            except CentralUnavailable as exc:
+                failures.append(exc)
+                continue
+            if index != self._current:
+                log.warning(
+                    "using another central agent of central.url",
+                    url=self.urls[index],
+                    previous=self.urls[self._current],
+                    error=str(failures[-1]) if failures else "",
+                )
+                self._current = index
+            return result
+        if len(failures) == 1:
+            raise failures[0]
+        raise CentralUnavailable(
+            f"none of the {len(failures)} central agents of central.url answered: "
+            + "; ".join(str(failure) for failure in failures)
+        )
+
+    async def _call_one(
+        self,
+        base: str,
+        method: str,
+        path: str,
+        token: str,
+        answer: type[_T] | None,
+        *,
+        body: bytes | None,
+        params: dict[str, str] | None,
+        deadline_seconds: float,
+    ) -> _T:
         headers = {"Authorization": f"Bearer {token}"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        where = f"central agent {self.url}"
+        where = f"central agent {base}"
         response = None
         with trio.move_on_after(deadline_seconds):
             try:
                 response = await self._http.request(
-                    method, path, content=body, params=params, headers=headers,
+                    method, base + path, content=body, params=params, headers=headers,
                     timeout=deadline_seconds,
                 )
             except httpx.TimeoutException:

@@ -452,31 +452,47 @@ def check_consul(config: AgentConfig) -> list[Finding]:
 
 
 def check_central(config: AgentConfig, *, now: datetime) -> list[Finding]:
-    """A TLS connection to the central agent with central.ca, and the clock against its
-    Date header."""
+    """A TLS connection to each central agent of central.url with central.ca, and the
+    clock against the Date header of the first that answers."""
     from meshagent.agent.central_client import central_tls_context
 
     assert config.central is not None
-    url = config.central.url.rstrip("/")
     try:
         context = central_tls_context(config.central.ca)
     except ValueError as exc:
         return [_bad("central", f"{exc} — fix: copy central-ca.pem from the central agent's "
                      "data_dir")]
+    findings: list[Finding] = []
+    date: str | None = None
+    with httpx.Client(verify=context, timeout=TIMEOUT_SECONDS, trust_env=False) as http:
+        for url in config.central.urls:
+            finding, answered = _check_one_central(http, url, config.central.ca)
+            findings.append(finding)
+            date = date or answered
+    if date:
+        findings.extend(_check_clock(now, date))
+    return findings
+
+
+def _check_one_central(http: httpx.Client, url: str, ca: str) -> tuple[Finding, str | None]:
+    """The finding for one central agent, and its Date header when it answered."""
     try:
-        with httpx.Client(verify=context, timeout=TIMEOUT_SECONDS, trust_env=False) as http:
-            response = http.get(f"{url}/v1/")
+        response = http.get(f"{url}/v1/")
     except httpx.ConnectError as exc:
         if isinstance(_os_error_of(exc), ssl.SSLError):
-            return [_bad("central", f"{url}: TLS failed ({_reason(exc)}) — fix: central.ca must "
-                         "be that central agent's central-ca.pem, and the URL's host the address "
-                         "it listens on (its certificate names it)")]
-        return [_bad("central", f"{url} unreachable ({_reason(exc)}) — fix: is meshagent-central "
-                     "running there, and its port open to this host?")]
+            return _bad("central", f"{url}: TLS failed ({_reason(exc)}) — fix: central.ca must "
+                        "be that central agent's central-ca.pem, and the URL's host the address "
+                        "it listens on (its certificate names it)"), None
+        return _bad("central", f"{url} unreachable ({_reason(exc)}) — fix: is meshagent-central "
+                    "running there, and its port open to this host?"), None
     except httpx.HTTPError as exc:
-        return [_bad("central", f"{url}: {_reason(exc)} — fix: is meshagent-central running?")]
-    findings = [_ok("central", f"{url} answers over TLS, verified with {config.central.ca}")]
+        return _bad("central", f"{url}: {_reason(exc)} — fix: is meshagent-central running?"), None
     date = response.headers.get("date")
+    return _ok("central", f"{url} answers over TLS, verified with {ca}"), date or ""
+
+
+def _check_clock(now: datetime, date: str) -> list[Finding]:
+    findings: list[Finding] = []
     if date:
         skew = (now - parsedate_to_datetime(date)).total_seconds()
         if abs(skew) > MAX_CLOCK_SKEW_SECONDS:

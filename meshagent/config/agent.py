@@ -54,13 +54,22 @@ class TlsSettings(_Strict, frozen=True, kw_only=True):
 class CentralSettings(_Strict, frozen=True, kw_only=True):
     """Join a mesh managed by a central agent: certificates and policies come from it."""
 
-    url: str  # "https://central:5681"
+    # "https://central:5681", or a list: replicas of one central agent (one store) with
+    # no load balancer in front; the agent uses one that answers and moves on when it
+    # fails.
+    url: str | list[str]
     ca: str  # the central agent's CA certificate (central-ca.pem in its data_dir)
     token_file: str  # the join token (from: meshagent token create); read at first join
     dataplane: str | None = None  # this agent's name in the mesh; default: node
     # How long the first join keeps retrying an unreachable central agent before the
     # agent gives up (a refused token gives up at once).
     join_timeout: Duration = Duration(60.0)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every URL of ``url``, in order, without a trailing slash."""
+        urls = [self.url] if isinstance(self.url, str) else self.url
+        return tuple(url.rstrip("/") for url in urls)
 
 
 class HealthSettings(_Strict, frozen=True, kw_only=True):
@@ -332,12 +341,33 @@ def admin_socket_path(config: AgentConfig) -> Path | None:
     return None
 
 
+def _central_url_problems(url: str | list[str]) -> list[str]:
+    """``central.url``: one https:// URL, or a non-empty list of distinct ones."""
+    if isinstance(url, str):
+        if not url.startswith("https://"):
+            return [f"central.url: {url!r} must be an https:// URL"]
+        return []
+    if not url:
+        return [
+            'central.url: the list is empty; give the central agent\'s URL, or one per '
+            'replica, e.g. ["https://10.0.0.5:5681", "https://10.0.0.6:5681"]'
+        ]
+    problems: list[str] = []
+    seen: set[str] = set()
+    for n, item in enumerate(url):
+        if not item.startswith("https://"):
+            problems.append(f"central.url[{n}]: {item!r} must be an https:// URL")
+        elif item.rstrip("/") in seen:
+            problems.append(f"central.url[{n}]: {item!r} is listed twice")
+        seen.add(item.rstrip("/"))
+    return problems
+
+
 def _central_problems(config: AgentConfig) -> list[str]:
     central = config.central
     assert central is not None
     problems: list[str] = []
-    if not central.url.startswith("https://"):
-        problems.append(f"central.url: {central.url!r} must be an https:// URL")
+    problems.extend(_central_url_problems(central.url))
     if not config.state_dir:
         problems.append(
             "state_dir: required with [central] (certificates and the last config live "

@@ -119,6 +119,17 @@ def test_a_changed_agent_toml_means_joining_again(tmp_path: Path) -> None:
     ], outbound=[])
     assert load_joined(more) is None
     assert load_joined(config) is not None
+    # Replicas: the one it joined through is still listed, so the membership holds ...
+    replicas = make_config(tmp_path, central={
+        "url": ["https://central-b:5681", "https://central:5681/"], "ca": "c.pem", "token_file": "t",
+    })
+    kept = load_joined(replicas)
+    assert kept is not None and kept.url == "https://central:5681"
+    # ... and a list without it is another central agent: join again.
+    other = make_config(tmp_path, central={
+        "url": ["https://central-b:5681"], "ca": "c.pem", "token_file": "t",
+    })
+    assert load_joined(other) is None
 
 
 def test_no_or_half_saved_membership_means_joining(tmp_path: Path) -> None:

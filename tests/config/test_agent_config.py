@@ -169,6 +169,33 @@ def test_central_config_needs_no_tls_and_keeps_certificates_under_state_dir(
     assert config.identity_files("orders") is None
 
 
+def test_central_url_takes_one_url_or_a_list_of_replicas(tmp_path: Path) -> None:
+    one = load_agent_config(write(tmp_path, CENTRAL))
+    assert one.central is not None and one.central.urls == ("https://central:5681",)
+    listed = load_agent_config(write(tmp_path, CENTRAL.replace(
+        'url = "https://central:5681"',
+        'url = ["https://10.0.0.5:5681/", "https://10.0.0.6:5681"]',
+    )))
+    assert listed.central is not None
+    assert listed.central.urls == ("https://10.0.0.5:5681", "https://10.0.0.6:5681")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("[]", "central.url: the list is empty; give the central agent's URL, or one per replica"),
+        ('["https://a:5681", "http://b:5681"]', "central.url[1]: 'http://b:5681' must be an https:// URL"),
+        ('["https://a:5681", "https://a:5681/"]', "central.url[1]: 'https://a:5681/' is listed twice"),
+        ("5681", "central.url"),
+    ],
+)
+def test_bad_central_url_lists_name_the_field(tmp_path: Path, url: str, message: str) -> None:
+    text = CENTRAL.replace('url = "https://central:5681"', f"url = {url}")
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(write(tmp_path, text))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -25,6 +25,7 @@ from meshagent.agent.central_client import CentralClient, central_tls_context
 from meshagent.central.store import ConsulKvStore, NotFound
 from meshagent.demo.central import AdminClient, CentralProcess, ConsulStore
 from meshagent.demo.consul import ConsulProcess
+from meshagent.demo.ports import free_port
 from meshagent.discovery.consul import ConsulClient
 from meshagent.pki.csr import make_csr
 from meshagent.snapshot.wire import InboundSpec, JoinRequest
@@ -170,3 +171,82 @@ async def test_two_replicas_share_the_store_and_the_survivor_takes_over(
         again = await central_b.config(joined.node_token, "shop", "web-1", after=0, wait_seconds=0)
     assert again.version == config.version
     assert "node credentials no dataplane names purged" not in b.output()
+
+
+# ---------------------------------------------------------------------------- an agent that lists both
+
+
+@pytest.fixture
+def short_lived_replicas(
+    tmp_path: Path, consul: ConsulProcess
+) -> Iterator[tuple[CentralProcess, CentralProcess]]:
+    """A and B as above, signing 9 s certificates (agents renew every 6 s) and asking
+    for a heartbeat every second."""
+    store = ConsulStore(consul.address, prefix=PREFIX, session_ttl="1s", lock_delay="500ms")
+    a = CentralProcess(tmp_path, name="central-a", store=store, cert_ttl="9s",
+                       heartbeat_interval="1s")
+    b = CentralProcess(tmp_path, name="central-b", store=store, secrets_from=a, cert_ttl="9s",
+                       heartbeat_interval="1s")
+    try:
+        a.start()
+        wait_until(lambda: ACQUIRED in a.output(), 10, "central-a leads")
+        b.start()
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_an_agent_listing_both_replicas_moves_to_the_survivor(
+    tmp_path: Path, short_lived_replicas: tuple[CentralProcess, CentralProcess]
+) -> None:
+    from tests.e2e.harness import start_agent, start_app
+    from tests.e2e.test_central_mesh import joined_config, round_trip
+    from tests.e2e.test_central_offline import snapshot_of
+
+    a, b = short_lived_replicas
+    with AdminClient(a.url, a.ca, a.admin_token) as on_a:
+        on_a.create_mesh("shop")
+        token = on_a.join_token("shop", ["orders"])
+    echo, echo_port = start_app("echo", tmp_path, name="echo")
+    config = joined_config(
+        a, tmp_path, "orders-1", "127.0.0.3", token,
+        inbound={"service": "orders", "port": free_port("127.0.0.3"), "app_port": echo_port},
+        outbound=[{"service": "orders", "port": free_port(), "source": "orders"}],
+    )
+    config["central"]["url"] = [a.url, b.url]  # A first: the agent joins through A
+    agent = start_agent(config, tmp_path, "orders-1")
+    try:
+        with AdminClient(b.url, a.ca, a.admin_token) as on_b:
+
+            def up_to_date() -> bool:
+                views = on_b.dataplanes("shop")
+                return len(views) == 1 and views[0]["online"] and (
+                    views[0]["applied_version"] == views[0]["latest_version"])
+
+            wait_until(up_to_date, 15, "the agent joined and applied its config")
+            assert "using another central agent" not in agent.output()
+            wait_until(lambda: agent.output().count("certificates renewed") >= 1, 15,
+                       "a renewal through A")
+            port = config["outbound"][0]["port"]
+            assert round_trip(port)
+
+            a.kill()  # the replica in use, without a clean stop
+            killed = time.monotonic()
+            took = wait_until(lambda: "using another central agent of central.url" in agent.output(),
+                              15, "the agent moves to B")
+            print(f"agent moved to the surviving replica {took:.2f} s after SIGKILL of the one in use")
+            assert f"url={b.url}" in agent.output()
+            renewed = agent.output().count("certificates renewed")
+            wait_until(lambda: agent.output().count("certificates renewed") > renewed, 15,
+                       "a renewal through B")
+            # A change made now reaches the agent through B's long poll.
+            on_b.set_mesh("shop", mtls="permissive")
+            wait_until(lambda: snapshot_of(config).get("mtls") == "permissive", 15,
+                       "the agent applies a config from B")
+            print(f"config change from B applied {time.monotonic() - killed:.2f} s after the kill")
+            wait_until(up_to_date, 10, "B sees the agent's reports")
+            assert round_trip(port)
+    finally:
+        agent.stop()
+        echo.stop()
