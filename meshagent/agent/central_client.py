@@ -266,8 +266,30 @@ def _dataplane_path(mesh: str, dataplane: str) -> str:
     return f"/v1/dataplanes/{mesh}/{dataplane}"
 
 
+def _ssl_error_of(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc``: with trio, httpx says only ConnectError('') and the
+    reason is a few causes down (trio's BrokenResourceError, then ssl's error)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _reason(exc: httpx.HTTPError) -> str:
     text = str(exc) or type(exc).__name__
+    tls = _ssl_error_of(exc)
+    if tls is not None and "CERTIFICATE_VERIFY_FAILED" not in text:
+        text = f"{text}: {tls}"
+    if "CERTIFICATE_VERIFY_FAILED" in text and "mismatch" in text:
+        return (
+            f"TLS certificate does not name this URL's host ({text}); use the central "
+            "agent's listen address, or add the host to server_names in its central.toml "
+            "and restart it"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return (
             f"TLS certificate not trusted ({text}); is central.ca the central agent's "

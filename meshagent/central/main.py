@@ -93,7 +93,7 @@ def prepare_data_dir(config: CentralConfig, *, now: datetime) -> Prepared:
     except OSError as exc:
         raise ConfigError(f"seal_key_file {key_path}: {exc.strerror or exc}") from None
     host, _ = split_listen(config.listen)
-    tls = ensure_central_tls(data_dir, host, now=now)
+    tls = ensure_central_tls(data_dir, host, now=now, server_names=config.server_names)
     return Prepared(key_from_file_bytes(key_bytes), tls, data_dir / ADMIN_TOKEN_FILE)
 
 

@@ -7,11 +7,12 @@ Theory of operation:
   copy to their machines, ``--central-ca``).
 * First start: create ``central-ca.pem`` / ``central-ca-key.pem`` (0600) and
   ``central-server.pem`` / ``central-server-key.pem`` (0600) in the data directory.
-  The server certificate names the listen host (IP or DNS SAN), ``127.0.0.1``, ``::1``
-  and ``localhost``.
+  The server certificate names the listen host (IP or DNS SAN), the ``server_names``
+  of central.toml (the DNS names and addresses clients use in front of it: a DNS name
+  or VIP for several replicas), ``127.0.0.1``, ``::1`` and ``localhost``.
 * Later starts reuse them. The server certificate (not the CA) is issued again from the
-  same CA when it lacks a name the listen address needs or ends within
-  ``RENEW_BEFORE``, so clients that trust ``central-ca.pem`` keep working.
+  same CA when its names are not exactly those (a name added or removed) or it ends
+  within ``RENEW_BEFORE``, so clients that trust ``central-ca.pem`` keep working.
 
 Pure and synchronous (files and ``cryptography`` only); the caller runs it in a thread.
 """
@@ -19,6 +20,7 @@ Pure and synchronous (files and ``cryptography`` only); the caller runs it in a 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,13 +59,17 @@ class CentralTls:
     created_ca: bool
 
 
-def ensure_central_tls(data_dir: Path, listen_host: str, *, now: datetime) -> CentralTls:
+def ensure_central_tls(
+    data_dir: Path, listen_host: str, *, now: datetime, server_names: Sequence[str] = ()
+) -> CentralTls:
     """Create (first start) or reuse the central CA and server certificate in ``data_dir``.
 
     Args:
         data_dir: the central agent's data directory (must exist).
         listen_host: the host part of ``listen`` (an IP address or a DNS name).
         now: the current time (timezone-aware).
+        server_names: more names for the certificate: DNS names and IP addresses
+            (central.toml ``server_names``, checked by ``validate_central``).
 
     Returns:
         The paths, and whether the CA was made now.
@@ -83,7 +89,7 @@ def ensure_central_tls(data_dir: Path, listen_host: str, *, now: datetime) -> Ce
         write_private_file(ca_key_path, _key_pem(ca_key))
         write_public_file(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
         created = True
-    names = _names_for(listen_host)
+    names = _names_for(listen_host, server_names)
     if created or not _server_cert_is_fine(cert_path, key_path, ca_cert, names, now):
         cert_pem, key_pem = _issue_server(ca_cert, ca_key, names, now)
         write_private_file(key_path, key_pem)
@@ -91,9 +97,9 @@ def ensure_central_tls(data_dir: Path, listen_host: str, *, now: datetime) -> Ce
     return CentralTls(ca_cert_path, cert_path, key_path, created)
 
 
-def _names_for(host: str) -> list[x509.GeneralName]:
+def _names_for(host: str, extra: Sequence[str] = ()) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
-    for value in (host, *_ALWAYS):
+    for value in (host, *extra, *_ALWAYS):
         try:
             name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(value))
         except ValueError:
@@ -201,7 +207,7 @@ def _server_cert_is_fine(
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         return False
-    if any(name not in san for name in names):
+    if set(san) != set(names):
         return False
     return cert.not_valid_after_utc - RENEW_BEFORE > now.astimezone(UTC)
 

@@ -482,7 +482,8 @@ def _check_one_central(http: httpx.Client, url: str, ca: str) -> tuple[Finding, 
         if isinstance(_os_error_of(exc), ssl.SSLError):
             return _bad("central", f"{url}: TLS failed ({_reason(exc)}) — fix: central.ca must "
                         "be that central agent's central-ca.pem, and the URL's host the address "
-                        "it listens on (its certificate names it)"), None
+                        "it listens on or one of its server_names (its certificate names "
+                        "them)"), None
         return _bad("central", f"{url} unreachable ({_reason(exc)}) — fix: is meshagent-central "
                     "running there, and its port open to this host?"), None
     except httpx.HTTPError as exc:

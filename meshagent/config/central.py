@@ -13,6 +13,7 @@ I/O beyond what ``load_central`` reads.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +59,9 @@ class CentralConfig(_Strict, frozen=True, kw_only=True):
     """central.toml. Durations are seconds (``Duration``), written "24h" in TOML."""
 
     listen: str = DEFAULT_LISTEN
+    # More names for the server certificate: the DNS names and IP addresses clients
+    # reach it by (a DNS name or VIP in front of replicas, a NAT address).
+    server_names: list[str] = []
     data_dir: str
     seal_key_file: str | None = None  # default <data_dir>/seal.key
     cert_ttl: Duration = Duration(24 * 3600.0)
@@ -108,6 +112,7 @@ def validate_central(config: CentralConfig) -> list[str]:
         if "is not host:port" not in text:
             text = f'"{config.listen}": the host must be an IP address or localhost'
         problems.append(f"listen: {text}")
+    problems.extend(_server_name_problems(config.server_names))
     if not config.data_dir:
         problems.append("data_dir: must not be empty")
     for key, seconds, example in (
@@ -131,6 +136,33 @@ def validate_central(config: CentralConfig) -> list[str]:
         ("http://", "https://")
     ):
         problems.append(f'store.address: "{config.store.address}" is not an http(s) URL')
+    return problems
+
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def is_dns_name(name: str) -> bool:
+    """A DNS name a certificate can hold: dot-separated labels of letters, digits and
+    '-' (not at either end), at most 253 characters; no wildcard, no trailing dot."""
+    return len(name) <= 253 and all(
+        _DNS_LABEL.fullmatch(label) for label in name.lower().split(".")
+    )
+
+
+def _server_name_problems(names: list[str]) -> list[str]:
+    problems: list[str] = []
+    for n, name in enumerate(names):
+        try:
+            ipaddress.ip_address(name)
+            continue
+        except ValueError:
+            pass
+        if not is_dns_name(name):
+            problems.append(
+                f"server_names[{n}]: {name!r} is not a DNS name or an IP address, e.g. "
+                '"central.example.com" or "10.0.0.100" (no wildcards, no port)'
+            )
     return problems
 
 

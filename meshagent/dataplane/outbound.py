@@ -4,6 +4,7 @@ mTLS to its agent, splice."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import trio
@@ -36,7 +37,8 @@ async def connect_endpoint(
     endpoint: Endpoint, listener: OutboundListener, snapshot: Snapshot, ctx: DataplaneContext
 ) -> SslSocketStream | trio.SocketStream:
     """TCP connect + mTLS handshake + identity check, each under its deadline (plain TCP
-    only when the mesh's mTLS mode is ``off``). A cancel point.
+    only when the mesh's mTLS mode is ``off``). The handshake resumes the last session
+    with this endpoint when there is one (``TlsContexts.session``). A cancel point.
 
     Raises:
         UpstreamConnectError, UpstreamTimeout, HandshakeError, Unauthorized.
@@ -48,8 +50,20 @@ async def connect_endpoint(
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     if snapshot.mtls == "off":
         return tcp
+    context = ctx.tls.client(listener.source)
+    peer = endpoint.address
     try:
-        tls = SslSocketStream.wrap(tcp, ctx.tls.client(listener.source), server_side=False)
+        tls = SslSocketStream.wrap(
+            tcp,
+            context,
+            server_side=False,
+            session=ctx.tls.session(context, listener.source, peer),
+            on_session=(
+                functools.partial(ctx.tls.keep_session, context, listener.source, peer)
+                if ctx.tls.wants_session(context, listener.source, peer)
+                else None
+            ),
+        )
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
@@ -59,6 +73,7 @@ async def connect_endpoint(
                 await tls.do_handshake()
         check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=endpoint.service)
     except BaseException:
+        ctx.tls.forget_session(listener.source, peer)
         await trio.aclose_forcefully(tls)
         raise
     return tls

@@ -52,7 +52,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -72,6 +72,7 @@ class SslSocketStream(trio.abc.Stream):
         "_broken",
         "_closed",
         "_handshake_done",
+        "_on_session",
         "_read_lot",
         "_read_waiter",
         "_receiving",
@@ -82,10 +83,17 @@ class SslSocketStream(trio.abc.Stream):
         "server_side",
     )
 
-    def __init__(self, sock: ssl.SSLSocket, *, server_side: bool) -> None:
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        *,
+        server_side: bool,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
+    ) -> None:
         """Take ``sock`` (non-blocking, not yet handshaken); prefer ``wrap``."""
         self._sock = sock
         self.server_side = server_side
+        self._on_session = on_session
         self._handshake_done = False
         self._broken = False
         self._closed = False
@@ -104,6 +112,7 @@ class SslSocketStream(trio.abc.Stream):
         *,
         server_side: bool,
         session: ssl.SSLSession | None = None,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
     ) -> SslSocketStream:
         """TLS over the connection of ``stream``, whose descriptor this takes: ``stream``
         owns none afterwards (closing it is harmless). Not async; no handshake yet.
@@ -111,6 +120,9 @@ class SslSocketStream(trio.abc.Stream):
         Args:
             session: a client's earlier session with the same peer, made with this very
                 ``context`` (a TLS 1.3 ticket), to resume.
+            on_session: called once with the session when the first receive returned
+                bytes, if it holds a ticket (TLS 1.3 servers send theirs after the
+                handshake, so it is only known once something was read).
         Raises:
             OSError: the socket is closed.
             ValueError: ``session`` belongs to another context.
@@ -129,7 +141,7 @@ class SslSocketStream(trio.abc.Stream):
         except BaseException:
             plain.close()
             raise
-        return cls(sock, server_side=server_side)
+        return cls(sock, server_side=server_side, on_session=on_session)
 
     # -- what the data path asks of a TLS stream ---------------------------------------
 
@@ -240,6 +252,8 @@ class SslSocketStream(trio.abc.Stream):
                 waited = True
             if len(data) >= _RECORD and len(data) < max_bytes:
                 data = self._read_on(data, max_bytes)
+            if self._on_session is not None and data:
+                self._offer_session()
         finally:
             self._receiving = False
         if not waited:
@@ -265,6 +279,12 @@ class SslSocketStream(trio.abc.Stream):
             if len(more) < _RECORD:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _offer_session(self) -> None:
+        callback, self._on_session = self._on_session, None
+        session = self._sock.session
+        if callback is not None and session is not None and session.has_ticket:
+            callback(session)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``; waits while the peer is slow. A cancel

@@ -5,12 +5,25 @@
   the SPIFFE ID in the URI SAN is, by ``check_peer``.
 * Contexts are built once per identity and swapped whole (``swap``) when certificates
   are renewed; a connection keeps the context it started with.
+* Session resumption (TLS 1.3 tickets): a server sends one ticket per handshake; a client
+  keeps a session per (identity, peer) and offers it on its next connections there,
+  which then skip both certificate signatures and their checks. Python copies a
+  session (through DER, certificates included) each time it is read from or given to a
+  connection, about 0.4 ms each, so a kept session is only replaced once it is
+  ``SESSION_REFRESH_SECONDS`` old; OpenSSL's stateless tickets may be used many times. A session is
+  offered only with the context that made it, so a swap (renewal, a new trust bundle)
+  starts over with full handshakes; the server's ticket key lives in its context too.
+  The identities a resumed session carries are the ones verified at its full handshake,
+  at most the ticket's lifetime ago (OpenSSL's default, 2 hours; leaf certificates live
+  24 hours); ``check_peer`` and the permissions still run on every connection.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 from meshagent.dataplane.errors import Unauthorized
@@ -38,8 +51,17 @@ def _base(ctx: ssl.SSLContext, files: IdentityFiles) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    context: ssl.SSLContext
+    session: ssl.SSLSession
+    since: float  # time.monotonic()
+
+
 def server_context(files: IdentityFiles) -> ssl.SSLContext:
-    return _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files)
+    ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files)
+    ctx.num_tickets = 1  # a client keeps one session per peer (OpenSSL sends 2)
+    return ctx
 
 
 def client_context(files: IdentityFiles) -> ssl.SSLContext:
@@ -48,12 +70,21 @@ def client_context(files: IdentityFiles) -> ssl.SSLContext:
     return _base(ctx, files)
 
 
+# Sessions kept for resumption, across all identities and peers (the oldest goes first).
+MAX_SESSIONS = 4096
+# A kept session is replaced by a newer one at most this often (far below OpenSSL's
+# ticket lifetime, 2 hours).
+SESSION_REFRESH_SECONDS = 60.0
+
+
 class TlsContexts:
-    """The server and client contexts for every identity this host holds."""
+    """The server and client contexts for every identity this host holds, and the
+    client sessions to resume."""
 
     def __init__(self, identities: Mapping[str, IdentityFiles]) -> None:
         self._server: dict[str, ssl.SSLContext] = {}
         self._client: dict[str, ssl.SSLContext] = {}
+        self._sessions: OrderedDict[tuple[str, Hashable], _Kept] = OrderedDict()
         self.swap(identities)
 
     def swap(self, identities: Mapping[str, IdentityFiles]) -> None:
@@ -67,6 +98,40 @@ class TlsContexts:
 
     def client(self, service: str) -> ssl.SSLContext:
         return self._client[service]
+
+    def session(
+        self, context: ssl.SSLContext, service: str, peer: Hashable
+    ) -> ssl.SSLSession | None:
+        """The session to offer ``peer`` on a new connection of ``service`` made with
+        ``context``, if one made with that same context is kept."""
+        kept = self._sessions.get((service, peer))
+        if kept is None or kept.context is not context:
+            return None
+        return kept.session
+
+    def wants_session(self, context: ssl.SSLContext, service: str, peer: Hashable) -> bool:
+        """Whether a new connection to ``peer`` should hand its session over
+        (``keep_session``): none is kept for ``context``, or the kept one is due."""
+        kept = self._sessions.get((service, peer))
+        return (
+            kept is None
+            or kept.context is not context
+            or time.monotonic() - kept.since >= SESSION_REFRESH_SECONDS
+        )
+
+    def keep_session(
+        self, context: ssl.SSLContext, service: str, peer: Hashable, session: ssl.SSLSession
+    ) -> None:
+        """Remember ``session`` (made with ``context``) for the next connections to ``peer``."""
+        key = (service, peer)
+        self._sessions[key] = _Kept(context, session, time.monotonic())
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+
+    def forget_session(self, service: str, peer: Hashable) -> None:
+        """Drop the session for ``peer`` (it failed to resume, or the peer misbehaved)."""
+        self._sessions.pop((service, peer), None)
 
 
 def check_peer(peercert: Mapping[str, object] | None, *, mesh: str, service: str | None) -> str:

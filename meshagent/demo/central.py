@@ -78,6 +78,8 @@ class CentralProcess:
             starts with.
         leader_jobs_interval: central.toml ``leader_jobs_interval`` (default: its own).
         heartbeat_interval: central.toml ``heartbeat_interval`` (default: its own).
+        host: the loopback address it listens on.
+        server_names: central.toml ``server_names`` (more names for its certificate).
     """
 
     def __init__(
@@ -90,18 +92,23 @@ class CentralProcess:
         secrets_from: CentralProcess | None = None,
         leader_jobs_interval: str | None = None,
         heartbeat_interval: str | None = None,
+        host: str = "127.0.0.1",
+        server_names: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.name = name
-        self.port = free_port()
+        self.host = host
+        self.port = free_port(host)
         self.data = directory / f"{name}-data"
         self.config = directory / f"{name}.toml"
         self.secrets_from = secrets_from
         jobs = f'leader_jobs_interval = "{leader_jobs_interval}"\n' if leader_jobs_interval else ""
         if heartbeat_interval:
             jobs += f'heartbeat_interval = "{heartbeat_interval}"\n'
+        if server_names is not None:
+            jobs += "server_names = [" + ", ".join(f'"{n}"' for n in server_names) + "]\n"
         self.config.write_text(
-            f'listen = "127.0.0.1:{self.port}"\ndata_dir = "{self.data}"\n'
+            f'listen = "{host}:{self.port}"\ndata_dir = "{self.data}"\n'
             f'cert_ttl = "{cert_ttl}"\n{jobs}{store.toml() if store else ""}'
             '[log]\nlevel = "debug"\n'
         )
@@ -110,7 +117,7 @@ class CentralProcess:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
     @property
     def ca(self) -> Path:
@@ -142,7 +149,7 @@ class CentralProcess:
             if self.process.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.process.output()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.05)

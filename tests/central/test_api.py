@@ -418,6 +418,35 @@ def test_server_certificate_names_the_listen_address(tmp_path: Path) -> None:
     assert moved.ca_cert.read_bytes() == ca and moved.server_cert.read_bytes() != server
 
 
+def test_server_names_go_into_the_certificate_and_out_again(tmp_path: Path) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    from meshagent.central.tls import ensure_central_tls
+
+    def san_of(path: Path) -> x509.SubjectAlternativeName:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+
+    now = datetime.now(UTC)
+    named = ensure_central_tls(tmp_path, "10.1.2.3", now=now,
+                               server_names=["central.example.com", "10.0.0.100", "localhost"])
+    san = san_of(named.server_cert)
+    assert san.get_values_for_type(x509.DNSName) == ["central.example.com", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address(a) for a in ("10.1.2.3", "10.0.0.100", "127.0.0.1", "::1")
+    ]
+    server = named.server_cert.read_bytes()
+    same = ensure_central_tls(tmp_path, "10.1.2.3", now=now,
+                              server_names=["central.example.com", "10.0.0.100"])
+    assert same.server_cert.read_bytes() == server  # same names: kept
+    # A name taken out of central.toml leaves the certificate at the next start.
+    fewer = ensure_central_tls(tmp_path, "10.1.2.3", now=now, server_names=["10.0.0.100"])
+    assert fewer.server_cert.read_bytes() != server
+    assert "central.example.com" not in san_of(fewer.server_cert).get_values_for_type(x509.DNSName)
+
+
 async def test_stored_policies_read_back_as_documents(central: Central) -> None:
     from meshagent.policy.load import load_document, load_paths
 

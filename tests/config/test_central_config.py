@@ -24,6 +24,14 @@ def test_defaults(tmp_path: Path) -> None:
     assert (config.store.session_ttl, config.store.lock_delay) == (10.0, 1.0)
 
 
+def test_server_names_take_dns_names_and_addresses(tmp_path: Path) -> None:
+    config = load_central(write(
+        tmp_path, 'server_names = ["central.example.com", "Central-2.example", "10.0.0.100", "fd00::5"]\n'
+    ))
+    assert config.server_names == ["central.example.com", "Central-2.example", "10.0.0.100", "fd00::5"]
+    assert load_central(write(tmp_path, "")).server_names == []
+
+
 def test_replica_settings_are_read(tmp_path: Path) -> None:
     config = load_central(
         write(
@@ -43,6 +51,12 @@ def test_replica_settings_are_read(tmp_path: Path) -> None:
         ('audit_retention = "0s"\n', 'audit_retention: must be more than 0, e.g. "90d"'),
         ('leader_jobs_interval = "0ms"\n', 'leader_jobs_interval: must be more than 0, e.g. "10m"'),
         ('heartbeat_interval = "500ms"\n', 'heartbeat_interval: must be from 1s to 5m, e.g. "10s"'),
+        ('server_names = ["central.example.com", "*.example.com"]\n',
+         "server_names[1]: '*.example.com' is not a DNS name or an IP address"),
+        ('server_names = ["central:5681"]\n',
+         "server_names[0]: 'central:5681' is not a DNS name or an IP address"),
+        ('server_names = ["-bad.example"]\n', "server_names[0]: '-bad.example' is not a DNS name"),
+        ('server_names = [""]\n', "server_names[0]: '' is not a DNS name or an IP address"),
         ('heartbeat_interval = "6m"\n', 'heartbeat_interval: must be from 1s to 5m, e.g. "10s"'),
         ('[store]\nsession_ttl = "0s"\n', "store.session_ttl: must be more than 0 and at most 24h"),
         ('[store]\nsession_ttl = "25h"\n', "store.session_ttl: must be more than 0 and at most 24h"),
@@ -69,7 +83,8 @@ def test_example_documents_every_key_with_its_default() -> None:
     example = Path(__file__).parents[2] / "examples" / "central.toml"
     text = example.read_text()
     for key in (
-        "audit_retention", "leader_jobs_interval", "heartbeat_interval", "session_ttl", "lock_delay"
+        "audit_retention", "leader_jobs_interval", "heartbeat_interval", "session_ttl", "lock_delay",
+        "server_names",
     ):
         assert f"{key} = " in text, key
     config = load_central(example)

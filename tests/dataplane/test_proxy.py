@@ -11,7 +11,7 @@ import functools
 import random
 import ssl
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ class Pair:
     inbound: DataplaneHandle
     outbound: DataplaneHandle
     ca: MeshCa
+    web_tls: TlsContexts
 
 
 async def serve_count_then_reply(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -100,7 +101,12 @@ def outbound_snapshot(
 
 
 async def start_pair(
-    nursery: trio.Nursery, tmp_path: Path, app_port: int, **outbound_kw: object
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    app_port: int,
+    *,
+    tls_class: type[TlsContexts] = TlsContexts,
+    **outbound_kw: object,
 ) -> Pair:
     ca = make_ca(tmp_path / "ca", MESH)
     inbound_port, outbound_port = free_port("127.0.0.2"), free_port()
@@ -109,12 +115,13 @@ async def start_pair(
         StaticSource(inbound_snapshot(app_port, inbound_port)),
         TlsContexts({"orders": ca.issue("orders")}),
     )
+    web_tls = tls_class({"web": ca.issue("web")})
     outbound = await nursery.start(
         serve_dataplane,
         StaticSource(outbound_snapshot(outbound_port, [("127.0.0.2", inbound_port)], **outbound_kw)),
-        TlsContexts({"web": ca.issue("web")}),
+        web_tls,
     )
-    return Pair(outbound_port, inbound_port, inbound, outbound, ca)
+    return Pair(outbound_port, inbound_port, inbound, outbound, ca, web_tls)
 
 
 async def test_bytes_round_trip_through_both_agents(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -123,6 +130,48 @@ async def test_bytes_round_trip_through_both_agents(nursery: trio.Nursery, tmp_p
     payload = bytes(range(256)) * 8192  # 2 MiB
     assert await round_trip("127.0.0.1", pair.outbound_port, payload) == payload
     assert pair.inbound.context.counters.failed == 0
+
+
+class CountingTls(TlsContexts):
+    """Counts the sessions offered for resumption."""
+
+    offered = 0
+
+    def session(
+        self, context: ssl.SSLContext, service: str, peer: Hashable
+    ) -> ssl.SSLSession | None:
+        found = super().session(context, service, peer)
+        self.offered += found is not None
+        return found
+
+
+async def test_later_connections_resume_the_tls_session(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port, tls_class=CountingTls)
+    tls = pair.web_tls
+    assert isinstance(tls, CountingTls)
+    peer = f"127.0.0.2:{pair.inbound_port}"
+    kept = []
+    for _ in range(3):
+        assert await round_trip("127.0.0.1", pair.outbound_port, b"hello") == b"hello"
+        session = tls.session(tls.client("web"), "web", peer)
+        assert session is not None and session.has_ticket
+        kept.append(session)
+    assert tls.offered >= 2 + 3  # the 2nd and 3rd connections, and each check above
+    # A kept session serves later connections until it is due for a refresh.
+    assert kept[0] is kept[1] is kept[2]
+    assert not tls.wants_session(tls.client("web"), "web", peer)
+    monkeypatch.setattr("meshagent.dataplane.tls.SESSION_REFRESH_SECONDS", 0.0)
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"hello") == b"hello"
+    assert tls.session(tls.client("web"), "web", peer) is not kept[0]
+    # Renewal: new contexts never get a session made with the old ones.
+    tls.swap({"web": pair.ca.issue("web")})
+    assert tls.session(tls.client("web"), "web", peer) is None
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"again") == b"again"
+    assert pair.inbound.context.counters.failed == 0
+    assert pair.outbound.context.counters.failed == 0
 
 
 async def test_half_close_keeps_the_other_direction(nursery: trio.Nursery, tmp_path: Path) -> None:
