@@ -29,8 +29,9 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from meshagent.agent.metrics import exposition
+from meshagent.agent.workers import Workers
 from meshagent.config.agent import ADMIN_UNIX_PREFIX
-from meshagent.dataplane.connection import DataplaneContext
+from meshagent.dataplane.connection import ConnectionCounters, DataplaneContext, HttpStats
 from meshagent.log import get_logger
 from meshagent.snapshot import codec
 
@@ -43,11 +44,29 @@ SOCKET_MODE = 0o660
 
 
 class AdminState:
-    """What the admin endpoint reports; filled in as the agent starts."""
+    """What the admin endpoint reports; filled in as the agent starts.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    With worker processes, the counters are the sum over the agent and its workers,
+    asked for (``Workers.refresh``) before each /stats and /metrics answer."""
+
+    def __init__(self, registry: CollectorRegistry, workers: Workers | None = None) -> None:
         self.registry = registry
         self.dataplane: DataplaneContext | None = None
+        self.workers = workers
+
+    async def refresh(self) -> None:
+        if self.workers is not None:
+            await self.workers.refresh(self.dataplane)
+
+    def by_listener(self) -> dict[str, ConnectionCounters]:
+        if self.workers is not None:
+            return self.workers.by_listener
+        return self.dataplane.by_listener if self.dataplane else {}
+
+    def http(self) -> HttpStats | None:
+        if self.workers is not None:
+            return self.workers.http
+        return self.dataplane.http if self.dataplane else None
 
 
 Response = tuple[int, bytes, bytes]  # status, content type, body
@@ -62,12 +81,14 @@ async def _route(state: AdminState, method: bytes, target: bytes) -> Response:
         ready = context is not None
         return (200, b"text/plain", b"ready\n") if ready else (503, b"text/plain", b"starting\n")
     if path == b"/metrics":
+        await state.refresh()
         body = await exposition(state.registry)
         return 200, b"text/plain; version=0.0.4; charset=utf-8", body
     if context is None:
         return 503, b"text/plain", b"starting\n"
     if path == b"/stats":
-        stats = {name: asdict(c) for name, c in sorted(context.by_listener.items())}
+        await state.refresh()
+        stats = {name: asdict(c) for name, c in sorted(state.by_listener().items())}
         return 200, b"application/json", json.dumps(stats, indent=1).encode() + b"\n"
     if path == b"/snapshot":
         return 200, b"application/json", codec.encode(context.source.current) + b"\n"

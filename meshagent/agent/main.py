@@ -51,6 +51,7 @@ from meshagent.agent.policies import (
 from meshagent.agent.registration import keep_registered
 from meshagent.agent.state import load_cached_endpoints, persist_snapshots
 from meshagent.agent.watch import SnapshotWatch
+from meshagent.agent.workers import LogSetup, Workers, default_worker_count
 from meshagent.config.agent import AgentConfig, initial_snapshot
 from meshagent.config.load import ConfigError
 from meshagent.dataplane.errors import BindError
@@ -74,6 +75,16 @@ def identities_of(config: AgentConfig) -> dict[str, IdentityFiles]:
         if files is not None:
             identities[name] = IdentityFiles(ca=files.ca, cert=files.cert, key=files.key)
     return identities
+
+
+def _log_setup(config: AgentConfig) -> LogSetup:
+    """What a worker process needs to log like the agent (it opens the access log itself)."""
+    return LogSetup(
+        level=config.log.level,
+        fmt=config.log.format,
+        access=config.log.access,
+        context={"mesh": config.mesh, "node": config.node},
+    )
 
 
 def read_token(path: str | None) -> str | None:
@@ -154,20 +165,26 @@ async def _run(
     cert_paths = {name: f.cert for name, f in identities.items()}
     cert_expiry = not_after_of(cert_paths)
 
+    count = config.worker_count(default_worker_count())
+    workers = Workers(count, identities, _log_setup(config)) if count > 1 else None
+
     def swap_certificates() -> None:
         """Rebuild the TLS contexts from the files (blocking; after a renewal)."""
         tls.swap(identities)
         cert_expiry.update(not_after_of(cert_paths))
+        if workers is not None:
+            workers.certificates_changed()
 
     admin = AdminState(
         new_registry(
             AgentCollector(
-                lambda: admin.dataplane.by_listener if admin.dataplane else {},
-                lambda: admin.dataplane.http if admin.dataplane else None,
+                lambda: admin.by_listener(),
+                lambda: admin.http(),
                 lambda: watch.current,
                 cert_expiry,
             )
-        )
+        ),
+        workers,
     )
 
     def publish(service: str, endpoints: tuple[Endpoint, ...]) -> None:
@@ -232,8 +249,16 @@ async def _run(
                 # Always: a SIGHUP (systemctl reload) must never end the agent.
                 await control.start(reload_on_sighup, config, watch, watched, static)
                 dataplane: DataplaneHandle = await root.start(
-                    _serve_dataplane_then_stop, watch, tls, auxiliary
+                    partial(
+                        _serve_dataplane_then_stop,
+                        watch,
+                        tls,
+                        auxiliary,
+                        reuse_port=workers is not None,
+                    )
                 )
+                if workers is not None:
+                    await root.start(workers.run, watch)
                 admin.dataplane = dataplane.context
                 if consul is not None and config.inbound:
                     await control.start(keep_registered, consul, config)
@@ -248,6 +273,8 @@ async def _run(
                 systemd.notify("STOPPING=1")
                 control.cancel_scope.cancel()  # keep_registered deregisters on its way out
             dataplane.drain(float(config.limits.drain_timeout))
+            if workers is not None:
+                workers.drain(float(config.limits.drain_timeout))
             active = dataplane.context.counters.active
             log.info("draining", active=active, timeout=float(config.limits.drain_timeout))
     finally:
@@ -317,11 +344,12 @@ async def _serve_dataplane_then_stop(
     tls: TlsContexts,
     auxiliary: trio.CancelScope,
     *,
+    reuse_port: bool,
     task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """serve_dataplane, then end the auxiliary tasks: once drained, nothing is left to
     guard or report."""
     try:
-        await serve_dataplane(watch, tls, task_status=task_status)
+        await serve_dataplane(watch, tls, reuse_port=reuse_port, task_status=task_status)
     finally:
         auxiliary.cancel()

@@ -32,6 +32,9 @@ MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, with the final NUL
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
+MAX_WORKERS = 256
+
+
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
@@ -149,6 +152,9 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     # `meshagent status` reads). "ip:port" (loopback by default), "unix:/absolute/path"
     # (a socket made 0660, e.g. "unix:/run/meshagent/admin.sock"), or "" for none.
     admin: str = "127.0.0.1:15000"
+    # Processes serving the listeners (SO_REUSEPORT): "auto" = one per core, or a count.
+    # The agent process is one of them; it alone talks to Consul and the central agent.
+    workers: int | str = "auto"
     consul: ConsulSettings | None = None
     central: CentralSettings | None = None
     tls: TlsSettings | None = None
@@ -168,6 +174,10 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
     def central_dir(self) -> Path:
         """Where a joined agent keeps its credentials, certificates and last config."""
         return Path(self.state_dir or ".") / CENTRAL_DIR
+
+    def worker_count(self, cores: int) -> int:
+        """How many processes serve the listeners on a host with ``cores`` cores."""
+        return cores if isinstance(self.workers, str) else self.workers
 
     def identities(self) -> list[str]:
         """Every identity this host presents: its inbound services, its outbound sources."""
@@ -314,6 +324,10 @@ def validate_agent(config: AgentConfig) -> list[str]:
         problems.append(
             f'log.access: {config.log.access!r} must be "stderr", "off" or an absolute path'
         )
+    if config.workers != "auto" and not (
+        isinstance(config.workers, int) and 1 <= config.workers <= MAX_WORKERS
+    ):
+        problems.append(f'workers: {config.workers!r} must be "auto" or 1-{MAX_WORKERS}')
     limits = config.limits
     for field in ("connect_timeout", "handshake_timeout", "idle_timeout", "drain_timeout"):
         if getattr(limits, field) <= 0:

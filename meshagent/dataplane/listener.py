@@ -9,6 +9,7 @@ accepting (new clients wait in the kernel's backlog) until a connection ends.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -24,20 +25,46 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 # serve_listeners sleeps and retries on the same set.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _RESOURCE_BACKOFF_SECONDS = 0.1
+_BACKLOG = 1024
 
 
-async def open_listener(name: str, host: str, port: int) -> trio.SocketListener:
-    """Bind ``host:port``. Raises BindError with one line naming the listener and address."""
+async def open_listener(
+    name: str, host: str, port: int, *, reuse_port: bool = False
+) -> trio.SocketListener:
+    """Bind ``host:port``. Raises BindError with one line naming the listener and address.
+
+    ``reuse_port``: set SO_REUSEPORT, so that the agent's worker processes each bind the
+    same address and the kernel spreads new connections among them.
+    """
+    if reuse_port:
+        return await _open_reuse_port_listener(name, host, port)
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=_BACKLOG)
     except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        raise BindError(f"{name}: cannot listen on {host}:{port}: {reason}") from None
+        raise BindError(f"{name}: cannot listen on {host}:{port}: {_reason(exc)}") from None
     if len(listeners) != 1:  # host is an IP address, so exactly one
         for extra in listeners:
             await extra.aclose()
         raise BindError(f"{name}: {host} resolved to {len(listeners)} addresses; use one IP")
     return listeners[0]
+
+
+async def _open_reuse_port_listener(name: str, host: str, port: int) -> trio.SocketListener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"{name}: cannot listen on {host}:{port}: {_reason(exc)}") from None
+    return trio.SocketListener(sock)
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 async def serve_listener(

@@ -91,11 +91,13 @@ async def serve_dataplane(
     tls: TlsContexts,
     *,
     rng: random.Random | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[DataplaneHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listener of ``source.current``, then serve until drained. A cancel point.
 
-    ``task_status.started(handle)`` comes once every listener is bound.
+    ``task_status.started(handle)`` comes once every listener is bound. ``reuse_port``:
+    bind with SO_REUSEPORT, so worker processes can bind the same addresses.
 
     Raises:
         BindError: a listener could not bind (before ``started``; nothing stays bound).
@@ -110,7 +112,9 @@ async def serve_dataplane(
     bound: list[trio.SocketListener] = []
     try:
         for spec, _ in specs:
-            bound.append(await open_listener(spec.name, spec.bind, spec.port))
+            bound.append(
+                await open_listener(spec.name, spec.bind, spec.port, reuse_port=reuse_port)
+            )
     except BaseException:
         for listener in bound:
             await listener.aclose()

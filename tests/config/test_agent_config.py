@@ -66,6 +66,8 @@ def test_examples_agent_toml_is_valid() -> None:
         (('address = "127.0.0.2"', 'address = "vm-12.example"'), "address: 'vm-12.example' is not an IP address"),
         (("[consul]\naddress = \"http://127.0.0.1:8500\"", ""), "outbound[0]: no endpoints, no [consul] and no [central]"),
         (('health = { tcp = true, interval = "5s" }', 'health = { http = "healthz" }'), "must be a path"),
+        (('mesh = "shop"', 'mesh = "shop"\nworkers = 0'), 'workers: 0 must be "auto" or 1-256'),
+        (('mesh = "shop"', 'mesh = "shop"\nworkers = "all"'), "workers: 'all' must be \"auto\" or 1-256"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
