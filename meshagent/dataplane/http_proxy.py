@@ -62,6 +62,10 @@ access_log = get_logger("access")
 CHUNK = 64 * 1024
 _RNG = random.Random()
 HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 408)
+# A request body up to this size is read whole before the first try when the request may
+# be retried (a PUT, or a POST on a route that retries any method), so a retry can send it
+# again; bigger ones stream through and are not retried.
+RETRY_BODY_BYTES = 64 * 1024
 
 Stream = trio.abc.Stream
 
@@ -270,6 +274,8 @@ async def _one_request(
     if decision.request_seconds is not None:
         overall.deadline = trio.current_time() + decision.request_seconds
     tried: list[Hashable] = []
+    # The whole request body, once read, so that every try can send it again.
+    body: bytes | None = b"" if bodyless else None
     try:
         with overall:
             while True:
@@ -279,8 +285,12 @@ async def _one_request(
                 tried.append(fwd.key)
                 reusable = False
                 try:
-                    if bodyless and fwd.retry is not None:
-                        outcome = await _try_bodyless(downstream, head, fwd, reader, progress)
+                    if body is None and _may_hold_body(head, fwd):
+                        body = await _read_body(reader, progress)
+                    if body is not None and fwd.retry is not None:
+                        outcome = await _try_whole(
+                            downstream, head, body, fwd, reader, progress
+                        )
                     else:
                         outcome = await _exchange(reader, downstream, head, fwd, progress)
                     if isinstance(outcome, _Done):
@@ -372,15 +382,56 @@ async def _send_head(head: RequestHead, fwd: Forward) -> _Reader:
     return _Reader(fwd.upstream, parser)
 
 
-async def _try_bodyless(
-    downstream: Stream, head: RequestHead, fwd: Forward, reader: _Reader, progress: _Progress
+def _may_hold_body(head: RequestHead, fwd: Forward) -> bool:
+    """Read the body before the first try, so a retry can send it again: a retryable
+    method, a Content-Length of at most RETRY_BODY_BYTES, and no ``Expect: 100-continue``
+    (that client waits for the upstream's 100) or upgrade. Other bodies stream through
+    and their requests are not retried."""
+    retry = fwd.retry
+    return (
+        retry is not None
+        and retry.may_retry_method(head.method)
+        and head.body.framing is Framing.CONTENT_LENGTH
+        and (head.body.content_length or 0) <= RETRY_BODY_BYTES
+        and not head.expect_continue
+        and head.upgrade is None
+    )
+
+
+async def _read_body(reader: _Reader, progress: _Progress) -> bytes:
+    """The rest of the request: its body, up to its end."""
+    parts: list[bytes] = []
+    while True:
+        event = await reader.next_event()
+        if event is None:
+            raise HttpError(400, "the client closed the connection inside a request body")
+        if isinstance(event, Body):
+            progress.bytes_up += len(event.data)
+            parts.append(event.data)
+        elif isinstance(event, EndOfMessage):
+            return b"".join(parts)
+
+
+async def _try_whole(
+    downstream: Stream,
+    head: RequestHead,
+    body: bytes,
+    fwd: Forward,
+    reader: _Reader,
+    progress: _Progress,
 ) -> _Done | _FailedTry:
-    """One try of a request without a body: its response head is read under the per-try
-    deadline before anything goes to the client, so the try can still be retried."""
+    """One try of a request whose body (maybe empty) was read whole: its response head
+    is read under the per-try deadline before anything goes to the client, so the try
+    can still be retried."""
     retry = fwd.retry
     assert retry is not None
     try:
         up = await _send_head(head, fwd)
+        if body:
+            try:
+                await fwd.upstream.send_all(body)
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise UpstreamBroke(describe(exc)) from None
         with trio.move_on_after(fwd.per_try_seconds or math.inf) as per_try:
             first = await _first_final_event(up, downstream, progress)
     except UpstreamBroke as exc:

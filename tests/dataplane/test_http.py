@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -217,6 +218,11 @@ async def _read_all(stream: trio.SocketStream) -> bytes:
 
 
 
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
 async def test_retries_land_on_a_healthy_endpoint_for_idempotent_requests_only(
     nursery: trio.Nursery, ca: MeshCa
 ) -> None:
@@ -233,9 +239,20 @@ async def test_retries_land_on_a_healthy_endpoint_for_idempotent_requests_only(
     async with client(web_port) as http:
         gets = [await http.get("/") for _ in range(30)]
         posts = [await http.post("/", content=b"x") for _ in range(30)]
+        # PUT is idempotent: its body (up to RETRY_BODY_BYTES) is held and sent again.
+        body = bytes(range(256)) * 256  # 64 KiB
+        puts = [await http.put("/", content=body) for _ in range(20)]
+        chunked = [await http.put("/", content=_chunks(b"a", b"b")) for _ in range(20)]
+        big = [await http.put("/", content=body + b"!") for _ in range(20)]
     assert {r.status_code for r in gets} == {200}
     assert {r.json()["app"] for r in gets} == {"good"}
     assert {r.status_code for r in posts} == {200, 503}  # not idempotent: not retried
+    assert {r.status_code for r in puts} == {200}
+    assert {(r.json()["app"], r.json()["received"]) for r in puts} == {("good", len(body))}
+    # Streamed bodies (chunked, or over the limit) go through once: not retried.
+    assert {r.status_code for r in chunked} == {200, 503}
+    assert {r.status_code for r in big} == {200, 503}
+    assert {r.json()["received"] for r in big if r.status_code == 200} == {len(body) + 1}
 
 
 async def test_timeouts_answer_504_and_a_per_try_timeout_can_retry(
