@@ -182,6 +182,7 @@ async def _run(
                 lambda: admin.http(),
                 lambda: watch.current,
                 cert_expiry,
+                workers.processes if workers is not None else lambda: (1, 0),
             )
         ),
         workers,

@@ -25,7 +25,10 @@ class AgentCollector(Collector):
         http: Callable[[], HttpStats | None],
         snapshot: Callable[[], Snapshot],
         cert_not_after: Mapping[str, datetime],
+        processes: Callable[[], tuple[int, int]] = lambda: (1, 0),
     ) -> None:
+        """``processes()``: (processes serving the listeners now, worker restarts so far)."""
+        self._processes = processes
         self._counters = counters
         self._http = http
         self._snapshot = snapshot
@@ -94,6 +97,21 @@ class AgentCollector(Collector):
         for service, end in sorted(self._not_after.items()):
             expiry.add_metric([mesh, service], end.timestamp())
         yield expiry
+        serving, restarts = self._processes()
+        processes = GaugeMetricFamily(
+            "meshagent_processes",
+            "Processes serving the listeners now: the agent and its live workers",
+            labels=["mesh"],
+        )
+        processes.add_metric([mesh], serving)
+        yield processes
+        restarted = CounterMetricFamily(
+            "meshagent_worker_restarts",
+            "Worker processes restarted after they died (see `worker exited` in the log)",
+            labels=["mesh"],
+        )
+        restarted.add_metric([mesh], restarts)
+        yield restarted
 
     def _http_metrics(self, mesh: str) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         stats = self._http()

@@ -266,6 +266,7 @@ class Workers:
         self._retired_http = HttpStats()
         self.by_listener: dict[str, ConnectionCounters] = {}
         self.http = HttpStats()
+        self.restarts = 0
 
     def draining(self) -> bool:
         return self._drain is not None
@@ -273,6 +274,10 @@ class Workers:
     @property
     def pids(self) -> list[int]:
         return [s.pid for s in self._slots if s.pid is not None]
+
+    def processes(self) -> tuple[int, int]:
+        """(processes serving now: the agent and its live workers, restarts so far)."""
+        return 1 + sum(1 for s in self._slots if s.channel is not None), self.restarts
 
     def certificates_changed(self) -> None:
         """The certificate files were rewritten; every worker reloads them. Not async;
@@ -369,6 +374,8 @@ class Workers:
             with trio.move_on_after(backoff):
                 await self._drain_started.wait()
             backoff = min(high, backoff * 2)
+            if not self.draining():
+                self.restarts += 1
 
     async def _run_once(self, slot: _Slot, watch: SnapshotWatch) -> int:
         """Run one worker process to its end; its exit code."""

@@ -24,3 +24,17 @@ def test_plaintext_callers_of_inbounds_are_counted_for_the_strict_switch() -> No
     ) in text
     assert 'meshagent_inbound_plaintext_connections_total{listener="outbound' not in text
     assert 'meshagent_connections_total{listener="outbound:users:16001",mesh="shop"} 7.0' in text
+
+
+def test_processes_and_worker_restarts_are_exposed() -> None:
+    registry = new_registry(
+        AgentCollector(dict, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {},
+                       lambda: (3, 2))
+    )
+    text = generate_latest(registry).decode()
+    assert 'meshagent_processes{mesh="shop"} 3.0' in text
+    assert 'meshagent_worker_restarts_total{mesh="shop"} 2.0' in text
+    single = generate_latest(new_registry(AgentCollector(
+        dict, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {}))).decode()
+    assert 'meshagent_processes{mesh="shop"} 1.0' in single
+    assert 'meshagent_worker_restarts_total{mesh="shop"} 0.0' in single

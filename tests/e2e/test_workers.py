@@ -38,6 +38,12 @@ def stats(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def metrics(config: dict[str, Any]) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{config['admin']}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
 def accepted(config: dict[str, Any], prefix: str) -> int:
     return sum(c["accepted"] for name, c in stats(config).items() if name.startswith(prefix))
 
@@ -125,6 +131,9 @@ def test_workers_share_listeners_and_survive_a_dead_one(tmp_path: Path) -> None:
                 assert exchange(port, f"new {k}".encode()) == f"new {k}".encode()
             # The dead worker's last counters stay in the totals: they never go backwards.
             assert accepted(web_cfg, "outbound") >= 34
+            eventually(lambda: 'meshagent_processes{mesh="shop"} 3.0' in metrics(web_cfg),
+                       within=10, what="the new worker serves")
+            assert 'meshagent_worker_restarts_total{mesh="shop"} 1.0' in metrics(web_cfg)
             pids = [p.pid for p in workers_of(web)]
         assert web.proc.returncode == 0 and orders.proc.returncode == 0
         for pid in pids:
