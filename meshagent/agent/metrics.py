@@ -61,6 +61,11 @@ class AgentCollector(Collector):
             "Failed connections by reason (handshake, unauthorized, upstream-connect, ...)",
             labels=["mesh", "listener", "reason"],
         )
+        tls = CounterMetricFamily(
+            "meshagent_tls_handshake_failures",
+            "Failed TLS handshakes by reason (no-certificate, unknown-ca, expired, not-tls, ...)",
+            labels=["mesh", "listener", "reason"],
+        )
         plaintext = CounterMetricFamily(
             "meshagent_inbound_plaintext_connections",
             "Inbound connections without TLS (permissive/off): callers that skip the mesh",
@@ -71,12 +76,14 @@ class AgentCollector(Collector):
                 plaintext.add_metric([mesh, name], c.plaintext)
             for reason, count in sorted(dict(c.failures).items()):
                 reasons.add_metric([mesh, name, reason], count)
+            for reason, count in sorted(dict(c.tls_failures).items()):
+                tls.add_metric([mesh, name, reason], count)
             accepted.add_metric([mesh, name], c.accepted)
             failed.add_metric([mesh, name], c.failed)
             active.add_metric([mesh, name], c.active)
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
-        yield from (accepted, failed, reasons, active, bytes_total, plaintext)
+        yield from (accepted, failed, reasons, tls, active, bytes_total, plaintext)
         yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(
             "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]

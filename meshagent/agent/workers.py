@@ -199,6 +199,8 @@ def add_counters(
         total.plaintext += c.plaintext
         for reason, count in c.failures.items():
             total.failures[reason] = total.failures.get(reason, 0) + count
+        for reason, count in c.tls_failures.items():
+            total.tls_failures[reason] = total.tls_failures.get(reason, 0) + count
 
 
 def add_http(into: HttpStats, more: HttpStats) -> None:

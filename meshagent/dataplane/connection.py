@@ -46,6 +46,9 @@ class ConnectionCounters:
     # Failed connections by reason: handshake, unauthorized, upstream-connect,
     # upstream-timeout, no-endpoints, protocol, error (anything unexpected).
     failures: dict[str, int] = field(default_factory=dict)
+    # Failed TLS handshakes by why (errors.HANDSHAKE_REASONS): no-certificate, unknown-ca,
+    # expired, not-tls, ...
+    tls_failures: dict[str, int] = field(default_factory=dict)
 
 
 LATENCY_BUCKETS_SECONDS = (
@@ -193,6 +196,9 @@ def connection_boundary(
         counters.failed += 1
         reason = failure_reason(group)
         counters.failures[reason] = counters.failures.get(reason, 0) + 1
+        if reason == "handshake":
+            tls = _tls_reason(group)
+            counters.tls_failures[tls] = counters.tls_failures.get(tls, 0) + 1
         ours = all(isinstance(e, DataplaneError) for e in _leaves(group))
         level = log.warning if ours else log.error
         level("connection failed", error=describe(group), listener=listener, **fields)
@@ -218,6 +224,13 @@ def failure_reason(exc: BaseException) -> str:
             if isinstance(leaf, kind):
                 return reason
     return "error"
+
+
+def _tls_reason(exc: BaseException) -> str:
+    for leaf in _leaves(exc):
+        if isinstance(leaf, HandshakeError):
+            return leaf.reason
+    return "other"
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

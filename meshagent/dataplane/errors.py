@@ -3,6 +3,7 @@ into these once, where they enter the data path; handlers branch on ours only.""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,7 +31,13 @@ class UpstreamTimeout(DataplaneError):
 
 
 class HandshakeError(DataplaneError):
-    """The TLS handshake failed (bad or missing certificate, garbage, plaintext)."""
+    """The TLS handshake failed (bad or missing certificate, garbage, plaintext).
+
+    ``reason``: a short, bounded label (``handshake_reason``) for the metrics."""
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unauthorized(DataplaneError):
@@ -49,10 +56,75 @@ def map_errors(
     try:
         yield
     except trio.TooSlowError:
+        if timeout is HandshakeError:
+            raise HandshakeError(f"{what}: timed out", "timeout") from None
         raise timeout(f"{what}: timed out") from None
     except (OSError, trio.BrokenResourceError) as exc:
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        if failure is HandshakeError:
+            raise HandshakeError(f"{what}: {_describe(cause)}", handshake_reason(cause)) from None
         raise failure(f"{what}: {_describe(cause)}") from None
+
+
+# OpenSSL's X509_V_ERR_* codes this side meets when it checks the peer's certificate.
+_VERIFY_REASONS = {
+    2: "unknown-ca",  # unable to get issuer certificate
+    9: "not-yet-valid",
+    10: "expired",
+    18: "unknown-ca",  # self-signed leaf
+    19: "unknown-ca",  # self-signed certificate in the chain
+    20: "unknown-ca",  # unable to get local issuer certificate
+}
+# OpenSSL reason names (ssl.SSLError.reason): what the peer told us in an alert, or why
+# the bytes were not a handshake at all.
+_SSL_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no-certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no-certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown-ca",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "expired",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad-certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "bad-certificate",
+    "TLSV1_ALERT_DECRYPT_ERROR": "bad-certificate",
+    "WRONG_VERSION_NUMBER": "not-tls",
+    "HTTP_REQUEST": "not-tls",
+    "HTTPS_PROXY_REQUEST": "not-tls",
+    "UNEXPECTED_MESSAGE": "not-tls",
+    "RECORD_LAYER_FAILURE": "not-tls",
+    "PACKET_LENGTH_TOO_LONG": "not-tls",
+    "UNSUPPORTED_PROTOCOL": "version-or-cipher",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "version-or-cipher",
+    "NO_SHARED_CIPHER": "version-or-cipher",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "version-or-cipher",
+    "NO_PROTOCOLS_AVAILABLE": "version-or-cipher",
+    "NO_APPLICATION_PROTOCOL": "version-or-cipher",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "version-or-cipher",
+}
+
+HANDSHAKE_REASONS = (
+    "no-certificate",
+    "unknown-ca",
+    "expired",
+    "not-yet-valid",
+    "bad-certificate",
+    "not-tls",
+    "version-or-cipher",
+    "closed",
+    "timeout",
+    "other",
+)
+
+
+def handshake_reason(exc: BaseException | None) -> str:
+    """Why a TLS handshake failed, as one of HANDSHAKE_REASONS (a metrics label)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "bad-certificate")
+    if isinstance(exc, ssl.SSLEOFError):
+        return "closed"
+    if isinstance(exc, ssl.SSLError):
+        return _SSL_REASONS.get(str(exc.reason or ""), "other")
+    if isinstance(exc, OSError) or exc is None:
+        return "closed"
+    return "other"
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -94,14 +94,16 @@ async def test_a_truncated_frame_is_the_end_of_the_stream() -> None:
 def test_counters_sum_over_processes_field_by_field() -> None:
     total: dict[str, ConnectionCounters] = {}
     one = ConnectionCounters(accepted=3, active=1, failed=1, bytes_in=10, bytes_out=20,
-                             plaintext=2, failures={"handshake": 1})
+                             plaintext=2, failures={"handshake": 1},
+                             tls_failures={"expired": 1})
     two = ConnectionCounters(accepted=4, active=2, failed=2, bytes_in=1, bytes_out=2,
-                             plaintext=0, failures={"handshake": 1, "unauthorized": 1})
+                             plaintext=0, failures={"handshake": 1, "unauthorized": 1},
+                             tls_failures={"expired": 1})
     add_counters(total, {"inbound:orders": one})
     add_counters(total, {"inbound:orders": two, "outbound:web": one})
     assert total["inbound:orders"] == ConnectionCounters(
         accepted=7, active=3, failed=3, bytes_in=11, bytes_out=22, plaintext=2,
-        failures={"handshake": 2, "unauthorized": 1},
+        failures={"handshake": 2, "unauthorized": 1}, tls_failures={"expired": 2},
     )
     assert total["outbound:web"] == one and total["outbound:web"] is not one
     assert one.failures == {"handshake": 1}  # the inputs are left alone

@@ -249,8 +249,11 @@ async def test_inbound_refuses_bad_peers_and_keeps_serving(
     with trio.fail_after(5):
         while pair.inbound.context.counters.failed < 1:
             await trio.sleep(0.01)
-    reasons = pair.inbound.context.by_listener["inbound:orders"].failures
-    assert reasons == {"handshake": 1}  # another mesh has another CA: no handshake
+    counters = pair.inbound.context.by_listener["inbound:orders"]
+    assert counters.failures == {"handshake": 1}  # another mesh has another CA: no handshake
+    expected = {"plaintext": "not-tls", "garbage": "not-tls", "no-cert": "no-certificate",
+                "other-ca": "unknown-ca", "other-mesh": "unknown-ca"}
+    assert counters.tls_failures == {expected[case]: 1}
     # Everyone else is still served.
     assert await round_trip("127.0.0.1", pair.outbound_port, b"still here") == b"still here"
 
