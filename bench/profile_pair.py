@@ -46,8 +46,10 @@ STACK_AREAS: list[tuple[str, re.Pattern[str]]] = [
 AREAS: list[tuple[str, re.Pattern[str]]] = [
     ("TLS: ssl module (encrypt/decrypt, SSLObject calls)", re.compile(r"\(ssl\.py:")),
     ("TLS: trio.SSLStream (MemoryBIO shuffling, retries)", re.compile(r"trio/_ssl\.py:")),
-    ("socket calls (send/recv through trio.socket)",
-     re.compile(r"trio/_socket\.py:|trio/_highlevel_socket\.py:|\(socket\.py:")),
+    ("TLS: dataplane/sslsocket.py (SSLSocket driving, readiness waits)",
+     re.compile(r"meshagent/dataplane/sslsocket\.py")),
+    ("socket calls (send/recv through trio.socket or tcp_proxy.PlainSide)",
+     re.compile(r"trio/_socket\.py:|trio/_highlevel_socket\.py:|\(socket\.py:|^PlainSide\.")),
     ("trio scheduler, epoll, cancel scopes",
      re.compile(r"trio/_core/|trio/_timeouts\.py|outcome/|sniffio/|trio/_util\.py|attrs gen")),
     ("L4 frames between agents (protocol/frames.py)", re.compile(r"meshagent/protocol/frames")),
