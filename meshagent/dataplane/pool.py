@@ -5,20 +5,19 @@ the other host. Bounds: at most ``max_idle_per_key`` idle connections per endpoi
 ``max_idle`` in all (the oldest goes first); an idle connection older than
 ``idle_seconds`` is closed instead of reused. Before reuse, a connection that is
 readable (the peer closed it, or sent bytes nobody asked for) is thrown away: that
-check is one ``select`` on the socket, and it catches the common case of a server that
+check is one ``poll`` on the socket, and it catches the common case of a server that
 timed the connection out while it sat in the pool.
 """
 
 from __future__ import annotations
 
-import select
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 import trio
 
-from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream, is_fd_readable
 
 Upstream = SslSocketStream | trio.SocketStream
 
@@ -29,10 +28,9 @@ def is_stale(stream: Upstream) -> bool:
     try:
         if isinstance(stream, SslSocketStream):
             return stream.is_readable()
-        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        return is_fd_readable(stream.socket.fileno())
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 @dataclass(slots=True)

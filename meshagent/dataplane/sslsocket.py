@@ -64,6 +64,14 @@ DEFAULT_RECEIVE = 64 * 1024
 _RECORD = 16 * 1024
 
 
+def is_fd_readable(fd: int) -> bool:
+    """True if a read on ``fd`` would not block (bytes, EOF or an error). ``poll``, not
+    ``select``: select refuses descriptors from 1024 on, which a busy agent has."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class SslSocketStream(trio.abc.Stream):
     """A TLS connection over a non-blocking ``ssl.SSLSocket``; the subset of the
     ``trio.SSLStream`` API the data path uses. Build it with ``wrap``."""
@@ -179,8 +187,7 @@ class SslSocketStream(trio.abc.Stream):
             return True
         if self._sock.pending():
             return True
-        readable, _, _ = select.select([self._sock], [], [], 0)
-        return bool(readable)
+        return is_fd_readable(self._sock.fileno())
 
     # -- handshake ---------------------------------------------------------------------
 

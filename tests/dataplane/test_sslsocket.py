@@ -5,6 +5,7 @@ writes, EOF without close_notify, tickets, cancellation, two tasks, fd ownership
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from meshagent.dataplane.pool import is_stale
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tls import client_context, server_context
 from tests.support.pki import MeshCa, make_ca
@@ -303,3 +305,24 @@ async def test_plaintext_into_a_tls_server_fails_the_handshake(contexts: Context
         await server.do_handshake()
     await server.aclose()
     await client_tcp.aclose()
+
+
+async def test_a_pooled_connection_with_a_descriptor_past_1024_is_checked_not_thrown_away(
+    contexts: Contexts,
+) -> None:
+    # select() refuses descriptors from 1024 on; a busy agent has them, and its pool
+    # took every idle connection for stale.
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1100:
+        pytest.skip("RLIMIT_NOFILE too low for a descriptor past 1024")
+    server_tcp, client_tcp = await _tcp_pair()
+    high = os.dup2(client_tcp.socket.fileno(), 1100)
+    client_tcp.socket.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=high)))
+    assert not is_stale(stream)
+    await server_tcp.send_all(b"stray")
+    await trio.sleep(0.05)
+    assert is_stale(stream)
+    await stream.aclose()
+    await server_tcp.aclose()
