@@ -190,17 +190,7 @@ def add_counters(
     into: dict[str, ConnectionCounters], more: Mapping[str, ConnectionCounters]
 ) -> None:
     for name, c in more.items():
-        total = into.setdefault(name, ConnectionCounters())
-        total.accepted += c.accepted
-        total.active += c.active
-        total.failed += c.failed
-        total.bytes_in += c.bytes_in
-        total.bytes_out += c.bytes_out
-        total.plaintext += c.plaintext
-        for reason, count in c.failures.items():
-            total.failures[reason] = total.failures.get(reason, 0) + count
-        for reason, count in c.tls_failures.items():
-            total.tls_failures[reason] = total.tls_failures.get(reason, 0) + count
+        into.setdefault(name, ConnectionCounters()).add(c)
 
 
 def add_http(into: HttpStats, more: HttpStats) -> None:

@@ -50,6 +50,19 @@ class ConnectionCounters:
     # expired, not-tls, ...
     tls_failures: dict[str, int] = field(default_factory=dict)
 
+    def add(self, other: ConnectionCounters) -> None:
+        """Add ``other``'s counts to these (summing listeners, or processes)."""
+        self.accepted += other.accepted
+        self.active += other.active
+        self.failed += other.failed
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.plaintext += other.plaintext
+        for reason, count in other.failures.items():
+            self.failures[reason] = self.failures.get(reason, 0) + count
+        for reason, count in other.tls_failures.items():
+            self.tls_failures[reason] = self.tls_failures.get(reason, 0) + count
+
 
 LATENCY_BUCKETS_SECONDS = (
     0.001,
@@ -145,12 +158,7 @@ class DataplaneContext:
         """The sum over every listener (a new record; read-only)."""
         total = ConnectionCounters()
         for c in self.by_listener.values():
-            total.accepted += c.accepted
-            total.active += c.active
-            total.failed += c.failed
-            total.bytes_in += c.bytes_in
-            total.bytes_out += c.bytes_out
-            total.plaintext += c.plaintext
+            total.add(c)
         return total
 
 
