@@ -17,7 +17,9 @@ Theory of operation:
   rejected whole (the reason goes back in the status report), and persisted.
 * ``keep_certificates_fresh`` renews every certificate at two thirds of its life with
   new keys, then swaps the TLS contexts: open connections keep the context they
-  started with, so a renewal drops nothing.
+  started with, so a renewal drops nothing. During a CA rotation (the config names a
+  signing CA that did not issue some of this host's certificates) it renews at once,
+  after a random delay within the config's ``rotation_spread_seconds``.
 * Every call to the central agent has a deadline; failures back off (1 s doubling to
   30 s) and the data path keeps serving with what it has.
 """
@@ -25,6 +27,7 @@ Theory of operation:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +43,7 @@ from meshagent.config.load import ConfigError
 from meshagent.log import get_logger
 from meshagent.pki.csr import CsrRejected, check_issued, make_csr, renew_at
 from meshagent.pki.files import PkiError, write_private_file, write_public_file
+from meshagent.pki.rotation import issuer_fingerprint, needs_rotation, rotation_delay, short
 from meshagent.snapshot.model import Endpoint, Snapshot
 from meshagent.snapshot.wire import (
     DataplaneConfig,
@@ -80,6 +84,28 @@ class _Marker(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @dataclass
+class SigningCa:
+    """The mesh's signing CA as the latest config applied names it ("": not said), and
+    the spread of rotation renewals. ``changed`` is set (and replaced) whenever a config
+    changes either, or the trust bundle: the renewer then looks again."""
+
+    fingerprint: str = ""
+    spread_seconds: float = 120.0
+    bundle: str = ""
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def update(self, config: DataplaneConfig) -> None:
+        spread = config.rotation_spread_seconds
+        seen = (self.fingerprint, self.spread_seconds, self.bundle)
+        self.fingerprint = config.signing_ca
+        self.spread_seconds = spread if math.isfinite(spread) and spread >= 0 else 120.0
+        self.bundle = config.ca_bundle
+        if (self.fingerprint, self.spread_seconds, self.bundle) != seen:
+            self.changed.set()
+            self.changed = trio.Event()
+
+
+@dataclass
 class Joined:
     """This host's membership of a mesh, as on disk."""
 
@@ -94,6 +120,7 @@ class Joined:
     # differ (sent by ``follow_config`` before its first fetch).
     registration: DataplaneUpdate | None = None
     pending: DataplaneUpdate | None = None
+    signing: SigningCa = field(default_factory=SigningCa)
 
     def marker(self) -> _Marker:
         return _Marker(
@@ -198,6 +225,23 @@ def certificate_window(joined: Joined) -> tuple[datetime, datetime]:
         windows.append((cert.not_valid_after_utc, cert.not_valid_before_utc))
     not_after, not_before = min(windows)
     return not_before, not_after
+
+
+def certificate_issuers(joined: Joined) -> list[str]:
+    """The fingerprints of the CAs (of the trust bundle) that issued this host's
+    certificates, sorted, without repeats; "" for a certificate no CA of the bundle
+    issued. Blocking."""
+    from cryptography import x509
+
+    try:
+        cas = x509.load_pem_x509_certificates(joined.ca_bundle.encode())
+    except ValueError:
+        cas = []
+    issuers = set()
+    for service in joined.identities:
+        cert = x509.load_pem_x509_certificate(joined.pem_path(service).read_bytes())
+        issuers.add(issuer_fingerprint(cert, cas))
+    return sorted(issuers)
 
 
 # ---------------------------------------------------------------------------- joining
@@ -386,6 +430,7 @@ class Status:
     applied_version: int = 0
     rejected: str = ""
     cert_not_after: float | None = None
+    cert_issuers: list[str] | None = None
     heartbeat_seconds: float = HEARTBEAT_SECONDS
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -400,6 +445,7 @@ class Status:
             state="rejected" if self.rejected else "applied",
             error=self.rejected,
             cert_not_after=self.cert_not_after,
+            cert_issuers=self.cert_issuers,
         )
 
 
@@ -452,6 +498,9 @@ async def follow_config(
     with agent.toml's settings and keeps asking.
     """
     started = False
+    saved = await trio.to_thread.run_sync(load_config, joined) if after else None
+    if saved is not None and saved.version == after:
+        joined.signing.update(saved)
     if after:
         task_status.started()
         started = True
@@ -485,6 +534,7 @@ async def follow_config(
                 status.update(rejected=problem)
             else:
                 await _persist(joined, config)
+                joined.signing.update(config)
                 status.update(applied_version=config.version, rejected="")
                 log.info("config applied", version=config.version, mtls=config.mtls)
             after = config.version
@@ -532,20 +582,42 @@ async def keep_certificates_fresh(
     swap: Callable[[], None],
     status: Status,
     *,
+    rng: random.Random | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Renew every certificate at two thirds of the life of the first to expire, then
-    ``swap`` (rebuild the TLS contexts from the files). A cancel point."""
+    ``swap`` (rebuild the TLS contexts from the files). During a CA rotation, renew
+    certificates the signing CA did not issue at once, after a random delay within
+    the config's spread (drawn once per signing CA). A cancel point."""
+    rng = rng if rng is not None else random.Random()
     not_before, not_after = await trio.to_thread.run_sync(certificate_window, joined)
-    status.update(cert_not_after=not_after.timestamp())
+    issuers = await trio.to_thread.run_sync(certificate_issuers, joined)
+    status.update(cert_not_after=not_after.timestamp(), cert_issuers=issuers)
     task_status.started()
     delay = 1.0
+    rotation_for = ""  # the signing CA the rotation delay below was drawn for
+    rotation_due = 0.0  # trio time
     while True:
+        changed = joined.signing.changed
+        signing = joined.signing.fingerprint
         due = renew_at(not_before, not_after)
         left = (due - datetime.now(UTC)).total_seconds()
+        if needs_rotation(issuers, signing):
+            if rotation_for != signing:
+                rotation_for = signing
+                wait = rotation_delay(joined.signing.spread_seconds, rng)
+                rotation_due = trio.current_time() + wait
+                log.info(
+                    "certificates are not from the mesh's signing CA; renewing them",
+                    signing_ca=short(signing),
+                    in_seconds=round(wait, 1),
+                )
+            left = min(left, rotation_due - trio.current_time())
         if left > 0:
             # Wake at least every 5 minutes: a suspended host's monotonic clock stops.
-            await trio.sleep(min(left, 300.0))
+            with trio.move_on_after(min(left, 300.0)):
+                await changed.wait()
+            issuers = await _issuers(joined, status, issuers)
             continue
         try:
             await renew_once(client, joined, swap)
@@ -562,8 +634,32 @@ async def keep_certificates_fresh(
             continue
         delay = 1.0
         not_before, not_after = await trio.to_thread.run_sync(certificate_window, joined)
-        status.update(cert_not_after=not_after.timestamp())
-        log.info("certificates renewed", not_after=not_after.isoformat(timespec="seconds"))
+        issuers = await trio.to_thread.run_sync(certificate_issuers, joined)
+        status.update(cert_not_after=not_after.timestamp(), cert_issuers=issuers)
+        if needs_rotation(issuers, signing):
+            # Still not from the CA the config names (it changed meanwhile): look again
+            # after at least a second, not in a tight loop.
+            rotation_due = trio.current_time() + max(
+                1.0, rotation_delay(joined.signing.spread_seconds, rng)
+            )
+        log.info(
+            "certificates renewed",
+            not_after=not_after.isoformat(timespec="seconds"),
+            ca=",".join(short(i) for i in issuers),
+        )
+
+
+async def _issuers(joined: Joined, status: Status, issuers: list[str]) -> list[str]:
+    """The issuers of this host's certificates again (the trust bundle may have
+    changed), reported when they differ."""
+    try:
+        now = await trio.to_thread.run_sync(certificate_issuers, joined)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the certificates", error=str(exc))
+        return issuers
+    if now != issuers:
+        status.update(cert_issuers=now)
+    return now
 
 
 async def renew_once(client: CentralClient, joined: Joined, swap: Callable[[], None]) -> None:

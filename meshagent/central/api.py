@@ -8,6 +8,10 @@ Admin endpoints (``Authorization: Bearer <admin token>``)::
     GET    /v1/meshes/{mesh}                        one mesh, with its CA certificate
     PATCH  /v1/meshes/{mesh}                        change ``mtls`` and/or ``default_allow``
     DELETE /v1/meshes/{mesh}                        delete a mesh (global admins)
+    GET    /v1/meshes/{mesh}/ca-rotation            the CA rotation: in progress, who lags
+    POST   /v1/meshes/{mesh}/ca-rotation            start one: a new CA signs, both trusted
+    POST   /v1/meshes/{mesh}/ca-rotation/finish     drop the previous CA (409 while online
+                                                    dataplanes still use it, unless forced)
     POST   /v1/meshes/{mesh}/tokens                 a join token (shown once)
     POST   /v1/tokens/admin                         a mesh-scoped admin token (global admins)
     GET    /v1/meshes/{mesh}/policies               the mesh's policies
@@ -57,19 +61,24 @@ from starlette.routing import Route
 
 from meshagent.central import dataplane_api
 from meshagent.central.auth import Principal, admin_token_record, authenticate
-from meshagent.central.dataplanes import dataplane_view, decode_spec, online_window
+from meshagent.central.dataplanes import dataplane_view, decode_spec, is_online, online_window
 from meshagent.central.meshes import (
     CaKind,
     MtlsMode,
+    RotationConflict,
     check_mesh_name,
+    finish_rotation,
     mesh_view,
     new_mesh,
     plan_apply,
     policy_records,
     policy_view,
+    rotation_view,
+    start_rotation,
     with_settings,
 )
-from meshagent.central.store import NotFound, TokenRecord
+from meshagent.central.meshes import decode_spec as decode_mesh_spec
+from meshagent.central.store import DataplaneRecord, NotFound, TokenRecord
 from meshagent.central.web import (
     JSON,
     ApiError,
@@ -85,6 +94,7 @@ from meshagent.central.web import (
 )
 from meshagent.config.load import Duration
 from meshagent.pki.identity import NAME_RULE, is_valid_name
+from meshagent.pki.rotation import ca_fingerprint, short
 from meshagent.pki.secrets import new_token
 from meshagent.policy.load import PolicyError, load_document
 from meshagent.policy.model import KINDS
@@ -125,6 +135,20 @@ class MeshPatch(_Strict, frozen=True, kw_only=True):
 
     mtls: MtlsMode | None = None
     default_allow: bool | None = None
+
+
+class CaRotationStart(_Strict, frozen=True, kw_only=True):
+    """The new CA: made by the central agent (builtin) or the operator's (provided)."""
+
+    ca: CaKind = "builtin"
+    ca_cert: str | None = None
+    ca_key: str | None = None
+
+
+class CaRotationFinish(_Strict, frozen=True, kw_only=True):
+    # True: finish even while online dataplanes still use certificates of the previous
+    # CA (they cannot talk to the others until they renew).
+    force: bool = False
 
 
 class JoinTokenCreate(_Strict, frozen=True, kw_only=True):
@@ -264,6 +288,100 @@ async def delete_mesh(request: Request, state: CentralState, principal: Principa
     await state.store.delete_mesh(mesh)
     await _audit(state, principal, "mesh.delete", mesh=mesh, target=f"mesh {mesh}")
     return JSONResponse({"deleted": f"mesh {mesh}"})
+
+
+# ---------------------------------------------------------------------------- CA rotation
+
+
+def _online(state: CentralState) -> Callable[[DataplaneRecord], bool]:
+    now = state.clock()
+    within = online_window(state.heartbeat_seconds)
+    return lambda record: is_online(record, now, within=within)
+
+
+async def get_ca_rotation(request: Request, state: CentralState, principal: Principal) -> Response:
+    mesh = request.path_params["mesh"]
+    await _visible_mesh(state, principal, mesh)
+    record = await state.store.get_mesh(mesh)
+    dataplanes = await state.store.list_dataplanes(mesh)
+    return JSONResponse(rotation_view(record, dataplanes, is_online=_online(state)))
+
+
+async def start_ca_rotation(
+    request: Request, state: CentralState, principal: Principal
+) -> Response:
+    """A new CA signs from now on; dataplanes trust both until the rotation finishes."""
+    mesh = request.path_params["mesh"]
+    await _visible_mesh(state, principal, mesh)
+    body = await json_body(request, state, CaRotationStart)
+    current = await state.store.get_mesh(mesh)
+    try:
+        rotated = start_rotation(
+            current,
+            ca=body.ca,
+            seal_key=state.seal_key,
+            now=state.clock(),
+            ca_cert=body.ca_cert,
+            ca_key=body.ca_key,
+        )
+    except RotationConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    stored = await state.store.update_mesh(rotated, expected_version=current.version)
+    dataplanes = await state.store.list_dataplanes(mesh)
+    view = rotation_view(stored, dataplanes, is_online=_online(state))
+    await _audit(
+        state,
+        principal,
+        "mesh.ca_rotation.start",
+        mesh=mesh,
+        target=f"mesh {mesh}",
+        detail=f"ca={body.ca} new={view['ca_fingerprint']} "
+        f"previous={view['previous_ca_fingerprint']}",
+    )
+    log.info(
+        "CA rotation started",
+        mesh=mesh,
+        ca=body.ca,
+        new_ca=short(str(view["ca_fingerprint"])),
+        actor=principal.token_id,
+    )
+    return JSONResponse(view, status_code=201)
+
+
+async def finish_ca_rotation(
+    request: Request, state: CentralState, principal: Principal
+) -> Response:
+    """Drop the previous CA from the trust bundle and its key from the store."""
+    mesh = request.path_params["mesh"]
+    await _visible_mesh(state, principal, mesh)
+    body = await json_body(request, state, CaRotationFinish)
+    current = await state.store.get_mesh(mesh)
+    dataplanes = await state.store.list_dataplanes(mesh)
+    online = _online(state)
+    before = rotation_view(current, dataplanes, is_online=online)
+    try:
+        finished = finish_rotation(current, dataplanes, is_online=online, force=body.force)
+    except RotationConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    stored = await state.store.update_mesh(finished, expected_version=current.version)
+    behind = before["still_on_previous_ca"]
+    assert isinstance(behind, list)
+    detail = f"previous={before['previous_ca_fingerprint']} dropped"
+    if behind:
+        detail += f" forced; still on it: {','.join(behind)}"
+    await _audit(
+        state, principal, "mesh.ca_rotation.finish", mesh=mesh, target=f"mesh {mesh}", detail=detail
+    )
+    log.info(
+        "CA rotation finished",
+        mesh=mesh,
+        forced=bool(behind),
+        left_behind=len(behind),
+        actor=principal.token_id,
+    )
+    view = rotation_view(stored, dataplanes, is_online=online)
+    view["left_behind"] = behind
+    return JSONResponse(view)
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -440,8 +558,21 @@ async def list_dataplanes(request: Request, state: CentralState, principal: Prin
     records = await state.store.list_dataplanes(mesh)
     now = state.clock()
     within = online_window(state.heartbeat_seconds)
-    views = [dataplane_view(r, now=now, latest_version=latest, within=within) for r in records]
-    return JSONResponse({"mesh": mesh, "latest_version": latest, "dataplanes": views})
+    mesh_spec = decode_mesh_spec(await state.store.get_mesh(mesh))
+    current_ca = ca_fingerprint(mesh_spec.ca_cert)
+    views = [
+        dataplane_view(r, now=now, latest_version=latest, within=within, current_ca=current_ca)
+        for r in records
+    ]
+    return JSONResponse(
+        {
+            "mesh": mesh,
+            "latest_version": latest,
+            "ca_fingerprint": current_ca,
+            "ca_rotating": bool(mesh_spec.previous_ca_cert),
+            "dataplanes": views,
+        }
+    )
 
 
 async def delete_dataplane(request: Request, state: CentralState, principal: Principal) -> Response:
@@ -499,6 +630,9 @@ def create_app(state: CentralState) -> Starlette:
         route("/v1/meshes/{mesh}", get_mesh, "GET"),
         route("/v1/meshes/{mesh}", patch_mesh, "PATCH"),
         route("/v1/meshes/{mesh}", delete_mesh, "DELETE"),
+        route("/v1/meshes/{mesh}/ca-rotation", get_ca_rotation, "GET"),
+        route("/v1/meshes/{mesh}/ca-rotation", start_ca_rotation, "POST"),
+        route("/v1/meshes/{mesh}/ca-rotation/finish", finish_ca_rotation, "POST"),
         route("/v1/meshes/{mesh}/tokens", create_join_token, "POST"),
         route("/v1/tokens/admin", create_admin_token, "POST"),
         route("/v1/meshes/{mesh}/policies", list_policies, "GET"),
@@ -609,6 +743,8 @@ OPENAPI: Final[dict[str, Any]] = {
             **_schemas(
                 MeshCreate,
                 MeshPatch,
+                CaRotationStart,
+                CaRotationFinish,
                 JoinTokenCreate,
                 AdminTokenCreate,
                 JoinRequest,
@@ -632,6 +768,24 @@ OPENAPI: Final[dict[str, Any]] = {
             "get": _op("Get a mesh", params=_M),
             "patch": _op("Change mtls and/or default_allow", body="MeshPatch", params=_M),
             "delete": _op("Delete a mesh", params=_M),
+        },
+        "/v1/meshes/{mesh}/ca-rotation": {
+            "get": _op(
+                "The mesh's CA rotation: in progress, dataplanes still on the old CA", params=_M
+            ),
+            "post": _op(
+                "Rotate the mesh's CA: a new CA signs, dataplanes trust both",
+                "201",
+                "CaRotationStart",
+                params=_M,
+            ),
+        },
+        "/v1/meshes/{mesh}/ca-rotation/finish": {
+            "post": _op(
+                "Finish a CA rotation: drop the previous CA (409 while online dataplanes use it)",
+                body="CaRotationFinish",
+                params=_M,
+            )
         },
         "/v1/meshes/{mesh}/tokens": {
             "post": _op("Create a join token", "201", "JoinTokenCreate", params=_M)

@@ -32,15 +32,20 @@ Theory of operation:
   ``MAX_WAIT_SECONDS``), then the config compiled for this dataplane from the store
   read *after* the revision (``central.dataplanes.compile_config``): a config is never
   older than its version says.
+* Certificates are signed by the mesh's current CA; the answer's trust bundle holds
+  the previous CA too during a rotation. The record keeps which CA signed
+  (``cert_issuers``), until the agent's own reports say.
 * Status: a heartbeat (``last_seen``), the version applied, the earliest certificate
-  expiry, and the last rejection (kept until a report says "applied"; a new error is
-  logged once as a warning). The heartbeat of a dataplane the leader marked offline
-  brings it back into the built-in catalog (the store bumps the revision).
+  expiry, the CAs that issued its certificates, and the last rejection (kept until a
+  report says "applied"; a new error is logged once as a warning). The heartbeat of a
+  dataplane the leader marked offline brings it back into the built-in catalog (the
+  store bumps the revision).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -68,7 +73,8 @@ from meshagent.central.joining import (
     check_update,
     sign_csrs,
 )
-from meshagent.central.meshes import mesh_ca
+from meshagent.central.meshes import decode_spec as decode_mesh_spec
+from meshagent.central.meshes import mesh_ca, trust_bundle
 from meshagent.central.store import DataplaneRecord, NotFound, TokenRecord
 from meshagent.central.web import (
     ApiError,
@@ -80,6 +86,7 @@ from meshagent.central.web import (
     struct_response,
 )
 from meshagent.pki.ca import PemPair
+from meshagent.pki.rotation import ca_fingerprint, short
 from meshagent.pki.secrets import new_token
 from meshagent.snapshot.wire import (
     MAX_WAIT_SECONDS,
@@ -96,6 +103,9 @@ DEFAULT_WAIT_SECONDS: Final = 30.0
 # A rejection's error is kept as one line of at most this many characters.
 MAX_ERROR_CHARS: Final = 1000
 _MAX_VERSION: Final = 2**62
+# A status report names at most this many issuing CAs (one per certificate).
+MAX_ISSUERS: Final = 64
+_FINGERPRINT: Final = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------- join
@@ -109,14 +119,16 @@ async def join(request: Request, state: CentralState) -> Response:
     services = check_join(body, token_mesh=token_mesh, allowed=token.services)
     previous = await _existing(state, body.mesh, body.dataplane)
     _check_replaceable(previous, token)
-    ca = await _mesh_ca(state, body.mesh)
+    ca, bundle = await _mesh_ca(state, body.mesh)
     # Every check passed: use the token now, and sign only if this request won it.
     try:
         await state.store.consume_token(token.digest, now)
     except NotFound:
         raise Unauthenticated("this join token has expired or is used up") from None
     signed = _sign(state, ca, body.csrs, mesh=body.mesh, allowed=token.services, now=now)
-    node_token = await _store_dataplane(state, body, token, signed, previous, now)
+    node_token = await _store_dataplane(
+        state, body, token, signed, previous, now, issuer=ca_fingerprint(ca.cert_pem)
+    )
     replaced = previous is not None
     detail = f"node={body.node} address={body.address} services={','.join(services)}"
     await audit(
@@ -140,7 +152,7 @@ async def join(request: Request, state: CentralState) -> Response:
         dataplane=body.dataplane,
         node_token=node_token,
         certificates=signed.certificates,
-        ca_bundle=ca.cert_pem.decode(),
+        ca_bundle=bundle,
     )
     return struct_response(answer, status=201)
 
@@ -188,13 +200,19 @@ async def _store_dataplane(
     signed: Signed,
     previous: DataplaneRecord | None,
     now: float,
+    *,
+    issuer: str,
 ) -> str:
     """Make the node credential and store the dataplane, replacing ``previous`` (whose
     credential goes). Returns the credential (the secret, shown once)."""
     node_token, node_record = _node_token(join_token, now)
     await state.store.create_token(node_record)
     record = new_dataplane(
-        body, node_token_id=node_record.id, now=now, cert_not_after=signed.not_after
+        body,
+        node_token_id=node_record.id,
+        now=now,
+        cert_not_after=signed.not_after,
+        cert_issuers=(issuer,),
     )
     try:
         await state.store.put_dataplane(record)
@@ -229,8 +247,10 @@ async def _existing(state: CentralState, mesh: str, name: str) -> DataplaneRecor
         return None
 
 
-async def _mesh_ca(state: CentralState, mesh: str) -> PemPair:
-    return mesh_ca(await state.store.get_mesh(mesh), state.seal_key)
+async def _mesh_ca(state: CentralState, mesh: str) -> tuple[PemPair, str]:
+    """The mesh's signing CA (unsealed) and its trust bundle (PEM)."""
+    record = await state.store.get_mesh(mesh)
+    return mesh_ca(record, state.seal_key), trust_bundle(decode_mesh_spec(record))
 
 
 def _sign(
@@ -271,18 +291,23 @@ async def renew(request: Request, state: CentralState) -> Response:
     mesh, name, token, record = await _node(request, state)
     body = await json_body(request, state, RenewRequest)
     check_renewal(body.csrs, mesh=mesh, allowed=token.services)
-    ca = await _mesh_ca(state, mesh)
+    ca, bundle = await _mesh_ca(state, mesh)
+    issuer = ca_fingerprint(ca.cert_pem)
     now = state.clock()
     signed = _sign(state, ca, body.csrs, mesh=mesh, allowed=token.services, now=now)
     not_after = signed.not_after
-    if not set(record.services) <= set(body.csrs) and record.cert_not_after is not None:
-        not_after = min(not_after, record.cert_not_after)  # some old ones live on
+    issuers: tuple[str, ...] = (issuer,)
+    if not set(record.services) <= set(body.csrs):  # some old ones live on
+        if record.cert_not_after is not None:
+            not_after = min(not_after, record.cert_not_after)
+        issuers = tuple(sorted({issuer, *record.cert_issuers}))
     await state.store.update_dataplane_status(
         mesh,
         name,
         applied_version=record.applied_version,
         last_seen=now,
         cert_not_after=not_after,
+        cert_issuers=issuers,
     )
     services = ",".join(sorted(body.csrs))
     await audit(
@@ -293,10 +318,8 @@ async def renew(request: Request, state: CentralState) -> Response:
         target=f"dataplane {name}",
         detail=f"services={services}",
     )
-    log.info("certificates renewed", mesh=mesh, dataplane=name, services=services)
-    return struct_response(
-        Certificates(certificates=signed.certificates, ca_bundle=ca.cert_pem.decode())
-    )
+    log.info("certificates renewed", mesh=mesh, dataplane=name, services=services, ca=short(issuer))
+    return struct_response(Certificates(certificates=signed.certificates, ca_bundle=bundle))
 
 
 async def update(request: Request, state: CentralState) -> Response:
@@ -362,6 +385,7 @@ async def get_config(request: Request, state: CentralState) -> Response:
         dataplane=current,
         dataplanes=dataplanes,
         heartbeat_seconds=state.heartbeat_seconds,
+        rotation_spread_seconds=state.rotation_spread_seconds,
     )
     for problem in compiled.skipped:
         state.warn_once("stored policy left out of configs", problem, mesh=mesh)
@@ -380,6 +404,7 @@ async def put_status(request: Request, state: CentralState) -> Response:
         raise ApiError(400, f"applied_version: must be a whole number from 0 to {_MAX_VERSION}")
     if body.cert_not_after is not None and not math.isfinite(body.cert_not_after):
         raise ApiError(400, "cert_not_after: must be seconds since the epoch, or null")
+    issuers = None if body.cert_issuers is None else check_issuers(body.cert_issuers)
     last_error = ""
     if body.state == "rejected":
         last_error = one_line(body.error) or "rejected without a reason"
@@ -413,8 +438,25 @@ async def put_status(request: Request, state: CentralState) -> Response:
             record.cert_not_after if body.cert_not_after is None else body.cert_not_after
         ),
         last_error=last_error,
+        cert_issuers=issuers,
     )
     return Response(status_code=204)
+
+
+def check_issuers(issuers: list[str]) -> tuple[str, ...]:
+    """The reported CA fingerprints, sorted and without repeats; "" (a certificate of
+    no CA in the bundle) is kept: it is not the current CA either.
+
+    Raises:
+        ApiError: 400 unless each is "" or 64 lowercase hex digits, at most 64 of them.
+    """
+    if len(issuers) > MAX_ISSUERS or not all(i == "" or _FINGERPRINT.fullmatch(i) for i in issuers):
+        raise ApiError(
+            400,
+            f"cert_issuers: must be at most {MAX_ISSUERS} SHA-256 fingerprints "
+            "(64 lowercase hex digits)",
+        )
+    return tuple(sorted(set(issuers)))
 
 
 def one_line(text: str) -> str:

@@ -15,7 +15,9 @@ Theory of operation:
     service), or the implicit rule to the service itself (``policy.compile``);
   - permissions: the TrafficPermissions of its inbound services;
   - request_policies: Timeouts and Retries of every service its routes reach;
-  - mtls, default_allow and ca_bundle: from the mesh;
+  - mtls, default_allow and ca_bundle: from the mesh (the bundle holds the previous
+    CA too during a CA rotation), and signing_ca, the fingerprint of the CA that
+    signs now: an agent whose certificates come from another renews them;
   - endpoints, the built-in catalog: for every service its routes reach, one endpoint
     per inbound of that service on every dataplane of the mesh (itself included)
     that is not marked ``offline``, at the dataplane's address. Every reachable
@@ -42,7 +44,9 @@ import msgspec
 
 from meshagent.central.joining import identities
 from meshagent.central.meshes import decode_spec as decode_mesh_spec
+from meshagent.central.meshes import is_on_ca, trust_bundle
 from meshagent.central.store import DataplaneRecord, MeshRecord, PolicyRecord
+from meshagent.pki.rotation import ca_fingerprint
 from meshagent.policy.compile import (
     compile_permissions,
     compile_request_policies,
@@ -65,6 +69,9 @@ from meshagent.snapshot.wire import (
 HEARTBEAT_SECONDS: Final = 10.0
 ONLINE_HEARTBEATS: Final = 3
 ONLINE_WITHIN_SECONDS: Final = ONLINE_HEARTBEATS * HEARTBEAT_SECONDS
+# Agents renew certificates of a CA that no longer signs within this many seconds
+# (central.toml ``ca_rotation_spread``).
+ROTATION_SPREAD_SECONDS: Final = 120.0
 
 
 def online_window(heartbeat_seconds: float) -> float:
@@ -89,9 +96,15 @@ def decode_spec(record: DataplaneRecord) -> DataplaneSpec:
 
 
 def new_dataplane(
-    request: JoinRequest, *, node_token_id: str, now: float, cert_not_after: float
+    request: JoinRequest,
+    *,
+    node_token_id: str,
+    now: float,
+    cert_not_after: float,
+    cert_issuers: tuple[str, ...] = (),
 ) -> DataplaneRecord:
-    """The record of a dataplane that joins with a checked ``request``."""
+    """The record of a dataplane that joins with a checked ``request``; ``cert_issuers``:
+    the fingerprint of the CA that signed its certificates."""
     spec = DataplaneSpec(
         inbounds=tuple(request.inbounds),
         outbounds=tuple(request.outbounds),
@@ -107,6 +120,7 @@ def new_dataplane(
         applied_version=0,
         last_seen=now,
         cert_not_after=cert_not_after,
+        cert_issuers=cert_issuers,
     )
 
 
@@ -149,10 +163,16 @@ def dataplane_view(
     now: float,
     latest_version: int,
     within: float = ONLINE_WITHIN_SECONDS,
+    current_ca: str = "",
 ) -> dict[str, object]:
     """The admin API's JSON view of a dataplane (never a secret). ``in_catalog``: are
-    its endpoints in the built-in catalog (false once the leader marked it offline)."""
+    its endpoints in the built-in catalog (false once the leader marked it offline).
+    ``on_current_ca``: do all its certificates come from the mesh's CA (fingerprint
+    ``current_ca``); null when it has not said (an older agent, before its renewal)."""
     spec = decode_spec(record)
+    on_current: bool | None = None
+    if record.cert_issuers and current_ca:
+        on_current = is_on_ca(record, current_ca)
     return {
         "name": record.name,
         "mesh": record.mesh,
@@ -165,6 +185,8 @@ def dataplane_view(
         "applied_version": record.applied_version,
         "latest_version": latest_version,
         "cert_not_after": record.cert_not_after,
+        "cert_issuers": list(record.cert_issuers),
+        "on_current_ca": on_current,
         "last_error": record.last_error,
         "inbounds": [msgspec.to_builtins(inbound) for inbound in spec.inbounds],
         "outbounds": [msgspec.to_builtins(outbound) for outbound in spec.outbounds],
@@ -204,6 +226,7 @@ def compile_config(
     dataplane: DataplaneRecord,
     dataplanes: Sequence[DataplaneRecord],
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    rotation_spread_seconds: float = ROTATION_SPREAD_SECONDS,
 ) -> Compiled:
     """The config of ``dataplane`` at mesh ``revision``.
 
@@ -215,6 +238,8 @@ def compile_config(
         dataplanes: every dataplane of the mesh (the built-in catalog's source; those
             marked offline are left out).
         heartbeat_seconds: how often the agent is to report its status.
+        rotation_spread_seconds: the window over which agents renew certificates of a
+            CA that no longer signs (central.toml ``ca_rotation_spread``).
 
     Raises:
         msgspec.DecodeError: a dataplane record whose spec is not a ``DataplaneSpec``.
@@ -228,7 +253,7 @@ def compile_config(
         version=revision,
         mesh=mesh.name,
         mtls=mesh_spec.mtls,
-        ca_bundle=mesh_spec.ca_cert,
+        ca_bundle=trust_bundle(mesh_spec),
         routes=routes,
         permissions=compile_permissions(
             resources, mesh=mesh.name, destinations=[i.service for i in spec.inbounds]
@@ -237,6 +262,8 @@ def compile_config(
         request_policies=compile_request_policies(resources, mesh=mesh.name, services=reachable),
         endpoints=catalog(reachable, dataplanes),
         heartbeat_seconds=heartbeat_seconds,
+        signing_ca=ca_fingerprint(mesh_spec.ca_cert),
+        rotation_spread_seconds=rotation_spread_seconds,
     )
     return Compiled(config=config, skipped=skipped)
 

@@ -230,6 +230,7 @@ async def run_central(
             join_token_ttl_seconds=float(config.join_token_ttl),
             cert_ttl_seconds=float(config.cert_ttl),
             heartbeat_seconds=float(config.heartbeat_interval),
+            rotation_spread_seconds=float(config.ca_rotation_spread),
         )
         # Starlette is an ASGI app; hypercorn's Framework type is stricter than Starlette's.
         app = cast("ASGIFramework", create_app(state))

@@ -9,6 +9,14 @@ Theory of operation:
 * ``builtin``: the central agent makes the CA (``pki.ca.create_ca``). ``provided``: the
   operator's CA certificate and key must be a CA, belong together and name the mesh as
   their trust domain (``spiffe://<mesh>``), or the mesh is refused (``MeshError``).
+* CA rotation (``start_rotation``, ``finish_rotation``): the new CA (made or provided)
+  becomes ``ca_cert``/``ca`` and signs from then on; the old one moves to
+  ``previous_ca_cert``/``previous_ca`` and stays in the trust bundle
+  (``trust_bundle``: new first, then old), so certificates of both CAs keep talking
+  while the agents renew. Finishing drops the old CA from the bundle and its key
+  from the record; it is refused while an online dataplane still holds a certificate
+  that is not from the current CA (``still_on_previous_ca``), unless forced. A second
+  rotation waits for the first to be finished.
 * Applying policies: every resource must name the mesh it is applied to; a (kind, name)
   appears once; each is stored as ``policy.load.encode``'s JSON. ``plan_apply`` compares
   with what is stored and says what is created, updated or unchanged, so only changes
@@ -17,7 +25,7 @@ Theory of operation:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -26,9 +34,15 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshagent.central.store import MAX_POLICIES_PER_APPLY, MeshRecord, PolicyRecord
+from meshagent.central.store import (
+    MAX_POLICIES_PER_APPLY,
+    DataplaneRecord,
+    MeshRecord,
+    PolicyRecord,
+)
 from meshagent.pki.ca import PemPair, ca_trust_domain, create_ca, public_der
 from meshagent.pki.identity import NAME_RULE, is_valid_name
+from meshagent.pki.rotation import ca_fingerprint
 from meshagent.pki.secrets import seal, unseal
 from meshagent.policy.load import encode
 from meshagent.policy.model import Resource, kind_of
@@ -40,6 +54,10 @@ MTLS_MODES: tuple[MtlsMode, ...] = ("off", "permissive", "strict")
 
 class MeshError(ValueError):
     """A mesh request that cannot be done as asked; ``str()`` is one line (HTTP 400)."""
+
+
+class RotationConflict(MeshError):
+    """A CA rotation step that the mesh's state does not allow now (HTTP 409)."""
 
 
 class MeshSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +72,10 @@ class MeshSpec(msgspec.Struct, frozen=True, kw_only=True):
     default_allow: bool = True
     ca: CaKind = "builtin"
     ca_cert: str
+    # During a CA rotation: the retiring CA (still trusted, no longer signing) and when
+    # the rotation started; "" and None otherwise.
+    previous_ca_cert: str = ""
+    rotation_started_at: float | None = None
 
 
 def decode_spec(record: MeshRecord) -> MeshSpec:
@@ -118,6 +140,130 @@ def mesh_ca(record: MeshRecord, seal_key: bytes) -> PemPair:
     return PemPair(decode_spec(record).ca_cert.encode(), key_pem)
 
 
+def trust_bundle(spec: MeshSpec) -> str:
+    """The CAs a dataplane of the mesh trusts: the current one, then during a rotation
+    the previous one (PEM)."""
+    if not spec.previous_ca_cert:
+        return spec.ca_cert
+    return spec.ca_cert.rstrip("\n") + "\n" + spec.previous_ca_cert
+
+
+def is_rotating(record: MeshRecord) -> bool:
+    return bool(decode_spec(record).previous_ca_cert)
+
+
+def start_rotation(
+    record: MeshRecord,
+    *,
+    ca: CaKind,
+    seal_key: bytes,
+    now: float,
+    ca_cert: str | None = None,
+    ca_key: str | None = None,
+) -> MeshRecord:
+    """The record with a new CA that signs from now on, the current one kept as the
+    previous CA (still trusted). Its key stays sealed as it was.
+
+    Raises:
+        RotationConflict: a rotation is already in progress.
+        MeshError: missing or extra CA material; a provided CA that is unusable for
+            this mesh or is the current CA.
+    """
+    spec = decode_spec(record)
+    if spec.previous_ca_cert:
+        raise RotationConflict(
+            f"mesh {record.name}: a CA rotation is already in progress; finish it first "
+            f"(meshagent mesh rotate-ca {record.name} --finish)"
+        )
+    fresh = new_mesh(
+        record.name,
+        mtls=spec.mtls,
+        ca=ca,
+        seal_key=seal_key,
+        now=now,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        default_allow=spec.default_allow,
+    )
+    new_spec = decode_spec(fresh)
+    if ca_fingerprint(new_spec.ca_cert) == ca_fingerprint(spec.ca_cert):
+        raise MeshError("ca_cert is the mesh's current CA; rotate to another CA")
+    rotated = msgspec.structs.replace(
+        new_spec, previous_ca_cert=spec.ca_cert, rotation_started_at=now
+    )
+    return msgspec.structs.replace(
+        record, spec=encode_spec(rotated), ca=fresh.ca, previous_ca=record.ca
+    )
+
+
+def still_on_previous_ca(
+    record: MeshRecord,
+    dataplanes: Sequence[DataplaneRecord],
+    *,
+    is_online: Callable[[DataplaneRecord], bool],
+) -> list[str]:
+    """The names of the online dataplanes whose certificates are not all known to come
+    from the mesh's current CA (a dataplane that never said is counted as not)."""
+    current = ca_fingerprint(decode_spec(record).ca_cert)
+    return sorted(d.name for d in dataplanes if is_online(d) and not is_on_ca(d, current))
+
+
+def is_on_ca(dataplane: DataplaneRecord, fingerprint: str) -> bool:
+    """Are all of ``dataplane``'s certificates known to be issued by that CA?"""
+    return bool(dataplane.cert_issuers) and all(i == fingerprint for i in dataplane.cert_issuers)
+
+
+def finish_rotation(
+    record: MeshRecord,
+    dataplanes: Sequence[DataplaneRecord],
+    *,
+    is_online: Callable[[DataplaneRecord], bool],
+    force: bool = False,
+) -> MeshRecord:
+    """The record without its previous CA: dropped from the trust bundle, key deleted.
+
+    Raises:
+        RotationConflict: no rotation in progress; or (unless ``force``) online
+            dataplanes still hold certificates of the previous CA (named, at most 10).
+    """
+    spec = decode_spec(record)
+    if not spec.previous_ca_cert:
+        raise RotationConflict(f"mesh {record.name}: no CA rotation in progress")
+    behind = still_on_previous_ca(record, dataplanes, is_online=is_online)
+    if behind and not force:
+        shown = ", ".join(behind[:10]) + (
+            f" and {len(behind) - 10} more" if len(behind) > 10 else ""
+        )
+        raise RotationConflict(
+            f"mesh {record.name}: {len(behind)} online dataplane(s) still use certificates "
+            f"of the previous CA: {shown}; wait for them to renew (meshagent get "
+            "dataplanes), or finish anyway with --force"
+        )
+    finished = msgspec.structs.replace(spec, previous_ca_cert="", rotation_started_at=None)
+    return msgspec.structs.replace(record, spec=encode_spec(finished), previous_ca=b"")
+
+
+def rotation_view(
+    record: MeshRecord,
+    dataplanes: Sequence[DataplaneRecord],
+    *,
+    is_online: Callable[[DataplaneRecord], bool],
+) -> dict[str, object]:
+    """The API's JSON view of a mesh's CA rotation (fingerprints are public)."""
+    spec = decode_spec(record)
+    rotating = bool(spec.previous_ca_cert)
+    return {
+        "mesh": record.name,
+        "in_progress": rotating,
+        "ca_fingerprint": ca_fingerprint(spec.ca_cert),
+        "previous_ca_fingerprint": ca_fingerprint(spec.previous_ca_cert) if rotating else None,
+        "started_at": spec.rotation_started_at,
+        "still_on_previous_ca": (
+            still_on_previous_ca(record, dataplanes, is_online=is_online) if rotating else []
+        ),
+    }
+
+
 def check_provided_ca(mesh: str, cert_pem: bytes, key_pem: bytes, *, now: float) -> None:
     """Raises MeshError unless the PEMs are a valid CA of ``mesh`` and its key."""
     try:
@@ -170,6 +316,8 @@ def mesh_view(record: MeshRecord, *, with_ca_cert: bool) -> dict[str, object]:
         "mtls": spec.mtls,
         "default_allow": spec.default_allow,
         "ca": spec.ca,
+        "ca_fingerprint": ca_fingerprint(spec.ca_cert),
+        "rotating": bool(spec.previous_ca_cert),
         "version": record.version,
         "created_at": record.created_at,
     }

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from meshagent.central.auth import Unauthenticated
-from meshagent.central.dataplanes import HEARTBEAT_SECONDS
+from meshagent.central.dataplanes import HEARTBEAT_SECONDS, ROTATION_SPREAD_SECONDS
 from meshagent.central.joining import BadRequest, Forbidden
 from meshagent.central.meshes import MeshError
 from meshagent.central.store import (
@@ -55,7 +55,9 @@ class CentralState:
 
     ``cert_ttl_seconds``: the lifetime of the certificates it signs (central.toml
     ``cert_ttl``). ``heartbeat_seconds``: how often agents report (central.toml
-    ``heartbeat_interval``). ``warned``: warnings already logged (see ``warn_once``).
+    ``heartbeat_interval``). ``rotation_spread_seconds``: the window over which agents
+    renew certificates of a CA that no longer signs (central.toml ``ca_rotation_spread``).
+    ``warned``: warnings already logged (see ``warn_once``).
     """
 
     store: Store
@@ -65,6 +67,7 @@ class CentralState:
     clock: Callable[[], float] = field(default=time.time)
     cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS
     heartbeat_seconds: float = HEARTBEAT_SECONDS
+    rotation_spread_seconds: float = ROTATION_SPREAD_SECONDS
     warned: set[str] = field(default_factory=set)
 
     def warn_once(self, event: str, problem: str, **fields: object) -> None:

@@ -390,6 +390,89 @@ def mesh_set_mtls(
     typer.echo(f"mesh {mesh['name']}: mtls {mesh['mtls']}")
 
 
+@mesh_app.command(
+    "rotate-ca",
+    cls=_Command,
+    epilog=(
+        "Example: meshagent mesh rotate-ca shop\n\n"
+        "Example: meshagent mesh rotate-ca shop --ca provided --ca-cert new.pem "
+        "--ca-key new-key.pem\n\n"
+        "Example: meshagent mesh rotate-ca shop --finish"
+    ),
+)
+def mesh_rotate_ca(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Mesh name.")],
+    ca: Annotated[str, typer.Option(metavar="KIND", help="builtin or provided.")] = "builtin",
+    ca_cert: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Provided new CA certificate (PEM).")
+    ] = None,
+    ca_key: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Provided new CA private key (PEM).")
+    ] = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish", help="Drop the previous CA once every dataplane uses the new one."
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --finish: even while online dataplanes still use the previous CA.",
+        ),
+    ] = False,
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """Replace a mesh's CA without downtime, in two steps.
+
+    First a new CA signs every new certificate while dataplanes trust both CAs, and
+    agents renew theirs within central.toml's ca_rotation_spread. When `meshagent get
+    dataplanes` shows every dataplane on the current CA, --finish drops the previous
+    CA from the trust bundle and deletes its key.
+    """
+    if force and not finish:
+        _fail("--force goes with --finish")
+    if finish:
+        if ca != "builtin" or ca_cert is not None or ca_key is not None:
+            _fail("--finish takes no --ca, --ca-cert or --ca-key")
+        with _client(central_url, central_ca, token_file) as client:
+            done = client.call(
+                "POST", f"/v1/meshes/{name}/ca-rotation/finish", json={"force": force}
+            )
+        left = done.get("left_behind") or []
+        typer.echo(
+            f"mesh {name}: CA rotation finished; the previous CA is no longer trusted "
+            f"(CA {str(done['ca_fingerprint'])[:12]})"
+        )
+        if left:
+            typer.echo(
+                f"warning: still on the previous CA, cut off until they renew: {', '.join(left)}",
+                err=True,
+            )
+        return
+    if ca not in ("builtin", "provided"):
+        _fail(f'--ca: "{ca}" is not one of: builtin, provided')
+    if ca == "provided" and (ca_cert is None or ca_key is None):
+        _fail("--ca provided needs --ca-cert FILE and --ca-key FILE")
+    if ca == "builtin" and (ca_cert is not None or ca_key is not None):
+        _fail("--ca-cert and --ca-key go with --ca provided")
+    body: dict[str, Any] = {"ca": ca}
+    if ca_cert is not None and ca_key is not None:
+        body["ca_cert"] = _read_file("--ca-cert", ca_cert)
+        body["ca_key"] = _read_file("--ca-key", ca_key)
+    with _client(central_url, central_ca, token_file) as client:
+        started = client.call("POST", f"/v1/meshes/{name}/ca-rotation", json=body)
+    typer.echo(
+        f"mesh {name}: CA rotation started: new {ca} CA {str(started['ca_fingerprint'])[:12]} "
+        f"signs, previous {str(started['previous_ca_fingerprint'])[:12]} still trusted; "
+        f"follow with: meshagent get dataplanes --mesh {name}; then: meshagent mesh "
+        f"rotate-ca {name} --finish"
+    )
+
+
 # ---------------------------------------------------------------------------- tokens
 
 
@@ -618,9 +701,11 @@ def get_dataplanes(
     central_ca: CaOption = None,
     token_file: TokenOption = None,
 ) -> None:
-    """List a mesh's dataplanes: online or not, config versions, certificate expiry.
+    """List a mesh's dataplanes: online or not, config versions, certificates.
 
     STATUS: offline after three missed heartbeats (30 s). APPLIED/LATEST: its config version.
+    CA: "current" when all its certificates come from the mesh's CA, "previous" when some
+    do not (a CA rotation has not reached it yet), "?" before it has said.
 
     A dataplane that refused its latest config says why below the table.
     """
@@ -631,7 +716,16 @@ def get_dataplanes(
         _print_json(dataplanes)
         return
     _print_table(
-        ["NAME", "NODE", "ADDRESS", "SERVICES", "STATUS", "APPLIED/LATEST", "CERT-EXPIRES"],
+        [
+            "NAME",
+            "NODE",
+            "ADDRESS",
+            "SERVICES",
+            "STATUS",
+            "APPLIED/LATEST",
+            "CERT-EXPIRES",
+            "CA",
+        ],
         [_dataplane_row(d) for d in dataplanes],
     )
     for d in dataplanes:
@@ -651,7 +745,14 @@ def _dataplane_row(view: dict[str, Any]) -> list[str]:
         status,
         f"{view['applied_version']}/{view['latest_version']}",
         _utc_minutes(view.get("cert_not_after")),
+        _ca_state(view.get("on_current_ca")),
     ]
+
+
+def _ca_state(on_current: object) -> str:
+    if on_current is None:
+        return "?"
+    return "current" if on_current else "previous"
 
 
 def _utc_minutes(epoch: float | None) -> str:

@@ -30,6 +30,7 @@ MAX_LOCK_DELAY_SECONDS = 60.0
 # Agents report their status at most this often, and at least this often.
 MIN_HEARTBEAT_SECONDS = 1.0
 MAX_HEARTBEAT_SECONDS = 300.0
+MAX_ROTATION_SPREAD_SECONDS = 24 * 3600.0
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -71,6 +72,9 @@ class CentralConfig(_Strict, frozen=True, kw_only=True):
     # How often agents report their status (the configs tell them); a dataplane silent
     # for three of these is offline and leaves the built-in catalog.
     heartbeat_interval: Duration = Duration(10.0)
+    # During a CA rotation, agents renew their certificates of the previous CA at a
+    # random moment within this window, so a large mesh does not renew all at once.
+    ca_rotation_spread: Duration = Duration(120.0)
     store: StoreSettings = StoreSettings()
     log: CentralLogSettings = CentralLogSettings()
 
@@ -125,6 +129,8 @@ def validate_central(config: CentralConfig) -> list[str]:
             problems.append(f'{key}: must be more than 0, e.g. "{example}"')
     if not MIN_HEARTBEAT_SECONDS <= config.heartbeat_interval <= MAX_HEARTBEAT_SECONDS:
         problems.append('heartbeat_interval: must be from 1s to 5m, e.g. "10s"')
+    if not 0 <= config.ca_rotation_spread <= MAX_ROTATION_SPREAD_SECONDS:
+        problems.append('ca_rotation_spread: must be from 0s to 24h, e.g. "2m"')
     if not 0 < config.store.session_ttl <= MAX_SESSION_TTL_SECONDS:
         problems.append(
             'store.session_ttl: must be more than 0 and at most 24h, e.g. "10s" (Consul '

@@ -120,6 +120,13 @@ class DataplaneConfig(_Message, frozen=True, kw_only=True):
     # How often the agent reports its status (central.toml heartbeat_interval); the
     # central agent counts a dataplane offline after three missed reports.
     heartbeat_seconds: float = 10.0
+    # The fingerprint (hex SHA-256 of the DER) of the CA that signs the mesh's
+    # certificates now; "" from a central agent that does not say. A dataplane whose
+    # certificates come from another CA (a rotation started) renews them within
+    # ``rotation_spread_seconds``, at a random moment so a large mesh does not renew
+    # all at once.
+    signing_ca: str = ""
+    rotation_spread_seconds: float = 60.0
 
 
 class StatusReport(_Message, frozen=True, kw_only=True):
@@ -127,6 +134,9 @@ class StatusReport(_Message, frozen=True, kw_only=True):
     state: Literal["applied", "rejected"] = "applied"
     error: str = ""  # why a config was rejected
     cert_not_after: float | None = None  # seconds since the epoch, earliest of its certs
+    # The fingerprints of the CAs that issued its certificates (see
+    # DataplaneConfig.signing_ca); None from an agent that does not say.
+    cert_issuers: list[str] | None = None
 
 
 __all__ = [

@@ -346,7 +346,8 @@ async def test_openapi_lists_every_path(central: Central) -> None:
                  "/v1/meshes/{mesh}/dataplanes/{name}", "/v1/join",
                  "/v1/dataplanes/{mesh}/{name}/certificates",
                  "/v1/dataplanes/{mesh}/{name}/config", "/v1/dataplanes/{mesh}/{name}/status",
-                 "/v1/dataplanes/{mesh}/{name}"}
+                 "/v1/dataplanes/{mesh}/{name}", "/v1/meshes/{mesh}/ca-rotation",
+                 "/v1/meshes/{mesh}/ca-rotation/finish"}
     assert set(document["paths"]) == app_paths
     routes = {(route.path, method) for route in central.app.routes for method in route.methods}
     documented = {(path, method.upper()) for path, ops in document["paths"].items() for method in ops}

@@ -305,6 +305,8 @@ def test_view_shows_status_and_no_secret() -> None:
         "applied_version": 41,
         "latest_version": 42,
         "cert_not_after": NOW + 3600,
+        "cert_issuers": [],
+        "on_current_ca": None,
         "last_error": "bad route",
         "inbounds": [{"service": "web", "port": 15443, "protocol": "http", "tags": {"version": "v1"}}],
         "outbounds": [{"service": "monolith", "port": 16001, "protocol": "http", "source": "web"}],

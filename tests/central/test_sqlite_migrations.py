@@ -6,6 +6,7 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from meshagent.central.store import MeshRecord, SqliteStore, StoreUnavailable
@@ -49,11 +50,20 @@ async def test_every_older_schema_is_migrated(tmp_path: Path, old_version: int) 
     assert pragma(path, "user_version") == LATEST
 
 
+def insert_mesh_of_the_first_schema(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO meshes (name, spec, ca, version, created_at)"
+        " VALUES ('shop', ?, ?, 1, 1.0)",
+        (MESH.spec, MESH.ca),
+    )
+
+
 async def test_dataplanes_of_the_first_schema_gain_an_empty_last_error(tmp_path: Path) -> None:
     path = tmp_path / "central.db"
-    async with await SqliteStore.open(path, migrations=MIGRATIONS[:1]) as store:
-        await store.create_mesh(MESH)
+    async with await SqliteStore.open(path, migrations=MIGRATIONS[:1]):
+        pass
     with sqlite3.connect(path) as conn:
+        insert_mesh_of_the_first_schema(conn)
         conn.execute(
             "INSERT INTO dataplanes (mesh, name, node, address, services, spec,"
             " applied_version, last_seen, cert_not_after)"
@@ -64,6 +74,25 @@ async def test_dataplanes_of_the_first_schema_gain_an_empty_last_error(tmp_path:
         found = await store.get_dataplane("shop", "vm-1")
     assert (found.services, found.applied_version, found.last_error) == (("web",), 3, "")
     assert found.offline is False  # schema 3: in the catalog until the leader says otherwise
+    assert found.cert_issuers == ()  # schema 4: not known until it reports or renews
+
+
+async def test_meshes_of_schema_3_gain_no_previous_ca(tmp_path: Path) -> None:
+    """Schema 4 (CA rotation): a mesh stored before it is not rotating."""
+    path = tmp_path / "central.db"
+    async with await SqliteStore.open(path, migrations=MIGRATIONS[:3]):
+        pass
+    with sqlite3.connect(path) as conn:
+        insert_mesh_of_the_first_schema(conn)
+    async with await SqliteStore.open(path) as store:
+        found = await store.get_mesh("shop")
+        assert (found.ca, found.previous_ca, found.version) == (b"ca", b"", 1)
+        rotated = await store.update_mesh(
+            msgspec.structs.replace(found, ca=b"new", previous_ca=b"ca")
+        )
+    assert pragma(path, "user_version") == LATEST
+    async with await SqliteStore.open(path) as store:
+        assert await store.get_mesh("shop") == rotated
 
 
 async def test_a_new_migration_runs_once_and_keeps_the_data(tmp_path: Path) -> None:

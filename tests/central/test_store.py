@@ -394,6 +394,43 @@ async def test_dataplane_last_error_is_kept_until_cleared(store: Store) -> None:
     assert await store.get_dataplane("shop", "host-a") == again
 
 
+async def test_mesh_previous_ca_round_trips_and_is_a_change(store: Store) -> None:
+    """CA rotation: the retiring CA's key is kept beside the new one, then dropped."""
+    created = await store.create_mesh(mesh())
+    assert created.previous_ca == b""
+    before = await store.mesh_revision("shop")
+    rotated = await store.update_mesh(
+        msgspec.structs.replace(created, ca=b"\x00new-ca\xff", previous_ca=CA),
+        expected_version=1,
+    )
+    assert (rotated.ca, rotated.previous_ca, rotated.version) == (b"\x00new-ca\xff", CA, 2)
+    assert await store.get_mesh("shop") == rotated
+    assert await store.list_meshes() == [rotated]
+    assert await store.mesh_revision("shop") == before + 1
+    finished = await store.update_mesh(msgspec.structs.replace(rotated, previous_ca=b""))
+    assert (await store.get_mesh("shop")).previous_ca == b"" == finished.previous_ca
+
+
+async def test_dataplane_cert_issuers_are_kept_until_reported(store: Store) -> None:
+    await store.create_mesh(mesh())
+    written = msgspec.structs.replace(dataplane(), cert_issuers=("a" * 64,))
+    assert await store.put_dataplane(written) == written
+    assert (await store.get_dataplane("shop", "host-a")).cert_issuers == ("a" * 64,)
+    before = await store.mesh_revision("shop")
+    kept = await store.update_dataplane_status(
+        "shop", "host-a", applied_version=1, last_seen=NOW + 1, cert_not_after=None
+    )
+    assert kept.cert_issuers == ("a" * 64,)
+    reported = await store.update_dataplane_status(
+        "shop", "host-a", applied_version=1, last_seen=NOW + 2, cert_not_after=None,
+        cert_issuers=["b" * 64, "c" * 64],
+    )
+    assert reported.cert_issuers == ("b" * 64, "c" * 64)
+    assert await store.get_dataplane("shop", "host-a") == reported
+    assert await store.list_dataplanes("shop") == [reported]
+    assert await store.mesh_revision("shop") == before  # a heartbeat wakes nobody
+
+
 async def test_a_silent_dataplane_marked_offline_is_a_change_and_so_is_its_return(
     store: Store,
 ) -> None:
@@ -825,3 +862,24 @@ async def test_consul_reads_dataplanes_written_before_last_error(
         del document["last_error"]
         await client.kv_put(key, json.dumps(document).encode())
         assert await store.get_dataplane("shop", "host-a") == dataplane()
+
+
+async def test_consul_reads_meshes_and_dataplanes_written_before_ca_rotation(
+    module_consul: ConsulProcess,
+) -> None:
+    async with ConsulClient(module_consul.address) as client:
+        store = ConsulKvStore(client, "older-rotation/")
+        created = await store.create_mesh(mesh())
+        await store.put_dataplane(dataplane())
+        for key, field in (
+            ("older-rotation/meshes/shop", "previous_ca"),
+            ("older-rotation/dataplanes/shop/host-a", "cert_issuers"),
+        ):
+            _, entry = await client.kv_get(key)
+            assert entry is not None and entry.value is not None
+            document = json.loads(entry.value)
+            del document[field]
+            await client.kv_put(key, json.dumps(document).encode())
+        found = await store.get_mesh("shop")
+        assert (found.ca, found.previous_ca, found.version) == (created.ca, b"", 1)
+        assert (await store.get_dataplane("shop", "host-a")).cert_issuers == ()

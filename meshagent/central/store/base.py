@@ -71,11 +71,16 @@ class StoreUnavailable(StoreError):
 
 
 class MeshRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A mesh (tenant). ``spec``: JSON; ``ca``: opaque, already encrypted CA material."""
+    """A mesh (tenant). ``spec``: JSON; ``ca``: opaque, already encrypted CA material.
+
+    ``previous_ca``: during a CA rotation, the retiring CA's key (opaque, encrypted like
+    ``ca``); empty otherwise. Finishing the rotation empties it.
+    """
 
     name: str
     spec: bytes
     ca: bytes
+    previous_ca: bytes = b""
     version: int = 0
     created_at: float
 
@@ -117,7 +122,9 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     ``applied_version`` (the snapshot version it runs), ``last_seen``,
     ``cert_not_after`` and ``last_error`` (why it refused the latest config; "" when
     it runs the latest one it was given) are its status, reported by
-    ``update_dataplane_status``. ``offline``: the leader found it silent for longer
+    ``update_dataplane_status``. ``cert_issuers``: the fingerprints (hex SHA-256) of the
+    CAs that issued its certificates, as it last reported or was last signed; empty
+    when unknown. ``offline``: the leader found it silent for longer
     than the online window (``mark_dataplanes_offline``), so the built-in catalog
     leaves its endpoints out; its next heartbeat clears it.
     """
@@ -133,6 +140,7 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     cert_not_after: float | None = None
     last_error: str = ""
     offline: bool = False
+    cert_issuers: tuple[str, ...] = ()
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,7 +177,8 @@ class Store(Protocol):
     async def update_mesh(
         self, record: MeshRecord, *, expected_version: int | None = None
     ) -> MeshRecord:
-        """Replace a mesh's spec and CA (``created_at`` stays). Raises NotFound, Conflict."""
+        """Replace a mesh's spec, CA and previous CA (``created_at`` stays). Raises
+        NotFound, Conflict."""
         ...
 
     async def get_mesh(self, name: str) -> MeshRecord:
@@ -249,12 +258,14 @@ class Store(Protocol):
         last_seen: float,
         cert_not_after: float | None,
         last_error: str | None = None,
+        cert_issuers: Sequence[str] | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat; does not change the mesh revision, except for a
         dataplane marked ``offline``: the flag is cleared and the revision goes up in the
         same write (its endpoints return to the catalog). Raises NotFound.
 
-        ``last_error``: None keeps the stored one; "" clears it.
+        ``last_error``: None keeps the stored one; "" clears it. ``cert_issuers``: None
+        keeps the stored ones.
         """
         ...
 

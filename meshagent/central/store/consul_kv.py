@@ -107,6 +107,7 @@ class _MeshDoc(msgspec.Struct, frozen=True, kw_only=True):
     ca: bytes
     version: int
     created_at: float
+    previous_ca: bytes = b""  # added later (CA rotation): older documents have none
 
 
 class _PolicyDoc(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,6 +131,7 @@ class _DataplaneDoc(msgspec.Struct, frozen=True, kw_only=True):
     cert_not_after: float | None
     last_error: str = ""  # added later: older documents have none
     offline: bool = False  # added later: older documents have none
+    cert_issuers: tuple[str, ...] = ()  # added later (CA rotation)
 
 
 def _mesh_doc(record: MeshRecord) -> bytes:
@@ -140,6 +142,7 @@ def _mesh_doc(record: MeshRecord) -> bytes:
             ca=record.ca,
             version=record.version,
             created_at=record.created_at,
+            previous_ca=record.previous_ca,
         )
     )
 
@@ -149,6 +152,7 @@ def _mesh_record(doc: _MeshDoc) -> MeshRecord:
         name=doc.name,
         spec=bytes(doc.spec),
         ca=doc.ca,
+        previous_ca=doc.previous_ca,
         version=doc.version,
         created_at=doc.created_at,
     )
@@ -192,6 +196,7 @@ def _dataplane_doc(record: DataplaneRecord) -> bytes:
             cert_not_after=record.cert_not_after,
             last_error=record.last_error,
             offline=record.offline,
+            cert_issuers=record.cert_issuers,
         )
     )
 
@@ -209,6 +214,7 @@ def _dataplane_record(doc: _DataplaneDoc) -> DataplaneRecord:
         cert_not_after=doc.cert_not_after,
         last_error=doc.last_error,
         offline=doc.offline,
+        cert_issuers=doc.cert_issuers,
     )
 
 
@@ -534,12 +540,13 @@ class ConsulKvStore:
         last_seen: float,
         cert_not_after: float | None,
         last_error: str | None = None,
+        cert_issuers: Sequence[str] | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat without changing the mesh revision, unless the dataplane
         was marked offline (then it is back: flag cleared, revision + 1 in the same
         transaction). Cancel point.
 
-        ``last_error``: None keeps the stored one.
+        ``last_error``, ``cert_issuers``: None keeps the stored ones.
 
         Raises:
             NotFound, StoreUnavailable.
@@ -559,6 +566,9 @@ class ConsulKvStore:
                 cert_not_after=cert_not_after,
                 last_error=current.last_error if last_error is None else last_error,
                 offline=False,
+                cert_issuers=(
+                    current.cert_issuers if cert_issuers is None else tuple(cert_issuers)
+                ),
             )
             update = KvOp(verb="cas", key=key, value=_dataplane_doc(new), index=entry.modify_index)
             steps = [_Step(update)]

@@ -152,10 +152,16 @@ def _dataplane_offline(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dataplanes ADD COLUMN offline INTEGER NOT NULL DEFAULT 0")
 
 
+def _ca_rotation(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE meshes ADD COLUMN previous_ca BLOB NOT NULL DEFAULT x''")
+    conn.execute("ALTER TABLE dataplanes ADD COLUMN cert_issuers TEXT NOT NULL DEFAULT '[]'")
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _schema_v1,
     _dataplane_last_error,
     _dataplane_offline,
+    _ca_rotation,
 )
 
 
@@ -241,9 +247,15 @@ class SqliteStore:
         def create(conn: sqlite3.Connection) -> MeshRecord:
             try:
                 conn.execute(
-                    "INSERT INTO meshes (name, spec, ca, version, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (stored.name, stored.spec, stored.ca, stored.version, stored.created_at),
+                    f"INSERT INTO meshes ({_MESH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.name,
+                        stored.spec,
+                        stored.ca,
+                        stored.version,
+                        stored.created_at,
+                        stored.previous_ca,
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(f"{mesh_ref(record.name)} already exists") from None
@@ -255,7 +267,7 @@ class SqliteStore:
     async def update_mesh(
         self, record: MeshRecord, *, expected_version: int | None = None
     ) -> MeshRecord:
-        """Replace a mesh's spec and CA; ``created_at`` stays. Cancel point.
+        """Replace a mesh's spec, CA and previous CA; ``created_at`` stays. Cancel point.
 
         Raises:
             NotFound, Conflict (``expected_version`` mismatch), StoreUnavailable, ValueError.
@@ -273,8 +285,8 @@ class SqliteStore:
                 raise version_conflict(mesh_ref(record.name), expected_version, version)
             stored = msgspec.structs.replace(record, version=version + 1, created_at=created_at)
             conn.execute(
-                "UPDATE meshes SET spec = ?, ca = ?, version = ? WHERE name = ?",
-                (stored.spec, stored.ca, stored.version, stored.name),
+                "UPDATE meshes SET spec = ?, ca = ?, previous_ca = ?, version = ? WHERE name = ?",
+                (stored.spec, stored.ca, stored.previous_ca, stored.version, stored.name),
             )
             _bump_revision(conn, record.name)
             return stored
@@ -431,12 +443,13 @@ class SqliteStore:
             _require_mesh(conn, record.mesh)
             conn.execute(
                 f"INSERT INTO dataplanes ({_DATAPLANE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (mesh, name) DO UPDATE SET node = excluded.node,"
                 " address = excluded.address, services = excluded.services,"
                 " spec = excluded.spec, applied_version = excluded.applied_version,"
                 " last_seen = excluded.last_seen, cert_not_after = excluded.cert_not_after,"
-                " last_error = excluded.last_error, offline = excluded.offline",
+                " last_error = excluded.last_error, offline = excluded.offline,"
+                " cert_issuers = excluded.cert_issuers",
                 (
                     record.mesh,
                     record.name,
@@ -449,6 +462,7 @@ class SqliteStore:
                     record.cert_not_after,
                     record.last_error,
                     int(record.offline),
+                    _encode_names(record.cert_issuers).decode(),
                 ),
             )
             _bump_revision(conn, record.mesh)
@@ -465,24 +479,27 @@ class SqliteStore:
         last_seen: float,
         cert_not_after: float | None,
         last_error: str | None = None,
+        cert_issuers: Sequence[str] | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat without changing the mesh revision, unless the dataplane
         was marked offline (then it is back: flag cleared, revision + 1). Cancel point.
 
-        ``last_error``: None keeps the stored one.
+        ``last_error``, ``cert_issuers``: None keeps the stored ones.
 
         Raises:
             NotFound, StoreUnavailable.
         """
         came_back = False
+        issuers = None if cert_issuers is None else _encode_names(tuple(cert_issuers)).decode()
 
         def update(conn: sqlite3.Connection) -> DataplaneRecord:
             nonlocal came_back
             was = _get_dataplane(conn, mesh, name)
             conn.execute(
                 "UPDATE dataplanes SET applied_version = ?, last_seen = ?, cert_not_after = ?,"
-                " last_error = coalesce(?, last_error), offline = 0 WHERE mesh = ? AND name = ?",
-                (applied_version, last_seen, cert_not_after, last_error, mesh, name),
+                " last_error = coalesce(?, last_error), offline = 0,"
+                " cert_issuers = coalesce(?, cert_issuers) WHERE mesh = ? AND name = ?",
+                (applied_version, last_seen, cert_not_after, last_error, issuers, mesh, name),
             )
             if was.offline:
                 came_back = True
@@ -796,20 +813,25 @@ class SqliteStore:
 # ---------------------------------------------------------------------------- rows
 
 
-_MESH_COLUMNS = "name, spec, ca, version, created_at"
+_MESH_COLUMNS = "name, spec, ca, version, created_at, previous_ca"
 _POLICY_COLUMNS = "mesh, kind, name, spec, version, updated_at"
 _DATAPLANE_COLUMNS = (
     "mesh, name, node, address, services, spec, applied_version, last_seen, cert_not_after,"
-    " last_error, offline"
+    " last_error, offline, cert_issuers"
 )
 _TOKEN_COLUMNS = "id, mesh, kind, digest, services, meshes, expires_at, uses_left, created_at"
 _AUDIT_COLUMNS = "at, actor, action, mesh, target, detail"
 
 
 def _mesh(row: Any) -> MeshRecord:
-    name, spec, ca, version, created_at = row
+    name, spec, ca, version, created_at, previous_ca = row
     return MeshRecord(
-        name=name, spec=bytes(spec), ca=bytes(ca), version=version, created_at=created_at
+        name=name,
+        spec=bytes(spec),
+        ca=bytes(ca),
+        previous_ca=bytes(previous_ca),
+        version=version,
+        created_at=created_at,
     )
 
 
@@ -821,7 +843,8 @@ def _policy(row: Any) -> PolicyRecord:
 
 
 def _dataplane(row: Any) -> DataplaneRecord:
-    mesh, name, node, address, services, spec, applied, last_seen, not_after, error, off = row
+    mesh, name, node, address, services, spec, applied, last_seen, not_after, error, off = row[:11]
+    issuers = row[11]
     return DataplaneRecord(
         mesh=mesh,
         name=name,
@@ -834,6 +857,7 @@ def _dataplane(row: Any) -> DataplaneRecord:
         cert_not_after=not_after,
         last_error=error,
         offline=bool(off),
+        cert_issuers=_decode_names(issuers),
     )
 
 
