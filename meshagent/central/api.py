@@ -13,6 +13,8 @@ Admin endpoints (``Authorization: Bearer <admin token>``)::
     POST   /v1/meshes/{mesh}/ca-rotation/finish     drop the previous CA (409 while online
                                                     dataplanes still use it, unless forced)
     POST   /v1/meshes/{mesh}/tokens                 a join token (shown once)
+    GET    /v1/meshes/{mesh}/tokens                 its usable tokens (never the secrets)
+    DELETE /v1/meshes/{mesh}/tokens/{id}            revoke one
     POST   /v1/tokens/admin                         a mesh-scoped admin token (global admins)
     GET    /v1/meshes/{mesh}/policies               the mesh's policies
     PUT    /v1/meshes/{mesh}/policies               apply a TOML/JSON document, all or nothing
@@ -48,6 +50,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any, Final
@@ -478,6 +481,62 @@ async def create_admin_token(
     )
 
 
+def token_view(record: TokenRecord) -> dict[str, Any]:
+    """A token as the API shows it: never its secret, nor the secret's digest."""
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "mesh": record.mesh,
+        "services": list(record.services),
+        "meshes": list(record.meshes),
+        "expires_at": record.expires_at,
+        "uses_left": record.uses_left,
+        "created_at": record.created_at,
+    }
+
+
+def _mesh_tokens(
+    records: list[TokenRecord], mesh: str, principal: Principal, now: float
+) -> list[TokenRecord]:
+    """The join tokens of ``mesh`` and, for global admins, the admin tokens scoped to it,
+    still usable at ``now``. Node credentials belong to dataplanes (delete dataplane)."""
+
+    def shown(record: TokenRecord) -> bool:
+        if record.expires_at is not None and record.expires_at <= now:
+            return False
+        if record.kind == "join":
+            return record.mesh == mesh
+        return record.kind == "admin" and mesh in record.meshes and principal.is_global
+
+    return sorted(filter(shown, records), key=lambda r: (r.created_at, r.id))
+
+
+async def list_tokens(request: Request, state: CentralState, principal: Principal) -> Response:
+    mesh = request.path_params["mesh"]
+    await _visible_mesh(state, principal, mesh)
+    records = await state.store.list_tokens()
+    tokens = _mesh_tokens(records, mesh, principal, state.clock())
+    return JSONResponse({"mesh": mesh, "tokens": [token_view(t) for t in tokens]})
+
+
+async def revoke_token(request: Request, state: CentralState, principal: Principal) -> Response:
+    """Delete a join token (or, for global admins, a mesh-scoped admin token) at once."""
+    mesh, token_id = request.path_params["mesh"], request.path_params["id"]
+    await _visible_mesh(state, principal, mesh)
+    try:
+        record = await state.store.get_token(token_id)
+    except NotFound:
+        record = None
+    if record is None or not _mesh_tokens([record], mesh, principal, -math.inf):
+        raise ApiError(404, f"token {token_id} not found in mesh {mesh}")
+    await state.store.delete_token(token_id)
+    await _audit(
+        state, principal, "token.revoke", mesh=mesh, target=f"token {token_id}",
+        detail=record.kind,
+    )
+    return JSONResponse({"revoked": f"token {token_id}"})
+
+
 # ---------------------------------------------------------------------------- policies
 
 
@@ -634,6 +693,8 @@ def create_app(state: CentralState) -> Starlette:
         route("/v1/meshes/{mesh}/ca-rotation", start_ca_rotation, "POST"),
         route("/v1/meshes/{mesh}/ca-rotation/finish", finish_ca_rotation, "POST"),
         route("/v1/meshes/{mesh}/tokens", create_join_token, "POST"),
+        route("/v1/meshes/{mesh}/tokens", list_tokens, "GET"),
+        route("/v1/meshes/{mesh}/tokens/{id}", revoke_token, "DELETE"),
         route("/v1/tokens/admin", create_admin_token, "POST"),
         route("/v1/meshes/{mesh}/policies", list_policies, "GET"),
         route("/v1/meshes/{mesh}/policies", apply_policies, "PUT"),
@@ -788,7 +849,11 @@ OPENAPI: Final[dict[str, Any]] = {
             )
         },
         "/v1/meshes/{mesh}/tokens": {
-            "post": _op("Create a join token", "201", "JoinTokenCreate", params=_M)
+            "post": _op("Create a join token", "201", "JoinTokenCreate", params=_M),
+            "get": _op("List the mesh's usable tokens (never their secrets)", params=_M),
+        },
+        "/v1/meshes/{mesh}/tokens/{id}": {
+            "delete": _op("Revoke a token of the mesh", params=("mesh", "id"))
         },
         "/v1/tokens/admin": {
             "post": _op("Create a mesh-scoped admin token", "201", "AdminTokenCreate")

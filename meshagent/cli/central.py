@@ -733,6 +733,75 @@ def get_dataplanes(
             typer.echo(f"{d['name']}: config rejected: {d['last_error']}")
 
 
+@get_app.command("tokens", cls=_Command, epilog="Example: meshagent get tokens --mesh shop")
+def get_tokens(
+    mesh: Annotated[str, typer.Option(metavar="NAME", help="The mesh.")],
+    output: OutputOption = "table",
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """List a mesh's usable tokens: join tokens, and (for global admins) admin tokens
+    scoped to it. Never their secrets. Revoke one with `meshagent delete token`.
+    """
+    _check_output(output)
+    with _client(central_url, central_ca, token_file) as client:
+        tokens = client.call("GET", f"/v1/meshes/{mesh}/tokens")["tokens"]
+    if output == "json":
+        _print_json(tokens)
+        return
+    _print_table(
+        ["ID", "KIND", "SERVICES", "USES-LEFT", "EXPIRES", "CREATED"],
+        [
+            [
+                t["id"],
+                t["kind"],
+                ",".join(t["services"]) or "-",
+                "-" if t["uses_left"] is None else str(t["uses_left"]),
+                _utc_minutes(t["expires_at"]),
+                _utc_minutes(t["created_at"]),
+            ]
+            for t in tokens
+        ],
+    )
+
+
+@get_app.command(
+    "audit", cls=_Command, epilog="Example: meshagent get audit --mesh shop --limit 20"
+)
+def get_audit(
+    mesh: Annotated[str, typer.Option(metavar="NAME", help="The mesh.")],
+    limit: Annotated[int, typer.Option(min=1, help="The newest this many entries.")] = 100,
+    output: OutputOption = "table",
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """Show a mesh's audit trail, newest first: when, which token (ACTOR is its id),
+    what it did, to what."""
+    _check_output(output)
+    with _client(central_url, central_ca, token_file) as client:
+        entries = client.call("GET", f"/v1/meshes/{mesh}/audit", params={"limit": limit})[
+            "entries"
+        ]
+    if output == "json":
+        _print_json(entries)
+        return
+    _print_table(
+        ["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+        [
+            [_utc_seconds(e["at"]), e["actor"], e["action"], e["target"], e.get("detail", "")]
+            for e in entries
+        ],
+    )
+
+
+def _utc_seconds(epoch: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _dataplane_row(view: dict[str, Any]) -> list[str]:
     status = "online" if view["online"] else "offline"
     if view.get("last_error"):
@@ -805,6 +874,26 @@ def delete_dataplane(
     with _client(central_url, central_ca, token_file) as client:
         client.call("DELETE", f"/v1/meshes/{mesh}/dataplanes/{name}")
     typer.echo(f"{mesh}: dataplane {name} deleted, with its node credential")
+
+
+@delete_app.command(
+    "token", cls=_Command, epilog="Example: meshagent delete token 5e0c91a2b7d4 --mesh shop"
+)
+def delete_token(
+    token_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The token's id (meshagent get tokens).")
+    ],
+    mesh: Annotated[str, typer.Option(metavar="NAME", help="Its mesh.")],
+    central_url: CentralOption = None,
+    central_ca: CaOption = None,
+    token_file: TokenOption = None,
+) -> None:
+    """Revoke a join token (or, as a global admin, a mesh-scoped admin token) at once.
+    Agents that already joined keep their node credential: delete the dataplane too to
+    shut one out."""
+    with _client(central_url, central_ca, token_file) as client:
+        client.call("DELETE", f"/v1/meshes/{mesh}/tokens/{token_id}")
+    typer.echo(f"{mesh}: token {token_id} revoked")
 
 
 @delete_app.command("mesh", cls=_Command, epilog="Example: meshagent delete mesh shop --yes")

@@ -240,6 +240,42 @@ async def test_join_token(central: Central) -> None:
                        json={"services": ["a"], "uses": 0}, status=400)
 
 
+async def test_tokens_are_listed_without_secrets_and_revoked_at_once(central: Central) -> None:
+    await central.create_mesh("shop")
+    await central.create_mesh("bank")
+    join = await central.call("POST", "/v1/meshes/shop/tokens",
+                              json={"services": ["orders", "web"], "uses": 3}, status=201)
+    await central.call("POST", "/v1/meshes/bank/tokens", json={"services": ["ledger"]},
+                       status=201)
+    scoped = await central.call("POST", "/v1/tokens/admin", json={"meshes": ["shop"]},
+                                status=201)
+    listed = (await central.call("GET", "/v1/meshes/shop/tokens"))["tokens"]
+    assert [(t["id"], t["kind"]) for t in listed] == [(join["id"], "join"), (scoped["id"], "admin")]
+    assert listed[0]["services"] == ["orders", "web"] and listed[0]["uses_left"] == 3
+    text = json.dumps(listed)
+    assert join["token"] not in text and "digest" not in text
+    # A mesh-scoped admin sees the join tokens of its mesh, not admin tokens.
+    mine = (await central.call("GET", "/v1/meshes/shop/tokens", token=scoped["token"]))["tokens"]
+    assert [t["id"] for t in mine] == [join["id"]]
+    await central.call("GET", "/v1/meshes/bank/tokens", token=scoped["token"], status=404)
+    # Revoked: it can no longer join; revoking twice, or through another mesh, is 404.
+    bank_join = (await central.call("GET", "/v1/meshes/bank/tokens"))["tokens"][0]["id"]
+    answer = await central.call("DELETE", f"/v1/meshes/shop/tokens/{bank_join}", status=404)
+    assert answer["error"] == f"token {bank_join} not found in mesh shop"
+    await central.call("DELETE", f"/v1/meshes/shop/tokens/{scoped['id']}",
+                       token=scoped["token"], status=404)  # admins revoke admin tokens
+    await central.call("DELETE", f"/v1/meshes/shop/tokens/{join['id']}", token=scoped["token"])
+    await central.call("DELETE", f"/v1/meshes/shop/tokens/{join['id']}", status=404)
+    response = await central.client.post("/v1/join", headers=central.auth(join["token"]),
+                                         json={"mesh": "shop", "dataplane": "vm-1"})
+    assert response.status_code == 401
+    await central.call("DELETE", f"/v1/meshes/shop/tokens/{scoped['id']}")
+    await central.call("GET", "/v1/meshes/shop/tokens", token=scoped["token"], status=401)
+    entries = (await central.call("GET", "/v1/meshes/shop/audit"))["entries"]
+    revoked = [e["target"] for e in entries if e["action"] == "token.revoke"]
+    assert revoked == [f"token {scoped['id']}", f"token {join['id']}"]
+
+
 async def test_mesh_scoped_admin_sees_only_its_mesh(central: Central) -> None:
     await central.create_mesh("shop")
     await central.create_mesh("bank")
@@ -253,6 +289,8 @@ async def test_mesh_scoped_admin_sees_only_its_mesh(central: Central) -> None:
         ("GET", "/v1/meshes/bank/policies", None),
         ("POST", "/v1/meshes/bank/tokens", {"services": ["x"]}),
         ("GET", "/v1/meshes/bank/audit", None),
+        ("GET", "/v1/meshes/bank/tokens", None),
+        ("DELETE", "/v1/meshes/bank/tokens/abc", None),
         ("DELETE", "/v1/meshes/bank/policies/TrafficRoute/x", None),
     ]:
         answer = await central.call(method, path, token=shop_admin, json=body, status=404)
@@ -340,6 +378,7 @@ async def test_openapi_lists_every_path(central: Central) -> None:
     document = response.json()
     assert document["openapi"].startswith("3.")
     app_paths = {"/v1/meshes", "/v1/meshes/{mesh}", "/v1/meshes/{mesh}/tokens",
+                 "/v1/meshes/{mesh}/tokens/{id}",
                  "/v1/tokens/admin", "/v1/meshes/{mesh}/policies",
                  "/v1/meshes/{mesh}/policies/{kind}/{name}", "/v1/meshes/{mesh}/audit",
                  "/v1/openapi.json", "/v1/meshes/{mesh}/dataplanes",

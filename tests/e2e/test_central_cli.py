@@ -137,6 +137,21 @@ def test_operator_walkthrough_and_restart(central: Central) -> None:
     table = central.cli("get", "meshes").stdout
     assert "shop" in table and "permissive" in table
 
+    # Tokens: listed without secrets, revoked at once; every change is in the audit trail.
+    listed = central.json("get", "tokens", "--mesh", "shop")
+    assert isinstance(listed, list) and len(listed) == 1
+    token_id = token.split("_")[1]
+    assert listed[0]["id"] == token_id and token.strip() not in json.dumps(listed)
+    assert token_id in central.cli("get", "tokens", "--mesh", "shop").stdout
+    revoked = central.cli("delete", "token", token_id, "--mesh", "shop").stdout
+    assert revoked == f"shop: token {token_id} revoked\n"
+    assert central.json("get", "tokens", "--mesh", "shop") == []
+    one_line_error(central.cli("delete", "token", token_id, "--mesh", "shop", ok=False),
+                   f"token {token_id} not found in mesh shop")
+    audit = central.cli("get", "audit", "--mesh", "shop", "--limit", "3").stdout.splitlines()
+    assert audit[0].split()[:3] == ["TIME", "ACTOR", "ACTION"] and len(audit) == 4
+    assert "token.revoke" in audit[1] and "mesh.update" in audit[2]
+
     assert central.stop() == 0
     admin_before = (central.data / "admin.token").read_text()
     ca_before = (central.data / "central-ca.pem").read_bytes()
