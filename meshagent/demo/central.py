@@ -78,6 +78,7 @@ class CentralProcess:
             starts with.
         leader_jobs_interval: central.toml ``leader_jobs_interval`` (default: its own).
         heartbeat_interval: central.toml ``heartbeat_interval`` (default: its own).
+        ca_rotation_spread: central.toml ``ca_rotation_spread`` (default: its own).
         host: the loopback address it listens on.
         server_names: central.toml ``server_names`` (more names for its certificate).
     """
@@ -92,6 +93,7 @@ class CentralProcess:
         secrets_from: CentralProcess | None = None,
         leader_jobs_interval: str | None = None,
         heartbeat_interval: str | None = None,
+        ca_rotation_spread: str | None = None,
         host: str = "127.0.0.1",
         server_names: list[str] | None = None,
     ) -> None:
@@ -105,6 +107,8 @@ class CentralProcess:
         jobs = f'leader_jobs_interval = "{leader_jobs_interval}"\n' if leader_jobs_interval else ""
         if heartbeat_interval:
             jobs += f'heartbeat_interval = "{heartbeat_interval}"\n'
+        if ca_rotation_spread:
+            jobs += f'ca_rotation_spread = "{ca_rotation_spread}"\n'
         if server_names is not None:
             jobs += "server_names = [" + ", ".join(f'"{n}"' for n in server_names) + "]\n"
         self.config.write_text(

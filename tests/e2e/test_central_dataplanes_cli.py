@@ -99,7 +99,7 @@ def test_get_and_delete_dataplanes(central: CentralProcess) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == [
-        "NAME", "NODE", "ADDRESS", "SERVICES", "STATUS", "APPLIED/LATEST", "CERT-EXPIRES"
+        "NAME", "NODE", "ADDRESS", "SERVICES", "STATUS", "APPLIED/LATEST", "CERT-EXPIRES", "CA"
     ]
     rows = {line.split()[0]: line.split() for line in lines[1:3]}
     assert rows["orders-1"][1:5] == ["host-orders-1", "127.0.0.3", "orders", "online"]
@@ -107,6 +107,7 @@ def test_get_and_delete_dataplanes(central: CentralProcess) -> None:
     assert rows["web-1"][1:6] == ["host-web-1", "127.0.0.2", "web", "online,", "rejected"]
     assert rows["web-1"][6] == f"{latest}/{latest}"
     assert re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\dZ", rows["web-1"][7])
+    assert rows["web-1"][8] == "current"  # signed by the mesh's CA at the join
     assert lines[3] == "web-1: config rejected: port 16001 in use"
 
     done = cli(central, "delete", "dataplane", "orders-1", "--mesh", "shop")
