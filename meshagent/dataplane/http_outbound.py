@@ -16,6 +16,7 @@ from meshagent.dataplane.connection import DataplaneContext, connection_boundary
 from meshagent.dataplane.errors import DataplaneError
 from meshagent.dataplane.http_proxy import Forward, Respond, serve_http
 from meshagent.dataplane.outbound import CONNECT_ATTEMPTS, connect_endpoint
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.log import get_logger
 from meshagent.protocol.headers import (
@@ -206,11 +207,12 @@ async def handle_http_outbound(
         )
 
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client):
+        downstream = PlainSocketStream.wrap(stream)
         try:
             current = ctx.source.current
             timeouts = current.timeouts
             await serve_http(
-                stream,
+                downstream,
                 decide,
                 idle_seconds=current.idle_seconds(listener.service),
                 head_seconds=timeouts.request_head_seconds,
@@ -219,7 +221,7 @@ async def handle_http_outbound(
                 drain=ctx.drain,
             )
         finally:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(downstream)
 
 
 def _releaser(

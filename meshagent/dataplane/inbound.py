@@ -32,6 +32,7 @@ from meshagent.dataplane.http_proxy import (
     mesh_request_headers,
     serve_http,
 )
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
@@ -90,7 +91,8 @@ class AppPool:
             ),
             trio.fail_after(self.ctx.source.current.timeouts.connect_seconds),
         ):
-            return await trio.open_tcp_stream(listener.app_host, listener.app_port)
+            tcp = await trio.open_tcp_stream(listener.app_host, listener.app_port)
+        return PlainSocketStream.wrap(tcp)
 
 
 async def _serve_app_http(
@@ -208,10 +210,11 @@ async def handle_inbound(
             caller = "plaintext"
             counters.plaintext += 1
             if app is not None:
+                plain = PlainSocketStream.wrap(stream)
                 try:
-                    await _serve_app_http(stream, None, app, fields)
+                    await _serve_app_http(plain, None, app, fields)
                 finally:
-                    await trio.aclose_forcefully(stream)
+                    await trio.aclose_forcefully(plain)
                 return
             mesh_side = PlainSide(stream)
         try:

@@ -18,6 +18,7 @@ from meshagent.dataplane.errors import (
     UpstreamTimeout,
     map_errors,
 )
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
 from meshagent.dataplane.tls import check_peer
@@ -35,7 +36,7 @@ CONNECT_ATTEMPTS = 3
 
 async def connect_endpoint(
     endpoint: Endpoint, listener: OutboundListener, snapshot: Snapshot, ctx: DataplaneContext
-) -> SslSocketStream | trio.SocketStream:
+) -> SslSocketStream | PlainSocketStream:
     """TCP connect + mTLS handshake + identity check, each under its deadline (plain TCP
     only when the mesh's mTLS mode is ``off``). The handshake resumes the last session
     with this endpoint when there is one (``TlsContexts.session``). A cancel point.
@@ -49,7 +50,7 @@ async def connect_endpoint(
         with trio.fail_after(snapshot.connect_seconds(endpoint.service)):
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     if snapshot.mtls == "off":
-        return tcp
+        return PlainSocketStream.wrap(tcp)
     context = ctx.tls.client(listener.source)
     peer = endpoint.address
     try:
@@ -97,7 +98,7 @@ async def handle_outbound(
             await trio.aclose_forcefully(stream)
             raise
         mesh_side: Side
-        if isinstance(upstream, trio.SocketStream):
+        if isinstance(upstream, PlainSocketStream):
             mesh_side = PlainSide(upstream)
         elif upstream.selected_alpn_protocol() == ALPN:
             mesh_side = FramedSide(upstream)
@@ -132,7 +133,7 @@ async def _connect_any(
     ctx: DataplaneContext,
     balancer: EndpointBalancer,
     fields: dict[str, object],
-) -> tuple[SslSocketStream | trio.SocketStream, Endpoint]:
+) -> tuple[SslSocketStream | PlainSocketStream, Endpoint]:
     backend = tcp_backend(listener, snapshot, ctx.rng)
     endpoints = subset(snapshot.endpoints_of(backend.service), backend)
     tried: list[Endpoint] = []

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import trio
 
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream, is_fd_readable
 
-Upstream = SslSocketStream | trio.SocketStream
+Upstream = SslSocketStream | PlainSocketStream
 
 
 def is_stale(stream: Upstream) -> bool:
@@ -28,7 +29,7 @@ def is_stale(stream: Upstream) -> bool:
     try:
         if isinstance(stream, SslSocketStream):
             return stream.is_readable()
-        return is_fd_readable(stream.socket.fileno())
+        return is_fd_readable(stream.fileno())
     except (OSError, ValueError):
         return True
 

@@ -11,12 +11,11 @@ byte moved in either direction for ``idle_seconds``.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
 
@@ -59,86 +58,22 @@ class _StreamSide:
         await trio.aclose_forcefully(self.stream)
 
 
-class PlainSide:
-    """A TCP connection to or from a local app; half-close is a FIN.
+class PlainSide(_StreamSide):
+    """A TCP connection to or from a local app; half-close is a FIN. The socket is
+    called directly (``PlainSocketStream``), which takes the descriptor over from the
+    ``trio.SocketStream``."""
 
-    The pumps call the socket directly (non-blocking ``recv``/``send``, trio's readiness
-    waits), as ``SslSocketStream`` does: ``trio.SocketStream`` wraps every call in a
-    conflict detector and an error-translating context manager, which on small
-    messages costs as much as the system call. The descriptor moves here from the
-    ``trio.SocketStream`` (``detach``), which owns none afterwards; ``aclose`` closes it.
-    Errors are those of ``trio.SocketStream``: ``trio.BrokenResourceError`` from the
-    ``OSError``.
-    """
+    __slots__ = ()
 
-    __slots__ = ("_sock",)
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._sock = socket.socket(fileno=stream.socket.detach())
-        self._sock.setblocking(False)
-
-    async def receive(self) -> bytes | bytearray:
-        sock = self._sock
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = sock.recv(CHUNK)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise _broken(exc) from exc
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        while True:
-            await _wait(trio.lowlevel.wait_readable, sock)
-            try:
-                return sock.recv(CHUNK)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise _broken(exc) from exc
-
-    async def send(self, data: bytes | bytearray) -> None:
-        sock = self._sock
-        await trio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(data)
-        total = len(view)
-        sent = 0
-        waited = False
-        while sent < total:
-            try:
-                sent += sock.send(view[sent:])
-            except BlockingIOError:
-                waited = True
-                await _wait(trio.lowlevel.wait_writable, sock)
-            except OSError as exc:
-                raise _broken(exc) from exc
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+    def __init__(self, stream: trio.SocketStream | PlainSocketStream) -> None:
+        super().__init__(
+            stream if isinstance(stream, PlainSocketStream) else PlainSocketStream.wrap(stream)
+        )
 
     async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint()
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise _broken(exc) from exc
-
-    async def aclose(self) -> None:
-        if self._sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self._sock)
-            self._sock.close()
-        await trio.lowlevel.checkpoint()
-
-
-async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:
-    try:
-        await wait(sock)
-    except trio.ClosedResourceError:
-        raise trio.ClosedResourceError("the connection was closed") from None
-
-
-def _broken(exc: OSError) -> trio.BrokenResourceError:
-    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+        stream = self.stream
+        assert isinstance(stream, PlainSocketStream)
+        await stream.send_eof()
 
 
 class FramedSide:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import is_stale
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tls import client_context, server_context
@@ -319,7 +320,7 @@ async def test_a_pooled_connection_with_a_descriptor_past_1024_is_checked_not_th
     server_tcp, client_tcp = await _tcp_pair()
     high = os.dup2(client_tcp.socket.fileno(), 1100)
     client_tcp.socket.close()
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=high)))
+    stream = PlainSocketStream(socket.socket(fileno=high))
     assert not is_stale(stream)
     await server_tcp.send_all(b"stray")
     await trio.sleep(0.05)

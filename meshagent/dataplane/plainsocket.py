@@ -1,0 +1,125 @@
+"""TCP on the socket: the plaintext legs of the data path (the local app's side).
+
+``trio.SocketStream`` wraps every call in a conflict detector and an error-translating
+context manager, and goes through ``trio.socket``'s non-blocking helper; on small
+messages (keep-alive HTTP, request/response over L4) that costs as much as the system
+call itself. ``PlainSocketStream`` calls the non-blocking socket directly and waits with
+trio's readiness waits, as ``SslSocketStream`` does for TLS:
+
+* Try first, wait after: ``recv``/``send`` are tried at once; only ``BlockingIOError``
+  leads to ``wait_readable``/``wait_writable``. A call that did not wait still passes a
+  checkpoint (``checkpoint_if_cancelled`` before, ``cancel_shielded_checkpoint`` after),
+  so a busy connection cannot starve the others and a cancellation is seen.
+* One task may receive while another sends (the pumps of a splice, an HTTP request body
+  going up while its response comes down); trio allows one waiter per direction.
+* Errors are those of ``trio.SocketStream``: ``trio.BrokenResourceError`` from an
+  ``OSError``, ``trio.ClosedResourceError`` once closed.
+* The descriptor moves here from the ``trio.SocketStream`` (``wrap`` detaches it; the
+  old stream owns none afterwards and closing it is harmless); ``aclose`` closes it,
+  once.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+DEFAULT_RECEIVE = 64 * 1024
+
+
+class PlainSocketStream(trio.abc.HalfCloseableStream):
+    """A TCP connection over a non-blocking socket, called directly. Build with ``wrap``."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        """Take ``sock`` (made non-blocking here); prefer ``wrap``."""
+        sock.setblocking(False)
+        self._sock = sock
+
+    @classmethod
+    def wrap(cls, stream: trio.SocketStream) -> PlainSocketStream:
+        """The connection of ``stream``, whose descriptor this takes. Not async."""
+        return cls(socket.socket(fileno=stream.socket.detach()))
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to ``max_bytes``; ``b""`` at end of stream. A cancel point."""
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        sock = self._sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = sock.recv(max_bytes)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            await self._wait(trio.lowlevel.wait_readable)
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise self._broken(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """All of ``data``; waits while the peer is slow. A cancel point."""
+        sock = self._sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        waited = False
+        while sent < total:
+            try:
+                sent += sock.send(view[sent:])
+            except BlockingIOError:
+                waited = True
+                await self._wait(trio.lowlevel.wait_writable)
+            except OSError as exc:
+                raise self._broken(exc) from exc
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._wait(trio.lowlevel.wait_writable)
+
+    async def send_eof(self) -> None:
+        """Half-close: a FIN to the peer. A cancel point."""
+        await trio.lowlevel.checkpoint()
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._broken(exc) from exc
+
+    async def aclose(self) -> None:
+        """Close the descriptor (idempotent). A cancel point; closes even when cancelled."""
+        if self._sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        if self._sock.fileno() == -1:
+            raise trio.ClosedResourceError("the connection was closed")
+        try:
+            await wait(self._sock)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("the connection was closed") from None
+
+    def _broken(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+        if self._sock.fileno() == -1:
+            return trio.ClosedResourceError("the connection was closed")
+        return trio.BrokenResourceError(f"socket connection broken: {exc}")
