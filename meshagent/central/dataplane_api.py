@@ -40,6 +40,10 @@ Theory of operation:
   report says "applied"; a new error is logged once as a warning). The heartbeat of a
   dataplane the leader marked offline brings it back into the built-in catalog (the
   store bumps the revision).
+* Health: a report names the dataplane's inbound services whose probes fail
+  (``unhealthy``; names that are not its inbound services are dropped). A change of
+  that set bumps the revision (the store does it in the same write), so every
+  caller's long poll returns with a catalog without them; each change is logged once.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from meshagent.central.dataplanes import (
     compile_config,
     decode_spec,
     new_dataplane,
+    panicking_services,
     updated_dataplane,
 )
 from meshagent.central.joining import (
@@ -405,6 +410,7 @@ async def put_status(request: Request, state: CentralState) -> Response:
     if body.cert_not_after is not None and not math.isfinite(body.cert_not_after):
         raise ApiError(400, "cert_not_after: must be seconds since the epoch, or null")
     issuers = None if body.cert_issuers is None else check_issuers(body.cert_issuers)
+    unhealthy = None if body.unhealthy is None else reported_unhealthy(record, body.unhealthy)
     last_error = ""
     if body.state == "rejected":
         last_error = one_line(body.error) or "rejected without a reason"
@@ -439,8 +445,50 @@ async def put_status(request: Request, state: CentralState) -> Response:
         ),
         last_error=last_error,
         cert_issuers=issuers,
+        unhealthy=unhealthy,
     )
+    if unhealthy is not None and unhealthy != record.unhealthy:
+        await _log_health_change(state, record, unhealthy)
     return Response(status_code=204)
+
+
+def reported_unhealthy(record: DataplaneRecord, reported: list[str]) -> tuple[str, ...]:
+    """The reported unhealthy services that are inbound services of ``record``,
+    sorted, without repeats (others are dropped: an agent.toml change may reach the
+    central agent after a report). Pure."""
+    inbound = {i.service for i in decode_spec(record).inbounds}
+    return tuple(sorted(set(reported) & inbound))
+
+
+async def _log_health_change(
+    state: CentralState, record: DataplaneRecord, unhealthy: tuple[str, ...]
+) -> None:
+    sick = sorted(set(unhealthy) - set(record.unhealthy))
+    well = sorted(set(record.unhealthy) - set(unhealthy))
+    mesh, name = record.mesh, record.name
+    if sick:
+        log.warning(
+            "services unhealthy: they leave the built-in catalog",
+            mesh=mesh,
+            dataplane=name,
+            services=",".join(sick),
+        )
+    if well:
+        log.info(
+            "services healthy again: they return to the built-in catalog",
+            mesh=mesh,
+            dataplane=name,
+            services=",".join(well),
+        )
+    if sick:
+        panicking = panicking_services(sick, await state.store.list_dataplanes(mesh))
+        if panicking:
+            log.warning(
+                "every endpoint of a service is unhealthy; the built-in catalog keeps "
+                "them all (panic)",
+                mesh=mesh,
+                services=",".join(panicking),
+            )
 
 
 def check_issuers(issuers: list[str]) -> tuple[str, ...]:
@@ -474,4 +522,5 @@ __all__ = [
     "poll_parameters",
     "put_status",
     "renew",
+    "reported_unhealthy",
 ]

@@ -20,8 +20,12 @@ Theory of operation:
     signs now: an agent whose certificates come from another renews them;
   - endpoints, the built-in catalog: for every service its routes reach, one endpoint
     per inbound of that service on every dataplane of the mesh (itself included)
-    that is not marked ``offline``, at the dataplane's address. Every reachable
-    service has an entry, empty when nothing serves it.
+    that is not marked ``offline``, at the dataplane's address, except where the
+    dataplane reports that service ``unhealthy`` (its health probes fail). Every
+    reachable service has an entry, empty when nothing serves it. When every online
+    endpoint of a service is unhealthy the catalog lists them all (*panic*): routing
+    to endpoints whose probes fail may still serve, routing to none cannot (see
+    docs/architecture.md).
 
   The result depends only on its inputs, so one revision always compiles to one
   config. Heartbeats do not change the revision; what takes a silent dataplane out
@@ -29,6 +33,8 @@ Theory of operation:
   bumps the revision: the leader sets it on the dataplanes ``silent_dataplanes``
   names (the rule ``is_online`` shows operators), the dataplane's next heartbeat
   clears it (``Store.mark_dataplanes_offline``, ``Store.update_dataplane_status``).
+  Health is stored the same way: ``DataplaneRecord.unhealthy``, written by a status
+  report, bumps the revision only when the set changes.
 * A stored policy that no longer decodes (written by another meshagent version) is
   left out and reported in ``Compiled.skipped``, one line each, rather than failing
   every dataplane of the mesh.
@@ -168,7 +174,8 @@ def dataplane_view(
     """The admin API's JSON view of a dataplane (never a secret). ``in_catalog``: are
     its endpoints in the built-in catalog (false once the leader marked it offline).
     ``on_current_ca``: do all its certificates come from the mesh's CA (fingerprint
-    ``current_ca``); null when it has not said (an older agent, before its renewal)."""
+    ``current_ca``); null when it has not said (an older agent, before its renewal).
+    ``unhealthy``: its inbound services whose health probes fail, as it reported."""
     spec = decode_spec(record)
     on_current: bool | None = None
     if record.cert_issuers and current_ca:
@@ -187,6 +194,7 @@ def dataplane_view(
         "cert_not_after": record.cert_not_after,
         "cert_issuers": list(record.cert_issuers),
         "on_current_ca": on_current,
+        "unhealthy": list(record.unhealthy),
         "last_error": record.last_error,
         "inbounds": [msgspec.to_builtins(inbound) for inbound in spec.inbounds],
         "outbounds": [msgspec.to_builtins(outbound) for outbound in spec.outbounds],
@@ -236,7 +244,7 @@ def compile_config(
         policies: the mesh's stored policies.
         dataplane: the dataplane to compile for.
         dataplanes: every dataplane of the mesh (the built-in catalog's source; those
-            marked offline are left out).
+            marked offline are left out, and so are unhealthy services, see ``catalog``).
         heartbeat_seconds: how often the agent is to report its status.
         rotation_spread_seconds: the window over which agents renew certificates of a
             CA that no longer signs (central.toml ``ca_rotation_spread``).
@@ -287,15 +295,24 @@ def catalog(
     services: Iterable[str], dataplanes: Iterable[DataplaneRecord]
 ) -> dict[str, tuple[Endpoint, ...]]:
     """The built-in catalog: for each of ``services``, an endpoint per inbound serving
-    it on any of ``dataplanes`` not marked offline, sorted by address (an empty tuple
-    when none does)."""
+    it on any of ``dataplanes`` not marked offline and not reporting that service
+    unhealthy, sorted by address (an empty tuple when none does).
+
+    Panic: a service whose online endpoints are *all* unhealthy gets all of them, as
+    Envoy's panic threshold does at 0 %: a probe that fails everywhere at once (a
+    wrong probe, a shared dependency down) must not turn into "no endpoint" for every
+    caller; the callers' passive ejection still skips those that refuse connections.
+    """
     wanted = set(services)
-    found: dict[str, list[Endpoint]] = {service: [] for service in sorted(wanted)}
+    healthy: dict[str, list[Endpoint]] = {service: [] for service in sorted(wanted)}
+    unhealthy: dict[str, list[Endpoint]] = {service: [] for service in wanted}
     for record in dataplanes:
         if record.offline:
             continue
+        sick = set(record.unhealthy)
         for inbound in decode_spec(record).inbounds:
             if inbound.service in wanted:
+                found = unhealthy if inbound.service in sick else healthy
                 found[inbound.service].append(
                     Endpoint(
                         host=record.address,
@@ -306,9 +323,30 @@ def catalog(
                     )
                 )
     return {
-        service: tuple(sorted(endpoints, key=lambda e: (e.host, e.port, e.node)))
-        for service, endpoints in found.items()
+        service: tuple(
+            sorted(endpoints or unhealthy[service], key=lambda e: (e.host, e.port, e.node))
+        )
+        for service, endpoints in healthy.items()
     }
+
+
+def panicking_services(
+    services: Iterable[str], dataplanes: Iterable[DataplaneRecord]
+) -> list[str]:
+    """Those of ``services`` that the catalog lists in panic: served by online
+    dataplanes, every one of which reports it unhealthy. Sorted. Pure."""
+    wanted = set(services)
+    seen: set[str] = set()
+    healthy: set[str] = set()
+    for record in dataplanes:
+        if record.offline:
+            continue
+        for inbound in decode_spec(record).inbounds:
+            if inbound.service in wanted:
+                seen.add(inbound.service)
+                if inbound.service not in record.unhealthy:
+                    healthy.add(inbound.service)
+    return sorted(seen - healthy)
 
 
 __all__ = [
@@ -326,5 +364,6 @@ __all__ = [
     "is_online",
     "new_dataplane",
     "online_window",
+    "panicking_services",
     "silent_dataplanes",
 ]

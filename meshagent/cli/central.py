@@ -703,7 +703,9 @@ def get_dataplanes(
 ) -> None:
     """List a mesh's dataplanes: online or not, config versions, certificates.
 
-    STATUS: offline after three missed heartbeats (30 s). APPLIED/LATEST: its config version.
+    SERVICES: "(unhealthy)" after one whose health probes fail: the built-in catalog
+    leaves it out. STATUS: offline after three missed heartbeats (30 s).
+    APPLIED/LATEST: its config version.
     CA: "current" when all its certificates come from the mesh's CA, "previous" when some
     do not (a CA rotation has not reached it yet), "?" before it has said.
 
@@ -810,12 +812,16 @@ def _dataplane_row(view: dict[str, Any]) -> list[str]:
         view["name"],
         view["node"],
         view["address"],
-        ",".join(view["services"]),
+        _services(view["services"], view.get("unhealthy") or []),
         status,
         f"{view['applied_version']}/{view['latest_version']}",
         _utc_minutes(view.get("cert_not_after")),
         _ca_state(view.get("on_current_ca")),
     ]
+
+
+def _services(services: list[str], unhealthy: list[str]) -> str:
+    return ",".join(f"{s} (unhealthy)" if s in unhealthy else s for s in services)
 
 
 def _ca_state(on_current: object) -> str:

@@ -10,7 +10,8 @@ An agent *joins* a mesh once, then keeps itself up to date::
          -> DataplaneConfig                          long poll: answers when the version
                                                      differs from ``after``, or at ``wait``
     PUT  /v1/dataplanes/{mesh}/{name}/status         Bearer <node credential>
-         StatusReport -> 204                         heartbeat: applied version, expiry
+         StatusReport -> 204                         heartbeat: applied version, expiry,
+                                                     unhealthy inbound services
     PUT  /v1/dataplanes/{mesh}/{name}                Bearer <node credential>
          DataplaneUpdate -> 204                      agent.toml changed (ports, tags,
                                                      outbounds, address); same identities
@@ -137,6 +138,10 @@ class StatusReport(_Message, frozen=True, kw_only=True):
     # The fingerprints of the CAs that issued its certificates (see
     # DataplaneConfig.signing_ca); None from an agent that does not say.
     cert_issuers: list[str] | None = None
+    # Its inbound services whose health probes fail (agent.toml ``[inbound.health]``);
+    # None from an agent that does not say (an older one, or one that follows Consul),
+    # which keeps what the central agent knew. The built-in catalog leaves these out.
+    unhealthy: list[str] | None = None
 
 
 __all__ = [

@@ -14,11 +14,13 @@ import httpx
 import msgspec
 import pytest
 import trio
+import trio.testing
 from cryptography import x509
 
 from meshagent.central.api import create_app
 from meshagent.central.auth import ensure_admin_token
-from meshagent.central.dataplane_api import MAX_ERROR_CHARS
+from meshagent.central.dataplane_api import MAX_ERROR_CHARS, reported_unhealthy
+from meshagent.central.dataplanes import new_dataplane
 from meshagent.central.main import READ_TIMEOUT_SECONDS, hypercorn_config
 from meshagent.central.store import PolicyRecord, SqliteStore, Store
 from meshagent.central.tls import CentralTls
@@ -721,3 +723,86 @@ async def test_an_update_cannot_change_identities_or_act_for_another(central: Ce
     assert answer["error"].startswith("address:")
     view = (await central.dataplanes("shop"))["vm-1"]
     assert view["address"] == "10.0.0.1" and view["node"] == "node-vm-1"
+
+
+# ---------------------------------------------------------------------------- health
+
+
+async def test_unhealthy_services_leave_every_callers_catalog_and_return(
+    central: Central, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await central.mesh("shop")
+    web_node = await joined(
+        central,
+        agent("web-1", address="10.0.0.1",
+              outbounds=[OutboundSpec(service="orders", port=16001, source="web")]),
+        "web",
+    )
+    nodes = {}
+    for name, address in [("orders-1", "10.0.0.2"), ("orders-2", "10.0.0.3")]:
+        inbound = InboundSpec(service="orders", port=15443)
+        nodes[name] = await joined(
+            central, agent(name, address=address, inbounds=[inbound]), "orders"
+        )
+    config_path = "/v1/dataplanes/shop/web-1/config"
+
+    async def hosts(after: int = 0, wait: float = 0) -> tuple[int, list[str]]:
+        answer = await central.call(
+            "GET", f"{config_path}?after={after}&wait={wait:g}", token=web_node
+        )
+        return answer["version"], [e["host"] for e in answer["endpoints"]["orders"]]
+
+    async def report(name: str, unhealthy: list[str] | None) -> None:
+        body: dict[str, Any] = {"applied_version": 1}
+        if unhealthy is not None:
+            body["unhealthy"] = unhealthy
+        await central.call(
+            "PUT", f"/v1/dataplanes/shop/{name}/status", token=nodes[name], status=204, json=body
+        )
+
+    version, found = await hosts()
+    assert found == ["10.0.0.2", "10.0.0.3"]
+    # A report that says all is well, or says nothing (an older agent), wakes nobody.
+    await report("orders-2", [])
+    await report("orders-2", None)
+    assert await central.store.mesh_revision("shop") == version
+    # orders-2's app fails: the waiting long poll returns without it.
+    async with trio.open_nursery() as nursery:
+        seen: list[tuple[int, list[str]]] = []
+
+        async def poll() -> None:
+            seen.append(await hosts(after=version, wait=30))
+
+        nursery.start_soon(poll)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert seen == []
+        # A name it does not serve is dropped, not stored.
+        await report("orders-2", ["orders", "ghost"])
+    assert seen == [(version + 1, ["10.0.0.2"])]
+    view = (await central.dataplanes("shop"))["orders-2"]
+    assert (view["unhealthy"], view["in_catalog"], view["online"]) == (["orders"], True, True)
+    # The same report again changes nothing.
+    await report("orders-2", ["orders"])
+    assert await central.store.mesh_revision("shop") == version + 1
+    # Both unhealthy: panic, the catalog lists both rather than none.
+    await report("orders-1", ["orders"])
+    assert await hosts() == (version + 2, ["10.0.0.2", "10.0.0.3"])
+    # Healthy again: back.
+    await report("orders-1", [])
+    await report("orders-2", [])
+    assert await hosts() == (version + 4, ["10.0.0.2", "10.0.0.3"])
+    assert (await central.dataplanes("shop"))["orders-2"]["unhealthy"] == []
+    err = capsys.readouterr().err
+    assert err.count("services unhealthy: they leave the built-in catalog") == 2
+    assert err.count("every endpoint of a service is unhealthy; the built-in catalog keeps") == 1
+    assert err.count("services healthy again: they return to the built-in catalog") == 2
+
+
+def test_reported_unhealthy_keeps_only_inbound_services() -> None:
+    request = agent(inbounds=[InboundSpec(service="web", port=1), InboundSpec(service="api", port=2)])
+    record = new_dataplane(
+        request.request, node_token_id="tok", now=1.0, cert_not_after=2.0
+    )
+    assert reported_unhealthy(record, []) == ()
+    assert reported_unhealthy(record, ["web", "ghost", "api", "web"]) == ("api", "web")
+    assert reported_unhealthy(record, ["ghost"]) == ()

@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshagent.central.dataplanes import (
     HEARTBEAT_SECONDS,
@@ -20,6 +22,7 @@ from meshagent.central.dataplanes import (
     is_online,
     new_dataplane,
     online_window,
+    panicking_services,
     silent_dataplanes,
 )
 from meshagent.central.meshes import MtlsMode, new_mesh, policy_records, with_settings
@@ -307,6 +310,7 @@ def test_view_shows_status_and_no_secret() -> None:
         "cert_not_after": NOW + 3600,
         "cert_issuers": [],
         "on_current_ca": None,
+        "unhealthy": [],
         "last_error": "bad route",
         "inbounds": [{"service": "web", "port": 15443, "protocol": "http", "tags": {"version": "v1"}}],
         "outbounds": [{"service": "monolith", "port": 16001, "protocol": "http", "source": "web"}],
@@ -328,6 +332,98 @@ def test_dataplanes_marked_offline_leave_the_catalog_of_every_caller() -> None:
     assert compile_for(WEB, dataplanes=both).config.endpoints["orders"] == ()
     # Its own config still compiles (it may come back, and then needs its routes).
     assert compile_for(gone, dataplanes=[gone, WEB]).config.mesh == "shop"
+
+
+def test_unhealthy_services_leave_the_catalog_of_every_caller() -> None:
+    sick = msgspec.structs.replace(ORDERS_V2, unhealthy=("orders",))
+    records = [ORDERS_V1, sick, MONOLITH, WEB]
+    for caller in (WEB, ORDERS_V1, sick):
+        caller_spec = msgspec.structs.replace(
+            caller, spec=msgspec.json.encode(msgspec.structs.replace(
+                decode_spec(caller),
+                outbounds=(OutboundSpec(service="orders", port=16009, source="web"),),
+            )),
+        )
+        endpoints = compile_for(caller_spec, dataplanes=records).config.endpoints
+        assert [e.node for e in endpoints["orders"]] == ["node-orders-1"]
+    assert panicking_services(["orders", "monolith"], records) == []
+
+
+def test_only_the_unhealthy_service_of_a_dataplane_leaves() -> None:
+    both = dataplane(
+        "both", "10.0.0.5",
+        inbounds=[InboundSpec(service="orders", port=15443),
+                  InboundSpec(service="monolith", port=15444)],
+        unhealthy=("monolith",),
+    )
+    found = catalog(["orders", "monolith"], [both, MONOLITH])
+    assert [(e.host, e.port) for e in found["orders"]] == [("10.0.0.5", 15443)]
+    assert [(e.host, e.port) for e in found["monolith"]] == [("10.0.0.9", 15443)]
+    # A name it does not serve changes nothing.
+    odd = msgspec.structs.replace(MONOLITH, unhealthy=("ghost",))
+    assert catalog(["monolith"], [odd]) == catalog(["monolith"], [MONOLITH])
+
+
+def test_every_endpoint_unhealthy_is_panic_they_all_stay() -> None:
+    """Panic: a probe that fails everywhere must not leave callers with no endpoint."""
+    sick_1 = msgspec.structs.replace(ORDERS_V1, unhealthy=("orders",))
+    sick_2 = msgspec.structs.replace(ORDERS_V2, unhealthy=("orders",))
+    records = [sick_1, sick_2, MONOLITH, WEB]
+    assert catalog(["orders"], records) == catalog(["orders"], BANK)
+    assert panicking_services(["orders", "monolith", "nothing"], records) == ["orders"]
+    # Offline dataplanes stay out even in panic: no agent, no way to the app.
+    gone = msgspec.structs.replace(sick_2, offline=True)
+    assert [e.node for e in catalog(["orders"], [sick_1, gone])["orders"]] == ["node-orders-1"]
+    assert panicking_services(["orders"], [sick_1, gone]) == ["orders"]
+    # One healthy endpoint ends the panic.
+    assert [e.node for e in catalog(["orders"], [sick_1, ORDERS_V2])["orders"]] == [
+        "node-orders-2", "node-orders-2"
+    ]
+    assert panicking_services(["orders"], [sick_1, ORDERS_V2]) == []
+    # All offline: empty, and no panic (nothing serves it).
+    assert catalog(["orders"], [gone]) == {"orders": ()}
+    assert panicking_services(["orders"], [gone]) == []
+
+
+_SERVICES = ("orders", "monolith", "web")
+
+
+@st.composite
+def _meshes(draw: st.DrawFn) -> list[DataplaneRecord]:
+    records = []
+    for index in range(draw(st.integers(0, 5))):
+        served = draw(st.lists(st.sampled_from(_SERVICES), max_size=3))
+        records.append(dataplane(
+            f"dp-{index}", f"10.0.1.{index}",
+            inbounds=[InboundSpec(service=s, port=15000 + n) for n, s in enumerate(served)],
+            offline=draw(st.booleans()),
+            unhealthy=tuple(sorted(set(draw(st.lists(st.sampled_from(_SERVICES), max_size=3))))),
+        ))
+    return records
+
+
+@given(_meshes())
+def test_catalog_rules_hold_for_any_mesh(records: list[DataplaneRecord]) -> None:
+    found = catalog(_SERVICES, records)
+    panicking = panicking_services(_SERVICES, records)
+    for service in _SERVICES:
+        online = {(r.name, i.port) for r in records if not r.offline
+                  for i in decode_spec(r).inbounds if i.service == service}
+        healthy = {(r.name, i.port) for r in records if not r.offline
+                   and service not in r.unhealthy
+                   for i in decode_spec(r).inbounds if i.service == service}
+        listed = {(e.node.removeprefix("node-"), e.port) for e in found[service]}
+        assert len(listed) == len(found[service])
+        assert listed == (healthy or online)
+        assert (service in panicking) == bool(online and not healthy)
+        assert list(found[service]) == sorted(found[service], key=lambda e: (e.host, e.port, e.node))
+    assert catalog(_SERVICES, list(reversed(records))) == found
+
+
+def test_view_shows_unhealthy_services() -> None:
+    sick = msgspec.structs.replace(ORDERS_V1, unhealthy=("orders",))
+    view = dataplane_view(sick, now=NOW, latest_version=1)
+    assert (view["unhealthy"], view["in_catalog"]) == (["orders"], True)
 
 
 def test_silent_dataplanes_follow_the_online_rule() -> None:

@@ -75,6 +75,37 @@ async def test_dataplanes_of_the_first_schema_gain_an_empty_last_error(tmp_path:
     assert (found.services, found.applied_version, found.last_error) == (("web",), 3, "")
     assert found.offline is False  # schema 3: in the catalog until the leader says otherwise
     assert found.cert_issuers == ()  # schema 4: not known until it reports or renews
+    assert found.unhealthy == ()  # schema 5: healthy until it reports otherwise
+
+
+async def test_dataplanes_of_schema_4_gain_no_unhealthy_services(tmp_path: Path) -> None:
+    """Schema 5 (health in the built-in catalog): a dataplane stored before it is
+    healthy, and its first report that says otherwise is kept."""
+    path = tmp_path / "central.db"
+    async with await SqliteStore.open(path, migrations=MIGRATIONS[:4]):
+        pass
+    with sqlite3.connect(path) as conn:
+        insert_mesh_of_the_first_schema(conn)
+        conn.execute(
+            "INSERT INTO dataplanes (mesh, name, node, address, services, spec,"
+            " applied_version, last_seen, cert_not_after, last_error, offline, cert_issuers)"
+            " VALUES ('shop', 'vm-1', 'vm-1', '10.0.0.1', '[\"web\"]', ?, 3, 5.0, NULL,"
+            " '', 0, '[]')",
+            (b"{}",),
+        )
+    async with await SqliteStore.open(path) as store:
+        found = await store.get_dataplane("shop", "vm-1")
+        assert (found.services, found.unhealthy, found.offline) == (("web",), (), False)
+        before = await store.mesh_revision("shop")
+        reported = await store.update_dataplane_status(
+            "shop", "vm-1", applied_version=3, last_seen=6.0, cert_not_after=None,
+            unhealthy=["web"],
+        )
+        assert reported.unhealthy == ("web",)
+        assert await store.mesh_revision("shop") == before + 1
+    assert pragma(path, "user_version") == LATEST
+    async with await SqliteStore.open(path) as store:
+        assert await store.get_dataplane("shop", "vm-1") == reported
 
 
 async def test_meshes_of_schema_3_gain_no_previous_ca(tmp_path: Path) -> None:

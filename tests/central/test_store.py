@@ -471,6 +471,74 @@ async def test_a_silent_dataplane_marked_offline_is_a_change_and_so_is_its_retur
     assert await store.get_dataplane("shop", "host-c") == flagged
 
 
+async def test_a_change_of_unhealthy_services_is_a_change_of_the_mesh(store: Store) -> None:
+    await store.create_mesh(mesh())
+    await store.put_dataplane(dataplane())
+    assert (await store.get_dataplane("shop", "host-a")).unhealthy == ()
+    revision = await store.mesh_revision("shop")
+
+    async def report(at: float, unhealthy: list[str] | None) -> DataplaneRecord:
+        return await store.update_dataplane_status(
+            "shop", "host-a", applied_version=1, last_seen=NOW + at, cert_not_after=None,
+            unhealthy=unhealthy,
+        )
+
+    # Stored sorted, without repeats; the change bumps the revision once.
+    sick = await report(1, ["web", "api", "web"])
+    assert sick.unhealthy == ("api", "web") and sick.last_seen == NOW + 1
+    assert await store.get_dataplane("shop", "host-a") == sick
+    assert await store.list_dataplanes("shop") == [sick]
+    assert await store.mesh_revision("shop") == revision + 1
+    # The same set again (in another order), or None (an agent that does not say):
+    # kept, and nobody is woken.
+    assert (await report(2, ["web", "api"])).unhealthy == ("api", "web")
+    assert (await report(3, None)).unhealthy == ("api", "web")
+    assert await store.mesh_revision("shop") == revision + 1
+    assert (await report(4, ["web"])).unhealthy == ("web",)
+    assert await store.mesh_revision("shop") == revision + 2
+    healthy = await report(5, [])
+    assert healthy.unhealthy == () and healthy.last_seen == NOW + 5
+    assert await store.mesh_revision("shop") == revision + 3
+    # Coming back from offline with a change: one write, one revision.
+    await store.mark_dataplanes_offline("shop", ["host-a"], seen_before=NOW + 10)
+    assert await store.mesh_revision("shop") == revision + 4
+    back = await report(11, ["api"])
+    assert (back.offline, back.unhealthy) == (False, ("api",))
+    assert await store.mesh_revision("shop") == revision + 5
+    # The field is part of the record as written.
+    written = msgspec.structs.replace(dataplane("host-c"), unhealthy=("web",))
+    assert await store.put_dataplane(written) == written
+    assert await store.get_dataplane("shop", "host-c") == written
+
+
+async def test_a_health_change_wakes_the_long_polls(store: Store) -> None:
+    await store.create_mesh(mesh())
+    await store.put_dataplane(dataplane("host-a"))
+    revision = await store.mesh_revision("shop")
+    seen: list[int] = []
+
+    async def wait() -> None:
+        seen.append(await store.wait_for_change("shop", revision, 30))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await store.update_dataplane_status(  # a heartbeat that changes nothing
+            "shop", "host-a", applied_version=1, last_seen=NOW + 1, cert_not_after=None,
+            unhealthy=[],
+        )
+        await trio.sleep(0.2)
+        assert seen == []
+        await store.update_dataplane_status(
+            "shop", "host-a", applied_version=1, last_seen=NOW + 2, cert_not_after=None,
+            unhealthy=["web"],
+        )
+        with trio.fail_after(5):  # woken, long before its 30 s timeout
+            while not seen:
+                await trio.sleep(0.01)
+    assert seen == [revision + 1]
+
+
 async def test_marking_offline_wakes_the_long_polls(store: Store) -> None:
     await store.create_mesh(mesh())
     await store.put_dataplane(dataplane("host-a"))

@@ -126,7 +126,9 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     CAs that issued its certificates, as it last reported or was last signed; empty
     when unknown. ``offline``: the leader found it silent for longer
     than the online window (``mark_dataplanes_offline``), so the built-in catalog
-    leaves its endpoints out; its next heartbeat clears it.
+    leaves its endpoints out; its next heartbeat clears it. ``unhealthy``: its inbound
+    services whose health probes failed, as it last reported (sorted; empty when all
+    pass or it does not say), which the built-in catalog leaves out too.
     """
 
     mesh: str
@@ -141,6 +143,7 @@ class DataplaneRecord(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str = ""
     offline: bool = False
     cert_issuers: tuple[str, ...] = ()
+    unhealthy: tuple[str, ...] = ()
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -259,13 +262,16 @@ class Store(Protocol):
         cert_not_after: float | None,
         last_error: str | None = None,
         cert_issuers: Sequence[str] | None = None,
+        unhealthy: Sequence[str] | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat; does not change the mesh revision, except for a
-        dataplane marked ``offline``: the flag is cleared and the revision goes up in the
-        same write (its endpoints return to the catalog). Raises NotFound.
+        dataplane marked ``offline`` (the flag is cleared: its endpoints return to the
+        catalog) or one whose set of ``unhealthy`` services changes: then the revision
+        goes up in the same write. Raises NotFound.
 
-        ``last_error``: None keeps the stored one; "" clears it. ``cert_issuers``: None
-        keeps the stored ones.
+        ``last_error``: None keeps the stored one; "" clears it. ``cert_issuers``,
+        ``unhealthy``: None keeps the stored ones; ``unhealthy`` is stored sorted,
+        without repeats.
         """
         ...
 

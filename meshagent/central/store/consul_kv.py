@@ -132,6 +132,7 @@ class _DataplaneDoc(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str = ""  # added later: older documents have none
     offline: bool = False  # added later: older documents have none
     cert_issuers: tuple[str, ...] = ()  # added later (CA rotation)
+    unhealthy: tuple[str, ...] = ()  # added later (health in the built-in catalog)
 
 
 def _mesh_doc(record: MeshRecord) -> bytes:
@@ -197,6 +198,7 @@ def _dataplane_doc(record: DataplaneRecord) -> bytes:
             last_error=record.last_error,
             offline=record.offline,
             cert_issuers=record.cert_issuers,
+            unhealthy=record.unhealthy,
         )
     )
 
@@ -215,6 +217,7 @@ def _dataplane_record(doc: _DataplaneDoc) -> DataplaneRecord:
         last_error=doc.last_error,
         offline=doc.offline,
         cert_issuers=doc.cert_issuers,
+        unhealthy=doc.unhealthy,
     )
 
 
@@ -541,12 +544,13 @@ class ConsulKvStore:
         cert_not_after: float | None,
         last_error: str | None = None,
         cert_issuers: Sequence[str] | None = None,
+        unhealthy: Sequence[str] | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat without changing the mesh revision, unless the dataplane
-        was marked offline (then it is back: flag cleared, revision + 1 in the same
-        transaction). Cancel point.
+        was marked offline (then it is back: flag cleared) or its set of unhealthy
+        services changed: then revision + 1 in the same transaction. Cancel point.
 
-        ``last_error``, ``cert_issuers``: None keeps the stored ones.
+        ``last_error``, ``cert_issuers``, ``unhealthy``: None keeps the stored ones.
 
         Raises:
             NotFound, StoreUnavailable.
@@ -569,10 +573,13 @@ class ConsulKvStore:
                 cert_issuers=(
                     current.cert_issuers if cert_issuers is None else tuple(cert_issuers)
                 ),
+                unhealthy=(
+                    current.unhealthy if unhealthy is None else tuple(sorted(set(unhealthy)))
+                ),
             )
             update = KvOp(verb="cas", key=key, value=_dataplane_doc(new), index=entry.modify_index)
             steps = [_Step(update)]
-            if current.offline:
+            if current.offline or new.unhealthy != current.unhealthy:
                 steps.append(await self._revision_step(mesh))
             return steps, new
 

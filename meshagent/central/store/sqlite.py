@@ -157,11 +157,16 @@ def _ca_rotation(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dataplanes ADD COLUMN cert_issuers TEXT NOT NULL DEFAULT '[]'")
 
 
+def _dataplane_unhealthy(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE dataplanes ADD COLUMN unhealthy TEXT NOT NULL DEFAULT '[]'")
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _schema_v1,
     _dataplane_last_error,
     _dataplane_offline,
     _ca_rotation,
+    _dataplane_unhealthy,
 )
 
 
@@ -443,13 +448,13 @@ class SqliteStore:
             _require_mesh(conn, record.mesh)
             conn.execute(
                 f"INSERT INTO dataplanes ({_DATAPLANE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (mesh, name) DO UPDATE SET node = excluded.node,"
                 " address = excluded.address, services = excluded.services,"
                 " spec = excluded.spec, applied_version = excluded.applied_version,"
                 " last_seen = excluded.last_seen, cert_not_after = excluded.cert_not_after,"
                 " last_error = excluded.last_error, offline = excluded.offline,"
-                " cert_issuers = excluded.cert_issuers",
+                " cert_issuers = excluded.cert_issuers, unhealthy = excluded.unhealthy",
                 (
                     record.mesh,
                     record.name,
@@ -463,6 +468,7 @@ class SqliteStore:
                     record.last_error,
                     int(record.offline),
                     _encode_names(record.cert_issuers).decode(),
+                    _encode_names(record.unhealthy).decode(),
                 ),
             )
             _bump_revision(conn, record.mesh)
@@ -480,35 +486,49 @@ class SqliteStore:
         cert_not_after: float | None,
         last_error: str | None = None,
         cert_issuers: Sequence[str] | None = None,
+        unhealthy: Sequence[str] | None = None,
     ) -> DataplaneRecord:
         """Record a heartbeat without changing the mesh revision, unless the dataplane
-        was marked offline (then it is back: flag cleared, revision + 1). Cancel point.
+        was marked offline (then it is back: flag cleared) or its set of unhealthy
+        services changed: then revision + 1 in the same transaction. Cancel point.
 
-        ``last_error``, ``cert_issuers``: None keeps the stored ones.
+        ``last_error``, ``cert_issuers``, ``unhealthy``: None keeps the stored ones.
 
         Raises:
             NotFound, StoreUnavailable.
         """
-        came_back = False
+        changed = False
         issuers = None if cert_issuers is None else _encode_names(tuple(cert_issuers)).decode()
+        sick = None if unhealthy is None else tuple(sorted(set(unhealthy)))
 
         def update(conn: sqlite3.Connection) -> DataplaneRecord:
-            nonlocal came_back
+            nonlocal changed
             was = _get_dataplane(conn, mesh, name)
             conn.execute(
                 "UPDATE dataplanes SET applied_version = ?, last_seen = ?, cert_not_after = ?,"
                 " last_error = coalesce(?, last_error), offline = 0,"
-                " cert_issuers = coalesce(?, cert_issuers) WHERE mesh = ? AND name = ?",
-                (applied_version, last_seen, cert_not_after, last_error, issuers, mesh, name),
+                " cert_issuers = coalesce(?, cert_issuers), unhealthy = coalesce(?, unhealthy)"
+                " WHERE mesh = ? AND name = ?",
+                (
+                    applied_version,
+                    last_seen,
+                    cert_not_after,
+                    last_error,
+                    issuers,
+                    None if sick is None else _encode_names(sick).decode(),
+                    mesh,
+                    name,
+                ),
             )
-            if was.offline:
-                came_back = True
+            if was.offline or (sick is not None and sick != was.unhealthy):
+                changed = True
                 _bump_revision(conn, mesh)
             return _get_dataplane(conn, mesh, name)
 
-        # Only a dataplane that comes back changes the mesh; the others wake nobody.
+        # Only a dataplane that comes back or whose health changed changes the mesh;
+        # the other heartbeats wake nobody.
         record = await self._write(update, mesh=None)
-        if came_back:
+        if changed:
             self._wake(mesh)
         return record
 
@@ -817,7 +837,7 @@ _MESH_COLUMNS = "name, spec, ca, version, created_at, previous_ca"
 _POLICY_COLUMNS = "mesh, kind, name, spec, version, updated_at"
 _DATAPLANE_COLUMNS = (
     "mesh, name, node, address, services, spec, applied_version, last_seen, cert_not_after,"
-    " last_error, offline, cert_issuers"
+    " last_error, offline, cert_issuers, unhealthy"
 )
 _TOKEN_COLUMNS = "id, mesh, kind, digest, services, meshes, expires_at, uses_left, created_at"
 _AUDIT_COLUMNS = "at, actor, action, mesh, target, detail"
@@ -844,7 +864,7 @@ def _policy(row: Any) -> PolicyRecord:
 
 def _dataplane(row: Any) -> DataplaneRecord:
     mesh, name, node, address, services, spec, applied, last_seen, not_after, error, off = row[:11]
-    issuers = row[11]
+    issuers, unhealthy = row[11], row[12]
     return DataplaneRecord(
         mesh=mesh,
         name=name,
@@ -858,6 +878,7 @@ def _dataplane(row: Any) -> DataplaneRecord:
         last_error=error,
         offline=bool(off),
         cert_issuers=_decode_names(issuers),
+        unhealthy=_decode_names(unhealthy),
     )
 
 
