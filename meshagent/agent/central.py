@@ -63,6 +63,9 @@ HEARTBEAT_SECONDS: Final = 10.0
 MIN_HEARTBEAT_SECONDS: Final = 1.0
 MAX_HEARTBEAT_SECONDS: Final = 300.0
 LONG_POLL_SECONDS: Final = 30.0
+# Reports that a change triggers (a health state, a config applied) are at least this
+# far apart: a flapping app costs the central agent one write per second at most.
+MIN_REPORT_SECONDS: Final = 1.0
 MAX_BACKOFF_SECONDS: Final = 30.0
 JOINED_FILE = "joined.json"
 TOKEN_FILE = "node.token"
@@ -431,6 +434,9 @@ class Status:
     rejected: str = ""
     cert_not_after: float | None = None
     cert_issuers: list[str] | None = None
+    # The inbound services whose health probes fail (agent/health.py); None when the
+    # agent does not probe for the central agent (it follows Consul).
+    unhealthy: list[str] | None = None
     heartbeat_seconds: float = HEARTBEAT_SECONDS
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -446,6 +452,7 @@ class Status:
             error=self.rejected,
             cert_not_after=self.cert_not_after,
             cert_issuers=self.cert_issuers,
+            unhealthy=self.unhealthy,
         )
 
 
@@ -457,10 +464,14 @@ async def report_status(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send the status every ``status.heartbeat_seconds`` (what the central agent's
-    configs ask for), and soon after it changes. A cancel point."""
+    configs ask for), and soon after it changes, at most once per
+    ``MIN_REPORT_SECONDS``: changes meanwhile go in the next report. A cancel point."""
     task_status.started()
     failing = False
+    sent = -math.inf
     while True:
+        await trio.sleep_until(sent + MIN_REPORT_SECONDS)
+        sent = trio.current_time()
         status.changed = trio.Event()
         try:
             await client.report(joined.node_token, joined.mesh, joined.dataplane, status.report())

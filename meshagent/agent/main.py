@@ -3,6 +3,7 @@
 Startup is a readiness chain (each step returns once it is ready)::
 
     follow_consul       first answer (or first failure) for every upstream service
+    keep_app_health     first probe of every inbound ([central] without [consul])
     serve_dataplane     every listener bound            (a bind failure is fatal)
     keep_registered     first registration attempt of every inbound
     persist_snapshots   (when state_dir is set)
@@ -41,6 +42,7 @@ from meshagent.agent.central import (
 )
 from meshagent.agent.central_client import CentralClient, central_tls_context
 from meshagent.agent.certs import not_after_of, warn_before_expiry
+from meshagent.agent.health import keep_app_health
 from meshagent.agent.metrics import AgentCollector, new_registry
 from meshagent.agent.policies import (
     WatchedServices,
@@ -241,6 +243,8 @@ async def _run(
                     await control.start(
                         keep_certificates_fresh, client, joined, swap_certificates, status
                     )
+                    if consul is None and config.inbound:  # the built-in catalog's health
+                        await control.start(keep_app_health, config.inbound, status)
                     await control.start(report_status, client, joined, status)
                 if consul is not None:
                     wait = float(config.consul.watch_wait) if config.consul else 30.0

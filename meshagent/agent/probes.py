@@ -22,6 +22,9 @@ import psutil
 import trio
 
 from meshagent.config.agent import HealthSettings, InboundSettings
+from meshagent.log import get_logger
+
+log = get_logger("probes")
 
 # psutil walks /proc; two threads are plenty for a handful of inbounds.
 _THREADS = trio.CapacityLimiter(2)
@@ -92,6 +95,17 @@ async def _bounded(
     except OSError as exc:
         reason = _describe_os_error(exc)
     return ProbeResult(healthy=False, output=f"{name}: {reason}")
+
+
+async def probe_app_safely(inbound: InboundSettings) -> ProbeResult:
+    """``probe_app``, where an unexpected error in a probe (a bug) counts as unhealthy
+    and is logged: it never raises, so the loops that feed Consul or the central agent
+    keep running. Cancel point."""
+    try:
+        return await probe_app(inbound)
+    except Exception as exc:  # error boundary: a probe bug must not end health reports
+        log.error("probe crashed", service=inbound.service, error=repr(exc))
+        return ProbeResult(healthy=False, output=f"probe crashed: {exc!r}")
 
 
 class _ProbeFailed(Exception):
@@ -186,4 +200,4 @@ def _describe_os_error(exc: OSError) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-__all__ = ["ProbeResult", "probe_app"]
+__all__ = ["ProbeResult", "probe_app", "probe_app_safely"]

@@ -22,7 +22,7 @@ from typing import Final
 import trio
 
 import meshagent
-from meshagent.agent.probes import ProbeResult, probe_app
+from meshagent.agent.probes import ProbeResult, probe_app_safely
 from meshagent.config.agent import AgentConfig, ConsulSettings, InboundSettings
 from meshagent.discovery.consul import (
     Backoff,
@@ -186,7 +186,7 @@ async def _keep_inbound(
                     task_status.started()
                 registered = just_registered = True
                 log.info("registered", service=inbound.service, id=registration.id)
-            result = await _probe(inbound)
+            result = await probe_app_safely(inbound)
             if result.healthy is not was_healthy:
                 report = log.info if result.healthy else log.warning
                 event = "app healthy" if result.healthy else "app unhealthy"
@@ -212,15 +212,6 @@ async def _keep_inbound(
 
 class _CheckVanished(ConsulProblem):
     """Consul forgot a check we registered a moment ago; back off and try again."""
-
-
-async def _probe(inbound: InboundSettings) -> ProbeResult:
-    """Probe the app; an unexpected error in a probe counts as unhealthy, never raises."""
-    try:
-        return await probe_app(inbound)
-    except Exception as exc:  # error boundary: a probe bug must not end registration
-        log.error("probe crashed", service=inbound.service, error=repr(exc))
-        return ProbeResult(healthy=False, output=f"probe crashed: {exc!r}")
 
 
 def _status(result: ProbeResult) -> CheckStatus:
