@@ -42,13 +42,22 @@ async def wait_until(
 
 
 async def round_trip(host: str, port: int, payload: bytes, *, timeout: float = 10) -> bytes:
-    """Send ``payload``, half-close, read until the other side closes."""
+    """Send ``payload``, half-close, read until the other side closes.
+
+    Reads while it sends, as a real client does: a client that sends a large payload
+    before it reads anything deadlocks against any echo path once the payload is larger
+    than the buffers on the way (the kernel's autotuned socket buffers decide when)."""
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
+
+            async def send() -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()
+
             chunks = []
-            while data := await stream.receive_some(65536):
-                chunks.append(data)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                while data := await stream.receive_some(65536):
+                    chunks.append(data)
             return b"".join(chunks)
