@@ -173,6 +173,16 @@ def _timeout(timeout: Timeout, out: list[Violation]) -> None:
             out.append(Violation(field, "must be positive"))
     if timeout.request and timeout.per_try and timeout.per_try > timeout.request:
         out.append(Violation("per_try", "is longer than request, so it could never end a try"))
+    if timeout.route is not None:
+        for field in ("connect", "idle"):
+            if getattr(timeout, field) is not None:
+                out.append(
+                    Violation(
+                        field,
+                        "applies to every route of the destination; set it in a Timeout "
+                        "without `route`",
+                    )
+                )
 
 
 def _retry(retry: Retry, out: list[Violation]) -> None:

@@ -86,6 +86,14 @@ def test_timeout_and_retry_meaning() -> None:
     with pytest.raises(PolicyError) as info:
         load_document(doc, source="r.toml")
     assert len(info.value.problems) == 2
+    # connect and idle are per destination: a route-scoped Timeout may not pretend otherwise.
+    doc = b'[[Timeout]]\nname = "t"\nmesh = "shop"\ndestination = "o"\nroute = "r"\nconnect = "1s"\nidle = "1m"\n'
+    with pytest.raises(PolicyError) as info:
+        load_document(doc, source="t.toml")
+    fix = "applies to every route of the destination; set it in a Timeout without `route`"
+    assert [p.endswith(f"connect: {fix}") or p.endswith(f"idle: {fix}")
+            for p in info.value.problems] == [True, True]
+    assert info.value.problems[0].startswith('t.toml: Timeout "t": connect: ')
 
 
 def test_compile_picks_the_most_specific_route_and_keeps_rule_order() -> None:
