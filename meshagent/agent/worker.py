@@ -111,7 +111,7 @@ async def serve_worker(fd: int) -> int:
             print("meshagent worker: no start message from the agent", file=sys.stderr)
             return 1
         _configure_log(init)
-        watch = SnapshotWatch(init.snapshot)
+        watch = SnapshotWatch(init.snapshot, warn=False)
         try:
             tls = TlsContexts(init.identities)
         except (OSError, ValueError) as exc:

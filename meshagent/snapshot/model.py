@@ -183,6 +183,24 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             return self.default_allow
         return "*" in allowed or source in allowed
 
+    def tcp_route_problems(self) -> list[str]:
+        """Route rules a TCP outbound cannot apply: it splits each connection by its
+        first rule without conditions (or the default) and never sees a path, method,
+        header or query. One line per rule, for the log."""
+        problems = []
+        for outbound in self.outbounds:
+            if outbound.protocol != "tcp":
+                continue
+            routes = self.routes.get(outbound.service)
+            for n, rule in enumerate(routes.rules if routes is not None else ()):
+                if rule.match != HttpMatch():
+                    problems.append(
+                        f"outbound {outbound.name}: TrafficRoute {rule.route} rule {n} matches "
+                        "on HTTP fields, but the outbound is TCP, so it never applies; "
+                        'set protocol = "http" on the outbound (and on the inbounds it reaches)'
+                    )
+        return problems
+
     def endpoints_of(self, service: str) -> tuple[Endpoint, ...]:
         return self.endpoints.get(service, ())
 
