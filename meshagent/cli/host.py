@@ -145,6 +145,21 @@ def certificate_expiry(metrics_text: str) -> dict[str, float]:
     return expiry
 
 
+def processes(metrics_text: str) -> dict[str, int]:
+    """{"serving": processes serving the listeners, "worker_restarts": ...}, from the
+    agent's Prometheus exposition (empty for an agent that does not say)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "meshagent_processes":
+                found["serving"] = int(sample.value)
+            elif sample.name == "meshagent_worker_restarts_total":
+                found["worker_restarts"] = int(sample.value)
+    return found
+
+
 def read_agent(admin: AdminClient) -> dict[str, Any]:
     """What the running agent says about itself (readiness, snapshot, counters,
     certificates). Raises AdminUnreachable."""
@@ -155,6 +170,7 @@ def read_agent(admin: AdminClient) -> dict[str, Any]:
         data["stats"] = admin.json("/stats")
         metrics = admin.get("/metrics")
         data["certificates"] = certificate_expiry(metrics.text) if metrics.is_success else {}
+        data["processes"] = processes(metrics.text) if metrics.is_success else {}
     return data
 
 
@@ -226,6 +242,11 @@ def print_status(config: AgentConfig, data: dict[str, Any]) -> None:
         f"agent {config.dataplane_name} (mesh {snapshot['mesh']}): ready, snapshot version "
         f"{snapshot['version']}, mtls {snapshot.get('mtls', 'strict')} (admin {data['admin']})"
     )
+    procs = data.get("processes") or {}
+    if "serving" in procs:
+        restarts = procs.get("worker_restarts", 0)
+        note = f", {restarts} worker restart(s): see `worker exited` in the log" if restarts else ""
+        typer.echo(f"processes serving the listeners: {procs['serving']}{note}")
     consul = data.get("consul") or {}
     inbound_ids = {(i.service, i.port): service_id(config, i) for i in config.inbound}
     typer.echo("\ninbounds")

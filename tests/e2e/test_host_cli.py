@@ -103,12 +103,15 @@ def test_status_and_doctor_on_a_running_agent(tmp_path: Path, ca: MeshCa, consul
             assert f"127.0.0.1:{orders_port}" in text
             assert "127.0.0.3:15443" in text and "version=v2" in text
             assert "left)" in text  # the certificate's expiry
+            workers = loaded.worker_count(len(os.sched_getaffinity(0)))
+            assert f"processes serving the listeners: {workers}\n" in text
 
             raw = meshagent("status", "--config", str(agent.config_path), "-o", "json")
             data = json.loads(raw.stdout)
             assert data["ready"] is True and data["snapshot"]["mesh"] == "shop"
             assert data["consul"] == {sid: "passing"}
             assert set(data["certificates"]) == {"web"}
+            assert data["processes"] == {"serving": workers, "worker_restarts": 0}
             assert isinstance(data["stats"], dict)  # counters appear with a listener's first connection
 
             checked = meshagent("doctor", "--config", str(agent.config_path))
