@@ -229,7 +229,7 @@ class _Slot:
 
 
 class WorkerFailed(Exception):
-    pass
+    """A worker process could not start, or did not say it serves: one line why."""
 
 
 class Workers:
