@@ -8,8 +8,10 @@ Admin endpoints (``Authorization: Bearer <admin token>``)::
     GET    /v1/meshes/{mesh}                        one mesh, with its CA certificate
     PATCH  /v1/meshes/{mesh}                        change ``mtls`` and/or ``default_allow``
     DELETE /v1/meshes/{mesh}                        delete a mesh (global admins)
-    GET    /v1/meshes/{mesh}/ca-rotation            the CA rotation: in progress, who lags
-    POST   /v1/meshes/{mesh}/ca-rotation            start one: a new CA signs, both trusted
+    GET    /v1/meshes/{mesh}/ca-rotation            the CA rotation: its phase, who lags
+    POST   /v1/meshes/{mesh}/ca-rotation            start one: both CAs trusted, the old one
+                                                    signs until every online dataplane
+                                                    has the new bundle (then the new one)
     POST   /v1/meshes/{mesh}/ca-rotation/finish     drop the previous CA (409 while online
                                                     dataplanes still use it, unless forced)
     POST   /v1/meshes/{mesh}/tokens                 a join token (shown once)
@@ -65,6 +67,7 @@ from starlette.routing import Route
 from meshagent.central import dataplane_api
 from meshagent.central.auth import Principal, admin_token_record, authenticate
 from meshagent.central.dataplanes import dataplane_view, decode_spec, is_online, online_window
+from meshagent.central.jobs import record_bundle_revision
 from meshagent.central.meshes import (
     CaKind,
     MtlsMode,
@@ -76,6 +79,7 @@ from meshagent.central.meshes import (
     plan_apply,
     policy_records,
     policy_view,
+    rotation_phase,
     rotation_view,
     start_rotation,
     with_settings,
@@ -313,7 +317,8 @@ async def get_ca_rotation(request: Request, state: CentralState, principal: Prin
 async def start_ca_rotation(
     request: Request, state: CentralState, principal: Principal
 ) -> Response:
-    """A new CA signs from now on; dataplanes trust both until the rotation finishes."""
+    """A new CA joins every trust bundle; the current one signs until the leader
+    switches (``jobs.CaRotationSwitch``); dataplanes trust both until it finishes."""
     mesh = request.path_params["mesh"]
     await _visible_mesh(state, principal, mesh)
     body = await json_body(request, state, CaRotationStart)
@@ -330,6 +335,9 @@ async def start_ca_rotation(
     except RotationConflict as exc:
         raise ApiError(409, str(exc)) from None
     stored = await state.store.update_mesh(rotated, expected_version=current.version)
+    # The revision from which configs carry the new bundle; the leader job records it
+    # too, should this write not happen.
+    stored = await record_bundle_revision(state.store, stored)
     dataplanes = await state.store.list_dataplanes(mesh)
     view = rotation_view(stored, dataplanes, is_online=_online(state))
     await _audit(
@@ -338,14 +346,16 @@ async def start_ca_rotation(
         "mesh.ca_rotation.start",
         mesh=mesh,
         target=f"mesh {mesh}",
-        detail=f"ca={body.ca} new={view['ca_fingerprint']} "
-        f"previous={view['previous_ca_fingerprint']}",
+        detail=f"phase=distributing ca={body.ca} new={view['ca_fingerprint']} "
+        f"previous={view['previous_ca_fingerprint']} (still signing) "
+        f"bundle_version={view['bundle_revision']}",
     )
     log.info(
-        "CA rotation started",
+        "CA rotation started: distributing the new CA, the previous one still signs",
         mesh=mesh,
         ca=body.ca,
         new_ca=short(str(view["ca_fingerprint"])),
+        bundle_version=view["bundle_revision"],
         actor=principal.token_id,
     )
     return JSONResponse(view, status_code=201)
@@ -531,7 +541,11 @@ async def revoke_token(request: Request, state: CentralState, principal: Princip
         raise ApiError(404, f"token {token_id} not found in mesh {mesh}")
     await state.store.delete_token(token_id)
     await _audit(
-        state, principal, "token.revoke", mesh=mesh, target=f"token {token_id}",
+        state,
+        principal,
+        "token.revoke",
+        mesh=mesh,
+        target=f"token {token_id}",
         detail=record.kind,
     )
     return JSONResponse({"revoked": f"token {token_id}"})
@@ -619,8 +633,17 @@ async def list_dataplanes(request: Request, state: CentralState, principal: Prin
     within = online_window(state.heartbeat_seconds)
     mesh_spec = decode_mesh_spec(await state.store.get_mesh(mesh))
     current_ca = ca_fingerprint(mesh_spec.ca_cert)
+    phase = rotation_phase(mesh_spec)
+    bundle_revision = mesh_spec.bundle_revision if phase == "distributing" else None
     views = [
-        dataplane_view(r, now=now, latest_version=latest, within=within, current_ca=current_ca)
+        dataplane_view(
+            r,
+            now=now,
+            latest_version=latest,
+            within=within,
+            current_ca=current_ca,
+            bundle_revision=bundle_revision,
+        )
         for r in records
     ]
     return JSONResponse(
@@ -629,6 +652,7 @@ async def list_dataplanes(request: Request, state: CentralState, principal: Prin
             "latest_version": latest,
             "ca_fingerprint": current_ca,
             "ca_rotating": bool(mesh_spec.previous_ca_cert),
+            "ca_rotation_phase": phase,
             "dataplanes": views,
         }
     )
@@ -832,10 +856,13 @@ OPENAPI: Final[dict[str, Any]] = {
         },
         "/v1/meshes/{mesh}/ca-rotation": {
             "get": _op(
-                "The mesh's CA rotation: in progress, dataplanes still on the old CA", params=_M
+                "The mesh's CA rotation: its phase, dataplanes without the new bundle or "
+                "still on the old CA",
+                params=_M,
             ),
             "post": _op(
-                "Rotate the mesh's CA: a new CA signs, dataplanes trust both",
+                "Rotate the mesh's CA: dataplanes trust both; the new one signs once every "
+                "online dataplane has it",
                 "201",
                 "CaRotationStart",
                 params=_M,

@@ -79,7 +79,7 @@ from meshagent.central.joining import (
     sign_csrs,
 )
 from meshagent.central.meshes import decode_spec as decode_mesh_spec
-from meshagent.central.meshes import mesh_ca, trust_bundle
+from meshagent.central.meshes import signing_pair, trust_bundle
 from meshagent.central.store import DataplaneRecord, NotFound, TokenRecord
 from meshagent.central.web import (
     ApiError,
@@ -255,7 +255,7 @@ async def _existing(state: CentralState, mesh: str, name: str) -> DataplaneRecor
 async def _mesh_ca(state: CentralState, mesh: str) -> tuple[PemPair, str]:
     """The mesh's signing CA (unsealed) and its trust bundle (PEM)."""
     record = await state.store.get_mesh(mesh)
-    return mesh_ca(record, state.seal_key), trust_bundle(decode_mesh_spec(record))
+    return signing_pair(record, state.seal_key), trust_bundle(decode_mesh_spec(record))
 
 
 def _sign(

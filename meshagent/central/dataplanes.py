@@ -17,7 +17,8 @@ Theory of operation:
   - request_policies: Timeouts and Retries of every service its routes reach;
   - mtls, default_allow and ca_bundle: from the mesh (the bundle holds the previous
     CA too during a CA rotation), and signing_ca, the fingerprint of the CA that
-    signs now: an agent whose certificates come from another renews them;
+    signs now (the previous one while the new one is distributed): an agent whose
+    certificates come from another renews them;
   - endpoints, the built-in catalog: for every service its routes reach, one endpoint
     per inbound of that service on every dataplane of the mesh (itself included)
     that is not marked ``offline``, at the dataplane's address, except where the
@@ -50,9 +51,8 @@ import msgspec
 
 from meshagent.central.joining import identities
 from meshagent.central.meshes import decode_spec as decode_mesh_spec
-from meshagent.central.meshes import is_on_ca, trust_bundle
+from meshagent.central.meshes import is_on_ca, signing_fingerprint, trust_bundle
 from meshagent.central.store import DataplaneRecord, MeshRecord, PolicyRecord
-from meshagent.pki.rotation import ca_fingerprint
 from meshagent.policy.compile import (
     compile_permissions,
     compile_request_policies,
@@ -170,11 +170,15 @@ def dataplane_view(
     latest_version: int,
     within: float = ONLINE_WITHIN_SECONDS,
     current_ca: str = "",
+    bundle_revision: int | None = None,
 ) -> dict[str, object]:
     """The admin API's JSON view of a dataplane (never a secret). ``in_catalog``: are
     its endpoints in the built-in catalog (false once the leader marked it offline).
     ``on_current_ca``: do all its certificates come from the mesh's CA (fingerprint
     ``current_ca``); null when it has not said (an older agent, before its renewal).
+    ``has_new_bundle``: while a CA rotation distributes the new CA (``bundle_revision``
+    given: the version from which configs carry it; 0 not recorded yet), has it
+    applied such a config? null in any other phase.
     ``unhealthy``: its inbound services whose health probes fail, as it reported."""
     spec = decode_spec(record)
     on_current: bool | None = None
@@ -194,6 +198,11 @@ def dataplane_view(
         "cert_not_after": record.cert_not_after,
         "cert_issuers": list(record.cert_issuers),
         "on_current_ca": on_current,
+        "has_new_bundle": (
+            None
+            if bundle_revision is None
+            else bool(bundle_revision) and record.applied_version >= bundle_revision
+        ),
         "unhealthy": list(record.unhealthy),
         "last_error": record.last_error,
         "inbounds": [msgspec.to_builtins(inbound) for inbound in spec.inbounds],
@@ -270,7 +279,7 @@ def compile_config(
         request_policies=compile_request_policies(resources, mesh=mesh.name, services=reachable),
         endpoints=catalog(reachable, dataplanes),
         heartbeat_seconds=heartbeat_seconds,
-        signing_ca=ca_fingerprint(mesh_spec.ca_cert),
+        signing_ca=signing_fingerprint(mesh_spec),
         rotation_spread_seconds=rotation_spread_seconds,
     )
     return Compiled(config=config, skipped=skipped)

@@ -36,6 +36,14 @@ The jobs:
   tell a silent dataplane from one whose heartbeats had nowhere to go (every central
   agent was down), and emptying the catalog of a whole mesh at once is worse than a
   late removal.
+* ``CaRotationSwitch`` (every half heartbeat): for each mesh distributing a new CA
+  (``meshes.switch_decision``), records the revision from which configs carry the new
+  bundle if the start did not (``record_bundle_revision``), then switches the signer
+  to the new CA once every online dataplane has applied it, or once
+  ``ca_rotation_switch_timeout`` has passed since the start (a warning names the
+  dataplanes that had not). Both writes are conditional on the mesh record's version:
+  a replica that lost the race, or a rotation finished meanwhile, writes nothing. The
+  switch is audited as ``mesh.ca_rotation.switch`` by actor ``central``.
 """
 
 from __future__ import annotations
@@ -52,11 +60,31 @@ import trio
 from meshagent.central.dataplanes import (
     HEARTBEAT_SECONDS,
     decode_spec,
+    is_online,
     online_window,
     silent_dataplanes,
 )
-from meshagent.central.store import DataplaneRecord, NotFound, Store, StoreError, TokenRecord
+from meshagent.central.meshes import (
+    SWITCH_TIMEOUT_SECONDS,
+    switch_decision,
+    switch_signer,
+    with_bundle_revision,
+)
+from meshagent.central.meshes import (
+    decode_spec as decode_mesh_spec,
+)
+from meshagent.central.store import (
+    AuditRecord,
+    Conflict,
+    DataplaneRecord,
+    MeshRecord,
+    NotFound,
+    Store,
+    StoreError,
+    TokenRecord,
+)
 from meshagent.log import get_logger
+from meshagent.pki.rotation import ca_fingerprint, short
 
 log = get_logger("central.jobs")
 
@@ -241,14 +269,123 @@ class OfflineSweep:
         return marked
 
 
+# The actor of what the central agent does by itself, in the audit trail.
+CENTRAL_ACTOR: Final = "central"
+
+
+async def record_bundle_revision(store: Store, record: MeshRecord) -> MeshRecord:
+    """Record, on a mesh distributing a new CA, the revision from which its configs
+    carry the new bundle: the mesh revision read now, after ``record`` was stored (a
+    config's version is the revision it was read at or an older one, never a newer:
+    see ``dataplane_api.get_config``). Conditional on ``record``'s version. Returns the
+    record as stored (``record`` itself when nothing was written, or another writer
+    came first). Cancel point. Raises StoreError (not Conflict)."""
+    revision = await store.mesh_revision(record.name)
+    recorded = with_bundle_revision(record, revision)
+    if recorded is None:
+        return record
+    try:
+        return await store.update_mesh(recorded, expected_version=record.version)
+    except (Conflict, NotFound):
+        return record
+
+
+class CaRotationSwitch:
+    """The leader job that switches a rotating mesh's signer to the new CA (see the
+    module docstring). Call it with the time now; it returns how many meshes it switched.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        timeout_seconds: float = SWITCH_TIMEOUT_SECONDS,
+    ) -> None:
+        self.store = store
+        self.within = online_window(heartbeat_seconds)
+        self.interval_seconds = heartbeat_seconds / 2
+        self.timeout_seconds = timeout_seconds
+
+    async def __call__(self, now: float) -> int:
+        """One pass over every mesh. Cancel point. Raises StoreError."""
+        switched = 0
+        for mesh in await self.store.list_meshes():
+            try:
+                rotating = decode_mesh_spec(mesh).rotation_phase == "distributing"
+            except msgspec.DecodeError:  # not a mesh this version can read: not ours
+                continue
+            if rotating and await self.switch_one(mesh, now):
+                switched += 1
+        return switched
+
+    async def switch_one(self, record: MeshRecord, now: float) -> bool:
+        """Switch ``record``'s signer if it is time; True when this call did."""
+        if with_bundle_revision(record, 1) is not None:  # distributing, not recorded
+            record = await record_bundle_revision(self.store, record)
+        dataplanes = await self.store.list_dataplanes(record.name)
+        decision = switch_decision(
+            record,
+            dataplanes,
+            is_online=lambda d: is_online(d, now, within=self.within),
+            now=now,
+            timeout_seconds=self.timeout_seconds,
+        )
+        if decision is None or not decision.switch:
+            return False
+        try:
+            stored = await self.store.update_mesh(
+                switch_signer(record, now=now), expected_version=record.version
+            )
+        except (Conflict, NotFound):  # changed meanwhile (finished, or another leader)
+            return False
+        new_ca = ca_fingerprint(decode_mesh_spec(stored).ca_cert)
+        if decision.timed_out:
+            waiting = ",".join(decision.waiting)
+            detail = (
+                f"phase=renewing new={new_ca} signs; timed out after "
+                f"{self.timeout_seconds:g}s; without the new bundle: {waiting}"
+            )
+            log.warning(
+                "CA rotation: the new CA signs although some online dataplanes have not "
+                "applied the new trust bundle; they refuse the others' new certificates "
+                "until they do",
+                mesh=record.name,
+                dataplanes=waiting,
+                timeout_seconds=self.timeout_seconds,
+            )
+        else:
+            detail = f"phase=renewing new={new_ca} signs; every online dataplane has the new bundle"
+            log.info(
+                "CA rotation: every online dataplane has the new trust bundle; the new CA signs",
+                mesh=record.name,
+                new_ca=short(new_ca),
+            )
+        await self.store.append_audit(
+            AuditRecord(
+                at=now,
+                actor=CENTRAL_ACTOR,
+                action="mesh.ca_rotation.switch",
+                mesh=record.name,
+                target=f"mesh {record.name}",
+                detail=detail,
+            )
+        )
+        return True
+
+
 def leader_jobs(
     store: Store,
     *,
     audit_retention_seconds: float,
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    ca_switch_timeout_seconds: float = SWITCH_TIMEOUT_SECONDS,
 ) -> list[LeaderJob]:
     """The central agent's leader jobs over ``store``."""
     sweep = OfflineSweep(store, heartbeat_seconds=heartbeat_seconds)
+    switch = CaRotationSwitch(
+        store, heartbeat_seconds=heartbeat_seconds, timeout_seconds=ca_switch_timeout_seconds
+    )
     return [
         LeaderJob("expired tokens", "expired tokens purged", partial(purge_expired_tokens, store)),
         LeaderJob(
@@ -262,6 +399,7 @@ def leader_jobs(
             partial(purge_old_audit, store, retention_seconds=audit_retention_seconds),
         ),
         LeaderJob("offline dataplanes", "", sweep, interval_seconds=sweep.interval_seconds),
+        LeaderJob("CA rotation switch", "", switch, interval_seconds=switch.interval_seconds),
     ]
 
 
@@ -353,8 +491,10 @@ async def run_leader_jobs(
 
 
 __all__ = [
+    "CENTRAL_ACTOR",
     "ORPHAN_GRACE_SECONDS",
     "RUN_TIMEOUT_SECONDS",
+    "CaRotationSwitch",
     "LeaderJob",
     "Leadership",
     "OfflineSweep",
@@ -364,6 +504,7 @@ __all__ = [
     "purge_expired_tokens",
     "purge_old_audit",
     "purge_orphan_node_tokens",
+    "record_bundle_revision",
     "run_job_forever",
     "run_job_once",
     "run_leader_jobs",

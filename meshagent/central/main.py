@@ -245,6 +245,7 @@ async def run_central(
             store,
             audit_retention_seconds=float(config.audit_retention),
             heartbeat_seconds=float(config.heartbeat_interval),
+            ca_switch_timeout_seconds=float(config.ca_rotation_switch_timeout),
         )
         leader_scope = trio.CancelScope()
 

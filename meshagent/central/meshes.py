@@ -9,14 +9,23 @@ Theory of operation:
 * ``builtin``: the central agent makes the CA (``pki.ca.create_ca``). ``provided``: the
   operator's CA certificate and key must be a CA, belong together and name the mesh as
   their trust domain (``spiffe://<mesh>``), or the mesh is refused (``MeshError``).
-* CA rotation (``start_rotation``, ``finish_rotation``): the new CA (made or provided)
-  becomes ``ca_cert``/``ca`` and signs from then on; the old one moves to
-  ``previous_ca_cert``/``previous_ca`` and stays in the trust bundle
-  (``trust_bundle``: new first, then old), so certificates of both CAs keep talking
-  while the agents renew. Finishing drops the old CA from the bundle and its key
-  from the record; it is refused while an online dataplane still holds a certificate
-  that is not from the current CA (``still_on_previous_ca``), unless forced. A second
-  rotation waits for the first to be finished.
+* CA rotation (``start_rotation``, ``switch_signer``, ``finish_rotation``), in two
+  phases. Starting it stores the new CA (made or provided) as ``ca_cert``/``ca`` and
+  moves the old one to ``previous_ca_cert``/``previous_ca``; the trust bundle
+  (``trust_bundle``: new first, then old) holds both. Phase ``distributing``: the OLD
+  CA still signs (``signing_pair``, ``signing_fingerprint``), so no agent is handed a
+  certificate that another agent cannot verify yet. ``bundle_revision`` is the mesh
+  revision from which every config carries the new bundle (recorded just after the
+  start); ``switch_decision`` says when to switch: once every online dataplane has
+  applied a config of at least that version (``waiting_for_bundle``), or once
+  ``timeout`` has passed since the start (the dataplanes still waiting are named).
+  ``switch_signer`` then moves to phase ``renewing``: the new CA signs and agents
+  renew within ``ca_rotation_spread``. Finishing drops the old CA from the bundle and
+  its key from the record; it is refused while distributing, and while an online
+  dataplane still holds a certificate that is not from the current CA
+  (``still_on_previous_ca``), unless forced. A second rotation waits for the first
+  to be finished. A spec written before phases existed has none: ``renewing``, which
+  is what such a rotation was.
 * Applying policies: every resource must name the mesh it is applied to; a (kind, name)
   appears once; each is stored as ``policy.load.encode``'s JSON. ``plan_apply`` compares
   with what is stored and says what is created, updated or unchanged, so only changes
@@ -28,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 from cryptography import x509
@@ -50,6 +59,10 @@ from meshagent.policy.model import Resource, kind_of
 MtlsMode = Literal["off", "permissive", "strict"]
 CaKind = Literal["builtin", "provided"]
 MTLS_MODES: tuple[MtlsMode, ...] = ("off", "permissive", "strict")
+RotationPhase = Literal["distributing", "renewing"]
+# How long the old CA keeps signing at most while online dataplanes have not applied
+# the new trust bundle (central.toml ``ca_rotation_switch_timeout``).
+SWITCH_TIMEOUT_SECONDS: Final = 600.0
 
 
 class MeshError(ValueError):
@@ -76,6 +89,14 @@ class MeshSpec(msgspec.Struct, frozen=True, kw_only=True):
     # the rotation started; "" and None otherwise.
     previous_ca_cert: str = ""
     rotation_started_at: float | None = None
+    # The phase of a rotation in progress: "distributing" (the new CA is in the bundle,
+    # the previous one still signs) or "renewing" (the new CA signs). Specs written
+    # before phases existed have none: their rotation is "renewing".
+    rotation_phase: RotationPhase = "renewing"
+    # While distributing: the mesh revision from which configs carry the new bundle
+    # (0: not recorded yet). When the new CA started signing (None: not yet).
+    bundle_revision: int = 0
+    switched_at: float | None = None
 
 
 def decode_spec(record: MeshRecord) -> MeshSpec:
@@ -152,6 +173,119 @@ def is_rotating(record: MeshRecord) -> bool:
     return bool(decode_spec(record).previous_ca_cert)
 
 
+def rotation_phase(spec: MeshSpec) -> RotationPhase | None:
+    """The phase of the mesh's CA rotation; None when none is in progress."""
+    return spec.rotation_phase if spec.previous_ca_cert else None
+
+
+def signing_cert(spec: MeshSpec) -> str:
+    """The PEM of the CA that signs now: the previous one while distributing."""
+    return spec.previous_ca_cert if rotation_phase(spec) == "distributing" else spec.ca_cert
+
+
+def signing_fingerprint(spec: MeshSpec) -> str:
+    """The fingerprint of the CA that signs now (configs' ``signing_ca``)."""
+    return ca_fingerprint(signing_cert(spec))
+
+
+def signing_pair(record: MeshRecord, seal_key: bytes) -> PemPair:
+    """The CA that signs now and its key, unsealed (keep it in memory only): the
+    previous CA while distributing, the mesh's CA otherwise.
+
+    Raises:
+        SecretError: see ``mesh_ca``.
+    """
+    spec = decode_spec(record)
+    if rotation_phase(spec) != "distributing":
+        return mesh_ca(record, seal_key)
+    key_pem = unseal(seal_key, record.previous_ca, context=record.name)
+    return PemPair(spec.previous_ca_cert.encode(), key_pem)
+
+
+def with_bundle_revision(record: MeshRecord, revision: int) -> MeshRecord | None:
+    """The record with ``bundle_revision`` set to ``revision`` (a mesh revision read
+    after the start of the rotation was stored); None when there is nothing to record
+    (not distributing, or already recorded)."""
+    spec = decode_spec(record)
+    if rotation_phase(spec) != "distributing" or spec.bundle_revision or revision < 1:
+        return None
+    recorded = msgspec.structs.replace(spec, bundle_revision=revision)
+    return msgspec.structs.replace(record, spec=encode_spec(recorded))
+
+
+def waiting_for_bundle(
+    record: MeshRecord,
+    dataplanes: Sequence[DataplaneRecord],
+    *,
+    is_online: Callable[[DataplaneRecord], bool],
+) -> list[str]:
+    """While distributing: the names of the online dataplanes that have not applied a
+    config carrying the new trust bundle (all online ones while ``bundle_revision`` is
+    not recorded); [] in any other phase. Offline dataplanes never wait: they get the
+    bundle with their next config, before anything else."""
+    spec = decode_spec(record)
+    if rotation_phase(spec) != "distributing":
+        return []
+    return sorted(
+        d.name
+        for d in dataplanes
+        if is_online(d) and (not spec.bundle_revision or d.applied_version < spec.bundle_revision)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchDecision:
+    """What to do about a distributing rotation: ``switch`` now or wait; ``waiting``:
+    the online dataplanes that have not applied the new bundle (when ``switch`` is
+    true and ``waiting`` is not empty, it is the timeout that switches)."""
+
+    switch: bool
+    waiting: list[str]
+
+    @property
+    def timed_out(self) -> bool:
+        return self.switch and bool(self.waiting)
+
+
+def switch_decision(
+    record: MeshRecord,
+    dataplanes: Sequence[DataplaneRecord],
+    *,
+    is_online: Callable[[DataplaneRecord], bool],
+    now: float,
+    timeout_seconds: float = SWITCH_TIMEOUT_SECONDS,
+) -> SwitchDecision | None:
+    """Should the new CA start signing? None when the mesh is not distributing. Yes
+    once the bundle revision is recorded and every online dataplane has applied it, or
+    once ``timeout_seconds`` have passed since the start (whoever still waits)."""
+    spec = decode_spec(record)
+    if rotation_phase(spec) != "distributing":
+        return None
+    waiting = waiting_for_bundle(record, dataplanes, is_online=is_online)
+    started = spec.rotation_started_at if spec.rotation_started_at is not None else now
+    timed_out = now - started >= timeout_seconds
+    return SwitchDecision(
+        switch=(spec.bundle_revision > 0 and not waiting) or timed_out, waiting=waiting
+    )
+
+
+def switch_signer(record: MeshRecord, *, now: float) -> MeshRecord:
+    """The record in phase "renewing": the new CA signs from now on.
+
+    Raises:
+        RotationConflict: the mesh is not distributing a new CA.
+    """
+    spec = decode_spec(record)
+    if rotation_phase(spec) != "distributing":
+        raise RotationConflict(f"mesh {record.name}: no new CA is being distributed")
+    switched = msgspec.structs.replace(spec, rotation_phase="renewing", switched_at=now)
+    return msgspec.structs.replace(record, spec=encode_spec(switched))
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
 def start_rotation(
     record: MeshRecord,
     *,
@@ -161,8 +295,9 @@ def start_rotation(
     ca_cert: str | None = None,
     ca_key: str | None = None,
 ) -> MeshRecord:
-    """The record with a new CA that signs from now on, the current one kept as the
-    previous CA (still trusted). Its key stays sealed as it was.
+    """The record with a new CA in the trust bundle, phase "distributing": the current
+    CA, kept as the previous one, still signs until ``switch_signer``. Its key stays
+    sealed as it was.
 
     Raises:
         RotationConflict: a rotation is already in progress.
@@ -189,7 +324,12 @@ def start_rotation(
     if ca_fingerprint(new_spec.ca_cert) == ca_fingerprint(spec.ca_cert):
         raise MeshError("ca_cert is the mesh's current CA; rotate to another CA")
     rotated = msgspec.structs.replace(
-        new_spec, previous_ca_cert=spec.ca_cert, rotation_started_at=now
+        new_spec,
+        previous_ca_cert=spec.ca_cert,
+        rotation_started_at=now,
+        rotation_phase="distributing",
+        bundle_revision=0,
+        switched_at=None,
     )
     return msgspec.structs.replace(
         record, spec=encode_spec(rotated), ca=fresh.ca, previous_ca=record.ca
@@ -229,17 +369,31 @@ def finish_rotation(
     spec = decode_spec(record)
     if not spec.previous_ca_cert:
         raise RotationConflict(f"mesh {record.name}: no CA rotation in progress")
+    if rotation_phase(spec) == "distributing":
+        waiting = waiting_for_bundle(record, dataplanes, is_online=is_online)
+        raise RotationConflict(
+            f"mesh {record.name}: the new CA is still being distributed and the previous "
+            "CA still signs every certificate; the central agent switches the signer when "
+            "every online dataplane has applied the new trust bundle"
+            + (f" (waiting for: {_names(waiting)})" if waiting else "")
+            + "; finish after that"
+        )
     behind = still_on_previous_ca(record, dataplanes, is_online=is_online)
     if behind and not force:
-        shown = ", ".join(behind[:10]) + (
-            f" and {len(behind) - 10} more" if len(behind) > 10 else ""
-        )
+        shown = _names(behind)
         raise RotationConflict(
             f"mesh {record.name}: {len(behind)} online dataplane(s) still use certificates "
             f"of the previous CA: {shown}; wait for them to renew (meshagent get "
             "dataplanes), or finish anyway with --force"
         )
-    finished = msgspec.structs.replace(spec, previous_ca_cert="", rotation_started_at=None)
+    finished = msgspec.structs.replace(
+        spec,
+        previous_ca_cert="",
+        rotation_started_at=None,
+        rotation_phase="renewing",
+        bundle_revision=0,
+        switched_at=None,
+    )
     return msgspec.structs.replace(record, spec=encode_spec(finished), previous_ca=b"")
 
 
@@ -252,12 +406,18 @@ def rotation_view(
     """The API's JSON view of a mesh's CA rotation (fingerprints are public)."""
     spec = decode_spec(record)
     rotating = bool(spec.previous_ca_cert)
+    phase = rotation_phase(spec)
     return {
         "mesh": record.name,
         "in_progress": rotating,
+        "phase": phase,
         "ca_fingerprint": ca_fingerprint(spec.ca_cert),
         "previous_ca_fingerprint": ca_fingerprint(spec.previous_ca_cert) if rotating else None,
+        "signing_ca_fingerprint": signing_fingerprint(spec),
         "started_at": spec.rotation_started_at,
+        "bundle_revision": spec.bundle_revision if phase == "distributing" else None,
+        "switched_at": spec.switched_at if rotating else None,
+        "waiting_for_bundle": waiting_for_bundle(record, dataplanes, is_online=is_online),
         "still_on_previous_ca": (
             still_on_previous_ca(record, dataplanes, is_online=is_online) if rotating else []
         ),

@@ -318,17 +318,14 @@ def mesh_create(
         _fail("--ca provided needs --ca-cert FILE and --ca-key FILE")
     if ca == "builtin" and (ca_cert is not None or ca_key is not None):
         _fail("--ca-cert and --ca-key go with --ca provided")
-    body: dict[str, Any] = {
-        "name": name, "mtls": mtls, "default_allow": not default_deny, "ca": ca
-    }
+    body: dict[str, Any] = {"name": name, "mtls": mtls, "default_allow": not default_deny, "ca": ca}
     if ca_cert is not None and ca_key is not None:
         body["ca_cert"] = _read_file("--ca-cert", ca_cert)
         body["ca_key"] = _read_file("--ca-key", ca_key)
     with _client(central_url, central_ca, token_file) as client:
         mesh = client.call("POST", "/v1/meshes", json=body)
     typer.echo(
-        f"created mesh {mesh['name']} (mtls {mesh['mtls']}, {_default(mesh)}, "
-        f"{mesh['ca']} CA)"
+        f"created mesh {mesh['name']} (mtls {mesh['mtls']}, {_default(mesh)}, {mesh['ca']} CA)"
     )
 
 
@@ -412,7 +409,9 @@ def mesh_rotate_ca(
     finish: Annotated[
         bool,
         typer.Option(
-            "--finish", help="Drop the previous CA once every dataplane uses the new one."
+            "--finish",
+            help="Drop the previous CA once every dataplane uses the new one (refused "
+            "while the new CA is being distributed).",
         ),
     ] = False,
     force: Annotated[
@@ -426,12 +425,15 @@ def mesh_rotate_ca(
     central_ca: CaOption = None,
     token_file: TokenOption = None,
 ) -> None:
-    """Replace a mesh's CA without downtime, in two steps.
+    """Replace a mesh's CA without downtime.
 
-    First a new CA signs every new certificate while dataplanes trust both CAs, and
-    agents renew theirs within central.toml's ca_rotation_spread. When `meshagent get
+    Starting puts the new CA in every dataplane's trust bundle while the previous CA
+    keeps signing (phase "distributing"). Once every online dataplane has applied the
+    new bundle (or after central.toml's ca_rotation_switch_timeout, 10 min by
+    default, with a warning), the central agent makes the new CA sign by itself (phase
+    "renewing") and agents renew within ca_rotation_spread. When `meshagent get
     dataplanes` shows every dataplane on the current CA, --finish drops the previous
-    CA from the trust bundle and deletes its key.
+    CA from the trust bundle and deletes its key (refused while distributing).
     """
     if force and not finish:
         _fail("--force goes with --finish")
@@ -466,10 +468,11 @@ def mesh_rotate_ca(
     with _client(central_url, central_ca, token_file) as client:
         started = client.call("POST", f"/v1/meshes/{name}/ca-rotation", json=body)
     typer.echo(
-        f"mesh {name}: CA rotation started: new {ca} CA {str(started['ca_fingerprint'])[:12]} "
-        f"signs, previous {str(started['previous_ca_fingerprint'])[:12]} still trusted; "
-        f"follow with: meshagent get dataplanes --mesh {name}; then: meshagent mesh "
-        f"rotate-ca {name} --finish"
+        f"mesh {name}: CA rotation started: distributing new {ca} CA "
+        f"{str(started['ca_fingerprint'])[:12]}; previous "
+        f"{str(started['previous_ca_fingerprint'])[:12]} signs until every online dataplane "
+        f"has the new bundle; follow with: meshagent get dataplanes --mesh {name}; then: "
+        f"meshagent mesh rotate-ca {name} --finish"
     )
 
 
@@ -707,13 +710,17 @@ def get_dataplanes(
     leaves it out. STATUS: offline after three missed heartbeats (30 s).
     APPLIED/LATEST: its config version.
     CA: "current" when all its certificates come from the mesh's CA, "previous" when some
-    do not (a CA rotation has not reached it yet), "?" before it has said.
+    do not (a CA rotation has not reached it yet), "?" before it has said. While a
+    rotation distributes the new CA (the line below the table says so), "new-bundle"
+    for a dataplane that has applied the new trust bundle, "bundle-pending" for one
+    that has not: the new CA signs once no online dataplane is pending.
 
     A dataplane that refused its latest config says why below the table.
     """
     _check_output(output)
     with _client(central_url, central_ca, token_file) as client:
-        dataplanes = client.call("GET", f"/v1/meshes/{mesh}/dataplanes")["dataplanes"]
+        answer = client.call("GET", f"/v1/meshes/{mesh}/dataplanes")
+    dataplanes = answer["dataplanes"]
     if output == "json":
         _print_json(dataplanes)
         return
@@ -733,6 +740,17 @@ def get_dataplanes(
     for d in dataplanes:
         if d.get("last_error"):
             typer.echo(f"{d['name']}: config rejected: {d['last_error']}")
+    phase = answer.get("ca_rotation_phase")
+    if phase == "distributing":
+        typer.echo(
+            "CA rotation: distributing the new CA; the previous CA signs until every "
+            "online dataplane has the new bundle"
+        )
+    elif phase == "renewing":
+        typer.echo(
+            "CA rotation: the new CA signs; agents are renewing; finish when every online "
+            f"dataplane is current (meshagent mesh rotate-ca {mesh} --finish)"
+        )
 
 
 @get_app.command("tokens", cls=_Command, epilog="Example: meshagent get tokens --mesh shop")
@@ -783,9 +801,7 @@ def get_audit(
     what it did, to what."""
     _check_output(output)
     with _client(central_url, central_ca, token_file) as client:
-        entries = client.call("GET", f"/v1/meshes/{mesh}/audit", params={"limit": limit})[
-            "entries"
-        ]
+        entries = client.call("GET", f"/v1/meshes/{mesh}/audit", params={"limit": limit})["entries"]
     if output == "json":
         _print_json(entries)
         return
@@ -816,7 +832,7 @@ def _dataplane_row(view: dict[str, Any]) -> list[str]:
         status,
         f"{view['applied_version']}/{view['latest_version']}",
         _utc_minutes(view.get("cert_not_after")),
-        _ca_state(view.get("on_current_ca")),
+        _ca_state(view.get("on_current_ca"), view.get("has_new_bundle")),
     ]
 
 
@@ -824,7 +840,9 @@ def _services(services: list[str], unhealthy: list[str]) -> str:
     return ",".join(f"{s} (unhealthy)" if s in unhealthy else s for s in services)
 
 
-def _ca_state(on_current: object) -> str:
+def _ca_state(on_current: object, has_new_bundle: object = None) -> str:
+    if has_new_bundle is not None:  # distributing a new CA
+        return "new-bundle" if has_new_bundle else "bundle-pending"
     if on_current is None:
         return "?"
     return "current" if on_current else "previous"

@@ -75,6 +75,10 @@ class CentralConfig(_Strict, frozen=True, kw_only=True):
     # During a CA rotation, agents renew their certificates of the previous CA at a
     # random moment within this window, so a large mesh does not renew all at once.
     ca_rotation_spread: Duration = Duration(120.0)
+    # During a CA rotation, the previous CA keeps signing until every online dataplane
+    # has applied the new trust bundle, or for this long at most (then a warning names
+    # those that have not).
+    ca_rotation_switch_timeout: Duration = Duration(600.0)
     store: StoreSettings = StoreSettings()
     log: CentralLogSettings = CentralLogSettings()
 
@@ -131,6 +135,8 @@ def validate_central(config: CentralConfig) -> list[str]:
         problems.append('heartbeat_interval: must be from 1s to 5m, e.g. "10s"')
     if not 0 <= config.ca_rotation_spread <= MAX_ROTATION_SPREAD_SECONDS:
         problems.append('ca_rotation_spread: must be from 0s to 24h, e.g. "2m"')
+    if not 0 <= config.ca_rotation_switch_timeout <= MAX_ROTATION_SPREAD_SECONDS:
+        problems.append('ca_rotation_switch_timeout: must be from 0s to 24h, e.g. "10m"')
     if not 0 < config.store.session_ttl <= MAX_SESSION_TTL_SECONDS:
         problems.append(
             'store.session_ttl: must be more than 0 and at most 24h, e.g. "10s" (Consul '

@@ -310,6 +310,7 @@ def test_view_shows_status_and_no_secret() -> None:
         "cert_not_after": NOW + 3600,
         "cert_issuers": [],
         "on_current_ca": None,
+        "has_new_bundle": None,
         "unhealthy": [],
         "last_error": "bad route",
         "inbounds": [{"service": "web", "port": 15443, "protocol": "http", "tags": {"version": "v1"}}],

@@ -13,6 +13,7 @@ import trio.testing
 from meshagent.central.dataplanes import DataplaneSpec
 from meshagent.central.jobs import (
     ORPHAN_GRACE_SECONDS,
+    CaRotationSwitch,
     LeaderJob,
     OfflineSweep,
     SoleLeader,
@@ -20,9 +21,12 @@ from meshagent.central.jobs import (
     orphan_node_tokens,
     purge_old_audit,
     purge_orphan_node_tokens,
+    record_bundle_revision,
     run_job_once,
     run_leader_jobs,
 )
+from meshagent.central.meshes import decode_spec as decode_mesh_spec
+from meshagent.central.meshes import new_mesh, start_rotation
 from meshagent.central.store import (
     AuditRecord,
     DataplaneRecord,
@@ -33,6 +37,8 @@ from meshagent.central.store import (
     TokenRecord,
     token_digest,
 )
+from meshagent.pki.secrets import key_from_file_bytes, new_key_file_bytes
+from tests.central.conftest import Backend
 
 NOW = 1_700_000_000.0
 OLD = NOW - ORPHAN_GRACE_SECONDS
@@ -120,7 +126,7 @@ async def test_leader_jobs_purge_and_say_so(store: Store, capsys: pytest.Capture
     for at in (NOW - 100 * 86400, NOW - 91 * 86400, NOW - 1):
         await store.append_audit(AuditRecord(at=at, actor="a", action="b", mesh="shop", target="c"))
     jobs = leader_jobs(store, audit_retention_seconds=90 * 86400)
-    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [1, 1, 2, 0]
+    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [1, 1, 2, 0, 0]
     assert await store.list_tokens() == []
     assert [e.at for e in await store.list_audit()] == [NOW - 1]
     lines = capsys.readouterr().err.splitlines()
@@ -128,7 +134,7 @@ async def test_leader_jobs_purge_and_say_so(store: Store, capsys: pytest.Capture
     assert sum("node credentials no dataplane names purged" in line for line in lines) == 1
     assert sum("audit entries past retention purged" in line and "count=2" in line for line in lines) == 1
     # Nothing left to do: nothing said.
-    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [0, 0, 0, 0]
+    assert [await run_job_once(job, clock=lambda: NOW) for job in jobs] == [0, 0, 0, 0, 0]
     assert "purged" not in capsys.readouterr().err
 
 
@@ -303,3 +309,66 @@ async def test_the_sweep_runs_every_half_heartbeat_while_leading(
         nursery.cancel_scope.cancel()
     # The sweep at 0, 0.5 ... 2.5 (6 runs); the other job once, at 0.
     assert len(calls) == 7
+
+
+# ---------------------------------------------------------------------------- the CA rotation switch
+
+
+async def test_the_ca_switch_waits_for_the_bundle_and_happens_once_across_replicas(
+    backend: Backend, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seal = key_from_file_bytes(new_key_file_bytes())
+    mesh = await store.create_mesh(new_mesh("shop", mtls="strict", ca="builtin", seal_key=seal, now=NOW))
+    for record in (dataplane("a", names="t1"), dataplane("b", names="t2")):
+        await store.put_dataplane(record)
+    before = await store.mesh_revision("shop")
+    rotating = await store.update_mesh(
+        start_rotation(mesh, ca="builtin", seal_key=seal, now=NOW), expected_version=mesh.version
+    )
+    recorded = await record_bundle_revision(store, rotating)
+    revision = decode_mesh_spec(recorded).bundle_revision
+    assert revision > before and await record_bundle_revision(store, recorded) == recorded
+    for name, applied in (("a", revision), ("b", revision - 1)):
+        await store.update_dataplane_status("shop", name, applied_version=applied,
+                                            last_seen=NOW + 1, cert_not_after=None)
+    async with backend.open() as replica:
+        jobs = [CaRotationSwitch(s, heartbeat_seconds=2.0, timeout_seconds=60.0)
+                for s in (store, replica)]
+        assert [await job(NOW + 2) for job in jobs] == [0, 0]  # "b" has not applied it
+        assert decode_mesh_spec(await store.get_mesh("shop")).rotation_phase == "distributing"
+        await store.update_dataplane_status("shop", "b", applied_version=revision + 1,
+                                            last_seen=NOW + 3, cert_not_after=None)
+        # Both replicas read the same record; only one write can win.
+        read = await replica.get_mesh("shop")
+        assert [await job.switch_one(read, NOW + 4) for job in jobs] == [True, False]
+        assert [await job(NOW + 5) for job in jobs] == [0, 0]
+    switched = decode_mesh_spec(await store.get_mesh("shop"))
+    assert switched.rotation_phase == "renewing" and switched.switched_at == NOW + 4
+    entries = [e for e in await store.list_audit("shop") if e.action == "mesh.ca_rotation.switch"]
+    assert len(entries) == 1 and entries[0].actor == "central"
+    lines = [line for line in capsys.readouterr().err.splitlines() if "the new CA signs" in line]
+    assert len(lines) == 1 and "level=info" in lines[0]
+
+
+async def test_the_ca_switch_times_out_with_a_warning_naming_who_lags(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seal = key_from_file_bytes(new_key_file_bytes())
+    mesh = await store.create_mesh(new_mesh("shop", mtls="strict", ca="builtin", seal_key=seal, now=NOW))
+    await store.put_dataplane(dataplane("a", names="t1"))
+    await store.update_mesh(
+        start_rotation(mesh, ca="builtin", seal_key=seal, now=NOW), expected_version=mesh.version
+    )
+    job = CaRotationSwitch(store, heartbeat_seconds=10.0, timeout_seconds=60.0)
+    for t in (0, 20, 40, 59):  # "a" stays online on its old config
+        await store.update_dataplane_status("shop", "a", applied_version=1, last_seen=NOW + t,
+                                            cert_not_after=None)
+        assert await job(NOW + t) == 0
+    assert decode_mesh_spec(await store.get_mesh("shop")).bundle_revision > 0  # recorded
+    assert await job(NOW + 60) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "level=warning" in line]
+    assert len(lines) == 1 and "dataplanes=a" in lines[0] and "timeout_seconds=60" in lines[0]
+    entry = (await store.list_audit("shop"))[0]
+    assert entry.action == "mesh.ca_rotation.switch" and entry.detail.endswith(
+        "without the new bundle: a"
+    )

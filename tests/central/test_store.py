@@ -951,3 +951,29 @@ async def test_consul_reads_meshes_and_dataplanes_written_before_ca_rotation(
         found = await store.get_mesh("shop")
         assert (found.ca, found.previous_ca, found.version) == (created.ca, b"", 1)
         assert (await store.get_dataplane("shop", "host-a")).cert_issuers == ()
+
+
+async def test_a_rotation_stored_before_phases_reads_as_renewing(store: Store) -> None:
+    """A mesh stored mid-rotation by a meshagent without rotation phases (its spec has no
+    phase fields) keeps its meaning: the new CA signs, and the switch job leaves it be."""
+    from meshagent.central.jobs import CaRotationSwitch
+    from meshagent.central.meshes import decode_spec, new_mesh, signing_fingerprint, start_rotation
+    from meshagent.pki.rotation import ca_fingerprint
+    from meshagent.pki.secrets import key_from_file_bytes, new_key_file_bytes
+
+    seal = key_from_file_bytes(new_key_file_bytes())
+    rotated = start_rotation(
+        new_mesh("shop", mtls="strict", ca="builtin", seal_key=seal, now=1.0),
+        ca="builtin", seal_key=seal, now=2.0,
+    )
+    spec = json.loads(rotated.spec)
+    for key in ("rotation_phase", "bundle_revision", "switched_at"):
+        del spec[key]
+    stored = await store.create_mesh(
+        msgspec.structs.replace(rotated, spec=json.dumps(spec).encode())
+    )
+    found = decode_spec(await store.get_mesh("shop"))
+    assert found.rotation_phase == "renewing" and found.bundle_revision == 0
+    assert signing_fingerprint(found) == ca_fingerprint(found.ca_cert)
+    assert await CaRotationSwitch(store)(100.0) == 0
+    assert (await store.get_mesh("shop")).version == stored.version

@@ -2,11 +2,14 @@
 TLS, the operator's CLI.
 
 Two agents (web -> orders) carry steady traffic over one held connection and over new
-connections while the operator runs ``meshagent mesh rotate-ca``: both agents move to
-certificates of the new CA within a bounded time, no exchange fails, the held
-connection survives, ``--finish`` is refused while an online dataplane still has an
-old-CA certificate, then done; traffic still flows, and a certificate of the old CA is
-refused by the inbound."""
+connections while the operator runs ``meshagent mesh rotate-ca``: the new CA is
+distributed first, and the central agent switches the signer only once both agents have
+applied a config carrying it (a watcher reads the phase, then the dataplanes, every
+0.1 s); then both agents move to certificates of the new CA within a bounded time, no
+exchange fails and no handshake is refused for an unknown CA, the held connection
+survives, ``--finish`` is refused while an online dataplane still has an old-CA
+certificate, then done; traffic still flows, and a certificate of
+the old CA is refused by the inbound."""
 
 from __future__ import annotations
 
@@ -111,6 +114,50 @@ def heartbeat(central: CentralProcess, node_token: str, tls: ssl.SSLContext) -> 
     assert response.status_code == 204, response.text
 
 
+@dataclass
+class PhaseWatch:
+    """Reads the rotation's phase, then the dataplanes' applied versions, until
+    stopped: ``violations`` lists every moment the new CA signed while an agent had not
+    applied the new bundle."""
+
+    central: CentralProcess
+    agents: tuple[str, ...]
+    bundle_revision: int = 0
+    phases: list[str | None] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        tls = ssl.create_default_context(cafile=str(self.central.ca))
+        token = (self.central.data / "admin.token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(
+            base_url=self.central.url, verify=tls, timeout=10, trust_env=False, headers=headers
+        ) as http:
+            while not self.stop.is_set():
+                try:
+                    rotation = http.get("/v1/meshes/shop/ca-rotation").json()
+                    listed = http.get("/v1/meshes/shop/dataplanes").json()["dataplanes"]
+                except (httpx.HTTPError, ValueError) as exc:
+                    self.errors.append(str(exc))
+                    continue
+                phase = rotation["phase"]
+                if phase == "distributing" and rotation["bundle_revision"]:
+                    self.bundle_revision = rotation["bundle_revision"]
+                if not self.phases or self.phases[-1] != phase:
+                    self.phases.append(phase)
+                if phase == "renewing":
+                    applied = {d["name"]: d["applied_version"] for d in listed}
+                    behind = [a for a in self.agents if applied[a] < self.bundle_revision]
+                    if not self.bundle_revision or behind:
+                        self.violations.append(
+                            f"the new CA signs; bundle version {self.bundle_revision}, "
+                            f"applied: {applied}"
+                        )
+                time.sleep(0.1)
+
+
 def unknown_ca_refusals(admin_address: str) -> float:
     """The inbound's count of handshakes refused for a certificate of an unknown CA."""
     text = httpx.get(f"http://{admin_address}/metrics", timeout=5, trust_env=False).text
@@ -167,6 +214,18 @@ def test_ca_rotation_under_traffic(tmp_path: Path) -> None:
                 lambda: on_current() == {"orders-shop": True, "web-shop": True, "vm-stuck": True},
                 within=10, what="every dataplane reports the mesh CA",
             )
+            # The stuck dataplane is offline when the rotation starts (it does not hold
+            # up the switch): only the two agents do.
+            def stuck_offline() -> bool:
+                return not next(d for d in admin.dataplanes("shop") if d["name"] == "vm-stuck")[
+                    "online"
+                ]
+
+            eventually(stuck_offline, within=10, what="vm-stuck offline")
+            refusals_before = {
+                name: unknown_ca_refusals(config["admin"])
+                for name, config in (("orders", orders_config), ("web", web_config))
+            }
             # Keep web's certificate of the old CA, and the old CA, for the end.
             web_state = Path(web_config["state_dir"]) / "central"
             old_pem = tmp_path / "old-web.pem"
@@ -175,21 +234,53 @@ def test_ca_rotation_under_traffic(tmp_path: Path) -> None:
             traffic = Traffic(mesh.web_port)
             thread = threading.Thread(target=traffic.run, daemon=True)
             thread.start()
+            watch = PhaseWatch(central, ("orders-shop", "web-shop"))
+            watcher = threading.Thread(target=watch.run, daemon=True)
+            watcher.start()
             try:
                 time.sleep(1.0)
-                started = time.monotonic()
+                started = time.time()
                 rotate = cli(central, "mesh", "rotate-ca", "shop")
                 assert rotate.returncode == 0, rotate.stderr
-                assert "CA rotation started" in rotate.stdout
+                assert "CA rotation started: distributing" in rotate.stdout
+
+                def switched() -> bool:
+                    phase = admin.call("GET", "/v1/meshes/shop/ca-rotation")["phase"]
+                    return bool(phase == "renewing")
+
+                eventually(switched, within=MOVE_WITHIN_SECONDS, what="the new CA signs")
+                rotation = admin.call("GET", "/v1/meshes/shop/ca-rotation")
+                to_switch = rotation["switched_at"] - rotation["started_at"]
 
                 def moved() -> bool:
                     state = on_current()
                     return state["orders-shop"] is True and state["web-shop"] is True
 
                 eventually(moved, within=MOVE_WITHIN_SECONDS, what="both agents on the new CA")
-                took = time.monotonic() - started
-                print(f"agents moved to the new CA {took:.1f} s after rotate-ca")
+                moved_at = time.time()
+                print(
+                    f"CLI to rotation stored {rotation['started_at'] - started:.1f} s; stored "
+                    f"to switch {to_switch:.1f} s; switch to both agents on the new CA "
+                    f"{moved_at - rotation['switched_at']:.1f} s; rotate-ca to all on it "
+                    f"{moved_at - started:.1f} s"
+                )
                 assert on_current()["vm-stuck"] is False
+                watch.stop.set()
+                watcher.join(10)
+                # The switch came after both agents applied the new bundle, not by timeout.
+                assert watch.violations == [], watch.violations
+                assert watch.phases[watch.phases.index("distributing"):][:2] == [
+                    "distributing", "renewing"
+                ], watch.phases
+                switch = next(
+                    e for e in admin.call("GET", "/v1/meshes/shop/audit")["entries"]
+                    if e["action"] == "mesh.ca_rotation.switch"
+                )
+                assert switch["actor"] == "central"
+                assert "every online dataplane has the new bundle" in switch["detail"]
+                # Nobody was asked to trust a certificate of a CA it did not have.
+                for name, config in (("orders", orders_config), ("web", web_config)):
+                    assert unknown_ca_refusals(config["admin"]) == refusals_before[name], name
 
                 listing = cli(central, "get", "dataplanes", "--mesh", "shop")
                 assert listing.returncode == 0, listing.stderr
@@ -220,7 +311,9 @@ def test_ca_rotation_under_traffic(tmp_path: Path) -> None:
                 time.sleep(2.0)
             finally:
                 traffic.stop.set()
+                watch.stop.set()
                 thread.join(10)
+                watcher.join(10)
             assert traffic.failures == [], traffic.failures
             assert traffic.rounds > rounds_at_finish + 5, "traffic stopped after the finish"
             assert round_trip(mesh.web_port), "new connections fail after the finish"

@@ -20,8 +20,10 @@ from meshagent.central.meshes import (
     mesh_ca,
     new_mesh,
     rotation_view,
+    signing_pair,
     start_rotation,
     still_on_previous_ca,
+    switch_signer,
     trust_bundle,
 )
 from meshagent.central.store import DataplaneRecord
@@ -106,7 +108,14 @@ def test_start_then_finish_a_rotation() -> None:
     assert spec.previous_ca_cert == old_pem and spec.ca_cert != old_pem
     assert spec.rotation_started_at == 2.0 and spec.mtls == "strict"
     assert rotated.previous_ca == record.ca  # the old key, still sealed
-    assert mesh_ca(rotated, SEAL).cert_pem.decode() == spec.ca_cert  # the new one signs
+    assert mesh_ca(rotated, SEAL).cert_pem.decode() == spec.ca_cert
+    # Distributing: the old CA still signs, with its own key.
+    assert spec.rotation_phase == "distributing" and spec.bundle_revision == 0
+    assert signing_pair(rotated, SEAL) == mesh_ca(record, SEAL)
+    with pytest.raises(RotationConflict, match="still being distributed"):
+        finish_rotation(rotated, [], is_online=lambda d: True, force=True)
+    rotated = switch_signer(rotated, now=2.5)
+    assert signing_pair(rotated, SEAL).cert_pem.decode() == spec.ca_cert  # the new one signs
     assert bundle_fingerprints(trust_bundle(spec)) == [
         ca_fingerprint(spec.ca_cert), ca_fingerprint(old_pem)
     ]
@@ -135,9 +144,12 @@ def test_start_then_finish_a_rotation() -> None:
 
 
 def test_finish_names_at_most_ten_dataplanes() -> None:
-    record = start_rotation(
-        new_mesh("shop", mtls="strict", ca="builtin", seal_key=SEAL, now=1.0),
-        ca="builtin", seal_key=SEAL, now=2.0,
+    record = switch_signer(
+        start_rotation(
+            new_mesh("shop", mtls="strict", ca="builtin", seal_key=SEAL, now=1.0),
+            ca="builtin", seal_key=SEAL, now=2.0,
+        ),
+        now=3.0,
     )
     many = [dataplane(f"vm-{i:02}") for i in range(12)]
     with pytest.raises(RotationConflict) as refused:
