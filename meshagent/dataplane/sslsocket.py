@@ -210,15 +210,15 @@ class SslSocketStream(trio.abc.Stream):
             while True:
                 try:
                     self._sock.do_handshake()
+                    break
                 except ssl.SSLWantReadError:
-                    await self._wait_readable()
+                    wait = self._wait_readable
                 except ssl.SSLWantWriteError:
-                    await self._wait_writable()
+                    wait = self._wait_writable
                 except (ssl.SSLError, OSError) as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
-                else:
-                    break
+                await wait()  # outside the except: see receive_some
             self._handshake_done = True
         finally:
             self._sending = self._receiving = False
@@ -251,11 +251,15 @@ class SslSocketStream(trio.abc.Stream):
                     data = sock.recv(max_bytes)
                     break
                 except ssl.SSLWantReadError:
-                    await self._wait_readable()
+                    wait = self._wait_readable
                 except ssl.SSLWantWriteError:
-                    await self._wait_writable()
+                    wait = self._wait_writable
                 except (ssl.SSLError, OSError) as exc:
                     raise self._broke(exc) from exc
+                # Wait outside the except block: inside it, the SSLWantReadError, its
+                # traceback and the frames it holds would stay alive for as long as the
+                # connection is idle (about 1 KiB per waiting stream).
+                await wait()
                 waited = True
             if len(data) >= _RECORD and len(data) < max_bytes:
                 data = self._read_on(data, max_bytes)
@@ -321,12 +325,13 @@ class SslSocketStream(trio.abc.Stream):
                 while sent < total:
                     try:
                         sent += sock.send(view[sent:])
+                        continue
                     except ssl.SSLWantWriteError:
-                        waited = True
-                        await self._wait_writable()
+                        wait = self._wait_writable
                     except ssl.SSLWantReadError:
-                        waited = True
-                        await self._wait_readable()
+                        wait = self._wait_readable
+                    waited = True
+                    await wait()  # outside the except: see receive_some
             except (ssl.SSLError, OSError) as exc:
                 raise self._broke(exc) from exc
             except BaseException:

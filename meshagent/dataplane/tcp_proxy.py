@@ -1,6 +1,7 @@
 """Splice two byte streams: two pumps, half-close, backpressure, idle timeout.
 
-Theory of operation. Each direction is one pump task: receive at most ``CHUNK`` bytes,
+Theory of operation. Each direction is one pump (one in the connection's own task, the
+other in a child task, so an idle connection costs two tasks): receive at most ``CHUNK`` bytes,
 send them all, repeat. A pump holds at most one chunk, and does not read again until the
 other side took the last one, so a slow reader slows the writer instead of growing a
 buffer (backpressure by construction). End of stream in one direction becomes a
@@ -144,9 +145,10 @@ async def splice(a: Side, b: Side, *, idle_seconds: float) -> tuple[int, int]:
                 idle.deadline = trio.current_time() + idle_seconds
 
         try:
+            # One pump runs in this task: a connection costs two tasks, not three.
             async with trio.open_nursery() as pumps:
-                pumps.start_soon(pump, a, b, 0)
                 pumps.start_soon(pump, b, a, 1)
+                await pump(a, b, 0)
         finally:
             with trio.CancelScope(shield=True):
                 await a.aclose()
