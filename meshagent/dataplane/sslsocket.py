@@ -52,7 +52,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -81,13 +81,11 @@ class SslSocketStream(trio.abc.Stream):
         "_closed",
         "_handshake_done",
         "_on_session",
-        "_read_lot",
-        "_read_waiter",
+        "_reading",
         "_receiving",
         "_sending",
         "_sock",
-        "_write_lot",
-        "_write_waiter",
+        "_writing",
         "server_side",
     )
 
@@ -107,10 +105,8 @@ class SslSocketStream(trio.abc.Stream):
         self._closed = False
         self._receiving = False
         self._sending = False
-        self._read_waiter = False
-        self._write_waiter = False
-        self._read_lot = trio.lowlevel.ParkingLot()
-        self._write_lot = trio.lowlevel.ParkingLot()
+        self._reading = _OneWaiter(trio.lowlevel.wait_readable)
+        self._writing = _OneWaiter(trio.lowlevel.wait_writable)
 
     @classmethod
     def wrap(
@@ -397,27 +393,34 @@ class SslSocketStream(trio.abc.Stream):
     async def _wait_readable(self) -> None:
         """Wait until the fd is readable, or, if another task of this stream already
         waits for that, until its wait ended. A cancel point."""
-        if self._read_waiter:
-            await self._read_lot.park()
-            return
-        self._read_waiter = True
-        try:
-            await trio.lowlevel.wait_readable(self._sock)
-        except trio.ClosedResourceError:
-            raise trio.ClosedResourceError("the TLS stream was closed") from None
-        finally:
-            self._read_waiter = False
-            self._read_lot.unpark_all()
+        await self._reading.wait(self._sock)
 
     async def _wait_writable(self) -> None:
-        if self._write_waiter:
-            await self._write_lot.park()
+        """The same for writability."""
+        await self._writing.wait(self._sock)
+
+
+class _OneWaiter:
+    """One direction's readiness wait on a socket, shared by the stream's tasks: trio
+    lets only one task wait for one direction of one descriptor, so a second task parks
+    until the first one's wait ended, then retries its call."""
+
+    __slots__ = ("_busy", "_lot", "_wait")
+
+    def __init__(self, wait: Callable[[ssl.SSLSocket], Awaitable[None]]) -> None:
+        self._wait = wait
+        self._busy = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def wait(self, sock: ssl.SSLSocket) -> None:
+        if self._busy:
+            await self._lot.park()
             return
-        self._write_waiter = True
+        self._busy = True
         try:
-            await trio.lowlevel.wait_writable(self._sock)
+            await self._wait(sock)
         except trio.ClosedResourceError:
             raise trio.ClosedResourceError("the TLS stream was closed") from None
         finally:
-            self._write_waiter = False
-            self._write_lot.unpark_all()
+            self._busy = False
+            self._lot.unpark_all()
