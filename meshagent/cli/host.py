@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import ssl
 import stat
@@ -617,6 +618,20 @@ def check_certificates(config: AgentConfig, *, now: datetime) -> list[Finding]:
     return findings
 
 
+def check_pump() -> list[Finding]:
+    """Whether L4 connections are pumped in C (the agent's CPU per request depends on it)."""
+    from meshagent.dataplane.nativepump import ENV_SWITCH, native_problem
+
+    problem = native_problem()
+    if problem is None:
+        return [_ok("l4 pump", "native: L4 connections are pumped in C")]
+    if os.environ.get(ENV_SWITCH) == "0":
+        return [_ok("l4 pump", f"python: {problem}")]
+    return [_bad("l4 pump", f"python, about 5x the CPU per request: {problem} — fix: install "
+                 "gcc and the Python headers (Debian: gcc python3-dev), then reinstall "
+                 "meshagent")]
+
+
 def run_doctor(path: Path, *, now: datetime | None = None) -> list[Finding]:
     """Every check, in the order an operator would fix them."""
     now = now or datetime.now(UTC)
@@ -630,6 +645,7 @@ def run_doctor(path: Path, *, now: datetime | None = None) -> list[Finding]:
         findings += check_central(config, now=now)
     findings += check_certificates(config, now=now)
     findings += check_permissions(config)
+    findings += check_pump()
     return findings
 
 
@@ -637,7 +653,8 @@ def doctor(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Check what usually breaks this host's agent, and say how to fix each problem.
 
     Config, ports, Consul reachability and ACL token, the central agent (TLS with its CA)
-    and the clock against it, certificates, permissions of keys and tokens. Exit 1 when
+    and the clock against it, certificates, permissions of keys and tokens, whether L4
+    connections are pumped in C. Exit 1 when
     any check fails. Run it as root (or the agent's user) to read keys and tokens.
     """
     findings = run_doctor(config)

@@ -20,6 +20,7 @@ from meshagent.dataplane.errors import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
+from meshagent.dataplane.nativepump import NativePump
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import Logger
 from meshagent.protocol.frames import FrameError
@@ -146,6 +147,7 @@ class DataplaneContext:
     rng: random.Random = field(default_factory=random.Random)  # splits; seeded in tests
     http: HttpStats = field(default_factory=HttpStats)
     drain: Drain = field(default_factory=Drain)
+    pump: NativePump | None = None  # the C pump of L4 connections, when available
 
     def listener_counters(self, listener: str) -> ConnectionCounters:
         counters = self.by_listener.get(listener)

@@ -230,7 +230,7 @@ async def handle_inbound(
             raise
         log.debug("accepted", caller=caller, listener=listener.name, **fields)
         sent, received = await splice(
-            mesh_side, PlainSide(app_stream), idle_seconds=timeouts.idle_seconds
+            mesh_side, PlainSide(app_stream), idle_seconds=timeouts.idle_seconds, pump=ctx.pump
         )
         counters.bytes_in += sent
         counters.bytes_out += received

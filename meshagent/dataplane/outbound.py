@@ -106,7 +106,8 @@ async def handle_outbound(
             mesh_side = RawTlsSide(upstream)
         log.debug("connected", endpoint=endpoint.address, **fields)
         sent, received = await splice(
-            PlainSide(stream), mesh_side, idle_seconds=snapshot.idle_seconds(endpoint.service)
+            PlainSide(stream), mesh_side,
+            idle_seconds=snapshot.idle_seconds(endpoint.service), pump=ctx.pump,
         )
         counters.bytes_out += sent
         counters.bytes_in += received

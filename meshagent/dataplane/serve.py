@@ -2,8 +2,9 @@
 
 Nursery layout (STYLE §2.4)::
 
-    connections nursery   handler tasks; outlives the listeners so in-flight work drains
-    └── listeners nursery one serve_listener task per inbound and outbound
+    pump nursery          the C pump of L4 connections (nativepump.py), when available
+    └── connections nursery   handler tasks; outlives the listeners so in-flight work drains
+        └── listeners nursery one serve_listener task per inbound and outbound
 
 ``DataplaneHandle.drain(seconds)`` stops accepting at once and gives in-flight
 connections ``seconds`` to finish before they are cancelled. HTTP keep-alive
@@ -22,6 +23,7 @@ from meshagent.dataplane.connection import DataplaneContext, SnapshotSource
 from meshagent.dataplane.http_outbound import HttpOutbound, handle_http_outbound
 from meshagent.dataplane.inbound import AppPool, handle_inbound
 from meshagent.dataplane.listener import Handler, open_listener, serve_listener
+from meshagent.dataplane.nativepump import NativePump, native_problem
 from meshagent.dataplane.outbound import handle_outbound
 from meshagent.dataplane.pool import ConnectionPool
 from meshagent.dataplane.tls import TlsContexts
@@ -120,7 +122,13 @@ async def serve_dataplane(
             await listener.aclose()
         raise
     try:
-        await _serve(specs, bound, ctx, pools, task_status)
+        async with trio.open_nursery() as pump_nursery:  # outlives every connection
+            problem = native_problem()
+            if problem is None:
+                ctx.pump = await pump_nursery.start(NativePump().run)
+            log.info("l4 pump", kind="native" if problem is None else "python", why=problem)
+            await _serve(specs, bound, ctx, pools, task_status)
+            pump_nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             for pool in pools:

@@ -173,6 +173,24 @@ class SslSocketStream(trio.abc.Stream):
         return self._sock.session
 
     @property
+    def pumpable(self) -> bool:
+        """True when the C pump may take the connection over: handshake done, open,
+        not broken, no call in progress."""
+        return (
+            self._handshake_done
+            and not (self._closed or self._broken or self._sending or self._receiving)
+        )
+
+    @property
+    def wants_first_read(self) -> bool:
+        """True while ``on_session`` waits for the first bytes received."""
+        return self._on_session is not None
+
+    def first_read(self) -> None:
+        """The first bytes were received elsewhere (the C pump): offer the session."""
+        self._offer_session()
+
+    @property
     def session_reused(self) -> bool:
         return bool(self._sock.session_reused)
 

@@ -12,13 +12,19 @@ byte moved in either direction for ``idle_seconds``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
+from meshagent.dataplane import nativepump
+from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.log import get_logger
 from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
+
+log = get_logger("dataplane")
 
 CHUNK = 64 * 1024
 
@@ -39,6 +45,10 @@ class Side(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+    def native_end(self) -> End | None:
+        """What the C pump needs to take this side over, or None if it cannot."""
+        ...
 
 
 class _StreamSide:
@@ -76,6 +86,12 @@ class PlainSide(_StreamSide):
         assert isinstance(stream, PlainSocketStream)
         await stream.send_eof()
 
+    def native_end(self) -> End | None:
+        stream = self.stream
+        assert isinstance(stream, PlainSocketStream)
+        fd = stream.fileno()
+        return None if fd < 0 else (fd, None, nativepump.kinds()[0])
+
 
 class FramedSide:
     """An mTLS connection to another agent that negotiated ``meshagent/1`` framing."""
@@ -109,6 +125,11 @@ class FramedSide:
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
+    def native_end(self) -> End | None:
+        if self._pending or self._decoder.buffered() or self._decoder.ended:
+            return None  # mid-stream: the decoder state stays in Python
+        return _tls_end(self.stream, nativepump.kinds()[1])
+
 
 class RawTlsSide(_StreamSide):
     """An mTLS connection whose peer did not negotiate framing (a mesh-aware client that
@@ -120,9 +141,25 @@ class RawTlsSide(_StreamSide):
     async def send_eof(self) -> None:
         return
 
+    def native_end(self) -> End | None:
+        stream = self.stream
+        assert isinstance(stream, SslSocketStream)
+        return _tls_end(stream, nativepump.kinds()[2])
 
-async def splice(a: Side, b: Side, *, idle_seconds: float) -> tuple[int, int]:
+
+def _tls_end(stream: SslSocketStream, kind: int) -> End | None:
+    if not stream.pumpable:
+        return None
+    return stream.fileno(), stream.ssl_object._sslobj, kind  # type: ignore[attr-defined]
+
+
+async def splice(
+    a: Side, b: Side, *, idle_seconds: float, pump: NativePump | None = None
+) -> tuple[int, int]:
     """Pump bytes both ways until both directions end; close both sides. A cancel point.
+
+    With ``pump`` (the C pump, see nativepump.py), the bytes move in C when both sides
+    allow it; the behaviour is the same.
 
     Returns:
         (bytes a→b, bytes b→a).
@@ -130,11 +167,28 @@ async def splice(a: Side, b: Side, *, idle_seconds: float) -> tuple[int, int]:
         whatever a side raises (OSError, trio.BrokenResourceError, FrameError); both
         sides are closed either way. Idle expiry is not an error: it returns.
     """
+    if pump is not None:
+        ends = a.native_end(), b.native_end()
+        if ends[0] is not None and ends[1] is not None:
+            refused = False
+            try:
+                return await pump.splice(
+                    ends[0], ends[1], idle_seconds=idle_seconds,
+                    on_first_read=_first_read(a, b),
+                )
+            except NativeRefused as exc:
+                refused = True  # nothing moved: the Python pumps below take it
+                log.warning("l4 pump refused a connection", error=str(exc))
+            finally:
+                if not refused:
+                    with trio.CancelScope(shield=True):
+                        await a.aclose()
+                        await b.aclose()
     counts = [0, 0]
     with trio.CancelScope() as idle:
         idle.deadline = trio.current_time() + idle_seconds
 
-        async def pump(src: Side, dst: Side, slot: int) -> None:
+        async def move(src: Side, dst: Side, slot: int) -> None:
             while True:
                 data = await src.receive()
                 if not data:
@@ -147,10 +201,19 @@ async def splice(a: Side, b: Side, *, idle_seconds: float) -> tuple[int, int]:
         try:
             # One pump runs in this task: a connection costs two tasks, not three.
             async with trio.open_nursery() as pumps:
-                pumps.start_soon(pump, b, a, 1)
-                await pump(a, b, 0)
+                pumps.start_soon(move, b, a, 1)
+                await move(a, b, 0)
         finally:
             with trio.CancelScope(shield=True):
                 await a.aclose()
                 await b.aclose()
     return counts[0], counts[1]
+
+
+def _first_read(a: Side, b: Side) -> Callable[[], None] | None:
+    """The session offer of a TLS client side still waiting for its first bytes."""
+    for side in (a, b):
+        stream = getattr(side, "stream", None)
+        if isinstance(stream, SslSocketStream) and stream.wants_first_read:
+            return stream.first_read
+    return None

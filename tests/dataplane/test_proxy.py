@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from meshagent.dataplane.errors import Unauthorized
+from meshagent.dataplane.nativepump import ENV_SWITCH, native_problem
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import IdentityFiles, TlsContexts, check_peer
 from meshagent.snapshot.model import (
@@ -36,6 +37,16 @@ from tests.support.net import free_port, round_trip, serve_echo
 from tests.support.pki import MeshCa, make_ca
 
 MESH = "shop"
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def l4_pump(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the C pump and with the Python pumps: same behaviour."""
+    if request.param == "python":
+        monkeypatch.setenv(ENV_SWITCH, "0")
+    elif native_problem() is not None:
+        pytest.fail(f"the C pump is not available: {native_problem()}")
+    return str(request.param)
 
 
 @dataclass

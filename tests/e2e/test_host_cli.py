@@ -162,6 +162,7 @@ def test_doctor_passes_a_good_config(tmp_path: Path, ca: MeshCa) -> None:
     assert checked.stdout.strip().endswith("no problems found")
     assert "web: spiffe://shop/service/web, valid until" in checked.stdout
     assert "1 key and token files are private (0600)" in checked.stdout
+    assert "l4 pump      native: L4 connections are pumped in C" in checked.stdout
 
 
 def test_doctor_names_each_problem_and_its_fix(tmp_path: Path, ca: MeshCa) -> None:

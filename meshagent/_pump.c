@@ -1,0 +1,882 @@
+/* meshagent._pump: the byte pump of established L4 connections, in C.
+ *
+ * Theory of operation. Once an L4 connection is set up in Python (accepted, TLS
+ * handshake done, peer checked, upstream connected), its two sockets are handed to an
+ * Engine: one epoll set per trio loop, registered edge-triggered for both directions
+ * of both sockets. The trio side waits for the engine's epoll descriptor to become
+ * readable and calls Engine.run(), which handles every ready connection in C: read a
+ * chunk, write it on, until a call would block. Python code runs once per wake-up of
+ * the whole engine, not once per chunk per connection.
+ *
+ * The engine never owns a descriptor or a TLS session: Python keeps both and closes
+ * them when the engine says the connection finished (or after Engine.remove). TLS uses
+ * the SSL object of Python's own ssl.SSLSocket (same process, same libssl), found
+ * through the _ssl._SSLSocket object's layout and checked with SSL_get_fd against the
+ * socket's descriptor: a mismatch refuses the connection, which then stays in Python.
+ * libssl is not linked: its functions are looked up in the copy Python's _ssl module
+ * already loaded (dl_iterate_phdr + dlopen RTLD_NOLOAD), so no OpenSSL headers are
+ * needed to build this file and there can be no second copy of OpenSSL.
+ *
+ * Semantics (those of tcp_proxy.splice, which stays the reference and the fallback):
+ * - one direction holds at most one chunk; it reads again only when that chunk was
+ *   written (backpressure);
+ * - end of stream becomes a half-close: FIN (shutdown SHUT_WR) on a plain socket, an
+ *   END frame on a framed TLS side, nothing on a raw TLS side;
+ * - framing (meshagent/1): DATA/END frames, with the decoder's checks (unknown type,
+ *   empty DATA, END with payload, payload over max_payload, bytes after END, close
+ *   inside a frame);
+ * - TLS end of stream is a close_notify; EOF without one is an error;
+ * - idle: no byte moved either way for idle seconds finishes the connection (not an
+ *   error);
+ * - a TLS write that would block is retried with the same bytes (OpenSSL's rule).
+ * Fairness: a direction moves at most BUDGET chunks per run(); a connection with more
+ * to do is kept on a ready list and run() says so, so the caller yields to trio first.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <link.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CHUNK (64 * 1024)
+#define HEADER 4
+#define BUDGET 16
+#define MAX_EVENTS 256
+#define FRAME_DATA 0x01
+#define FRAME_END 0x02
+
+enum { KIND_PLAIN = 0, KIND_FRAMED = 1, KIND_RAW = 2 };
+enum { DONE_OK = 0, DONE_IDLE = 1, DONE_ERROR = 2, FIRST_READ = 3 };
+enum { ERR_IO = 0, ERR_FRAME = 1 };
+
+/* ---- OpenSSL, from the copy the _ssl module loaded -------------------------------- */
+
+typedef struct ssl_st SSL;
+#define SSL_ERROR_SSL 1
+#define SSL_ERROR_WANT_READ 2
+#define SSL_ERROR_WANT_WRITE 3
+#define SSL_ERROR_SYSCALL 5
+#define SSL_ERROR_ZERO_RETURN 6
+#define SSL_CTRL_MODE 33
+#define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2L
+
+static int (*p_SSL_read_ex)(SSL *, void *, size_t, size_t *);
+static int (*p_SSL_write_ex)(SSL *, const void *, size_t, size_t *);
+static int (*p_SSL_get_error)(const SSL *, int);
+static int (*p_SSL_get_fd)(const SSL *);
+static long (*p_SSL_ctrl)(SSL *, int, long, void *);
+static int (*p_SSL_is_init_finished)(const SSL *);
+static void (*p_ERR_clear_error)(void);
+static unsigned long (*p_ERR_get_error)(void);
+static void (*p_ERR_error_string_n)(unsigned long, char *, size_t);
+static int ssl_loaded = 0;
+static char ssl_problem[200] = "ssl not loaded yet";
+
+/* The layout of CPython's _ssl._SSLSocket (Modules/_ssl.c, unchanged since 3.7). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+} PySSLSocketHead;
+
+static char found_ssl[512], found_crypto[512];
+
+static int find_libs(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    (void)data;
+    const char *name = info->dlpi_name;
+    if (name == NULL || name[0] == '\0') return 0;
+    const char *base = strrchr(name, '/');
+    base = base ? base + 1 : name;
+    if (strncmp(base, "libssl.so", 9) == 0 && !found_ssl[0])
+        snprintf(found_ssl, sizeof found_ssl, "%s", name);
+    if (strncmp(base, "libcrypto.so", 12) == 0 && !found_crypto[0])
+        snprintf(found_crypto, sizeof found_crypto, "%s", name);
+    return 0;
+}
+
+#define LOOKUP(handle, sym)                                                          \
+    do {                                                                             \
+        *(void **)(&p_##sym) = dlsym(handle, #sym);                                  \
+        if (p_##sym == NULL) {                                                       \
+            snprintf(ssl_problem, sizeof ssl_problem, "libssl has no %s", #sym);     \
+            return 0;                                                                \
+        }                                                                            \
+    } while (0)
+
+static int load_ssl(void) {
+    if (ssl_loaded) return 1;
+    found_ssl[0] = found_crypto[0] = '\0';
+    dl_iterate_phdr(find_libs, NULL);
+    if (!found_ssl[0] || !found_crypto[0]) {
+        snprintf(ssl_problem, sizeof ssl_problem,
+                 "Python's ssl module does not use a shared libssl (statically linked?)");
+        return 0;
+    }
+    void *hssl = dlopen(found_ssl, RTLD_NOW | RTLD_NOLOAD);
+    void *hcrypto = dlopen(found_crypto, RTLD_NOW | RTLD_NOLOAD);
+    if (hssl == NULL || hcrypto == NULL) {
+        snprintf(ssl_problem, sizeof ssl_problem, "cannot open %s", found_ssl);
+        return 0;
+    }
+    LOOKUP(hssl, SSL_read_ex);
+    LOOKUP(hssl, SSL_write_ex);
+    LOOKUP(hssl, SSL_get_error);
+    LOOKUP(hssl, SSL_get_fd);
+    LOOKUP(hssl, SSL_ctrl);
+    LOOKUP(hssl, SSL_is_init_finished);
+    LOOKUP(hcrypto, ERR_clear_error);
+    LOOKUP(hcrypto, ERR_get_error);
+    LOOKUP(hcrypto, ERR_error_string_n);
+    ssl_loaded = 1;
+    ssl_problem[0] = '\0';
+    return 1;
+}
+
+/* ---- connections ------------------------------------------------------------------ */
+
+struct conn;
+
+typedef struct side {
+    struct conn *conn;
+    int fd;
+    SSL *ssl;
+    int kind;
+    int rd, wr; /* may read / write without blocking, as far as we know */
+} side_t;
+
+typedef struct dir {
+    side_t *src, *dst;
+    /* bytes waiting for dst (malloc'd only when a write could not finish at once) */
+    char *buf;
+    size_t off, len;
+    size_t payload; /* stream bytes in the pending write (frame headers excluded) */
+    int eof_in, eof_sent, done;
+    side_t *wait_side; /* blocked until wait_side is readable (wait_in) or writable */
+    int wait_in;
+    /* frame decoder state, for a framed src */
+    unsigned char hdr[HEADER];
+    int hdr_have, ended;
+    size_t payload_left;
+    unsigned long long count;
+} dir_t;
+
+typedef struct conn {
+    uint32_t slot, gen;
+    side_t a, b;
+    dir_t d[2];
+    double idle, last;
+    int ready;      /* on the ready list */
+    int notify_first; /* report the first bytes read from a TLS side */
+    struct conn *next_ready;
+} conn_t;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    conn_t **slots;
+    uint32_t *gens;
+    uint32_t nslots, *free_slots, nfree;
+    size_t active;
+    conn_t *ready_head;
+    double next_scan;
+    size_t max_payload;
+    char *scratch;
+    PyObject *out; /* list of results being built by run() */
+} Engine;
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* A finished or failed step: 1 = progress, 0 = blocked, -1 = error (set in err). */
+typedef struct {
+    int kind;
+    char text[240];
+} error_t_;
+
+static void io_error(error_t_ *err, int code) {
+    err->kind = ERR_IO;
+    snprintf(err->text, sizeof err->text, "socket connection broken: [Errno %d] %s", code,
+             strerror(code));
+}
+
+static void frame_error(error_t_ *err, const char *text) {
+    err->kind = ERR_FRAME;
+    snprintf(err->text, sizeof err->text, "%s", text);
+}
+
+static void ssl_error(error_t_ *err, SSL *ssl, int ret, int saved_errno) {
+    int code = p_SSL_get_error(ssl, ret);
+    unsigned long e = p_ERR_get_error();
+    err->kind = ERR_IO;
+    if (e != 0) {
+        char text[200];
+        p_ERR_error_string_n(e, text, sizeof text);
+        if (strstr(text, "unexpected eof") != NULL)
+            snprintf(err->text, sizeof err->text, "the peer closed without close_notify");
+        else
+            snprintf(err->text, sizeof err->text, "TLS error: %s", text);
+    } else if (code == SSL_ERROR_SYSCALL && saved_errno != 0) {
+        io_error(err, saved_errno);
+    } else if (code == SSL_ERROR_SYSCALL) {
+        snprintf(err->text, sizeof err->text, "the peer closed without close_notify");
+    } else {
+        snprintf(err->text, sizeof err->text, "TLS error (SSL_get_error %d)", code);
+    }
+    p_ERR_clear_error();
+}
+
+/* Read up to n bytes from s into p. 1: *got bytes (0 = end of stream); 0: blocked
+ * (d->wait_* set); -1: error. */
+static int side_read(dir_t *d, side_t *s, char *p, size_t n, size_t *got, error_t_ *err) {
+    if (s->ssl == NULL) {
+        ssize_t r = recv(s->fd, p, n, 0);
+        if (r >= 0) {
+            *got = (size_t)r;
+            return 1;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            s->rd = 0;
+            d->wait_side = s;
+            d->wait_in = 1;
+            return 0;
+        }
+        if (errno == EINTR) return side_read(d, s, p, n, got, err);
+        io_error(err, errno);
+        return -1;
+    }
+    p_ERR_clear_error();
+    errno = 0;
+    int ret = p_SSL_read_ex(s->ssl, p, n, got);
+    if (ret == 1) return 1;
+    int saved = errno;
+    int code = p_SSL_get_error(s->ssl, ret);
+    if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE) {
+        p_ERR_clear_error();
+        d->wait_side = s;
+        d->wait_in = code == SSL_ERROR_WANT_READ;
+        if (d->wait_in) s->rd = 0; else s->wr = 0;
+        return 0;
+    }
+    if (code == SSL_ERROR_ZERO_RETURN) { /* close_notify */
+        p_ERR_clear_error();
+        *got = 0;
+        return 1;
+    }
+    ssl_error(err, s->ssl, ret, saved);
+    return -1;
+}
+
+/* Write p[0:n] to s. 1: *put bytes written (TLS: all of them); 0: blocked; -1: error. */
+static int side_write(dir_t *d, side_t *s, const char *p, size_t n, size_t *put,
+                      error_t_ *err) {
+    if (s->ssl == NULL) {
+        ssize_t r = send(s->fd, p, n, MSG_NOSIGNAL);
+        if (r >= 0) {
+            *put = (size_t)r;
+            if ((size_t)r < n) s->wr = 0; /* the socket buffer is full */
+            return 1;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            s->wr = 0;
+            d->wait_side = s;
+            d->wait_in = 0;
+            return 0;
+        }
+        if (errno == EINTR) return side_write(d, s, p, n, put, err);
+        io_error(err, errno);
+        return -1;
+    }
+    p_ERR_clear_error();
+    errno = 0;
+    int ret = p_SSL_write_ex(s->ssl, p, n, put);
+    if (ret == 1) return 1;
+    int saved = errno;
+    int code = p_SSL_get_error(s->ssl, ret);
+    if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE) {
+        p_ERR_clear_error();
+        d->wait_side = s;
+        d->wait_in = code == SSL_ERROR_WANT_READ;
+        if (d->wait_in) s->rd = 0; else s->wr = 0;
+        return 0;
+    }
+    ssl_error(err, s->ssl, ret, saved);
+    return -1;
+}
+
+/* Write what d holds (buf[off:len], or p[0:n] when buf is NULL, copied if it cannot
+ * all go now). 1: all written; 0: blocked; -1: error. */
+static int flush(dir_t *d, const char *p, size_t n, error_t_ *err) {
+    if (d->buf == NULL && n > 0) {
+        size_t put = 0;
+        int r = side_write(d, d->dst, p, n, &put, err);
+        if (r < 0) return -1;
+        if (r == 1 && put == n) return 1;
+        /* keep the rest; a TLS write must be retried with the very same bytes */
+        size_t from = (r == 1) ? put : 0;
+        d->buf = malloc(n - from);
+        if (d->buf == NULL) {
+            io_error(err, ENOMEM);
+            return -1;
+        }
+        memcpy(d->buf, p + from, n - from);
+        d->off = 0;
+        d->len = n - from;
+        if (r == 1) { /* a plain socket took part of it: wait for room */
+            d->wait_side = d->dst;
+            d->wait_in = 0;
+        }
+        return 0;
+    }
+    while (d->buf != NULL && d->off < d->len) {
+        size_t put = 0;
+        int r = side_write(d, d->dst, d->buf + d->off, d->len - d->off, &put, err);
+        if (r <= 0) return r;
+        d->off += put;
+        if (d->off < d->len && d->dst->ssl == NULL) {
+            d->wait_side = d->dst;
+            d->wait_in = 0;
+            return 0;
+        }
+    }
+    free(d->buf);
+    d->buf = NULL;
+    d->off = d->len = 0;
+    return 1;
+}
+
+/* Decode frames in place: p[0:n] holds TLS plaintext; payload bytes are moved to the
+ * front. Returns the payload length, or -1 (err set). Sets d->ended on END. */
+static Py_ssize_t unframe(dir_t *d, char *p, size_t n, size_t max_payload, error_t_ *err) {
+    size_t i = 0, out = 0;
+    while (i < n) {
+        if (d->ended) {
+            frame_error(err, "data after END frame");
+            return -1;
+        }
+        if (d->payload_left > 0) {
+            size_t take = n - i < d->payload_left ? n - i : d->payload_left;
+            memmove(p + out, p + i, take);
+            out += take;
+            i += take;
+            d->payload_left -= take;
+            continue;
+        }
+        while (d->hdr_have < HEADER && i < n) d->hdr[d->hdr_have++] = (unsigned char)p[i++];
+        if (d->hdr_have < HEADER) break;
+        d->hdr_have = 0;
+        size_t size = ((size_t)d->hdr[1] << 16) | ((size_t)d->hdr[2] << 8) | d->hdr[3];
+        if (d->hdr[0] == FRAME_DATA) {
+            if (size == 0) {
+                frame_error(err, "empty DATA frame");
+                return -1;
+            }
+            if (size > max_payload) {
+                snprintf(err->text, sizeof err->text,
+                         "DATA frame of %zu bytes exceeds the limit of %zu", size, max_payload);
+                err->kind = ERR_FRAME;
+                return -1;
+            }
+            d->payload_left = size;
+        } else if (d->hdr[0] == FRAME_END) {
+            if (size != 0) {
+                frame_error(err, "END frame with a payload");
+                return -1;
+            }
+            d->ended = 1;
+        } else {
+            snprintf(err->text, sizeof err->text,
+                     "unknown frame type 0x%02x (peer is not a meshagent/1 agent)", d->hdr[0]);
+            err->kind = ERR_FRAME;
+            return -1;
+        }
+    }
+    return (Py_ssize_t)out;
+}
+
+/* Half-close dst. 1 done, 0 blocked (END frame pending), -1 error. */
+static int send_eof(dir_t *d, error_t_ *err) {
+    side_t *dst = d->dst;
+    if (dst->kind == KIND_PLAIN) {
+        if (shutdown(dst->fd, SHUT_WR) != 0 && errno != ENOTCONN) {
+            io_error(err, errno);
+            return -1;
+        }
+        return 1;
+    }
+    if (dst->kind == KIND_FRAMED) {
+        static const char end_frame[HEADER] = {FRAME_END, 0, 0, 0};
+        return flush(d, end_frame, HEADER, err);
+    }
+    return 1; /* raw TLS cannot half-close */
+}
+
+static int runnable(dir_t *d) {
+    if (d->done) return 0;
+    if (d->wait_side == NULL) return 1;
+    return d->wait_in ? d->wait_side->rd : d->wait_side->wr;
+}
+
+/* Move one direction on until it blocks, ends or spends its budget.
+ * 1: budget spent (more to do); 0: blocked or done; -1: error. */
+static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err) {
+    d->wait_side = NULL;
+    for (int budget = BUDGET;;) {
+        if (d->buf != NULL) {
+            int r = flush(d, NULL, 0, err);
+            if (r <= 0) return r;
+            if (d->eof_sent) { /* that was the END frame */
+                d->done = 1;
+                return 0;
+            }
+            d->count += d->payload;
+            d->payload = 0;
+            c->last = now_seconds();
+        }
+        if (d->eof_in) {
+            d->eof_sent = 1;
+            int r = send_eof(d, err);
+            if (r <= 0) return r;
+            d->done = 1;
+            return 0;
+        }
+        if (budget-- == 0) return 1;
+        char *base = eng->scratch;
+        size_t got = 0;
+        /* A frame of exactly CHUNK bytes is four full TLS records; CHUNK of payload
+         * plus its header would cost a fifth record for 4 bytes. */
+        size_t room = d->dst->kind == KIND_FRAMED ? CHUNK - HEADER : CHUNK;
+        int r = side_read(d, d->src, base + HEADER, room, &got, err);
+        if (r <= 0) return r;
+        if (got == 0) { /* end of stream: a FIN, or a TLS close_notify */
+            if (d->src->kind == KIND_FRAMED && (d->hdr_have > 0 || d->payload_left > 0)) {
+                frame_error(err, "connection closed inside a frame");
+                return -1;
+            }
+            d->eof_in = 1;
+            continue;
+        }
+        if (d->src->ssl != NULL && c->notify_first) *first_read = 1;
+        if (d->src->kind == KIND_FRAMED) {
+            Py_ssize_t n = unframe(d, base + HEADER, got, eng->max_payload, err);
+            if (n < 0) return -1;
+            got = (size_t)n;
+            if (d->ended) d->eof_in = 1;
+            if (got == 0) continue;
+        }
+        const char *p = base + HEADER;
+        size_t n = got;
+        if (d->dst->kind == KIND_FRAMED) {
+            base[0] = FRAME_DATA;
+            base[1] = (char)((got >> 16) & 0xFF);
+            base[2] = (char)((got >> 8) & 0xFF);
+            base[3] = (char)(got & 0xFF);
+            p = base;
+            n = got + HEADER;
+        }
+        r = flush(d, p, n, err);
+        if (r < 0) return -1;
+        if (r == 0) { /* kept in d->buf; counted once it went */
+            d->payload = got;
+            return 0;
+        }
+        d->count += got;
+        c->last = now_seconds();
+    }
+}
+
+static void release(Engine *eng, conn_t *c) {
+    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
+    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
+    for (int i = 0; i < 2; i++) free(c->d[i].buf);
+    eng->slots[c->slot] = NULL;
+    eng->gens[c->slot]++;
+    eng->free_slots[eng->nfree++] = c->slot;
+    eng->active--;
+    free(c);
+}
+
+static unsigned long long handle_of(conn_t *c) {
+    return ((unsigned long long)c->gen << 32) | c->slot;
+}
+
+static int report(Engine *eng, conn_t *c, int status, error_t_ *err) {
+    PyObject *item = Py_BuildValue(
+        "(KiKKis)", handle_of(c), status, c->d[0].count, c->d[1].count,
+        err ? err->kind : 0, err ? err->text : "");
+    if (item == NULL) return -1;
+    int r = PyList_Append(eng->out, item);
+    Py_DECREF(item);
+    return r;
+}
+
+/* Work on c; finished connections are reported and released. -1: Python error. */
+static int step(Engine *eng, conn_t *c) {
+    error_t_ err = {0, ""};
+    int more = 0, first = 0;
+    for (int i = 0; i < 2; i++) {
+        dir_t *d = &c->d[i];
+        if (!runnable(d)) continue;
+        int r = pump(eng, c, d, &first, &err);
+        if (r < 0) {
+            if (report(eng, c, DONE_ERROR, &err) < 0) return -1;
+            release(eng, c);
+            return 0;
+        }
+        if (r == 1) more = 1;
+    }
+    if (first) {
+        c->notify_first = 0;
+        if (report(eng, c, FIRST_READ, &err) < 0) return -1;
+    }
+    if (c->d[0].done && c->d[1].done) {
+        if (report(eng, c, DONE_OK, NULL) < 0) return -1;
+        release(eng, c);
+        return 0;
+    }
+    if (more && !c->ready) {
+        c->ready = 1;
+        c->next_ready = eng->ready_head;
+        eng->ready_head = c;
+    }
+    return 0;
+}
+
+/* ---- the Python type -------------------------------------------------------------- */
+
+static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"max_payload", NULL};
+    Py_ssize_t max_payload = 256 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n", kwlist, &max_payload)) return -1;
+    if (max_payload < 1 || max_payload >= (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "max_payload must be 1..16777215");
+        return -1;
+    }
+    if (self->epfd > 0) return 0;
+    self->max_payload = (size_t)max_payload;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->scratch = malloc(CHUNK + HEADER);
+    if (self->scratch == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->next_scan = 1e300;
+    return 0;
+}
+
+static void Engine_dealloc(Engine *self) {
+    for (uint32_t i = 0; i < self->nslots; i++)
+        if (self->slots[i] != NULL) release(self, self->slots[i]);
+    free(self->slots);
+    free(self->gens);
+    free(self->free_slots);
+    free(self->scratch);
+    if (self->epfd > 0) close(self->epfd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Engine_fileno(Engine *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromLong(self->epfd);
+}
+
+static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
+    s->fd = fd;
+    s->kind = kind;
+    s->rd = s->wr = 1;
+    s->ssl = NULL;
+    if (kind != KIND_PLAIN && kind != KIND_FRAMED && kind != KIND_RAW) {
+        PyErr_SetString(PyExc_ValueError, "unknown side kind");
+        return -1;
+    }
+    if ((kind == KIND_PLAIN) != (sslobj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a plain side has no TLS object, a TLS side needs one");
+        return -1;
+    }
+    if (kind == KIND_PLAIN) return 0;
+    if (!load_ssl()) {
+        PyErr_SetString(PyExc_RuntimeError, ssl_problem);
+        return -1;
+    }
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0) {
+        PyErr_Format(PyExc_TypeError, "expected an _ssl._SSLSocket, got %s",
+                     Py_TYPE(sslobj)->tp_name);
+        return -1;
+    }
+    SSL *ssl = ((PySSLSocketHead *)sslobj)->ssl;
+    if (ssl == NULL || p_SSL_get_fd(ssl) != fd || !p_SSL_is_init_finished(ssl)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the TLS object does not match its socket (unknown _ssl layout)");
+        return -1;
+    }
+    p_SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+    s->ssl = ssl;
+    return 0;
+}
+
+static int grow(Engine *self) {
+    uint32_t n = self->nslots ? self->nslots * 2 : 64;
+    conn_t **slots = realloc(self->slots, n * sizeof *slots);
+    if (slots == NULL) return -1;
+    self->slots = slots;
+    uint32_t *gens = realloc(self->gens, n * sizeof *gens);
+    if (gens == NULL) return -1;
+    self->gens = gens;
+    uint32_t *free_slots = realloc(self->free_slots, n * sizeof *free_slots);
+    if (free_slots == NULL) return -1;
+    self->free_slots = free_slots;
+    for (uint32_t i = self->nslots; i < n; i++) {
+        slots[i] = NULL;
+        gens[i] = 1;
+    }
+    for (uint32_t i = n; i > self->nslots; i--) free_slots[self->nfree++] = i - 1;
+    self->nslots = n;
+    return 0;
+}
+
+static PyObject *Engine_add(Engine *self, PyObject *args) {
+    int afd, akind, bfd, bkind, notify;
+    PyObject *assl, *bssl;
+    double idle;
+    if (!PyArg_ParseTuple(args, "iOiiOidp", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
+                          &notify))
+        return NULL;
+    if (afd < 0 || bfd < 0 || afd == bfd) {
+        PyErr_SetString(PyExc_ValueError, "two distinct open descriptors are needed");
+        return NULL;
+    }
+    if (!(idle > 0)) {
+        PyErr_SetString(PyExc_ValueError, "idle must be > 0 seconds");
+        return NULL;
+    }
+    conn_t *c = calloc(1, sizeof *c);
+    if (c == NULL) return PyErr_NoMemory();
+    if (side_from(&c->a, afd, assl, akind) < 0 || side_from(&c->b, bfd, bssl, bkind) < 0) {
+        free(c);
+        return NULL;
+    }
+    if (self->nfree == 0 && grow(self) < 0) {
+        free(c);
+        return PyErr_NoMemory();
+    }
+    c->a.conn = c->b.conn = c;
+    c->d[0].src = &c->a;
+    c->d[0].dst = &c->b;
+    c->d[1].src = &c->b;
+    c->d[1].dst = &c->a;
+    c->idle = idle;
+    c->last = now_seconds();
+    c->notify_first = notify;
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.ptr = &c->a;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, afd, &ev) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        free(c);
+        return NULL;
+    }
+    ev.data.ptr = &c->b;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, afd, NULL);
+        free(c);
+        return NULL;
+    }
+    c->slot = self->free_slots[--self->nfree];
+    c->gen = self->gens[c->slot];
+    self->slots[c->slot] = c;
+    self->active++;
+    /* First pass from the ready list: bytes may already wait inside OpenSSL. */
+    c->ready = 1;
+    c->next_ready = self->ready_head;
+    self->ready_head = c;
+    if (c->last + idle < self->next_scan) self->next_scan = c->last + idle;
+    return PyLong_FromUnsignedLongLong(handle_of(c));
+}
+
+static conn_t *lookup(Engine *self, PyObject *arg) {
+    unsigned long long h = PyLong_AsUnsignedLongLong(arg);
+    if (h == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint32_t slot = (uint32_t)(h & 0xFFFFFFFFu), gen = (uint32_t)(h >> 32);
+    if (slot >= self->nslots || self->slots[slot] == NULL || self->slots[slot]->gen != gen)
+        return NULL;
+    return self->slots[slot];
+}
+
+static void unready(Engine *self, conn_t *c) {
+    if (!c->ready) return;
+    for (conn_t **p = &self->ready_head; *p != NULL; p = &(*p)->next_ready) {
+        if (*p == c) {
+            *p = c->next_ready;
+            break;
+        }
+    }
+    c->ready = 0;
+}
+
+static PyObject *Engine_remove(Engine *self, PyObject *arg) {
+    conn_t *c = lookup(self, arg);
+    if (c == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    unready(self, c);
+    PyObject *r = Py_BuildValue("(KK)", c->d[0].count, c->d[1].count);
+    release(self, c);
+    return r;
+}
+
+static PyObject *Engine_run(Engine *self, PyObject *unused) {
+    (void)unused;
+    struct epoll_event events[MAX_EVENTS];
+    self->out = PyList_New(0);
+    if (self->out == NULL) return NULL;
+    /* Connections that still had work after their budget, or were just added. */
+    conn_t *ready = self->ready_head;
+    self->ready_head = NULL;
+    int n = epoll_wait(self->epfd, events, MAX_EVENTS, 0);
+    if (n < 0 && errno != EINTR) {
+        Py_CLEAR(self->out);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int i = 0; i < n; i++) {
+        side_t *s = events[i].data.ptr;
+        uint32_t ev = events[i].events;
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
+        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
+    }
+    /* A connection may appear twice among the events (one per socket), or also be on
+     * the ready list, and be released by its first step: remember handles, not
+     * pointers, and look each one up again before stepping it. */
+    for (int i = 0; i < n; i++) {
+        side_t *s = events[i].data.ptr;
+        events[i].data.u64 = handle_of(s->conn);
+    }
+    while (ready != NULL) {
+        conn_t *c = ready;
+        ready = c->next_ready;
+        c->ready = 0;
+        if (step(self, c) < 0) goto fail;
+    }
+    for (int i = 0; i < n; i++) {
+        unsigned long long h = events[i].data.u64;
+        uint32_t slot = (uint32_t)(h & 0xFFFFFFFFu), gen = (uint32_t)(h >> 32);
+        conn_t *c = self->slots[slot];
+        if (c == NULL || c->gen != gen) continue;
+        if (step(self, c) < 0) goto fail;
+    }
+    double now = now_seconds();
+    if (now >= self->next_scan) {
+        double next = 1e300;
+        for (uint32_t i = 0; i < self->nslots; i++) {
+            conn_t *c = self->slots[i];
+            if (c == NULL) continue;
+            if (now - c->last >= c->idle) {
+                unready(self, c);
+                if (report(self, c, DONE_IDLE, NULL) < 0) goto fail;
+                release(self, c);
+            } else if (c->last + c->idle < next) {
+                next = c->last + c->idle;
+            }
+        }
+        self->next_scan = next;
+    }
+    PyObject *out = self->out;
+    self->out = NULL;
+    double wait = self->next_scan - now;
+    if (self->ready_head != NULL) wait = 0.0;
+    PyObject *r = Py_BuildValue("(Nd)", out, wait < 0 ? 0.0 : wait);
+    return r;
+fail:
+    Py_CLEAR(self->out);
+    return NULL;
+}
+
+static PyObject *Engine_active(Engine *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromSize_t(self->active);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
+     "The epoll descriptor: readable when run() has work."},
+    {"add", (PyCFunction)Engine_add, METH_VARARGS,
+     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first) -> handle"},
+    {"remove", (PyCFunction)Engine_remove, METH_O,
+     "remove(handle) -> (a_to_b, b_to_a) or None if it already finished"},
+    {"run", (PyCFunction)Engine_run, METH_NOARGS,
+     "run() -> (results, wait): results are (handle, status, a_to_b, b_to_a, error_kind, "
+     "error); wait is the seconds until the next idle check (0: call again soon)"},
+    {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections in the engine"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "meshagent._pump.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Pumps established L4 connections in C (see meshagent/_pump.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static PyObject *mod_tls_problem(PyObject *mod, PyObject *unused) {
+    (void)mod;
+    (void)unused;
+    if (load_ssl()) Py_RETURN_NONE;
+    return PyUnicode_FromString(ssl_problem);
+}
+
+static PyMethodDef module_methods[] = {
+    {"tls_problem", mod_tls_problem, METH_NOARGS,
+     "None if TLS sides can be pumped here, else why not (import ssl first)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "meshagent._pump",
+    .m_doc = "The C byte pump of L4 connections.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__pump(void) {
+    if (PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "PLAIN", KIND_PLAIN);
+    PyModule_AddIntConstant(m, "FRAMED", KIND_FRAMED);
+    PyModule_AddIntConstant(m, "RAW", KIND_RAW);
+    PyModule_AddIntConstant(m, "DONE_OK", DONE_OK);
+    PyModule_AddIntConstant(m, "DONE_IDLE", DONE_IDLE);
+    PyModule_AddIntConstant(m, "DONE_ERROR", DONE_ERROR);
+    PyModule_AddIntConstant(m, "FIRST_READ", FIRST_READ);
+    PyModule_AddIntConstant(m, "ERROR_IO", ERR_IO);
+    PyModule_AddIntConstant(m, "ERROR_FRAME", ERR_FRAME);
+    PyModule_AddIntConstant(m, "CHUNK", CHUNK);
+    return m;
+}

@@ -1,0 +1,181 @@
+"""The C pump of established L4 connections (``meshagent/_pump.c``), driven from trio.
+
+Why. Pumping an L4 connection in Python costs a trio wake-up, a task switch and a few
+Python-level calls per chunk per direction; on small messages that is most of the
+agent's CPU (docs/performance.md). Here the connection is set up in Python as before
+(accept, TLS handshake, peer check, policy, upstream connect), then its two sockets are
+handed to one ``Engine`` per trio loop, which moves the bytes in C.
+
+Theory of operation::
+
+    serve_dataplane
+    └── pump nursery        NativePump.run: waits for the engine's epoll descriptor,
+        │                   calls Engine.run(), wakes the connections that finished
+        └── connections     each L4 connection task: NativePump.splice waits for its end
+
+* The engine never owns a descriptor: the connection task keeps its streams and closes
+  them when the engine reports the end (or, when cancelled, after taking the connection
+  back with ``Engine.remove``). The pump nursery outlives the connections nursery.
+* Same behaviour as ``tcp_proxy.splice`` (which stays the fallback): half-close,
+  framing and its checks, backpressure (one chunk per direction), idle expiry, errors as
+  ``trio.BrokenResourceError`` / ``FrameError``, byte counts.
+* When the C extension is missing (no compiler at install time), the ``_ssl`` module
+  does not use a shared libssl, or ``MESHAGENT_NATIVE_PUMP=0`` is set, ``native_problem``
+  says why and the agent pumps in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from meshagent.protocol.frames import DEFAULT_MAX_PAYLOAD, FrameError
+
+try:
+    from meshagent import _pump  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the Python pump serves
+    _pump = None
+
+ENV_SWITCH: Final = "MESHAGENT_NATIVE_PUMP"
+_MAX_WAIT: Final = 3600.0
+
+# What the engine needs of one end: (descriptor, the _ssl object or None, kind).
+End = tuple[int, object | None, int]
+
+
+def native_problem() -> str | None:
+    """None when L4 connections can be pumped in C here; otherwise why not (one line)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"turned off by {ENV_SWITCH}=0"
+    if _pump is None:
+        return "the C extension meshagent._pump is not built (no C compiler at install time?)"
+    assert ssl.OPENSSL_VERSION  # _ssl loaded: the engine looks its libssl up
+    problem: str | None = _pump.tls_problem()
+    return problem
+
+
+def kinds() -> tuple[int, int, int]:
+    """The engine's (PLAIN, FRAMED, RAW) side kinds."""
+    assert _pump is not None
+    return _pump.PLAIN, _pump.FRAMED, _pump.RAW
+
+
+class NativeRefused(Exception):
+    """The engine would not take the connection (nothing moved yet: pump it in Python)."""
+
+
+class _Waiter:
+    __slots__ = ("counts", "done", "error", "event", "on_first_read")
+
+    def __init__(self, on_first_read: Callable[[], None] | None) -> None:
+        self.event = trio.Event()
+        self.done = False
+        self.counts = (0, 0)
+        self.error: BaseException | None = None
+        self.on_first_read = on_first_read
+
+
+class NativePump:
+    """One engine for one trio loop. Start ``run`` in a nursery that outlives every
+    connection using ``splice``."""
+
+    def __init__(self) -> None:
+        assert _pump is not None
+        self._engine = _pump.Engine(max_payload=DEFAULT_MAX_PAYLOAD)
+        self._waiters: dict[int, _Waiter] = {}
+        self._sleeping: trio.CancelScope | None = None
+
+    @property
+    def active(self) -> int:
+        """Connections the engine pumps now."""
+        return len(self._waiters)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[NativePump] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drive the engine until cancelled. A cancel point."""
+        engine = self._engine
+        fd = engine.fileno()
+        task_status.started(self)
+        wait = _MAX_WAIT
+        try:
+            while True:
+                if wait > 0:
+                    deadline = trio.current_time() + min(wait, _MAX_WAIT)
+                    with trio.CancelScope(deadline=deadline) as nap:
+                        self._sleeping = nap
+                        await trio.lowlevel.wait_readable(fd)
+                    self._sleeping = None
+                else:  # more work queued: let the other tasks run first
+                    await trio.lowlevel.checkpoint()
+                results, wait = engine.run()
+                for handle, status, a_to_b, b_to_a, error_kind, error in results:
+                    self._finished(handle, status, (a_to_b, b_to_a), error_kind, error)
+        finally:
+            self._sleeping = None
+            trio.lowlevel.notify_closing(fd)
+
+    def _finished(
+        self, handle: int, status: int, counts: tuple[int, int], error_kind: int, error: str
+    ) -> None:
+        assert _pump is not None
+        waiter = self._waiters.get(handle)
+        if waiter is None:
+            return
+        if status == _pump.FIRST_READ:
+            if waiter.on_first_read is not None:
+                waiter.on_first_read()
+            return
+        del self._waiters[handle]
+        waiter.done = True
+        waiter.counts = counts
+        if status == _pump.DONE_ERROR:
+            waiter.error = (
+                FrameError(error) if error_kind == _pump.ERROR_FRAME
+                else trio.BrokenResourceError(error)
+            )
+        waiter.event.set()
+
+    async def splice(
+        self,
+        a: End,
+        b: End,
+        *,
+        idle_seconds: float,
+        on_first_read: Callable[[], None] | None = None,
+    ) -> tuple[int, int]:
+        """Pump between two set-up ends until both directions ended, one failed, or
+        ``idle_seconds`` passed without a byte. The caller closes the ends afterwards.
+        A cancel point: cancelled, the connection is taken back from the engine.
+
+        Args:
+            on_first_read: called once, when the first bytes came from a TLS end (a TLS
+                1.3 client has its session ticket by then).
+        Returns:
+            (bytes a→b, bytes b→a).
+        Raises:
+            trio.BrokenResourceError, FrameError: as ``tcp_proxy.splice``.
+            NativeRefused: the engine would not take an end (before any byte moved).
+        """
+        try:
+            handle = self._engine.add(
+                a[0], a[1], a[2], b[0], b[1], b[2], idle_seconds, on_first_read is not None
+            )
+        except (RuntimeError, TypeError, ValueError, OSError) as exc:
+            raise NativeRefused(str(exc)) from exc
+        waiter = self._waiters[handle] = _Waiter(on_first_read)
+        if self._sleeping is not None:
+            self._sleeping.cancel()  # the new connection may change the next idle check
+        try:
+            await waiter.event.wait()
+        finally:
+            if not waiter.done:
+                del self._waiters[handle]
+                self._engine.remove(handle)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.counts

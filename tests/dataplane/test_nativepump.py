@@ -1,0 +1,405 @@
+"""The C pump (meshagent/_pump.c through nativepump.NativePump) on real loopback
+sockets with real mTLS: the same behaviour as tcp_proxy's Python pumps — bytes both
+ways, half-close, framing and its checks, close_notify, resets, idle expiry,
+cancellation, backpressure, TLS session offers, many connections on one engine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshagent.dataplane.nativepump import ENV_SWITCH, NativePump, NativeRefused, native_problem
+from meshagent.dataplane.plainsocket import PlainSocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
+from meshagent.dataplane.tls import client_context, server_context
+from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
+from tests.support.pki import make_ca
+
+if os.environ.get(ENV_SWITCH) == "0":
+    pytest.skip(f"the C pump is turned off by {ENV_SWITCH}=0", allow_module_level=True)
+
+
+@pytest.fixture
+async def pump(nursery: trio.Nursery) -> NativePump:
+    # Built by `pip install` wherever a C compiler is (CI has one): not a skip.
+    assert native_problem() is None, native_problem()
+    started: NativePump = await nursery.start(NativePump().run)
+    return started
+
+
+@dataclass
+class Contexts:
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+@pytest.fixture
+def contexts(tmp_path: Path) -> Contexts:
+    ca = make_ca(tmp_path / "ca", "shop")
+    return Contexts(server_context(ca.issue("orders")), client_context(ca.issue("web")))
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        client = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+        server = await listeners[0].accept()
+    finally:
+        await listeners[0].aclose()
+    return server, client
+
+
+@dataclass
+class Link:
+    """app (the test, plain TCP) <-> [plain side | pump | TLS side] <-> agent (the test,
+    the other agent's end of the mTLS connection)."""
+
+    app: trio.SocketStream
+    plain: PlainSide
+    tls: SslSocketStream  # the pumped TLS end
+    agent: SslSocketStream
+
+
+@asynccontextmanager
+async def link(
+    contexts: Contexts, *, tls_is_client: bool = False, on_session: object = None
+) -> AsyncIterator[Link]:
+    app, proxy_plain = await _tcp_pair()
+    server_tcp, client_tcp = await _tcp_pair()
+    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
+    client = SslSocketStream.wrap(
+        client_tcp, contexts.client, server_side=False,
+        on_session=on_session,  # type: ignore[arg-type]
+    )
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+    pumped, agent = (client, server) if tls_is_client else (server, client)
+    try:
+        yield Link(app, PlainSide(proxy_plain), pumped, agent)
+    finally:
+        for stream in (app, pumped, agent):
+            await trio.aclose_forcefully(stream)
+
+
+async def _read_frames(agent: SslSocketStream) -> tuple[bytes, bool]:
+    """Everything the agent end receives until END (True) or close (False)."""
+    decoder = FrameDecoder()
+    out = bytearray()
+    while not decoder.ended:
+        data = await agent.receive_some(65536)
+        if not data:
+            return bytes(out), False
+        for payload in decoder.feed(data):
+            out += payload
+    return bytes(out), True
+
+
+async def _read_all(stream: trio.SocketStream) -> bytes:
+    out = bytearray()
+    while data := await stream.receive_some(65536):
+        out += data
+    return bytes(out)
+
+
+class Outcome:
+    def __init__(self) -> None:
+        self.counts: tuple[int, int] | None = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+async def _splice(outcome: Outcome, a: Side, b: Side, pump: NativePump, idle: float = 30) -> None:
+    try:
+        outcome.counts = await splice(a, b, idle_seconds=idle, pump=pump)
+    except (trio.BrokenResourceError, FrameError) as exc:
+        outcome.error = exc
+    finally:
+        outcome.done.set()
+
+
+async def test_bytes_both_ways_at_once_then_half_close(contexts: Contexts, pump: NativePump) -> None:
+    size = 8 << 20
+    up, down = os.urandom(size), os.urandom(size)
+    got: dict[str, object] = {}
+    async with link(contexts) as ln:
+        outcome = Outcome()
+
+        async def app_side() -> None:
+            async with trio.open_nursery() as n:
+                async def send() -> None:
+                    await ln.app.send_all(up)
+                    await ln.app.send_eof()
+                n.start_soon(send)
+                got["app"] = await _read_all(ln.app)
+
+        async def agent_side() -> None:
+            async with trio.open_nursery() as n:
+                async def send() -> None:
+                    for i in range(0, size, 70001):  # odd frame sizes
+                        await ln.agent.send_all(encode_data(down[i : i + 70001]))
+                    await ln.agent.send_all(END_FRAME)
+                n.start_soon(send)
+                got["agent"] = await _read_frames(ln.agent)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+                nursery.start_soon(app_side)
+                nursery.start_soon(agent_side)
+        assert outcome.error is None
+        assert got["app"] == down
+        assert got["agent"] == (up, True)
+        assert outcome.counts == (size, size)
+        assert pump.active == 0
+
+
+async def test_half_close_crosses_and_the_other_direction_goes_on(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.app.send_all(b"request")
+                await ln.app.send_eof()
+                assert await _read_frames(ln.agent) == (b"request", True)
+                # the app half-closed; the answer still comes back to it
+                await ln.agent.send_all(encode_data(b"answer") + END_FRAME)
+                assert await _read_all(ln.app) == b"answer"
+                await outcome.done.wait()
+        assert outcome.error is None
+        assert outcome.counts == (7, 6)
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (b"\x07\x00\x00\x01x", "unknown frame type 0x07"),
+        (b"\x01\x00\x00\x00", "empty DATA frame"),
+        (b"\x02\x00\x00\x01x", "END frame with a payload"),
+        (b"\x01\x04\x00\x01", "exceeds the limit of 262144"),
+        (END_FRAME + b"\x01\x00\x00\x01x", "data after END frame"),
+    ],
+)
+async def test_bad_framing_fails_the_connection(
+    contexts: Contexts, pump: NativePump, wire: bytes, message: str
+) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.agent.send_all(encode_data(b"fine"))
+                assert await ln.app.receive_some(100) == b"fine"
+                await ln.agent.send_all(wire)
+                await outcome.done.wait()
+                assert await _read_all(ln.app) == b""  # closed
+        assert isinstance(outcome.error, FrameError)
+        assert message in str(outcome.error)
+        assert pump.active == 0
+
+
+async def test_close_notify_inside_a_frame_is_an_error(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.agent.send_all(b"\x01\x00\x00\x0aabc")  # 3 of 10 bytes
+                await ln.agent.aclose()  # sends close_notify
+                await outcome.done.wait()
+        assert isinstance(outcome.error, FrameError)
+        assert "connection closed inside a frame" in str(outcome.error)
+
+
+async def test_eof_without_close_notify_is_an_error(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.agent.send_all(encode_data(b"x"))
+                await ln.app.send_all(b"y")  # read all the agent end was sent (tickets
+                assert await ln.agent.receive_some(100) == encode_data(b"y")  # too): a FIN
+                # the peer dies: TCP FIN, no close_notify
+                os.close(ln.agent.ssl_object.detach())
+                await outcome.done.wait()
+        assert isinstance(outcome.error, trio.BrokenResourceError)
+        assert "without close_notify" in str(outcome.error)
+
+
+async def test_a_reset_from_the_app_is_an_error(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.app.send_all(b"x")
+                assert await ln.agent.receive_some(100)
+                ln.app.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                await ln.app.aclose()  # RST
+                await outcome.done.wait()
+        assert isinstance(outcome.error, trio.BrokenResourceError)
+        assert "socket connection broken" in str(outcome.error)
+
+
+async def test_idle_connections_end_without_error(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump, 0.3)
+            with trio.fail_after(5):
+                await ln.app.send_all(b"hello")
+                assert await ln.agent.receive_some(100) == encode_data(b"hello")
+                start = trio.current_time()
+                await outcome.done.wait()
+                assert trio.current_time() - start >= 0.25
+                assert await _read_all(ln.app) == b""  # closed by the splice
+        assert outcome.error is None
+        assert outcome.counts == (5, 0)
+        assert pump.active == 0
+
+
+async def test_cancelling_takes_the_connection_back(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        with trio.move_on_after(0.3):
+            await splice(ln.plain, FramedSide(ln.tls), idle_seconds=30, pump=pump)
+        assert pump.active == 0
+        with trio.fail_after(5):
+            assert await _read_all(ln.app) == b""  # both sides were closed
+        assert ln.tls.fileno() == -1
+
+
+async def test_a_slow_reader_holds_the_writer_back(contexts: Contexts, pump: NativePump) -> None:
+    # The app never reads: what the agent end can send is bounded by the socket buffers
+    # on the way plus one chunk in the pump, not by the 64 MiB it tries to send.
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        sent = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            frame = encode_data(b"z" * 65536)
+            with trio.move_on_after(2):
+                while sent < 64 << 20:
+                    await ln.agent.send_all(frame)
+                    sent += 65536
+            assert sent < 40 << 20, f"the pump took {sent} bytes from a peer nobody reads"
+            nursery.cancel_scope.cancel()
+
+
+async def test_raw_tls_side_does_not_pass_a_half_close(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, RawTlsSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.app.send_all(b"raw bytes")
+                await ln.app.send_eof()
+                assert await ln.agent.receive_some(100) == b"raw bytes"
+                await ln.agent.send_all(b"back")
+                assert await ln.app.receive_some(100) == b"back"
+                await ln.agent.aclose()  # close_notify: the app's direction ends
+                assert await _read_all(ln.app) == b""
+                await outcome.done.wait()
+        assert outcome.error is None
+        assert outcome.counts == (9, 4)
+
+
+async def test_plain_to_plain(pump: NativePump) -> None:
+    app, proxy_a = await _tcp_pair()
+    proxy_b, far = await _tcp_pair()
+    outcome = Outcome()
+    async with app, far, trio.open_nursery() as nursery:
+        nursery.start_soon(_splice, outcome, PlainSide(proxy_a), PlainSide(proxy_b), pump)
+        with trio.fail_after(5):
+            await app.send_all(b"ping")
+            await app.send_eof()
+            assert await _read_all(far) == b"ping"
+            await far.send_all(b"pong")
+            await far.send_eof()
+            assert await _read_all(app) == b"pong"
+            await outcome.done.wait()
+    assert outcome.counts == (4, 4)
+
+
+async def test_the_client_session_is_offered_after_the_first_bytes(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    offered: list[ssl.SSLSession] = []
+    async with link(contexts, tls_is_client=True, on_session=offered.append) as ln:
+        outcome = Outcome()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.agent.send_all(encode_data(b"first"))  # after the server's ticket
+                assert await ln.app.receive_some(100) == b"first"
+                assert len(offered) == 1 and offered[0].has_ticket
+                nursery.cancel_scope.cancel()
+
+
+async def test_an_end_the_engine_cannot_use_is_refused_before_anything_moves(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with link(contexts) as ln:
+        plain_end = ln.plain.native_end()
+        assert plain_end is not None
+        with pytest.raises(NativeRefused, match=r"expected an _ssl\._SSLSocket"):
+            await pump.splice(plain_end, (ln.tls.fileno(), object(), 1), idle_seconds=1)
+        other = ln.agent.ssl_object._sslobj  # type: ignore[attr-defined]
+        with pytest.raises(NativeRefused, match="does not match its socket"):
+            await pump.splice(plain_end, (ln.tls.fileno(), other, 1), idle_seconds=1)
+        assert pump.active == 0
+        # and the Python pumps serve it instead, through the same splice call
+        outcome = Outcome()
+
+        class Stubborn(FramedSide):
+            def native_end(self) -> tuple[int, object | None, int]:
+                return (ln.tls.fileno(), object(), 1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, Stubborn(ln.tls), pump)
+            with trio.fail_after(5):
+                await ln.app.send_all(b"still served")
+                assert await ln.agent.receive_some(100) == encode_data(b"still served")
+                nursery.cancel_scope.cancel()
+
+
+async def test_many_connections_on_one_engine(contexts: Contexts, pump: NativePump) -> None:
+    # More connections than the engine's first slot table (64), each its own bytes.
+    count = 150
+    results: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        a, proxy_a = await _tcp_pair()
+        proxy_b, b = await _tcp_pair()
+        async with a, b, trio.open_nursery() as n:
+            outcome = Outcome()
+            n.start_soon(_splice, outcome, PlainSide(proxy_a),
+                         PlainSide(PlainSocketStream.wrap(proxy_b)), pump)
+            payload = f"connection {i} ".encode() * (i + 1)
+            await a.send_all(payload)
+            await a.send_eof()
+            results[i] = await _read_all(b)
+            await b.send_eof()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(one, i)
+    assert all(results[i] == f"connection {i} ".encode() * (i + 1) for i in range(count))
+    assert pump.active == 0
