@@ -1,4 +1,4 @@
-"""The C pump of established L4 connections (``meshagent/_pump.c``), driven from trio.
+"""The C pump of established L4 connections (``dataplane/_pump.c``), driven from trio.
 
 Why. Pumping an L4 connection in Python costs a trio wake-up, a task switch and a few
 Python-level calls per chunk per direction; on small messages that is most of the
@@ -11,6 +11,7 @@ Theory of operation::
     serve_dataplane
     └── pump nursery        NativePump.run: waits for the engine's epoll descriptor,
         │                   calls Engine.run(), wakes the connections that finished
+        │                   (no timeout: idle expiry is a timerfd inside the engine)
         └── connections     each L4 connection task: NativePump.splice waits for its end
 
 * The engine never owns a descriptor: the connection task keeps its streams and closes
@@ -36,12 +37,11 @@ import trio
 from meshagent.protocol.frames import DEFAULT_MAX_PAYLOAD, FrameError
 
 try:
-    from meshagent import _pump  # type: ignore[attr-defined]
+    from meshagent.dataplane import _pump  # type: ignore[attr-defined]
 except ImportError:  # built without a C compiler: the Python pump serves
     _pump = None
 
 ENV_SWITCH: Final = "MESHAGENT_NATIVE_PUMP"
-_MAX_WAIT: Final = 3600.0
 
 # What the engine needs of one end: (descriptor, the _ssl object or None, kind).
 End = tuple[int, object | None, int]
@@ -52,7 +52,10 @@ def native_problem() -> str | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"turned off by {ENV_SWITCH}=0"
     if _pump is None:
-        return "the C extension meshagent._pump is not built (no C compiler at install time?)"
+        return (
+            "the C extension meshagent.dataplane._pump is not built "
+            "(no C compiler or Python headers at install time?)"
+        )
     assert ssl.OPENSSL_VERSION  # _ssl loaded: the engine looks its libssl up
     problem: str | None = _pump.tls_problem()
     return problem
@@ -87,7 +90,6 @@ class NativePump:
         assert _pump is not None
         self._engine = _pump.Engine(max_payload=DEFAULT_MAX_PAYLOAD)
         self._waiters: dict[int, _Waiter] = {}
-        self._sleeping: trio.CancelScope | None = None
 
     @property
     def active(self) -> int:
@@ -97,26 +99,21 @@ class NativePump:
     async def run(
         self, *, task_status: trio.TaskStatus[NativePump] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Drive the engine until cancelled. A cancel point."""
+        """Drive the engine until cancelled. A cancel point.
+
+        The engine's descriptor is readable whenever it has something to do: bytes to
+        move, a connection just added, work left from the last run (a busy connection
+        has a budget per run, so the other tasks get their turn in between), or an idle
+        expiry due (a timerfd inside). No timeout of our own is needed."""
         engine = self._engine
         fd = engine.fileno()
         task_status.started(self)
-        wait = _MAX_WAIT
         try:
             while True:
-                if wait > 0:
-                    deadline = trio.current_time() + min(wait, _MAX_WAIT)
-                    with trio.CancelScope(deadline=deadline) as nap:
-                        self._sleeping = nap
-                        await trio.lowlevel.wait_readable(fd)
-                    self._sleeping = None
-                else:  # more work queued: let the other tasks run first
-                    await trio.lowlevel.checkpoint()
-                results, wait = engine.run()
-                for handle, status, a_to_b, b_to_a, error_kind, error in results:
+                await trio.lowlevel.wait_readable(fd)
+                for handle, status, a_to_b, b_to_a, error_kind, error in engine.run():
                     self._finished(handle, status, (a_to_b, b_to_a), error_kind, error)
         finally:
-            self._sleeping = None
             trio.lowlevel.notify_closing(fd)
 
     def _finished(
@@ -168,8 +165,6 @@ class NativePump:
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
         waiter = self._waiters[handle] = _Waiter(on_first_read)
-        if self._sleeping is not None:
-            self._sleeping.cancel()  # the new connection may change the next idle check
         try:
             await waiter.event.wait()
         finally:

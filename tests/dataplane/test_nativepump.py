@@ -275,6 +275,27 @@ async def test_idle_connections_end_without_error(contexts: Contexts, pump: Nati
         assert pump.active == 0
 
 
+async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump) -> None:
+    # The engine's timer is armed for the 30 s connection first; the 0.3 s one added
+    # after it must re-arm it earlier.
+    async with trio.open_nursery() as nursery:
+        long_a, long_pa = await _tcp_pair()
+        long_pb, long_b = await _tcp_pair()
+        nursery.start_soon(_splice, Outcome(), PlainSide(long_pa), PlainSide(long_pb), pump, 30)
+        await trio.sleep(0.1)
+        a, pa = await _tcp_pair()
+        pb, b = await _tcp_pair()
+        short = Outcome()
+        nursery.start_soon(_splice, short, PlainSide(pa), PlainSide(pb), pump, 0.3)
+        with trio.fail_after(3):
+            await short.done.wait()
+        assert short.counts == (0, 0) and short.error is None
+        assert pump.active == 1
+        nursery.cancel_scope.cancel()
+    for stream in (long_a, long_b, a, b):
+        await stream.aclose()
+
+
 async def test_cancelling_takes_the_connection_back(contexts: Contexts, pump: NativePump) -> None:
     async with link(contexts) as ln:
         with trio.move_on_after(0.3):

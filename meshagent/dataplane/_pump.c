@@ -1,4 +1,4 @@
-/* meshagent._pump: the byte pump of established L4 connections, in C.
+/* meshagent.dataplane._pump: the byte pump of established L4 connections, in C.
  *
  * Theory of operation. Once an L4 connection is set up in Python (accepted, TLS
  * handshake done, peer checked, upstream connected), its two sockets are handed to an
@@ -30,7 +30,10 @@
  *   error);
  * - a TLS write that would block is retried with the same bytes (OpenSSL's rule).
  * Fairness: a direction moves at most BUDGET chunks per run(); a connection with more
- * to do is kept on a ready list and run() says so, so the caller yields to trio first.
+ * to do is kept on a ready list and an eventfd in the epoll set keeps the engine
+ * readable, so the caller goes round trio's scheduler before the next run. Idle expiry
+ * is a timerfd in the same set, armed at the earliest possible expiry: the trio side
+ * only ever waits for one descriptor, with no timeout of its own.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,6 +45,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -182,6 +187,8 @@ typedef struct conn {
 typedef struct {
     PyObject_HEAD
     int epfd;
+    int kickfd;  /* eventfd: readable while the ready list has work */
+    int timerfd; /* fires at next_scan, the earliest possible idle expiry */
     conn_t **slots;
     uint32_t *gens;
     uint32_t nslots, *free_slots, nfree;
@@ -192,6 +199,9 @@ typedef struct {
     char *scratch;
     PyObject *out; /* list of results being built by run() */
 } Engine;
+
+/* epoll data of the engine's own descriptors (never a side_t). */
+static char KICK_MARK, TIMER_MARK;
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -576,7 +586,43 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->next_scan = 1e300;
+    self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (self->kickfd < 0 || self->timerfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.ptr = &KICK_MARK;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->kickfd, &ev) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    ev.data.ptr = &TIMER_MARK;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timerfd, &ev) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return 0;
+}
+
+/* Make the epoll descriptor readable now (work on the ready list). */
+static void kick(Engine *self) {
+    uint64_t one = 1;
+    ssize_t r = write(self->kickfd, &one, sizeof one);
+    (void)r; /* EAGAIN: the counter is already non-zero, readable anyway */
+}
+
+/* Fire the timer at next_scan (monotonic seconds), or never. */
+static void arm(Engine *self) {
+    struct itimerspec at = {{0, 0}, {0, 0}};
+    if (self->next_scan < 1e299) {
+        double t = self->next_scan;
+        at.it_value.tv_sec = (time_t)t;
+        at.it_value.tv_nsec = (long)((t - (double)(time_t)t) * 1e9);
+        if (at.it_value.tv_sec == 0 && at.it_value.tv_nsec == 0) at.it_value.tv_nsec = 1;
+    }
+    timerfd_settime(self->timerfd, TFD_TIMER_ABSTIME, &at, NULL);
 }
 
 static void Engine_dealloc(Engine *self) {
@@ -587,6 +633,8 @@ static void Engine_dealloc(Engine *self) {
     free(self->free_slots);
     free(self->scratch);
     if (self->epfd > 0) close(self->epfd);
+    if (self->kickfd > 0) close(self->kickfd);
+    if (self->timerfd > 0) close(self->timerfd);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -705,7 +753,11 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     c->ready = 1;
     c->next_ready = self->ready_head;
     self->ready_head = c;
-    if (c->last + idle < self->next_scan) self->next_scan = c->last + idle;
+    if (c->last + idle < self->next_scan) {
+        self->next_scan = c->last + idle;
+        arm(self);
+    }
+    kick(self);
     return PyLong_FromUnsignedLongLong(handle_of(c));
 }
 
@@ -754,34 +806,51 @@ static PyObject *Engine_run(Engine *self, PyObject *unused) {
         Py_CLEAR(self->out);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    for (int i = 0; i < n; i++) {
-        side_t *s = events[i].data.ptr;
-        uint32_t ev = events[i].events;
-        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
-        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
-    }
     /* A connection may appear twice among the events (one per socket), or also be on
      * the ready list, and be released by its first step: remember handles, not
      * pointers, and look each one up again before stepping it. */
+    int scan = 0;
     for (int i = 0; i < n; i++) {
-        side_t *s = events[i].data.ptr;
+        void *mark = events[i].data.ptr;
+        uint64_t drained;
+        if (mark == &KICK_MARK || mark == &TIMER_MARK) {
+            ssize_t r = read(mark == &KICK_MARK ? self->kickfd : self->timerfd, &drained,
+                             sizeof drained);
+            (void)r;
+            if (mark == &TIMER_MARK) scan = 1;
+            events[i].data.u64 = 0; /* no connection has handle 0 (generations start at 1) */
+            continue;
+        }
+        side_t *s = mark;
+        uint32_t ev = events[i].events;
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
+        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
         events[i].data.u64 = handle_of(s->conn);
     }
     while (ready != NULL) {
         conn_t *c = ready;
         ready = c->next_ready;
         c->ready = 0;
-        if (step(self, c) < 0) goto fail;
+        if (step(self, c) < 0) {
+            while (ready != NULL) { /* not stepped: back on the list for the next run */
+                conn_t *next = ready->next_ready;
+                ready->next_ready = self->ready_head;
+                self->ready_head = ready;
+                ready = next;
+            }
+            goto fail;
+        }
     }
     for (int i = 0; i < n; i++) {
         unsigned long long h = events[i].data.u64;
+        if (h == 0) continue;
         uint32_t slot = (uint32_t)(h & 0xFFFFFFFFu), gen = (uint32_t)(h >> 32);
         conn_t *c = self->slots[slot];
         if (c == NULL || c->gen != gen) continue;
         if (step(self, c) < 0) goto fail;
     }
     double now = now_seconds();
-    if (now >= self->next_scan) {
+    if (scan || now >= self->next_scan) {
         double next = 1e300;
         for (uint32_t i = 0; i < self->nslots; i++) {
             conn_t *c = self->slots[i];
@@ -795,13 +864,12 @@ static PyObject *Engine_run(Engine *self, PyObject *unused) {
             }
         }
         self->next_scan = next;
+        arm(self);
     }
     PyObject *out = self->out;
     self->out = NULL;
-    double wait = self->next_scan - now;
-    if (self->ready_head != NULL) wait = 0.0;
-    PyObject *r = Py_BuildValue("(Nd)", out, wait < 0 ? 0.0 : wait);
-    return r;
+    if (self->ready_head != NULL) kick(self); /* more to do: readable again at once */
+    return out;
 fail:
     Py_CLEAR(self->out);
     return NULL;
@@ -820,17 +888,18 @@ static PyMethodDef Engine_methods[] = {
     {"remove", (PyCFunction)Engine_remove, METH_O,
      "remove(handle) -> (a_to_b, b_to_a) or None if it already finished"},
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     "run() -> (results, wait): results are (handle, status, a_to_b, b_to_a, error_kind, "
-     "error); wait is the seconds until the next idle check (0: call again soon)"},
+     "run() -> results: (handle, status, a_to_b, b_to_a, error_kind, error) tuples. Call "
+     "it whenever fileno() is readable: that covers bytes to move, new connections, work "
+     "left over from the last run and idle expiry (a timerfd)."},
     {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections in the engine"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "meshagent._pump.Engine",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "meshagent.dataplane._pump.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Pumps established L4 connections in C (see meshagent/_pump.c).",
+    .tp_doc = "Pumps established L4 connections in C (see meshagent/dataplane/_pump.c).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,
     .tp_dealloc = (destructor)Engine_dealloc,
@@ -852,7 +921,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "meshagent._pump",
+    .m_name = "meshagent.dataplane._pump",
     .m_doc = "The C byte pump of L4 connections.",
     .m_size = -1,
     .m_methods = module_methods,
