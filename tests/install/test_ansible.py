@@ -222,6 +222,13 @@ def check_installed_agent(prefix: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert check.returncode == 0, check.stderr
+    # The wheel is pure Python; the role compiled the C pump for the host's Python.
+    pump = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "from meshagent.dataplane.nativepump import native_problem; print(native_problem())"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert pump.stdout.strip() == "None", pump.stdout + pump.stderr
     agent_toml = (etc / "agent.toml").read_text()
     assert 'tags = { version = "v1", team = "shop floor" }' in agent_toml
     assert f'token_file = "{etc}/join.token"' in agent_toml

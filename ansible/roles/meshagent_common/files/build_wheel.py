@@ -7,7 +7,8 @@ The source is copied to a scratch directory first (without .git, virtualenvs and
 build output), so stale files under SOURCE_DIR/build never reach the wheel and the
 source tree is left as it was. SOURCE_DATE_EPOCH makes the wheel byte-for-byte
 reproducible: the same source gives the same checksum, so copying it to a host
-changes nothing on a second run.
+changes nothing on a second run. The wheel is pure Python and carries the C pump's
+source; the role compiles it on each host.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__",
-    ".*_cache", ".hypothesis", ".tox", ".nox",
+    ".*_cache", ".hypothesis", ".tox", ".nox", "*.so",
 )
 
 
@@ -31,7 +32,10 @@ def main(source: Path, out: Path) -> int:
               "meshagent's source directory, a .whl file or a pip requirement", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # Pure Python (MESHAGENT_PURE_WHEEL): the controller's platform and Python need not
+    # be the hosts'; the role compiles the C pump on each host (meshagent.pumpbuild).
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+           "MESHAGENT_PURE_WHEEL": "1"}
     with tempfile.TemporaryDirectory(prefix="meshagent-build-") as scratch:
         tree = Path(scratch) / "src"
         shutil.copytree(source, tree, ignore=IGNORE, symlinks=True)
