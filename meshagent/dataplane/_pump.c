@@ -79,6 +79,7 @@ static int (*p_SSL_get_error)(const SSL *, int);
 static int (*p_SSL_get_fd)(const SSL *);
 static long (*p_SSL_ctrl)(SSL *, int, long, void *);
 static int (*p_SSL_is_init_finished)(const SSL *);
+static void (*p_SSL_set_read_ahead)(SSL *, int);
 static void (*p_ERR_clear_error)(void);
 static unsigned long (*p_ERR_get_error)(void);
 static void (*p_ERR_error_string_n)(unsigned long, char *, size_t);
@@ -138,6 +139,7 @@ static int load_ssl(void) {
     LOOKUP(hssl, SSL_get_fd);
     LOOKUP(hssl, SSL_ctrl);
     LOOKUP(hssl, SSL_is_init_finished);
+    LOOKUP(hssl, SSL_set_read_ahead);
     LOOKUP(hcrypto, ERR_clear_error);
     LOOKUP(hcrypto, ERR_get_error);
     LOOKUP(hcrypto, ERR_error_string_n);
@@ -156,6 +158,7 @@ typedef struct side {
     SSL *ssl;
     int kind;
     int rd, wr; /* may read / write without blocking, as far as we know */
+    int hup;    /* the peer shut down or the socket failed (EPOLLRDHUP/HUP/ERR seen) */
 } side_t;
 
 typedef struct dir {
@@ -254,6 +257,10 @@ static int side_read(dir_t *d, side_t *s, char *p, size_t n, size_t *got, error_
         ssize_t r = recv(s->fd, p, n, 0);
         if (r >= 0) {
             *got = (size_t)r;
+            /* A short read emptied the socket: edge-triggered epoll reports the next
+             * bytes or FIN, so skip the recv that would only say EAGAIN. Not once a FIN
+             * or an error was reported: its edge is spent, and the next recv says so. */
+            if (r > 0 && (size_t)r < n && !s->hup) s->rd = 0;
             return 1;
         }
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -462,6 +469,11 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             return 0;
         }
         if (budget-- == 0) return 1;
+        if (!d->src->rd) { /* known empty (a short read or want-read) */
+            d->wait_side = d->src;
+            d->wait_in = 1;
+            return 0;
+        }
         char *base = eng->scratch;
         size_t got = 0;
         /* A frame of exactly CHUNK bytes is four full TLS records; CHUNK of payload
@@ -673,6 +685,10 @@ static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
         return -1;
     }
     p_SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+    /* One recv per record (or several), not one for the 5-byte header and one for the
+     * body. The engine reads until OpenSSL asks for the socket, so records read ahead
+     * into OpenSSL's buffer are never left behind a wait. */
+    p_SSL_set_read_ahead(ssl, 1);
     s->ssl = ssl;
     return 0;
 }
@@ -824,6 +840,7 @@ static PyObject *Engine_run(Engine *self, PyObject *unused) {
         side_t *s = mark;
         uint32_t ev = events[i].events;
         if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
+        if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->hup = 1;
         if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
         events[i].data.u64 = handle_of(s->conn);
     }

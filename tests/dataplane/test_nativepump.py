@@ -184,6 +184,29 @@ async def test_half_close_crosses_and_the_other_direction_goes_on(
         assert outcome.counts == (7, 6)
 
 
+async def test_a_fin_that_came_while_the_pump_waited_is_not_lost(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    # The agent end does not read at first, so the pump waits to write; meanwhile the
+    # app's last bytes and its FIN arrive (one readiness edge for both). The last read
+    # is short because the FIN stops it: it must not be taken for "socket empty, wait".
+    async with link(contexts) as ln:
+        outcome = Outcome()
+        payload = os.urandom(32 << 20)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+
+            async def send() -> None:
+                await ln.app.send_all(payload)
+                await ln.app.send_eof()
+
+            nursery.start_soon(send)
+            await trio.sleep(0.5)
+            with trio.fail_after(10):
+                assert await _read_frames(ln.agent) == (payload, True)
+            nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("wire", "message"),
     [
