@@ -43,7 +43,10 @@ def _loads(path: Path) -> str | None:
         "spec = importlib.util.spec_from_file_location(name, sys.argv[1])\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        "module.Engine().run()\n"
+        "engine = module.Engine()\n"
+        "engine.stop()\n"
+        "engine.serve()  # returns at once: stopped\n"
+        "assert engine.collect() == [] and engine.active() == 0\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(path)],

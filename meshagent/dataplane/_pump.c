@@ -2,17 +2,28 @@
  *
  * Theory of operation. Once an L4 connection is set up in Python (accepted, TLS
  * handshake done, peer checked, upstream connected), its two sockets are handed to an
- * Engine: one epoll set per trio loop, registered edge-triggered for both directions
- * of both sockets. The trio side waits for the engine's epoll descriptor to become
- * readable and calls Engine.run(), which handles every ready connection in C: read a
- * chunk, write it on, until a call would block. Python code runs once per wake-up of
- * the whole engine, not once per chunk per connection.
+ * Engine: one epoll set per agent process, registered edge-triggered for both
+ * directions of both sockets, served by Engine.serve() in a thread of its own that
+ * never takes the GIL: read a chunk, write it on, until a call would block, for every
+ * ready connection, then epoll_wait again. Neither trio nor Python runs per chunk; the
+ * trio side hears from the engine only when a connection ended (Engine.collect(), an
+ * eventfd to wait on).
+ *
+ * Threads. One mutex guards the engine: serve() holds it while it works (not while it
+ * waits in epoll_wait), the Python calls (add, remove, resume, collect, stop) hold it
+ * briefly. serve() never needs the GIL while it holds the mutex, so a Python call that
+ * waits for the mutex with the GIL held cannot deadlock. epoll events carry a
+ * (generation, slot, side) key, not a pointer: an event that raced with remove() finds
+ * a free slot or a newer generation.
  *
  * The engine never owns a descriptor or a TLS session: Python keeps both and closes
- * them when the engine says the connection finished (or after Engine.remove). TLS uses
- * the SSL object of Python's own ssl.SSLSocket (same process, same libssl), found
- * through the _ssl._SSLSocket object's layout and checked with SSL_get_fd against the
- * socket's descriptor: a mismatch refuses the connection, which then stays in Python.
+ * them after the engine reported the end (or after Engine.remove). TLS uses the SSL
+ * object of Python's own ssl.SSLSocket (same process, same libssl), found through the
+ * _ssl._SSLSocket object's layout and checked with SSL_get_fd against the socket's
+ * descriptor: a mismatch refuses the connection, which then stays in Python. Python
+ * does not touch the SSL object while the engine has the connection; when a TLS 1.3
+ * client's first bytes arrive (its session ticket came with them), the connection is
+ * paused and reported (FIRST_READ) so Python can take the session, then resumed.
  * libssl is not linked: its functions are looked up in the copy Python's _ssl module
  * already loaded (dl_iterate_phdr + dlopen RTLD_NOLOAD), so no OpenSSL headers are
  * needed to build this file and there can be no second copy of OpenSSL.
@@ -29,11 +40,10 @@
  * - idle: no byte moved either way for idle seconds finishes the connection (not an
  *   error);
  * - a TLS write that would block is retried with the same bytes (OpenSSL's rule).
- * Fairness: a direction moves at most BUDGET chunks per run(); a connection with more
- * to do is kept on a ready list and an eventfd in the epoll set keeps the engine
- * readable, so the caller goes round trio's scheduler before the next run. Idle expiry
- * is a timerfd in the same set, armed at the earliest possible expiry: the trio side
- * only ever waits for one descriptor, with no timeout of its own.
+ * Fairness: a direction moves at most BUDGET chunks per pass; a connection with more
+ * to do is kept on a ready list for the next pass, which first takes whatever else
+ * epoll has. Idle expiry is a timerfd in the epoll set, armed at the earliest possible
+ * expiry; new connections and stop() write an eventfd in the set.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,6 +51,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -182,29 +193,41 @@ typedef struct conn {
     side_t a, b;
     dir_t d[2];
     double idle, last;
-    int ready;      /* on the ready list */
+    int ready;        /* on the ready list */
     int notify_first; /* report the first bytes read from a TLS side */
-    struct conn *next_ready;
+    int paused;       /* FIRST_READ reported: untouched until resume() */
+    int first_due;    /* FIRST_READ to report */
+    int finished;     /* ended (status, error): to report, then freed by collect() */
+    int status;
+    int error_kind;
+    char *error;      /* malloc'd message, or NULL */
+    int queued;       /* on the done list */
+    struct conn *next_ready, *next_done;
 } conn_t;
 
 typedef struct {
     PyObject_HEAD
+    pthread_mutex_t lock; /* everything below, between serve() and the Python calls */
     int epfd;
-    int kickfd;  /* eventfd: readable while the ready list has work */
-    int timerfd; /* fires at next_scan, the earliest possible idle expiry */
+    int kickfd;  /* eventfd in the epoll set: new work or stop, from the trio thread */
+    int timerfd; /* in the epoll set: fires at next_scan, the earliest idle expiry */
+    int donefd;  /* eventfd the trio side waits on: the done list has entries */
+    int stopped, serving; /* stop() is final: serve() returns, now or when it starts */
     conn_t **slots;
     uint32_t *gens;
     uint32_t nslots, *free_slots, nfree;
-    size_t active;
-    conn_t *ready_head;
+    size_t active; /* connections not finished */
+    conn_t *ready_head, *done_head;
     double next_scan;
     size_t max_payload;
     char *scratch;
-    PyObject *out; /* list of results being built by run() */
 } Engine;
 
-/* epoll data of the engine's own descriptors (never a side_t). */
-static char KICK_MARK, TIMER_MARK;
+/* epoll data: (generation << 32) | (slot << 1) | side for a connection's socket, so an
+ * event that raced with remove() finds a freed slot or a newer generation, never a
+ * freed pointer. Generations start at 1; these two are the engine's own descriptors. */
+#define KEY_KICK 0u
+#define KEY_TIMER 1u
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -212,16 +235,18 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* A finished or failed step: 1 = progress, 0 = blocked, -1 = error (set in err). */
+/* Why a connection failed, for its log line: ERR_IO or ERR_FRAME, and a message. */
 typedef struct {
     int kind;
     char text[240];
 } error_t_;
 
 static void io_error(error_t_ *err, int code) {
+    char buf[128];
+    const char *text = strerror_r(code, buf, sizeof buf); /* GNU: thread-safe */
     err->kind = ERR_IO;
     snprintf(err->text, sizeof err->text, "socket connection broken: [Errno %d] %s", code,
-             strerror(code));
+             text);
 }
 
 static void frame_error(error_t_ *err, const char *text) {
@@ -518,33 +543,82 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
     }
 }
 
-static void release(Engine *eng, conn_t *c) {
-    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
-    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
-    for (int i = 0; i < 2; i++) free(c->d[i].buf);
-    eng->slots[c->slot] = NULL;
-    eng->gens[c->slot]++;
-    eng->free_slots[eng->nfree++] = c->slot;
-    eng->active--;
-    free(c);
-}
-
 static unsigned long long handle_of(conn_t *c) {
     return ((unsigned long long)c->gen << 32) | c->slot;
 }
 
-static int report(Engine *eng, conn_t *c, int status, error_t_ *err) {
-    PyObject *item = Py_BuildValue(
-        "(KiKKis)", handle_of(c), status, c->d[0].count, c->d[1].count,
-        err ? err->kind : 0, err ? err->text : "");
-    if (item == NULL) return -1;
-    int r = PyList_Append(eng->out, item);
-    Py_DECREF(item);
-    return r;
+static void signal_fd(int fd) {
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof one);
+    (void)r; /* EAGAIN: the counter is already non-zero, readable anyway */
 }
 
-/* Work on c; finished connections are reported and released. -1: Python error. */
-static int step(Engine *eng, conn_t *c) {
+static void unready(Engine *eng, conn_t *c) {
+    if (!c->ready) return;
+    for (conn_t **p = &eng->ready_head; *p != NULL; p = &(*p)->next_ready) {
+        if (*p == c) {
+            *p = c->next_ready;
+            break;
+        }
+    }
+    c->ready = 0;
+}
+
+/* Put c on the done list for collect() (once), and wake the trio side. */
+static void queue_done(Engine *eng, conn_t *c) {
+    if (c->queued) return;
+    c->queued = 1;
+    c->next_done = eng->done_head;
+    eng->done_head = c;
+    signal_fd(eng->donefd);
+}
+
+/* c ended: out of epoll and the ready list, buffers freed; reported by collect(). */
+static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
+    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
+    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
+    for (int i = 0; i < 2; i++) {
+        free(c->d[i].buf);
+        c->d[i].buf = NULL;
+    }
+    unready(eng, c);
+    c->finished = 1;
+    c->status = status;
+    if (err != NULL) {
+        c->error_kind = err->kind;
+        c->error = strdup(err->text); /* NULL when out of memory: reported without text */
+    }
+    eng->active--;
+    queue_done(eng, c);
+}
+
+/* Free c and its slot (finished and reported, or taken back by remove()). */
+static void discard(Engine *eng, conn_t *c) {
+    if (!c->finished) {
+        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
+        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
+        for (int i = 0; i < 2; i++) free(c->d[i].buf);
+        unready(eng, c);
+        eng->active--;
+    }
+    if (c->queued) {
+        for (conn_t **p = &eng->done_head; *p != NULL; p = &(*p)->next_done) {
+            if (*p == c) {
+                *p = c->next_done;
+                break;
+            }
+        }
+    }
+    free(c->error);
+    eng->slots[c->slot] = NULL;
+    eng->gens[c->slot]++;
+    eng->free_slots[eng->nfree++] = c->slot;
+    free(c);
+}
+
+/* Work on c until every direction blocked, ended or spent its budget. */
+static void step(Engine *eng, conn_t *c) {
+    if (c->paused || c->finished) return;
     error_t_ err = {0, ""};
     int more = 0, first = 0;
     for (int i = 0; i < 2; i++) {
@@ -552,27 +626,95 @@ static int step(Engine *eng, conn_t *c) {
         if (!runnable(d)) continue;
         int r = pump(eng, c, d, &first, &err);
         if (r < 0) {
-            if (report(eng, c, DONE_ERROR, &err) < 0) return -1;
-            release(eng, c);
-            return 0;
+            finish(eng, c, DONE_ERROR, &err);
+            return;
         }
         if (r == 1) more = 1;
     }
-    if (first) {
-        c->notify_first = 0;
-        if (report(eng, c, FIRST_READ, &err) < 0) return -1;
-    }
     if (c->d[0].done && c->d[1].done) {
-        if (report(eng, c, DONE_OK, NULL) < 0) return -1;
-        release(eng, c);
-        return 0;
+        finish(eng, c, DONE_OK, NULL);
+        return;
+    }
+    if (first) {
+        /* Python reads the TLS session now; the SSL object is not touched meanwhile. */
+        c->notify_first = 0;
+        c->first_due = 1;
+        c->paused = 1;
+        queue_done(eng, c);
+        return;
     }
     if (more && !c->ready) {
         c->ready = 1;
         c->next_ready = eng->ready_head;
         eng->ready_head = c;
     }
-    return 0;
+}
+
+static void arm(Engine *eng);
+
+static uint64_t key_of(conn_t *c, int side) {
+    return ((uint64_t)c->gen << 32) | ((uint64_t)c->slot << 1) | (uint64_t)side;
+}
+
+static side_t *side_of(Engine *eng, uint64_t key) {
+    uint32_t gen = (uint32_t)(key >> 32), slot = (uint32_t)(key & 0xFFFFFFFFu) >> 1;
+    if (gen == 0 || slot >= eng->nslots) return NULL;
+    conn_t *c = eng->slots[slot];
+    if (c == NULL || c->gen != gen || c->finished) return NULL;
+    return (key & 1) ? &c->b : &c->a;
+}
+
+/* One pass: the events, the ready list, idle expiry. Called with the lock held. */
+static void process(Engine *eng, struct epoll_event *events, int n) {
+    conn_t *ready = eng->ready_head;
+    eng->ready_head = NULL;
+    int scan = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t key = events[i].data.u64;
+        if (key == KEY_KICK || key == KEY_TIMER) {
+            uint64_t drained;
+            ssize_t r = read(key == KEY_KICK ? eng->kickfd : eng->timerfd, &drained,
+                             sizeof drained);
+            (void)r;
+            if (key == KEY_TIMER) scan = 1;
+            continue;
+        }
+        side_t *s = side_of(eng, key);
+        if (s == NULL) continue;
+        uint32_t ev = events[i].events;
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
+        if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->hup = 1;
+        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
+    }
+    /* The ready list was taken whole: steps push onto a new one. A connection may be
+     * stepped twice here (ready, and an event on each socket): harmless, as a step of
+     * a finished or paused connection does nothing, and finished connections stay
+     * allocated until collect(), which needs the lock this pass holds. */
+    while (ready != NULL) {
+        conn_t *c = ready;
+        ready = c->next_ready;
+        c->ready = 0;
+        step(eng, c);
+    }
+    for (int i = 0; i < n; i++) {
+        side_t *s = side_of(eng, events[i].data.u64);
+        if (s != NULL) step(eng, s->conn);
+    }
+    double now = now_seconds();
+    if (scan || now >= eng->next_scan) {
+        double next = 1e300;
+        for (uint32_t i = 0; i < eng->nslots; i++) {
+            conn_t *c = eng->slots[i];
+            if (c == NULL || c->finished) continue;
+            if (now - c->last >= c->idle) {
+                finish(eng, c, DONE_IDLE, NULL);
+            } else if (c->last + c->idle < next) {
+                next = c->last + c->idle;
+            }
+        }
+        eng->next_scan = next;
+        arm(eng);
+    }
 }
 
 /* ---- the Python type -------------------------------------------------------------- */
@@ -585,10 +727,28 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "max_payload must be 1..16777215");
         return -1;
     }
-    if (self->epfd > 0) return 0;
+    if (self->epfd > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine.__init__ called twice");
+        return -1;
+    }
     self->max_payload = (size_t)max_payload;
+    self->next_scan = 1e300;
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (self->epfd < 0) {
+    self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->donefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (self->epfd < 0 || self->kickfd < 0 || self->donefd < 0 || self->timerfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.u64 = KEY_KICK;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->kickfd, &ev) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    ev.data.u64 = KEY_TIMER;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timerfd, &ev) != 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -597,32 +757,8 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         return -1;
     }
-    self->next_scan = 1e300;
-    self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (self->kickfd < 0 || self->timerfd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    struct epoll_event ev = {.events = EPOLLIN};
-    ev.data.ptr = &KICK_MARK;
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->kickfd, &ev) != 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    ev.data.ptr = &TIMER_MARK;
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timerfd, &ev) != 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
+    pthread_mutex_init(&self->lock, NULL);
     return 0;
-}
-
-/* Make the epoll descriptor readable now (work on the ready list). */
-static void kick(Engine *self) {
-    uint64_t one = 1;
-    ssize_t r = write(self->kickfd, &one, sizeof one);
-    (void)r; /* EAGAIN: the counter is already non-zero, readable anyway */
 }
 
 /* Fire the timer at next_scan (monotonic seconds), or never. */
@@ -638,21 +774,26 @@ static void arm(Engine *self) {
 }
 
 static void Engine_dealloc(Engine *self) {
+    /* serve() holds a reference while it runs: no thread is in the engine here. */
     for (uint32_t i = 0; i < self->nslots; i++)
-        if (self->slots[i] != NULL) release(self, self->slots[i]);
+        if (self->slots[i] != NULL) discard(self, self->slots[i]);
     free(self->slots);
     free(self->gens);
     free(self->free_slots);
     free(self->scratch);
-    if (self->epfd > 0) close(self->epfd);
-    if (self->kickfd > 0) close(self->kickfd);
-    if (self->timerfd > 0) close(self->timerfd);
+    if (self->epfd > 0) {
+        close(self->epfd);
+        close(self->kickfd);
+        close(self->donefd);
+        close(self->timerfd);
+        pthread_mutex_destroy(&self->lock);
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *Engine_fileno(Engine *self, PyObject *unused) {
+static PyObject *Engine_done_fileno(Engine *self, PyObject *unused) {
     (void)unused;
-    return PyLong_FromLong(self->epfd);
+    return PyLong_FromLong(self->donefd);
 }
 
 static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
@@ -695,6 +836,7 @@ static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
 
 static int grow(Engine *self) {
     uint32_t n = self->nslots ? self->nslots * 2 : 64;
+    if (n > (1u << 30)) return -1;
     conn_t **slots = realloc(self->slots, n * sizeof *slots);
     if (slots == NULL) return -1;
     self->slots = slots;
@@ -734,10 +876,6 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
         free(c);
         return NULL;
     }
-    if (self->nfree == 0 && grow(self) < 0) {
-        free(c);
-        return PyErr_NoMemory();
-    }
     c->a.conn = c->b.conn = c;
     c->d[0].src = &c->a;
     c->d[0].dst = &c->b;
@@ -746,23 +884,35 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     c->idle = idle;
     c->last = now_seconds();
     c->notify_first = notify;
-    struct epoll_event ev;
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.ptr = &c->a;
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, afd, &ev) != 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    pthread_mutex_lock(&self->lock);
+    if (self->nfree == 0 && grow(self) < 0) {
+        pthread_mutex_unlock(&self->lock);
         free(c);
-        return NULL;
-    }
-    ev.data.ptr = &c->b;
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) != 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        epoll_ctl(self->epfd, EPOLL_CTL_DEL, afd, NULL);
-        free(c);
-        return NULL;
+        return PyErr_NoMemory();
     }
     c->slot = self->free_slots[--self->nfree];
     c->gen = self->gens[c->slot];
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = key_of(c, 0);
+    int failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, afd, &ev) != 0;
+    if (!failed) {
+        ev.data.u64 = key_of(c, 1);
+        failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) != 0;
+        if (failed) {
+            int saved = errno;
+            epoll_ctl(self->epfd, EPOLL_CTL_DEL, afd, NULL);
+            errno = saved;
+        }
+    }
+    if (failed) {
+        int saved = errno;
+        self->free_slots[self->nfree++] = c->slot;
+        pthread_mutex_unlock(&self->lock);
+        free(c);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     self->slots[c->slot] = c;
     self->active++;
     /* First pass from the ready list: bytes may already wait inside OpenSSL. */
@@ -773,12 +923,15 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
         self->next_scan = c->last + idle;
         arm(self);
     }
-    kick(self);
-    return PyLong_FromUnsignedLongLong(handle_of(c));
+    unsigned long long handle = handle_of(c);
+    pthread_mutex_unlock(&self->lock);
+    signal_fd(self->kickfd);
+    return PyLong_FromUnsignedLongLong(handle);
 }
 
-static conn_t *lookup(Engine *self, PyObject *arg) {
+static conn_t *lookup(Engine *self, PyObject *arg, unsigned long long *handle) {
     unsigned long long h = PyLong_AsUnsignedLongLong(arg);
+    *handle = h;
     if (h == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     uint32_t slot = (uint32_t)(h & 0xFFFFFFFFu), gen = (uint32_t)(h >> 32);
     if (slot >= self->nslots || self->slots[slot] == NULL || self->slots[slot]->gen != gen)
@@ -786,129 +939,176 @@ static conn_t *lookup(Engine *self, PyObject *arg) {
     return self->slots[slot];
 }
 
-static void unready(Engine *self, conn_t *c) {
-    if (!c->ready) return;
-    for (conn_t **p = &self->ready_head; *p != NULL; p = &(*p)->next_ready) {
-        if (*p == c) {
-            *p = c->next_ready;
-            break;
-        }
-    }
-    c->ready = 0;
-}
-
 static PyObject *Engine_remove(Engine *self, PyObject *arg) {
-    conn_t *c = lookup(self, arg);
+    unsigned long long h;
+    pthread_mutex_lock(&self->lock);
+    conn_t *c = lookup(self, arg, &h);
     if (c == NULL) {
+        pthread_mutex_unlock(&self->lock);
         if (PyErr_Occurred()) return NULL;
         Py_RETURN_NONE;
     }
-    unready(self, c);
-    PyObject *r = Py_BuildValue("(KK)", c->d[0].count, c->d[1].count);
-    release(self, c);
-    return r;
+    unsigned long long a = c->d[0].count, b = c->d[1].count;
+    discard(self, c);
+    pthread_mutex_unlock(&self->lock);
+    return Py_BuildValue("(KK)", a, b);
 }
 
-static PyObject *Engine_run(Engine *self, PyObject *unused) {
+static PyObject *Engine_resume(Engine *self, PyObject *arg) {
+    unsigned long long h;
+    pthread_mutex_lock(&self->lock);
+    conn_t *c = lookup(self, arg, &h);
+    int wake = 0;
+    if (c != NULL && c->paused && !c->finished) {
+        c->paused = 0;
+        if (!c->ready) {
+            c->ready = 1;
+            c->next_ready = self->ready_head;
+            self->ready_head = c;
+        }
+        wake = 1;
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (PyErr_Occurred()) return NULL;
+    if (wake) signal_fd(self->kickfd);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_serve(Engine *self, PyObject *unused) {
     (void)unused;
     struct epoll_event events[MAX_EVENTS];
-    self->out = PyList_New(0);
-    if (self->out == NULL) return NULL;
-    /* Connections that still had work after their budget, or were just added. */
-    conn_t *ready = self->ready_head;
-    self->ready_head = NULL;
-    int n = epoll_wait(self->epfd, events, MAX_EVENTS, 0);
-    if (n < 0 && errno != EINTR) {
-        Py_CLEAR(self->out);
+    int failed = 0, saved = 0;
+    pthread_mutex_lock(&self->lock);
+    if (self->serving) {
+        pthread_mutex_unlock(&self->lock);
+        PyErr_SetString(PyExc_RuntimeError, "the engine is already serving");
+        return NULL;
+    }
+    self->serving = 1;
+    int stopped = self->stopped;
+    pthread_mutex_unlock(&self->lock);
+    if (stopped) {
+        pthread_mutex_lock(&self->lock);
+        self->serving = 0;
+        pthread_mutex_unlock(&self->lock);
+        Py_RETURN_NONE;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    int timeout = 0;
+    for (;;) {
+        int n = epoll_wait(self->epfd, events, MAX_EVENTS, timeout);
+        if (n < 0 && errno != EINTR) {
+            failed = 1;
+            saved = errno;
+            break;
+        }
+        pthread_mutex_lock(&self->lock);
+        if (self->stopped) {
+            pthread_mutex_unlock(&self->lock);
+            break;
+        }
+        process(self, events, n < 0 ? 0 : n);
+        /* Work left over (a budget spent, a connection just added): go again at once,
+         * after whatever else epoll has; otherwise sleep until something happens. */
+        timeout = self->ready_head != NULL ? 0 : -1;
+        pthread_mutex_unlock(&self->lock);
+    }
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    self->serving = 0;
+    pthread_mutex_unlock(&self->lock);
+    if (failed) {
+        errno = saved;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    /* A connection may appear twice among the events (one per socket), or also be on
-     * the ready list, and be released by its first step: remember handles, not
-     * pointers, and look each one up again before stepping it. */
-    int scan = 0;
-    for (int i = 0; i < n; i++) {
-        void *mark = events[i].data.ptr;
-        uint64_t drained;
-        if (mark == &KICK_MARK || mark == &TIMER_MARK) {
-            ssize_t r = read(mark == &KICK_MARK ? self->kickfd : self->timerfd, &drained,
-                             sizeof drained);
-            (void)r;
-            if (mark == &TIMER_MARK) scan = 1;
-            events[i].data.u64 = 0; /* no connection has handle 0 (generations start at 1) */
-            continue;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_stop(Engine *self, PyObject *unused) {
+    (void)unused;
+    pthread_mutex_lock(&self->lock);
+    self->stopped = 1;
+    pthread_mutex_unlock(&self->lock);
+    signal_fd(self->kickfd);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_collect(Engine *self, PyObject *unused) {
+    (void)unused;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    pthread_mutex_lock(&self->lock);
+    uint64_t drained;
+    ssize_t r = read(self->donefd, &drained, sizeof drained);
+    (void)r;
+    conn_t *c = self->done_head;
+    self->done_head = NULL;
+    while (c != NULL) {
+        conn_t *next = c->next_done;
+        c->queued = 0;
+        PyObject *item = NULL;
+        if (c->first_due) {
+            c->first_due = 0;
+            item = Py_BuildValue("(KiKKis)", handle_of(c), FIRST_READ, c->d[0].count,
+                                 c->d[1].count, 0, "");
+            if (item == NULL || PyList_Append(out, item) < 0) goto fail;
+            Py_CLEAR(item);
         }
-        side_t *s = mark;
-        uint32_t ev = events[i].events;
-        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
-        if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->hup = 1;
-        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
-        events[i].data.u64 = handle_of(s->conn);
-    }
-    while (ready != NULL) {
-        conn_t *c = ready;
-        ready = c->next_ready;
-        c->ready = 0;
-        if (step(self, c) < 0) {
-            while (ready != NULL) { /* not stepped: back on the list for the next run */
-                conn_t *next = ready->next_ready;
-                ready->next_ready = self->ready_head;
-                self->ready_head = ready;
-                ready = next;
-            }
-            goto fail;
+        if (c->finished) {
+            item = Py_BuildValue("(KiKKis)", handle_of(c), c->status, c->d[0].count,
+                                 c->d[1].count, c->error_kind,
+                                 c->error != NULL ? c->error
+                                 : c->status == DONE_ERROR ? "error (out of memory for its text)"
+                                 : "");
+            if (item == NULL || PyList_Append(out, item) < 0) goto fail;
+            Py_CLEAR(item);
+            discard(self, c);
         }
-    }
-    for (int i = 0; i < n; i++) {
-        unsigned long long h = events[i].data.u64;
-        if (h == 0) continue;
-        uint32_t slot = (uint32_t)(h & 0xFFFFFFFFu), gen = (uint32_t)(h >> 32);
-        conn_t *c = self->slots[slot];
-        if (c == NULL || c->gen != gen) continue;
-        if (step(self, c) < 0) goto fail;
-    }
-    double now = now_seconds();
-    if (scan || now >= self->next_scan) {
-        double next = 1e300;
-        for (uint32_t i = 0; i < self->nslots; i++) {
-            conn_t *c = self->slots[i];
-            if (c == NULL) continue;
-            if (now - c->last >= c->idle) {
-                unready(self, c);
-                if (report(self, c, DONE_IDLE, NULL) < 0) goto fail;
-                release(self, c);
-            } else if (c->last + c->idle < next) {
-                next = c->last + c->idle;
-            }
+        c = next;
+        continue;
+    fail:
+        Py_XDECREF(item);
+        /* put this one and the rest back for the next collect() */
+        while (c != NULL) {
+            conn_t *rest = c->next_done;
+            c->queued = 0;
+            queue_done(self, c);
+            c = rest;
         }
-        self->next_scan = next;
-        arm(self);
+        pthread_mutex_unlock(&self->lock);
+        Py_DECREF(out);
+        return NULL;
     }
-    PyObject *out = self->out;
-    self->out = NULL;
-    if (self->ready_head != NULL) kick(self); /* more to do: readable again at once */
+    pthread_mutex_unlock(&self->lock);
     return out;
-fail:
-    Py_CLEAR(self->out);
-    return NULL;
 }
 
 static PyObject *Engine_active(Engine *self, PyObject *unused) {
     (void)unused;
-    return PyLong_FromSize_t(self->active);
+    pthread_mutex_lock(&self->lock);
+    size_t n = self->active;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSize_t(n);
 }
 
 static PyMethodDef Engine_methods[] = {
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
-     "The epoll descriptor: readable when run() has work."},
+    {"done_fileno", (PyCFunction)Engine_done_fileno, METH_NOARGS,
+     "An eventfd, readable when collect() has results."},
     {"add", (PyCFunction)Engine_add, METH_VARARGS,
      "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first) -> handle"},
     {"remove", (PyCFunction)Engine_remove, METH_O,
-     "remove(handle) -> (a_to_b, b_to_a) or None if it already finished"},
-    {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     "run() -> results: (handle, status, a_to_b, b_to_a, error_kind, error) tuples. Call "
-     "it whenever fileno() is readable: that covers bytes to move, new connections, work "
-     "left over from the last run and idle expiry (a timerfd)."},
-    {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections in the engine"},
+     "remove(handle) -> (a_to_b, b_to_a), or None if it is not in the engine (any more)"},
+    {"resume", (PyCFunction)Engine_resume, METH_O,
+     "resume(handle): go on with a connection paused by its FIRST_READ result"},
+    {"serve", (PyCFunction)Engine_serve, METH_NOARGS,
+     "serve(): pump until stop(), without the GIL. Run it in a thread of its own."},
+    {"stop", (PyCFunction)Engine_stop, METH_NOARGS,
+     "Make serve() return soon (or at once if it has not started): final."},
+    {"collect", (PyCFunction)Engine_collect, METH_NOARGS,
+     "collect() -> [(handle, status, a_to_b, b_to_a, error_kind, error)]: connections "
+     "that ended (status DONE_*), and FIRST_READ reports (the connection is paused until "
+     "resume(handle))."},
+    {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections being pumped"},
     {NULL, NULL, 0, NULL},
 };
 

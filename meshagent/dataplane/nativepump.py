@@ -4,15 +4,17 @@ Why. Pumping an L4 connection in Python costs a trio wake-up, a task switch and 
 Python-level calls per chunk per direction; on small messages that is most of the
 agent's CPU (docs/performance.md). Here the connection is set up in Python as before
 (accept, TLS handshake, peer check, policy, upstream connect), then its two sockets are
-handed to one ``Engine`` per trio loop, which moves the bytes in C.
+handed to one ``Engine`` per agent process, which moves the bytes in C, in a thread of
+its own that never takes the GIL.
 
 Theory of operation::
 
     serve_dataplane
-    └── pump nursery        NativePump.run: waits for the engine's epoll descriptor,
-        │                   calls Engine.run(), wakes the connections that finished
-        │                   (no timeout: idle expiry is a timerfd inside the engine)
-        └── connections     each L4 connection task: NativePump.splice waits for its end
+    └── pump nursery         NativePump.run: waits for the engine's "done" eventfd and
+        │                    wakes the connections that ended (Engine.collect)
+        ├── engine thread    Engine.serve() through trio.to_thread (its own limiter),
+        │                    until NativePump.run ends (Engine.stop)
+        └── connections      each L4 connection task: NativePump.splice waits for its end
 
 * The engine never owns a descriptor: the connection task keeps its streams and closes
   them when the engine reports the end (or, when cancelled, after taking the connection
@@ -20,6 +22,10 @@ Theory of operation::
 * Same behaviour as ``tcp_proxy.splice`` (which stays the fallback): half-close,
   framing and its checks, backpressure (one chunk per direction), idle expiry, errors as
   ``trio.BrokenResourceError`` / ``FrameError``, byte counts.
+* A TLS 1.3 client's session is offered to ``TlsContexts`` after its first bytes: the
+  engine pauses that connection and reports ``FIRST_READ``; ``_finished`` calls the
+  stream's ``first_read`` in the trio thread (the engine does not touch that SSL object
+  meanwhile), then resumes it.
 * When the C extension is missing (no compiler at install time), the ``_ssl`` module
   does not use a shared libssl, or ``MESHAGENT_NATIVE_PUMP=0`` is set, ``native_problem``
   says why and the agent pumps in Python.
@@ -27,6 +33,7 @@ Theory of operation::
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from collections.abc import Callable
@@ -99,22 +106,26 @@ class NativePump:
     async def run(
         self, *, task_status: trio.TaskStatus[NativePump] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Drive the engine until cancelled. A cancel point.
-
-        The engine's descriptor is readable whenever it has something to do: bytes to
-        move, a connection just added, work left from the last run (a busy connection
-        has a budget per run, so the other tasks get their turn in between), or an idle
-        expiry due (a timerfd inside). No timeout of our own is needed."""
+        """Run the engine's thread and wake the connections that end, until cancelled.
+        A cancel point; returns only once the engine's thread has stopped."""
         engine = self._engine
-        fd = engine.fileno()
-        task_status.started(self)
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                for handle, status, a_to_b, b_to_a, error_kind, error in engine.run():
-                    self._finished(handle, status, (a_to_b, b_to_a), error_kind, error)
-        finally:
-            trio.lowlevel.notify_closing(fd)
+        done = engine.done_fileno()
+        # Its own limiter: the thread runs for the life of the data plane, and must not
+        # take (or wait for) one of trio's default tokens.
+        thread = trio.CapacityLimiter(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(trio.to_thread.run_sync, engine.serve, limiter=thread)
+            )
+            try:
+                task_status.started(self)
+                while True:
+                    await trio.lowlevel.wait_readable(done)
+                    for handle, status, a_to_b, b_to_a, error_kind, error in engine.collect():
+                        self._finished(handle, status, (a_to_b, b_to_a), error_kind, error)
+            finally:
+                engine.stop()  # serve() returns; the nursery waits for its thread
+                trio.lowlevel.notify_closing(done)
 
     def _finished(
         self, handle: int, status: int, counts: tuple[int, int], error_kind: int, error: str
@@ -124,8 +135,11 @@ class NativePump:
         if waiter is None:
             return
         if status == _pump.FIRST_READ:
-            if waiter.on_first_read is not None:
-                waiter.on_first_read()
+            try:
+                if waiter.on_first_read is not None:
+                    waiter.on_first_read()
+            finally:
+                self._engine.resume(handle)
             return
         del self._waiters[handle]
         waiter.done = True

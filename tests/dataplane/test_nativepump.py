@@ -392,7 +392,15 @@ async def test_the_client_session_is_offered_after_the_first_bytes(
             with trio.fail_after(5):
                 await ln.agent.send_all(encode_data(b"first"))  # after the server's ticket
                 assert await ln.app.receive_some(100) == b"first"
+                while not offered:  # reported by the engine's thread, soon after
+                    await trio.sleep(0.01)
                 assert len(offered) == 1 and offered[0].has_ticket
+                # the connection was paused for that, and goes on
+                await ln.agent.send_all(encode_data(b"second"))
+                assert await ln.app.receive_some(100) == b"second"
+                await ln.app.send_all(b"back")
+                assert await ln.agent.receive_some(100) == encode_data(b"back")
+                assert len(offered) == 1
                 nursery.cancel_scope.cancel()
 
 
