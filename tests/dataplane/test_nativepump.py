@@ -9,6 +9,8 @@ import os
 import socket
 import ssl
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -316,6 +318,48 @@ async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump
         assert pump.active == 1
         nursery.cancel_scope.cancel()
     for stream in (long_a, long_b, a, b):
+        await stream.aclose()
+
+
+async def test_bytes_flow_while_the_trio_loop_is_busy(pump: NativePump) -> None:
+    # The engine's thread moves the bytes without the trio loop: while the loop is
+    # stuck in Python work (a blocking sleep here), a ping crosses the splice and back.
+    a, pa = await _tcp_pair()
+    pb, b = await _tcp_pair()
+    outcome = Outcome()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_splice, outcome, PlainSide(pa), PlainSide(pb), pump)
+        await trio.sleep(0.2)
+        near = socket.socket(fileno=os.dup(a.socket.fileno()))
+        far = socket.socket(fileno=os.dup(b.socket.fileno()))
+        near.setblocking(True)
+        far.setblocking(True)
+        near.settimeout(10)
+        far.settimeout(10)
+        stalled = threading.Event()
+        seen: list[tuple[bytes, bool]] = []
+
+        def peers() -> None:
+            stalled.wait(10)
+            near.sendall(b"ping")
+            got = far.recv(100)
+            far.sendall(b"pong")
+            back = near.recv(100)
+            seen.append((got + back, stalled.is_set()))
+
+        thread = threading.Thread(target=peers)
+        thread.start()
+        stalled.set()
+        deadline = time.monotonic() + 2.0
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)  # noqa: ASYNC251 -- the trio loop must not run: on purpose
+        stalled.clear()
+        thread.join(10)
+        near.close()
+        far.close()
+        assert seen == [(b"pingpong", True)]
+        nursery.cancel_scope.cancel()
+    for stream in (a, b):
         await stream.aclose()
 
 
