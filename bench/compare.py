@@ -637,6 +637,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="instead of the comparison: py-spy on that meshagent pair under "
                         "the keep-alive load (see profile.py)")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument("--profile-load", choices=("keep-alive", "new-conn"),
+                        default="keep-alive",
+                        help="with --profile: the load (new-conn: wrk with Connection: close, "
+                        f"{NEW_CONNECTION.connections} connections)")
     parser.add_argument("--profile-native", action="store_true",
                         help="with --profile: C frames too (where a syscall's time goes)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -672,6 +676,8 @@ def main() -> int:
     if args.profile:
         from profile_pair import profile
 
+        if args.profile_load == "new-conn":
+            return profile(args, NEW_CONNECTION.connections, close=True)
         return profile(args, KEEPALIVE.connections)
     try:
         return run(args)

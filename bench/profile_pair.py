@@ -2,7 +2,7 @@
 both agents, summed by function area. Run through compare.py:
 
     python bench/compare.py --profile http [--profile-seconds 20] [--keep]
-    python bench/compare.py --profile l4
+    python bench/compare.py --profile l4 [--profile-load new-conn]
 
 It starts the upstream and one meshagent pair as ``compare.py`` does, runs wrk (or
 bench/loadgen.py) with 32 keep-alive connections, waits 2 s, then samples both agents
@@ -103,7 +103,9 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def profile(args: argparse.Namespace, connections: int) -> int:
+def profile(args: argparse.Namespace, connections: int, *, close: bool = False) -> int:
+    """Profile under ``connections`` keep-alive connections, or with ``close`` a new
+    connection per request (wrk only)."""
     spy = py_spy()
     if spy is None:
         print("py-spy not found: .venv/bin/pip install py-spy", file=sys.stderr)
@@ -123,7 +125,8 @@ def profile(args: argparse.Namespace, connections: int) -> int:
         load_seconds = seconds + 4
         if "wrk" in tools.paths:
             load_args = [tools.paths["wrk"], "-t1", f"-c{connections}",
-                         f"-d{round(load_seconds)}s", f"http://127.0.0.1:{path.port}/small"]
+                         f"-d{round(load_seconds)}s", f"http://127.0.0.1:{path.port}/small",
+                         *(["-H", "Connection: close"] if close else [])]
         else:
             load_args = [sys.executable, str(HERE / "loadgen.py"), "run", "--port",
                          str(path.port), "--connections", str(connections),
@@ -141,8 +144,9 @@ def profile(args: argparse.Namespace, connections: int) -> int:
                  *(["--native"] if args.profile_native else ["--nonblocking"])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             ))
+        kind = "a new connection per request (Connection: close)" if close else "keep-alive"
         print(f"profiling {name} ({', '.join(path.proxies)}) for {seconds:g} s under "
-              f"{connections} keep-alive connections, GET /small", flush=True)
+              f"{connections} {kind} connections, GET /small", flush=True)
         status = 0
         for agent, (out, proc) in spies.items():
             _, err = proc.communicate(timeout=seconds + 60)
