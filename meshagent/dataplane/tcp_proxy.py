@@ -8,6 +8,10 @@ buffer (backpressure by construction). End of stream in one direction becomes a
 half-close on the other side (``send_eof``): a TCP FIN for the app, an END frame between
 agents. Both streams close when both directions ended, when one side fails, or when no
 byte moved in either direction for ``idle_seconds``.
+
+Where it can, ``splice`` hands both sockets to the C pump instead (``nativepump.py``),
+which keeps these rules in C; the Python pumps here are the reference and the fallback
+(no C extension, ``MESHAGENT_NATIVE_PUMP=0``, or a side the engine refuses).
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ async def splice(
                 )
             except NativeRefused as exc:
                 refused = True  # nothing moved: the Python pumps below take it
-                log.warning("l4 pump refused a connection", error=str(exc))
+                _log_refusal(str(exc))
             finally:
                 if not refused:
                     with trio.CancelScope(shield=True):
@@ -217,3 +221,19 @@ def _first_read(a: Side, b: Side) -> Callable[[], None] | None:
         if isinstance(stream, SslSocketStream) and stream.wants_first_read:
             return stream.first_read
     return None
+
+
+_refusals_logged: set[str] = set()
+
+
+def _log_refusal(reason: str) -> None:
+    """A warning the first time the C pump refuses for a reason (the same reason would
+    come with every connection), then debug lines."""
+    if reason in _refusals_logged:
+        log.debug("l4 pump refused a connection; pumping it in Python", error=reason)
+        return
+    if len(_refusals_logged) < 32:  # the engine has a handful of reasons
+        _refusals_logged.add(reason)
+    log.warning(
+        "l4 pump refused a connection; pumping it in Python (logged once)", error=reason
+    )
