@@ -275,28 +275,50 @@ static void ssl_error(error_t_ *err, SSL *ssl, int ret, int saved_errno) {
     p_ERR_clear_error();
 }
 
+/* d waits until s is readable (in) or writable: that readiness is known to be gone. */
+static int block(dir_t *d, side_t *s, int in) {
+    if (in) s->rd = 0; else s->wr = 0;
+    d->wait_side = s;
+    d->wait_in = in;
+    return 0;
+}
+
+/* A plain recv/send failed with errno: 0 (blocked, d waits) or -1 (err set). */
+static int plain_failed(dir_t *d, side_t *s, int in, error_t_ *err) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return block(d, s, in);
+    io_error(err, errno);
+    return -1;
+}
+
+/* An SSL call on s returned ret (not 1), with SSL_get_error code: 0 when OpenSSL wants
+ * the socket (d waits), -1 otherwise (err set). */
+static int ssl_failed(dir_t *d, side_t *s, int ret, int code, int saved_errno,
+                      error_t_ *err) {
+    if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE) {
+        p_ERR_clear_error();
+        return block(d, s, code == SSL_ERROR_WANT_READ);
+    }
+    ssl_error(err, s->ssl, ret, saved_errno);
+    return -1;
+}
+
 /* Read up to n bytes from s into p. 1: *got bytes (0 = end of stream); 0: blocked
  * (d->wait_* set); -1: error. */
 static int side_read(dir_t *d, side_t *s, char *p, size_t n, size_t *got, error_t_ *err) {
     if (s->ssl == NULL) {
-        ssize_t r = recv(s->fd, p, n, 0);
-        if (r >= 0) {
-            *got = (size_t)r;
-            /* A short read emptied the socket: edge-triggered epoll reports the next
-             * bytes or FIN, so skip the recv that would only say EAGAIN. Not once a FIN
-             * or an error was reported: its edge is spent, and the next recv says so. */
-            if (r > 0 && (size_t)r < n && !s->hup) s->rd = 0;
-            return 1;
+        for (;;) {
+            ssize_t r = recv(s->fd, p, n, 0);
+            if (r >= 0) {
+                *got = (size_t)r;
+                /* A short read emptied the socket: edge-triggered epoll reports the next
+                 * bytes or FIN, so skip the recv that would only say EAGAIN. Not once a
+                 * FIN or an error was reported: its edge is spent, and the next recv
+                 * says so. */
+                if (r > 0 && (size_t)r < n && !s->hup) s->rd = 0;
+                return 1;
+            }
+            if (errno != EINTR) return plain_failed(d, s, 1, err);
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            s->rd = 0;
-            d->wait_side = s;
-            d->wait_in = 1;
-            return 0;
-        }
-        if (errno == EINTR) return side_read(d, s, p, n, got, err);
-        io_error(err, errno);
-        return -1;
     }
     p_ERR_clear_error();
     errno = 0;
@@ -304,57 +326,34 @@ static int side_read(dir_t *d, side_t *s, char *p, size_t n, size_t *got, error_
     if (ret == 1) return 1;
     int saved = errno;
     int code = p_SSL_get_error(s->ssl, ret);
-    if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE) {
-        p_ERR_clear_error();
-        d->wait_side = s;
-        d->wait_in = code == SSL_ERROR_WANT_READ;
-        if (d->wait_in) s->rd = 0; else s->wr = 0;
-        return 0;
-    }
     if (code == SSL_ERROR_ZERO_RETURN) { /* close_notify */
         p_ERR_clear_error();
         *got = 0;
         return 1;
     }
-    ssl_error(err, s->ssl, ret, saved);
-    return -1;
+    return ssl_failed(d, s, ret, code, saved, err);
 }
 
 /* Write p[0:n] to s. 1: *put bytes written (TLS: all of them); 0: blocked; -1: error. */
 static int side_write(dir_t *d, side_t *s, const char *p, size_t n, size_t *put,
                       error_t_ *err) {
     if (s->ssl == NULL) {
-        ssize_t r = send(s->fd, p, n, MSG_NOSIGNAL);
-        if (r >= 0) {
-            *put = (size_t)r;
-            if ((size_t)r < n) s->wr = 0; /* the socket buffer is full */
-            return 1;
+        for (;;) {
+            ssize_t r = send(s->fd, p, n, MSG_NOSIGNAL);
+            if (r >= 0) {
+                *put = (size_t)r;
+                if ((size_t)r < n) s->wr = 0; /* the socket buffer is full */
+                return 1;
+            }
+            if (errno != EINTR) return plain_failed(d, s, 0, err);
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            s->wr = 0;
-            d->wait_side = s;
-            d->wait_in = 0;
-            return 0;
-        }
-        if (errno == EINTR) return side_write(d, s, p, n, put, err);
-        io_error(err, errno);
-        return -1;
     }
     p_ERR_clear_error();
     errno = 0;
     int ret = p_SSL_write_ex(s->ssl, p, n, put);
     if (ret == 1) return 1;
     int saved = errno;
-    int code = p_SSL_get_error(s->ssl, ret);
-    if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE) {
-        p_ERR_clear_error();
-        d->wait_side = s;
-        d->wait_in = code == SSL_ERROR_WANT_READ;
-        if (d->wait_in) s->rd = 0; else s->wr = 0;
-        return 0;
-    }
-    ssl_error(err, s->ssl, ret, saved);
-    return -1;
+    return ssl_failed(d, s, ret, p_SSL_get_error(s->ssl, ret), saved, err);
 }
 
 /* Write what d holds (buf[off:len], or p[0:n] when buf is NULL, copied if it cannot
@@ -375,10 +374,7 @@ static int flush(dir_t *d, const char *p, size_t n, error_t_ *err) {
         memcpy(d->buf, p + from, n - from);
         d->off = 0;
         d->len = n - from;
-        if (r == 1) { /* a plain socket took part of it: wait for room */
-            d->wait_side = d->dst;
-            d->wait_in = 0;
-        }
+        if (r == 1) block(d, d->dst, 0); /* a plain socket took part of it: wait for room */
         return 0;
     }
     while (d->buf != NULL && d->off < d->len) {
@@ -386,11 +382,7 @@ static int flush(dir_t *d, const char *p, size_t n, error_t_ *err) {
         int r = side_write(d, d->dst, d->buf + d->off, d->len - d->off, &put, err);
         if (r <= 0) return r;
         d->off += put;
-        if (d->off < d->len && d->dst->ssl == NULL) {
-            d->wait_side = d->dst;
-            d->wait_in = 0;
-            return 0;
-        }
+        if (d->off < d->len && d->dst->ssl == NULL) return block(d, d->dst, 0);
     }
     free(d->buf);
     d->buf = NULL;
@@ -494,11 +486,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             return 0;
         }
         if (budget-- == 0) return 1;
-        if (!d->src->rd) { /* known empty (a short read or want-read) */
-            d->wait_side = d->src;
-            d->wait_in = 1;
-            return 0;
-        }
+        if (!d->src->rd) return block(d, d->src, 1); /* known empty: short read or want-read */
         char *base = eng->scratch;
         size_t got = 0;
         /* A frame of exactly CHUNK bytes is four full TLS records; CHUNK of payload
@@ -573,8 +561,8 @@ static void queue_done(Engine *eng, conn_t *c) {
     signal_fd(eng->donefd);
 }
 
-/* c ended: out of epoll and the ready list, buffers freed; reported by collect(). */
-static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
+/* c stops being pumped: out of epoll and the ready list, buffers freed. */
+static void stop_pumping(Engine *eng, conn_t *c) {
     epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
     epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
     for (int i = 0; i < 2; i++) {
@@ -582,25 +570,24 @@ static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
         c->d[i].buf = NULL;
     }
     unready(eng, c);
+    eng->active--;
+}
+
+/* c ended: no longer pumped; reported by collect(), which then discards it. */
+static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
+    stop_pumping(eng, c);
     c->finished = 1;
     c->status = status;
     if (err != NULL) {
         c->error_kind = err->kind;
         c->error = strdup(err->text); /* NULL when out of memory: reported without text */
     }
-    eng->active--;
     queue_done(eng, c);
 }
 
 /* Free c and its slot (finished and reported, or taken back by remove()). */
 static void discard(Engine *eng, conn_t *c) {
-    if (!c->finished) {
-        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
-        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
-        for (int i = 0; i < 2; i++) free(c->d[i].buf);
-        unready(eng, c);
-        eng->active--;
-    }
+    if (!c->finished) stop_pumping(eng, c);
     if (c->queued) {
         for (conn_t **p = &eng->done_head; *p != NULL; p = &(*p)->next_done) {
             if (*p == c) {
