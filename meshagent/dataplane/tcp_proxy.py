@@ -171,23 +171,37 @@ async def splice(
         whatever a side raises (OSError, trio.BrokenResourceError, FrameError); both
         sides are closed either way. Idle expiry is not an error: it returns.
     """
-    if pump is not None:
-        ends = a.native_end(), b.native_end()
-        if ends[0] is not None and ends[1] is not None:
-            refused = False
-            try:
-                return await pump.splice(
-                    ends[0], ends[1], idle_seconds=idle_seconds,
-                    on_first_read=_first_read(a, b),
-                )
-            except NativeRefused as exc:
-                refused = True  # nothing moved: the Python pumps below take it
-                _log_refusal(str(exc))
-            finally:
-                if not refused:
-                    with trio.CancelScope(shield=True):
-                        await a.aclose()
-                        await b.aclose()
+    try:
+        if pump is not None:
+            counts = await _splice_natively(pump, a, b, idle_seconds)
+            if counts is not None:
+                return counts
+        return await _splice_in_python(a, b, idle_seconds)
+    finally:
+        with trio.CancelScope(shield=True):
+            await a.aclose()
+            await b.aclose()
+
+
+async def _splice_natively(
+    pump: NativePump, a: Side, b: Side, idle_seconds: float
+) -> tuple[int, int] | None:
+    """The C pump's splice, or None when a side cannot go there or the engine refused
+    it (nothing moved: the Python pumps take it)."""
+    ends = a.native_end(), b.native_end()
+    if ends[0] is None or ends[1] is None:
+        return None
+    try:
+        return await pump.splice(
+            ends[0], ends[1], idle_seconds=idle_seconds, on_first_read=_first_read(a, b)
+        )
+    except NativeRefused as exc:
+        _log_refusal(str(exc))
+        return None
+
+
+async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int, int]:
+    """The two pumps of the module docstring; the caller closes the sides."""
     counts = [0, 0]
     with trio.CancelScope() as idle:
         idle.deadline = trio.current_time() + idle_seconds
@@ -202,15 +216,10 @@ async def splice(
                 counts[slot] += len(data)
                 idle.deadline = trio.current_time() + idle_seconds
 
-        try:
-            # One pump runs in this task: a connection costs two tasks, not three.
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(move, b, a, 1)
-                await move(a, b, 0)
-        finally:
-            with trio.CancelScope(shield=True):
-                await a.aclose()
-                await b.aclose()
+        # One pump runs in this task: a connection costs two tasks, not three.
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(move, b, a, 1)
+            await move(a, b, 0)
     return counts[0], counts[1]
 
 
