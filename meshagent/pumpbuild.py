@@ -35,6 +35,12 @@ def target_path(source: Path = SOURCE) -> Path:
     return source.with_name("_pump" + str(sysconfig.get_config_var("EXT_SUFFIX")))
 
 
+def _last_line(result: subprocess.CompletedProcess[str]) -> str:
+    """What a failed command said last: the line an operator needs."""
+    lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+    return lines[-1]
+
+
 def _loads(path: Path) -> str | None:
     """None if ``path`` imports as the pump in a fresh interpreter, else why not."""
     code = (
@@ -52,10 +58,7 @@ def _loads(path: Path) -> str | None:
         [sys.executable, "-c", code, str(path)],
         capture_output=True, text=True, timeout=60, check=False,
     )
-    if result.returncode == 0:
-        return None
-    lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
-    return lines[-1]
+    return None if result.returncode == 0 else _last_line(result)
 
 
 def build(source: Path = SOURCE, *, force: bool = False) -> tuple[Status, str]:
@@ -92,8 +95,7 @@ def build(source: Path = SOURCE, *, force: bool = False) -> tuple[Status, str]:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return "not built", f"{compiler[0]} failed: {exc}"
         if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
-            return "not built", f"{compiler[0]} failed: {lines[-1]}"
+            return "not built", f"{compiler[0]} failed: {_last_line(result)}"
         problem = _loads(built)
         if problem is not None:
             return "not built", f"the built module does not load: {problem}"
