@@ -11,7 +11,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +131,27 @@ async def _splice(outcome: Outcome, a: Side, b: Side, pump: NativePump, idle: fl
         outcome.done.set()
 
 
+@asynccontextmanager
+async def spliced(
+    contexts: Contexts,
+    pump: NativePump,
+    *,
+    side: Callable[[SslSocketStream], Side] = FramedSide,
+    idle: float = 30,
+    tls_is_client: bool = False,
+    on_session: object = None,
+) -> AsyncIterator[tuple[Link, Outcome, trio.Nursery]]:
+    """A link whose plain side and TLS side (as ``side``) the C pump splices, in a
+    nursery that waits for the splice at the end (cancel it to stop sooner)."""
+    async with (
+        link(contexts, tls_is_client=tls_is_client, on_session=on_session) as ln,
+        trio.open_nursery() as nursery,
+    ):
+        outcome = Outcome()
+        nursery.start_soon(_splice, outcome, ln.plain, side(ln.tls), pump, idle)
+        yield ln, outcome, nursery
+
+
 async def test_bytes_both_ways_at_once_then_half_close(contexts: Contexts, pump: NativePump) -> None:
     size = 8 << 20
     up, down = os.urandom(size), os.urandom(size)
@@ -170,20 +191,17 @@ async def test_bytes_both_ways_at_once_then_half_close(contexts: Contexts, pump:
 async def test_half_close_crosses_and_the_other_direction_goes_on(
     contexts: Contexts, pump: NativePump
 ) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.app.send_all(b"request")
-                await ln.app.send_eof()
-                assert await _read_frames(ln.agent) == (b"request", True)
-                # the app half-closed; the answer still comes back to it
-                await ln.agent.send_all(encode_data(b"answer") + END_FRAME)
-                assert await _read_all(ln.app) == b"answer"
-                await outcome.done.wait()
-        assert outcome.error is None
-        assert outcome.counts == (7, 6)
+    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.app.send_all(b"request")
+            await ln.app.send_eof()
+            assert await _read_frames(ln.agent) == (b"request", True)
+            # the app half-closed; the answer still comes back to it
+            await ln.agent.send_all(encode_data(b"answer") + END_FRAME)
+            assert await _read_all(ln.app) == b"answer"
+            await outcome.done.wait()
+    assert outcome.error is None
+    assert outcome.counts == (7, 6)
 
 
 async def test_a_fin_that_came_while_the_pump_waited_is_not_lost(
@@ -192,21 +210,18 @@ async def test_a_fin_that_came_while_the_pump_waited_is_not_lost(
     # The agent end does not read at first, so the pump waits to write; meanwhile the
     # app's last bytes and its FIN arrive (one readiness edge for both). The last read
     # is short because the FIN stops it: it must not be taken for "socket empty, wait".
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        payload = os.urandom(32 << 20)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+    payload = os.urandom(32 << 20)
+    async with spliced(contexts, pump) as (ln, _outcome, nursery):
 
-            async def send() -> None:
-                await ln.app.send_all(payload)
-                await ln.app.send_eof()
+        async def send() -> None:
+            await ln.app.send_all(payload)
+            await ln.app.send_eof()
 
-            nursery.start_soon(send)
-            await trio.sleep(0.5)
-            with trio.fail_after(10):
-                assert await _read_frames(ln.agent) == (payload, True)
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(send)
+        await trio.sleep(0.5)
+        with trio.fail_after(10):
+            assert await _read_frames(ln.agent) == (payload, True)
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(
@@ -222,82 +237,67 @@ async def test_a_fin_that_came_while_the_pump_waited_is_not_lost(
 async def test_bad_framing_fails_the_connection(
     contexts: Contexts, pump: NativePump, wire: bytes, message: str
 ) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.agent.send_all(encode_data(b"fine"))
-                assert await ln.app.receive_some(100) == b"fine"
-                await ln.agent.send_all(wire)
-                await outcome.done.wait()
-                assert await _read_all(ln.app) == b""  # closed
-        assert isinstance(outcome.error, FrameError)
-        assert message in str(outcome.error)
-        assert pump.active == 0
+    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.agent.send_all(encode_data(b"fine"))
+            assert await ln.app.receive_some(100) == b"fine"
+            await ln.agent.send_all(wire)
+            await outcome.done.wait()
+            assert await _read_all(ln.app) == b""  # closed
+    assert isinstance(outcome.error, FrameError)
+    assert message in str(outcome.error)
+    assert pump.active == 0
 
 
 async def test_close_notify_inside_a_frame_is_an_error(contexts: Contexts, pump: NativePump) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.agent.send_all(b"\x01\x00\x00\x0aabc")  # 3 of 10 bytes
-                await ln.agent.aclose()  # sends close_notify
-                await outcome.done.wait()
-        assert isinstance(outcome.error, FrameError)
-        assert "connection closed inside a frame" in str(outcome.error)
+    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.agent.send_all(b"\x01\x00\x00\x0aabc")  # 3 of 10 bytes
+            await ln.agent.aclose()  # sends close_notify
+            await outcome.done.wait()
+    assert isinstance(outcome.error, FrameError)
+    assert "connection closed inside a frame" in str(outcome.error)
 
 
 async def test_eof_without_close_notify_is_an_error(contexts: Contexts, pump: NativePump) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.agent.send_all(encode_data(b"x"))
-                await ln.app.send_all(b"y")  # read all the agent end was sent (tickets
-                assert await ln.agent.receive_some(100) == encode_data(b"y")  # too): a FIN
-                # the peer dies: TCP FIN, no close_notify
-                os.close(ln.agent.ssl_object.detach())
-                await outcome.done.wait()
-        assert isinstance(outcome.error, trio.BrokenResourceError)
-        assert "without close_notify" in str(outcome.error)
+    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.agent.send_all(encode_data(b"x"))
+            await ln.app.send_all(b"y")  # read all the agent end was sent (tickets
+            assert await ln.agent.receive_some(100) == encode_data(b"y")  # too): a FIN
+            # the peer dies: TCP FIN, no close_notify
+            os.close(ln.agent.ssl_object.detach())
+            await outcome.done.wait()
+    assert isinstance(outcome.error, trio.BrokenResourceError)
+    assert "without close_notify" in str(outcome.error)
 
 
 async def test_a_reset_from_the_app_is_an_error(contexts: Contexts, pump: NativePump) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.app.send_all(b"x")
-                assert await ln.agent.receive_some(100)
-                ln.app.socket.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
-                await ln.app.aclose()  # RST
-                await outcome.done.wait()
-        assert isinstance(outcome.error, trio.BrokenResourceError)
-        assert "socket connection broken" in str(outcome.error)
+    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.app.send_all(b"x")
+            assert await ln.agent.receive_some(100)
+            ln.app.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            await ln.app.aclose()  # RST
+            await outcome.done.wait()
+    assert isinstance(outcome.error, trio.BrokenResourceError)
+    assert "socket connection broken" in str(outcome.error)
 
 
 async def test_idle_connections_end_without_error(contexts: Contexts, pump: NativePump) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump, 0.3)
-            with trio.fail_after(5):
-                await ln.app.send_all(b"hello")
-                assert await ln.agent.receive_some(100) == encode_data(b"hello")
-                start = trio.current_time()
-                await outcome.done.wait()
-                assert trio.current_time() - start >= 0.25
-                assert await _read_all(ln.app) == b""  # closed by the splice
-        assert outcome.error is None
-        assert outcome.counts == (5, 0)
-        assert pump.active == 0
+    async with spliced(contexts, pump, idle=0.3) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.app.send_all(b"hello")
+            assert await ln.agent.receive_some(100) == encode_data(b"hello")
+            start = trio.current_time()
+            await outcome.done.wait()
+            assert trio.current_time() - start >= 0.25
+            assert await _read_all(ln.app) == b""  # closed by the splice
+    assert outcome.error is None
+    assert outcome.counts == (5, 0)
+    assert pump.active == 0
 
 
 async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump) -> None:
@@ -376,36 +376,30 @@ async def test_cancelling_takes_the_connection_back(contexts: Contexts, pump: Na
 async def test_a_slow_reader_holds_the_writer_back(contexts: Contexts, pump: NativePump) -> None:
     # The app never reads: what the agent end can send is bounded by the socket buffers
     # on the way plus one chunk in the pump, not by the 64 MiB it tries to send.
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        sent = 0
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            frame = encode_data(b"z" * 65536)
-            with trio.move_on_after(2):
-                while sent < 64 << 20:
-                    await ln.agent.send_all(frame)
-                    sent += 65536
-            assert sent < 40 << 20, f"the pump took {sent} bytes from a peer nobody reads"
-            nursery.cancel_scope.cancel()
+    sent = 0
+    async with spliced(contexts, pump) as (ln, _outcome, nursery):
+        frame = encode_data(b"z" * 65536)
+        with trio.move_on_after(2):
+            while sent < 64 << 20:
+                await ln.agent.send_all(frame)
+                sent += 65536
+        assert sent < 40 << 20, f"the pump took {sent} bytes from a peer nobody reads"
+        nursery.cancel_scope.cancel()
 
 
 async def test_raw_tls_side_does_not_pass_a_half_close(contexts: Contexts, pump: NativePump) -> None:
-    async with link(contexts) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, RawTlsSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.app.send_all(b"raw bytes")
-                await ln.app.send_eof()
-                assert await ln.agent.receive_some(100) == b"raw bytes"
-                await ln.agent.send_all(b"back")
-                assert await ln.app.receive_some(100) == b"back"
-                await ln.agent.aclose()  # close_notify: the app's direction ends
-                assert await _read_all(ln.app) == b""
-                await outcome.done.wait()
-        assert outcome.error is None
-        assert outcome.counts == (9, 4)
+    async with spliced(contexts, pump, side=RawTlsSide) as (ln, outcome, _nursery):
+        with trio.fail_after(5):
+            await ln.app.send_all(b"raw bytes")
+            await ln.app.send_eof()
+            assert await ln.agent.receive_some(100) == b"raw bytes"
+            await ln.agent.send_all(b"back")
+            assert await ln.app.receive_some(100) == b"back"
+            await ln.agent.aclose()  # close_notify: the app's direction ends
+            assert await _read_all(ln.app) == b""
+            await outcome.done.wait()
+    assert outcome.error is None
+    assert outcome.counts == (9, 4)
 
 
 async def test_plain_to_plain(pump: NativePump) -> None:
@@ -429,23 +423,22 @@ async def test_the_client_session_is_offered_after_the_first_bytes(
     contexts: Contexts, pump: NativePump
 ) -> None:
     offered: list[ssl.SSLSession] = []
-    async with link(contexts, tls_is_client=True, on_session=offered.append) as ln:
-        outcome = Outcome()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
-            with trio.fail_after(5):
-                await ln.agent.send_all(encode_data(b"first"))  # after the server's ticket
-                assert await ln.app.receive_some(100) == b"first"
-                while not offered:  # reported by the engine's thread, soon after
-                    await trio.sleep(0.01)
-                assert len(offered) == 1 and offered[0].has_ticket
-                # the connection was paused for that, and goes on
-                await ln.agent.send_all(encode_data(b"second"))
-                assert await ln.app.receive_some(100) == b"second"
-                await ln.app.send_all(b"back")
-                assert await ln.agent.receive_some(100) == encode_data(b"back")
-                assert len(offered) == 1
-                nursery.cancel_scope.cancel()
+    async with spliced(
+        contexts, pump, tls_is_client=True, on_session=offered.append
+    ) as (ln, _outcome, nursery):
+        with trio.fail_after(5):
+            await ln.agent.send_all(encode_data(b"first"))  # after the server's ticket
+            assert await ln.app.receive_some(100) == b"first"
+            while not offered:  # reported by the engine's thread, soon after
+                await trio.sleep(0.01)
+            assert len(offered) == 1 and offered[0].has_ticket
+            # the connection was paused for that, and goes on
+            await ln.agent.send_all(encode_data(b"second"))
+            assert await ln.app.receive_some(100) == b"second"
+            await ln.app.send_all(b"back")
+            assert await ln.agent.receive_some(100) == encode_data(b"back")
+            assert len(offered) == 1
+            nursery.cancel_scope.cancel()
 
 
 async def test_an_end_the_engine_cannot_use_is_refused_before_anything_moves(
