@@ -307,7 +307,9 @@ async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump
         long_a, long_pa = await _tcp_pair()
         long_pb, long_b = await _tcp_pair()
         nursery.start_soon(_splice, Outcome(), PlainSide(long_pa), PlainSide(long_pb), pump, 30)
-        await trio.sleep(0.1)
+        with trio.fail_after(3):
+            while pump.active < 1:  # the 30 s connection is in the engine first
+                await trio.sleep(0.01)
         a, pa = await _tcp_pair()
         pb, b = await _tcp_pair()
         short = Outcome()
