@@ -66,6 +66,11 @@ class AgentCollector(Collector):
             "Failed TLS handshakes by reason (no-certificate, unknown-ca, expired, not-tls, ...)",
             labels=["mesh", "listener", "reason"],
         )
+        handshakes = CounterMetricFamily(
+            "meshagent_tls_handshakes",
+            "Inbound TLS handshakes done, by whether they resumed a session (yes: cheap)",
+            labels=["mesh", "listener", "resumed"],
+        )
         plaintext = CounterMetricFamily(
             "meshagent_inbound_plaintext_connections",
             "Inbound connections without TLS (permissive/off): callers that skip the mesh",
@@ -74,6 +79,8 @@ class AgentCollector(Collector):
         for name, c in sorted(by_listener.items()):
             if name.startswith("inbound:"):
                 plaintext.add_metric([mesh, name], c.plaintext)
+                handshakes.add_metric([mesh, name, "no"], c.tls_full)
+                handshakes.add_metric([mesh, name, "yes"], c.tls_resumed)
             for reason, count in sorted(dict(c.failures).items()):
                 reasons.add_metric([mesh, name, reason], count)
             for reason, count in sorted(dict(c.tls_failures).items()):
@@ -83,7 +90,7 @@ class AgentCollector(Collector):
             active.add_metric([mesh, name], c.active)
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
-        yield from (accepted, failed, reasons, tls, active, bytes_total, plaintext)
+        yield from (accepted, failed, reasons, tls, handshakes, active, bytes_total, plaintext)
         yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(
             "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]

@@ -28,6 +28,17 @@
  * already loaded (dl_iterate_phdr + dlopen RTLD_NOLOAD), so no OpenSSL headers are
  * needed to build this file and there can be no second copy of OpenSSL.
  *
+ * TLS sessions (tls_set_session, tls_server_cache, at the end of this file). Two calls
+ * of the ssl module cost more than the handshake they save with OpenSSL 3.0, which
+ * builds a decoder for the peer's public key whenever it parses a session:
+ * SSLSocket.session = s copies the session through DER (a workaround for OpenSSL 1.1.0
+ * making a shared session unresumable when a connection using it is freed without a
+ * shutdown), and a stateless TLS 1.3 ticket is parsed back into a session on every
+ * resumption. tls_set_session copies the session with SSL_SESSION_dup (certificates
+ * shared by reference, nothing parsed); tls_server_cache bounds the server context's
+ * session cache so that stateful tickets (SSL_OP_NO_TICKET, set by Python) can be used:
+ * a resumption then finds the session in memory.
+ *
  * Semantics (those of tcp_proxy.splice, which stays the reference and the fallback):
  * - one direction holds at most one chunk; it reads again only when that chunk was
  *   written (backpressure);
@@ -76,6 +87,8 @@ enum { ERR_IO = 0, ERR_FRAME = 1 };
 /* ---- OpenSSL, from the copy the _ssl module loaded -------------------------------- */
 
 typedef struct ssl_st SSL;
+typedef struct ssl_ctx_st SSL_CTX;
+typedef struct ssl_session_st SSL_SESSION;
 #define SSL_ERROR_SSL 1
 #define SSL_ERROR_WANT_READ 2
 #define SSL_ERROR_WANT_WRITE 3
@@ -83,6 +96,9 @@ typedef struct ssl_st SSL;
 #define SSL_ERROR_ZERO_RETURN 6
 #define SSL_CTRL_MODE 33
 #define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2L
+#define SSL_CTRL_SET_SESS_CACHE_SIZE 42
+#define SSL_SENT_SHUTDOWN 1
+#define SSL_RECEIVED_SHUTDOWN 2
 
 static int (*p_SSL_read_ex)(SSL *, void *, size_t, size_t *);
 static int (*p_SSL_write_ex)(SSL *, const void *, size_t, size_t *);
@@ -91,6 +107,14 @@ static int (*p_SSL_get_fd)(const SSL *);
 static long (*p_SSL_ctrl)(SSL *, int, long, void *);
 static int (*p_SSL_is_init_finished)(const SSL *);
 static void (*p_SSL_set_read_ahead)(SSL *, int);
+static int (*p_SSL_in_before)(const SSL *);
+static void (*p_SSL_set_shutdown)(SSL *, int);
+static int (*p_SSL_set_session)(SSL *, SSL_SESSION *);
+static SSL_SESSION *(*p_SSL_SESSION_dup)(const SSL_SESSION *);
+static void (*p_SSL_SESSION_free)(SSL_SESSION *);
+static const unsigned char *(*p_SSL_SESSION_get_id)(const SSL_SESSION *, unsigned int *);
+static uint64_t (*p_SSL_CTX_get_options)(const SSL_CTX *);
+static long (*p_SSL_CTX_ctrl)(SSL_CTX *, int, long, void *);
 static void (*p_ERR_clear_error)(void);
 static unsigned long (*p_ERR_get_error)(void);
 static void (*p_ERR_error_string_n)(unsigned long, char *, size_t);
@@ -102,7 +126,20 @@ typedef struct {
     PyObject_HEAD
     PyObject *Socket;
     SSL *ssl;
+    PyObject *ctx;
 } PySSLSocketHead;
+
+/* ... of _ssl._SSLContext and _ssl.SSLSession (the same since 3.6). */
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} PySSLContextHead;
+
+typedef struct {
+    PyObject_HEAD
+    SSL_SESSION *session;
+    PyObject *ctx;
+} PySSLSessionHead;
 
 static char found_ssl[512], found_crypto[512];
 
@@ -151,6 +188,14 @@ static int load_ssl(void) {
     LOOKUP(hssl, SSL_ctrl);
     LOOKUP(hssl, SSL_is_init_finished);
     LOOKUP(hssl, SSL_set_read_ahead);
+    LOOKUP(hssl, SSL_in_before);
+    LOOKUP(hssl, SSL_set_shutdown);
+    LOOKUP(hssl, SSL_set_session);
+    LOOKUP(hssl, SSL_SESSION_dup);
+    LOOKUP(hssl, SSL_SESSION_free);
+    LOOKUP(hssl, SSL_SESSION_get_id);
+    LOOKUP(hssl, SSL_CTX_get_options);
+    LOOKUP(hssl, SSL_CTX_ctrl);
     LOOKUP(hcrypto, ERR_clear_error);
     LOOKUP(hcrypto, ERR_get_error);
     LOOKUP(hcrypto, ERR_error_string_n);
@@ -783,6 +828,22 @@ static PyObject *Engine_done_fileno(Engine *self, PyObject *unused) {
     return PyLong_FromLong(self->donefd);
 }
 
+/* The SSL of an _ssl._SSLSocket whose descriptor is fd (NULL with an exception set). */
+static SSL *ssl_of(PyObject *sslobj, int fd) {
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0) {
+        PyErr_Format(PyExc_TypeError, "expected an _ssl._SSLSocket, got %s",
+                     Py_TYPE(sslobj)->tp_name);
+        return NULL;
+    }
+    SSL *ssl = ((PySSLSocketHead *)sslobj)->ssl;
+    if (ssl == NULL || p_SSL_get_fd(ssl) != fd) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the TLS object does not match its socket (unknown _ssl layout)");
+        return NULL;
+    }
+    return ssl;
+}
+
 static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
     s->fd = fd;
     s->kind = kind;
@@ -801,15 +862,10 @@ static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
         PyErr_SetString(PyExc_RuntimeError, ssl_problem);
         return -1;
     }
-    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0) {
-        PyErr_Format(PyExc_TypeError, "expected an _ssl._SSLSocket, got %s",
-                     Py_TYPE(sslobj)->tp_name);
-        return -1;
-    }
-    SSL *ssl = ((PySSLSocketHead *)sslobj)->ssl;
-    if (ssl == NULL || p_SSL_get_fd(ssl) != fd || !p_SSL_is_init_finished(ssl)) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the TLS object does not match its socket (unknown _ssl layout)");
+    SSL *ssl = ssl_of(sslobj, fd);
+    if (ssl == NULL) return -1;
+    if (!p_SSL_is_init_finished(ssl)) {
+        PyErr_SetString(PyExc_RuntimeError, "the TLS handshake is not done");
         return -1;
     }
     p_SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
@@ -1117,9 +1173,141 @@ static PyObject *mod_tls_problem(PyObject *mod, PyObject *unused) {
     return PyUnicode_FromString(ssl_problem);
 }
 
+/* ---- TLS sessions (see the top of this file) --------------------------------------- */
+
+/* Whether obj's type is the type named name or a subclass of it (ssl.SSLContext
+ * derives from _ssl._SSLContext). */
+static int derives_from(PyObject *obj, const char *name) {
+    for (PyTypeObject *t = Py_TYPE(obj); t != NULL; t = t->tp_base)
+        if (strcmp(t->tp_name, name) == 0) return 1;
+    return 0;
+}
+
+static int ssl_ready(void) {
+    if (load_ssl()) return 1;
+    PyErr_SetString(PyExc_RuntimeError, ssl_problem);
+    return 0;
+}
+
+/* The SSL_SESSION of an _ssl.SSLSession whose id is want_id (NULL with an exception
+ * set). */
+static SSL_SESSION *session_of(PyObject *sessobj, const char *want_id, Py_ssize_t want_len) {
+    if (strcmp(Py_TYPE(sessobj)->tp_name, "_ssl.SSLSession") != 0) {
+        PyErr_Format(PyExc_TypeError, "expected an _ssl.SSLSession, got %s",
+                     Py_TYPE(sessobj)->tp_name);
+        return NULL;
+    }
+    SSL_SESSION *session = ((PySSLSessionHead *)sessobj)->session;
+    unsigned int id_len = 0;
+    const unsigned char *id = session ? p_SSL_SESSION_get_id(session, &id_len) : NULL;
+    if (id == NULL || id_len != (size_t)want_len || memcmp(id, want_id, id_len) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the TLS session does not match (unknown _ssl layout)");
+        return NULL;
+    }
+    return session;
+}
+
+static PyObject *mod_tls_own_session(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *sessobj;
+    const char *want_id;
+    Py_ssize_t want_len;
+    if (!PyArg_ParseTuple(args, "Oy#", &sessobj, &want_id, &want_len)) return NULL;
+    if (!ssl_ready()) return NULL;
+    SSL_SESSION *session = session_of(sessobj, want_id, want_len);
+    if (session == NULL) return NULL;
+    SSL_SESSION *copy = p_SSL_SESSION_dup(session);
+    if (copy == NULL) return PyErr_NoMemory();
+    ((PySSLSessionHead *)sessobj)->session = copy;
+    p_SSL_SESSION_free(session);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_tls_set_session(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *sslobj, *sessobj;
+    int fd;
+    const char *want_id;
+    Py_ssize_t want_len;
+    if (!PyArg_ParseTuple(args, "OiOy#", &sslobj, &fd, &sessobj, &want_id, &want_len))
+        return NULL;
+    if (!ssl_ready()) return NULL;
+    SSL *ssl = ssl_of(sslobj, fd);
+    if (ssl == NULL) return NULL;
+    SSL_SESSION *session = session_of(sessobj, want_id, want_len);
+    if (session == NULL) return NULL;
+    if (((PySSLSessionHead *)sessobj)->ctx != ((PySSLSocketHead *)sslobj)->ctx) {
+        PyErr_SetString(PyExc_ValueError, "the session was made with another SSLContext");
+        return NULL;
+    }
+    if (!p_SSL_in_before(ssl)) {
+        PyErr_SetString(PyExc_ValueError, "the handshake has started: too late for a session");
+        return NULL;
+    }
+    SSL_SESSION *copy = p_SSL_SESSION_dup(session);
+    if (copy == NULL) return PyErr_NoMemory();
+    int ok = p_SSL_set_session(ssl, copy);
+    p_SSL_SESSION_free(copy); /* SSL_set_session took its own reference */
+    if (!ok) {
+        p_ERR_clear_error();
+        PyErr_SetString(PyExc_ValueError, "OpenSSL refused the session");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_tls_keep_on_close(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *sslobj;
+    int fd;
+    if (!PyArg_ParseTuple(args, "Oi", &sslobj, &fd)) return NULL;
+    if (!ssl_ready()) return NULL;
+    SSL *ssl = ssl_of(sslobj, fd);
+    if (ssl == NULL) return NULL;
+    p_SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_tls_server_cache(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *ctxobj;
+    unsigned long long options;
+    long size;
+    if (!PyArg_ParseTuple(args, "OKl", &ctxobj, &options, &size)) return NULL;
+    if (!ssl_ready()) return NULL;
+    if (!derives_from(ctxobj, "_ssl._SSLContext")) {
+        PyErr_Format(PyExc_TypeError, "expected an SSLContext, got %s", Py_TYPE(ctxobj)->tp_name);
+        return NULL;
+    }
+    SSL_CTX *ctx = ((PySSLContextHead *)ctxobj)->ctx;
+    if (ctx == NULL || p_SSL_CTX_get_options(ctx) != (uint64_t)options) {
+        PyErr_SetString(PyExc_RuntimeError, "the TLS context does not match (unknown _ssl layout)");
+        return NULL;
+    }
+    if (size < 1) {
+        PyErr_SetString(PyExc_ValueError, "the cache holds at least one session");
+        return NULL;
+    }
+    p_SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SESS_CACHE_SIZE, size, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"tls_problem", mod_tls_problem, METH_NOARGS,
      "None if TLS sides can be pumped here, else why not (import ssl first)."},
+    {"tls_own_session", mod_tls_own_session, METH_VARARGS,
+     "tls_own_session(session, session_id): make the session object hold a copy of its "
+     "own (SSLSocket.session shares the connection's, which OpenSSL marks unresumable "
+     "when that connection is freed without a shutdown)."},
+    {"tls_set_session", mod_tls_set_session, METH_VARARGS,
+     "tls_set_session(sslobj, fd, session, session_id): what SSLSocket.session = session "
+     "does, without parsing the session (a copy by SSL_SESSION_dup). Before the handshake."},
+    {"tls_keep_on_close", mod_tls_keep_on_close, METH_VARARGS,
+     "tls_keep_on_close(sslobj, fd): mark the connection shut down (it sends no "
+     "close_notify), so that freeing it leaves its session resumable."},
+    {"tls_server_cache", mod_tls_server_cache, METH_VARARGS,
+     "tls_server_cache(context, options, size): bound the session cache of a server "
+     "context (options: context.options, checked against OpenSSL's)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,6 +50,10 @@ class ConnectionCounters:
     # Failed TLS handshakes by why (errors.HANDSHAKE_REASONS): no-certificate, unknown-ca,
     # expired, not-tls, ...
     tls_failures: dict[str, int] = field(default_factory=dict)
+    # Inbound TLS handshakes done, by whether they resumed a session (the resumed ones
+    # skip both certificate signatures: a low share costs CPU on both agents).
+    tls_full: int = 0
+    tls_resumed: int = 0
 
     def add(self, other: ConnectionCounters) -> None:
         """Add ``other``'s counts to these (summing listeners, or processes)."""
@@ -59,6 +63,8 @@ class ConnectionCounters:
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
         self.plaintext += other.plaintext
+        self.tls_full += other.tls_full
+        self.tls_resumed += other.tls_resumed
         for reason, count in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + count
         for reason, count in other.tls_failures.items():

@@ -186,6 +186,10 @@ async def handle_inbound(
                     trio.fail_after(timeouts.handshake_seconds),
                 ):
                     await tls.do_handshake()
+                if tls.session_reused:
+                    counters.tls_resumed += 1
+                else:
+                    counters.tls_full += 1
                 caller = check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=None)
                 source = caller.rsplit("/", 1)[-1]
                 if not snapshot.may_call(source, listener.service):

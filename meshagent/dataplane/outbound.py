@@ -53,18 +53,9 @@ async def connect_endpoint(
         return PlainSocketStream.wrap(tcp)
     context = ctx.tls.client(listener.source)
     peer = endpoint.address
+    offered = ctx.tls.session(context, listener.source, peer)
     try:
-        tls = SslSocketStream.wrap(
-            tcp,
-            context,
-            server_side=False,
-            session=ctx.tls.session(context, listener.source, peer),
-            on_session=(
-                functools.partial(ctx.tls.keep_session, context, listener.source, peer)
-                if ctx.tls.wants_session(context, listener.source, peer)
-                else None
-            ),
-        )
+        tls = SslSocketStream.wrap(tcp, context, server_side=False, session=offered)
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
@@ -77,6 +68,11 @@ async def connect_endpoint(
         ctx.tls.forget_session(listener.source, peer)
         await trio.aclose_forcefully(tls)
         raise
+    refused = offered is not None and not tls.session_reused
+    if ctx.tls.wants_session(context, listener.source, peer, refused=refused):
+        tls.keep_session_with(
+            functools.partial(ctx.tls.keep_session, context, listener.source, peer)
+        )
     return tls
 
 

@@ -56,6 +56,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
+from meshagent.dataplane import tlssessions
+
 # The largest receive_some without max_bytes; the proxies always pass their chunk size.
 DEFAULT_RECEIVE = 64 * 1024
 # A TLS record carries at most 16 KiB; a receive that got a whole one reads on while
@@ -140,11 +142,16 @@ class SslSocketStream(trio.abc.Stream):
                 server_side=server_side,
                 do_handshake_on_connect=False,
                 suppress_ragged_eofs=False,
-                session=session,
             )
         except BaseException:
             plain.close()
             raise
+        if session is not None:
+            try:
+                tlssessions.resume(sock, session)
+            except BaseException:
+                sock.close()
+                raise
         return cls(sock, server_side=server_side, on_session=on_session)
 
     # -- what the data path asks of a TLS stream ---------------------------------------
@@ -180,6 +187,10 @@ class SslSocketStream(trio.abc.Stream):
             self._handshake_done
             and not (self._closed or self._broken or self._sending or self._receiving)
         )
+
+    def keep_session_with(self, on_session: Callable[[ssl.SSLSession], None]) -> None:
+        """After the handshake, before the first receive: like ``wrap``'s ``on_session``."""
+        self._on_session = on_session
 
     @property
     def wants_first_read(self) -> bool:
@@ -373,6 +384,8 @@ class SslSocketStream(trio.abc.Stream):
         try:
             if self._handshake_done and not self._broken and not self._sending:
                 await self._send_close_notify()
+            elif self._handshake_done:
+                tlssessions.keep_on_close(self._sock)
         finally:
             self._closed = True
             trio.lowlevel.notify_closing(self._sock)

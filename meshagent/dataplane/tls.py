@@ -7,12 +7,14 @@
   are renewed; a connection keeps the context it started with.
 * Session resumption (TLS 1.3 tickets): a server sends one ticket per handshake; a client
   keeps a session per (identity, peer) and offers it on its next connections there,
-  which then skip both certificate signatures and their checks. Python copies a
-  session (through DER, certificates included) each time it is read from or given to a
-  connection, about 0.4 ms each, so a kept session is only replaced once it is
-  ``SESSION_REFRESH_SECONDS`` old; OpenSSL's stateless tickets may be used many times. A session is
-  offered only with the context that made it, so a swap (renewal, a new trust bundle)
-  starts over with full handshakes; the server's ticket key lives in its context too.
+  which then skip both certificate signatures and their checks. Taking a session from a
+  connection pauses its C pump for a trip through Python, so a kept session is only
+  replaced once it is ``SESSION_REFRESH_SECONDS`` old, or when the peer refused it; a
+  ticket may be used many times. Giving it to a connection and resuming on the server
+  are cheap when the C helpers work (``tlssessions``: stateful tickets in the server
+  context's cache, copies without parsing). A session is offered only with the context
+  that made it, so a swap (renewal, a new trust bundle) starts over with full
+  handshakes; the server's sessions live in its context too.
   The identities a resumed session carries are the ones verified at its full handshake,
   at most the ticket's lifetime ago (OpenSSL's default, 2 hours; leaf certificates live
   24 hours); ``check_peer`` and the permissions still run on every connection.
@@ -26,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
+from meshagent.dataplane import tlssessions
 from meshagent.dataplane.errors import Unauthorized
 from meshagent.pki.identity import identities_from_peercert
 from meshagent.protocol.frames import ALPN
@@ -61,6 +64,7 @@ class _Kept:
 def server_context(files: IdentityFiles) -> ssl.SSLContext:
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files)
     ctx.num_tickets = 1  # a client keeps one session per peer (OpenSSL sends 2)
+    tlssessions.stateful_server(ctx)
     return ctx
 
 
@@ -109,13 +113,17 @@ class TlsContexts:
             return None
         return kept.session
 
-    def wants_session(self, context: ssl.SSLContext, service: str, peer: Hashable) -> bool:
+    def wants_session(
+        self, context: ssl.SSLContext, service: str, peer: Hashable, *, refused: bool = False
+    ) -> bool:
         """Whether a new connection to ``peer`` should hand its session over
-        (``keep_session``): none is kept for ``context``, or the kept one is due."""
+        (``keep_session``): none is kept for ``context``, the peer ``refused`` the kept
+        one (another worker of the peer, or it restarted), or the kept one is due."""
         kept = self._sessions.get((service, peer))
         return (
             kept is None
             or kept.context is not context
+            or refused
             or time.monotonic() - kept.since >= SESSION_REFRESH_SECONDS
         )
 
@@ -123,6 +131,7 @@ class TlsContexts:
         self, context: ssl.SSLContext, service: str, peer: Hashable, session: ssl.SSLSession
     ) -> None:
         """Remember ``session`` (made with ``context``) for the next connections to ``peer``."""
+        tlssessions.own(session)
         key = (service, peer)
         self._sessions[key] = _Kept(context, session, time.monotonic())
         self._sessions.move_to_end(key)
