@@ -18,6 +18,7 @@ Shutdown, on SIGTERM or SIGINT (a second one forces it)::
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from collections.abc import Callable
 from functools import partial
@@ -142,8 +143,11 @@ async def _run(
 ) -> None:
     shutdown = shutdown or trio.Event()
     identities = identities_of(config)
+    count = config.worker_count(default_worker_count())
+    # Worker processes share the key of TLS tickets, so a session resumes in any of them.
+    ticket_secret = os.urandom(32) if count > 1 else None
     try:
-        tls = TlsContexts(identities)
+        tls = TlsContexts(identities, ticket_secret=ticket_secret)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tls: cannot load certificates: {exc}") from None
     token = read_token(config.consul.token_file) if config.consul else None
@@ -167,8 +171,11 @@ async def _run(
     cert_paths = {name: f.cert for name, f in identities.items()}
     cert_expiry = not_after_of(cert_paths)
 
-    count = config.worker_count(default_worker_count())
-    workers = Workers(count, identities, _log_setup(config)) if count > 1 else None
+    workers = (
+        Workers(count, identities, _log_setup(config), ticket_secret=ticket_secret)
+        if count > 1
+        else None
+    )
 
     def swap_certificates() -> None:
         """Rebuild the TLS contexts from the files (blocking; after a renewal)."""

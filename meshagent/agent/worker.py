@@ -113,7 +113,7 @@ async def serve_worker(fd: int) -> int:
         _configure_log(init)
         watch = SnapshotWatch(init.snapshot, warn=False)
         try:
-            tls = TlsContexts(init.identities)
+            tls = TlsContexts(init.identities, ticket_secret=init.ticket_secret)
         except (OSError, ValueError) as exc:
             await channel.send(Failed(f"cannot load certificates: {exc}"))
             return 1

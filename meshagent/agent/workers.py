@@ -84,6 +84,7 @@ class Init:
     snapshot: Snapshot
     identities: Mapping[str, IdentityFiles]
     log: LogSetup
+    ticket_secret: bytes | None  # TLS tickets that resume in every process of the agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +243,13 @@ class Workers:
         identities: Mapping[str, IdentityFiles],
         log_setup: LogSetup,
         *,
+        ticket_secret: bytes | None = None,
         argv: list[str] | None = None,
     ) -> None:
         self._slots = [_Slot(index=n) for n in range(1, count)]
         self._identities = dict(identities)
         self._log = log_setup
+        self._ticket_secret = ticket_secret
         self._argv = argv or [sys.executable, "-m", "meshagent.agent.worker"]
         self._certificates = 0
         self._poke = trio.Event()
@@ -414,7 +417,9 @@ class Workers:
         read its answers until it closes its end."""
         snapshot, certificates = watch.current, self._certificates
         try:
-            await channel.send(Init(slot.index, snapshot, self._identities, self._log))
+            await channel.send(
+                Init(slot.index, snapshot, self._identities, self._log, self._ticket_secret)
+            )
             with trio.fail_after(READY_TIMEOUT_SECONDS):
                 answer = await channel.receive()
         except trio.TooSlowError:

@@ -97,6 +97,8 @@ typedef struct ssl_session_st SSL_SESSION;
 #define SSL_CTRL_MODE 33
 #define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2L
 #define SSL_CTRL_SET_SESS_CACHE_SIZE 42
+#define SSL_CTRL_SET_TLSEXT_TICKET_KEYS 59
+#define TICKET_KEYS_LEN 80
 #define SSL_SENT_SHUTDOWN 1
 #define SSL_RECEIVED_SHUTDOWN 2
 
@@ -1268,13 +1270,8 @@ static PyObject *mod_tls_keep_on_close(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *mod_tls_server_cache(PyObject *mod, PyObject *args) {
-    (void)mod;
-    PyObject *ctxobj;
-    unsigned long long options;
-    long size;
-    if (!PyArg_ParseTuple(args, "OKl", &ctxobj, &options, &size)) return NULL;
-    if (!ssl_ready()) return NULL;
+/* The SSL_CTX of an SSLContext whose options are options (NULL with an exception set). */
+static SSL_CTX *ctx_of(PyObject *ctxobj, unsigned long long options) {
     if (!derives_from(ctxobj, "_ssl._SSLContext")) {
         PyErr_Format(PyExc_TypeError, "expected an SSLContext, got %s", Py_TYPE(ctxobj)->tp_name);
         return NULL;
@@ -1284,11 +1281,46 @@ static PyObject *mod_tls_server_cache(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "the TLS context does not match (unknown _ssl layout)");
         return NULL;
     }
+    return ctx;
+}
+
+static PyObject *mod_tls_server_cache(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *ctxobj;
+    unsigned long long options;
+    long size;
+    if (!PyArg_ParseTuple(args, "OKl", &ctxobj, &options, &size)) return NULL;
+    if (!ssl_ready()) return NULL;
+    SSL_CTX *ctx = ctx_of(ctxobj, options);
+    if (ctx == NULL) return NULL;
     if (size < 1) {
         PyErr_SetString(PyExc_ValueError, "the cache holds at least one session");
         return NULL;
     }
     p_SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SESS_CACHE_SIZE, size, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_tls_ticket_keys(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *ctxobj;
+    unsigned long long options;
+    const char *keys;
+    Py_ssize_t keys_len;
+    if (!PyArg_ParseTuple(args, "OKy#", &ctxobj, &options, &keys, &keys_len)) return NULL;
+    if (!ssl_ready()) return NULL;
+    SSL_CTX *ctx = ctx_of(ctxobj, options);
+    if (ctx == NULL) return NULL;
+    if (keys_len != TICKET_KEYS_LEN) {
+        PyErr_Format(PyExc_ValueError, "ticket keys are %d bytes, not %zd", TICKET_KEYS_LEN,
+                     keys_len);
+        return NULL;
+    }
+    if (p_SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN, (void *)keys) != 1) {
+        p_ERR_clear_error();
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL refused the ticket keys");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -1305,6 +1337,10 @@ static PyMethodDef module_methods[] = {
     {"tls_keep_on_close", mod_tls_keep_on_close, METH_VARARGS,
      "tls_keep_on_close(sslobj, fd): mark the connection shut down (it sends no "
      "close_notify), so that freeing it leaves its session resumable."},
+    {"tls_ticket_keys", mod_tls_ticket_keys, METH_VARARGS,
+     "tls_ticket_keys(context, options, keys): the 80 bytes (name, HMAC and AES keys) "
+     "that encrypt a server context's stateless tickets, shared by processes that set "
+     "the same ones (options: context.options, checked against OpenSSL's)."},
     {"tls_server_cache", mod_tls_server_cache, METH_VARARGS,
      "tls_server_cache(context, options, size): bound the session cache of a server "
      "context (options: context.options, checked against OpenSSL's)."},

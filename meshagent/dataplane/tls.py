@@ -22,11 +22,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshagent.dataplane import tlssessions
 from meshagent.dataplane.errors import Unauthorized
@@ -61,11 +63,25 @@ class _Kept:
     since: float  # time.monotonic()
 
 
-def server_context(files: IdentityFiles) -> ssl.SSLContext:
+def server_context(files: IdentityFiles, *, ticket_secret: bytes | None = None) -> ssl.SSLContext:
+    """``ticket_secret``: shared by the agent's processes (workers), whose contexts then
+    encrypt tickets alike; None: one process, stateful tickets (``tlssessions``)."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files)
     ctx.num_tickets = 1  # a client keeps one session per peer (OpenSSL sends 2)
-    tlssessions.stateful_server(ctx)
+    if ticket_secret is None:
+        tlssessions.stateful_server(ctx)
+    else:
+        tlssessions.shared_tickets(ctx, ticket_keys(ticket_secret, files))
     return ctx
+
+
+def ticket_keys(secret: bytes, files: IdentityFiles) -> bytes:
+    """The 80 bytes that encrypt a server context's tickets: the same in every process
+    with ``secret`` and these files, new ones with new certificates."""
+    files_digest = hashlib.sha256()
+    for path in (files.ca, files.cert):
+        files_digest.update(Path(path).read_bytes())
+    return hashlib.shake_256(secret + b"meshagent tickets" + files_digest.digest()).digest(80)
 
 
 def client_context(files: IdentityFiles) -> ssl.SSLContext:
@@ -85,7 +101,11 @@ class TlsContexts:
     """The server and client contexts for every identity this host holds, and the
     client sessions to resume."""
 
-    def __init__(self, identities: Mapping[str, IdentityFiles]) -> None:
+    def __init__(
+        self, identities: Mapping[str, IdentityFiles], *, ticket_secret: bytes | None = None
+    ) -> None:
+        """``ticket_secret``: the one the agent gave its workers (``server_context``)."""
+        self._ticket_secret = ticket_secret
         self._server: dict[str, ssl.SSLContext] = {}
         self._client: dict[str, ssl.SSLContext] = {}
         self._sessions: OrderedDict[tuple[str, Hashable], _Kept] = OrderedDict()
@@ -93,7 +113,10 @@ class TlsContexts:
 
     def swap(self, identities: Mapping[str, IdentityFiles]) -> None:
         """Rebuild every context from ``identities``; open connections are untouched."""
-        server = {name: server_context(files) for name, files in identities.items()}
+        secret = self._ticket_secret
+        server = {
+            name: server_context(files, ticket_secret=secret) for name, files in identities.items()
+        }
         client = {name: client_context(files) for name, files in identities.items()}
         self._server, self._client = server, client
 

@@ -15,9 +15,12 @@ handshake cost the client 1,230 µs and the server 1,650 µs; with these helpers
   (``SSL_SESSION_dup`` again), so the kept one never belongs to a connection.
 * ``stateful_server`` makes a server context issue stateful tickets (the session stays
   in the context's cache, bounded to ``SERVER_SESSIONS``), so a resumption finds it
-  in memory. A resumption only succeeds in the process that issued the ticket (each
-  worker has its own cache, as each had its own ticket key before); a client whose
-  ticket was refused takes the new one (``TlsContexts.wants_session``).
+  in memory: for an agent without worker processes. A stateful session resumes only
+  in the process that issued it, so with workers ``shared_tickets`` keeps stateless
+  tickets (parsed on every resumption) under keys every worker derives alike, and a
+  ticket resumes in any of them. A client whose ticket was refused (the peer
+  restarted, or renewed its certificate) takes the new one
+  (``TlsContexts.wants_session``).
 * ``keep_on_close``: OpenSSL drops the session of a connection freed without a
   shutdown from the cache, which with stateful tickets would cost every client a full
   handshake; a connection that ends without close_notify is marked as shut down first
@@ -80,6 +83,22 @@ def stateful_server(ctx: ssl.SSLContext) -> bool:
     except (RuntimeError, TypeError) as exc:
         ctx.options &= ~ssl.OP_NO_TICKET
         _failed("server session cache", exc)
+        return False
+    return True
+
+
+def shared_tickets(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Make a new server context encrypt its (stateless) tickets with ``keys``, which
+    every process of the agent derives alike (``tls.ticket_keys``): a ticket then
+    resumes in any worker. False when the helpers are not available (each process keeps
+    a random key of its own)."""
+    pump = _pump()
+    if pump is None:
+        return False
+    try:
+        pump.tls_ticket_keys(ctx, ctx.options, keys)
+    except (RuntimeError, TypeError) as exc:
+        _failed("ticket keys", exc)
         return False
     return True
 

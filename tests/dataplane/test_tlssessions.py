@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from meshagent.dataplane import nativepump, tlssessions
-from meshagent.dataplane.tls import client_context, server_context
+from meshagent.dataplane.tls import client_context, server_context, ticket_keys
 from tests.dataplane.test_sslsocket import Contexts, tls_pair
 from tests.support.pki import make_ca
 
@@ -187,3 +187,36 @@ async def test_a_failed_layout_check_falls_back_for_good(
     # The ssl module's own path still resumes (with the old, stateless server).
     async with tls_pair(contexts, session=session) as (srv, client):
         assert client.session_reused and srv.session_reused
+
+
+async def test_shared_ticket_keys_resume_in_another_process(contexts: Contexts) -> None:
+    """Two server contexts with one secret stand for two worker processes."""
+    files = contexts.ca.issue("orders")
+    secret = b"s" * 32
+    contexts.server = server_context(files, ticket_secret=secret)
+    assert not contexts.server.options & ssl.OP_NO_TICKET  # stateless tickets
+    session = await _session_of(contexts)
+    contexts.server = server_context(files, ticket_secret=secret)  # "the other worker"
+    async with tls_pair(contexts, session=session) as (server, client):
+        assert client.session_reused and server.session_reused
+    contexts.server = server_context(files, ticket_secret=b"t" * 32)  # another agent
+    async with tls_pair(contexts, session=session) as (server, client):
+        assert not client.session_reused and not server.session_reused
+
+
+def test_ticket_keys_change_with_the_certificates(contexts: Contexts) -> None:
+    files = contexts.ca.issue("orders")
+    keys = ticket_keys(b"s" * 32, files)
+    assert len(keys) == 80
+    assert ticket_keys(b"s" * 32, files) == keys
+    assert ticket_keys(b"t" * 32, files) != keys
+    assert ticket_keys(b"s" * 32, contexts.ca.issue("orders")) != keys  # renewed
+
+
+def test_ticket_keys_are_80_bytes(contexts: Contexts) -> None:
+    pump = nativepump._pump  # type: ignore[attr-defined]
+    ctx = contexts.server
+    with pytest.raises(ValueError, match="80 bytes"):
+        pump.tls_ticket_keys(ctx, ctx.options, b"x" * 48)
+    with pytest.raises(RuntimeError, match="unknown _ssl layout"):
+        pump.tls_ticket_keys(ctx, ctx.options ^ ssl.OP_NO_COMPRESSION, b"x" * 80)

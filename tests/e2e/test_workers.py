@@ -207,3 +207,33 @@ def test_a_killed_agent_takes_its_workers_with_it(tmp_path: Path) -> None:
                 time.sleep(0.1)
             else:
                 raise AssertionError("a worker still accepts after its agent was killed")
+
+
+def handshakes(config: dict[str, Any]) -> dict[str, float]:
+    """Inbound TLS handshakes of an agent (all its processes) by resumed yes/no."""
+    found = {"yes": 0.0, "no": 0.0}
+    for line in metrics(config).splitlines():
+        if line.startswith("meshagent_tls_handshakes_total{"):
+            resumed = line.split('resumed="', 1)[1].split('"', 1)[0]
+            found[resumed] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_tls_sessions_resume_in_every_worker(tmp_path: Path) -> None:
+    """The agent's processes share their TLS ticket keys: a session a client got from
+    one worker resumes in the others."""
+    ca = make_ca(tmp_path / "ca", "shop")
+    app, echo_port = start_app("echo", tmp_path, name="echo")
+    with running(app):
+        orders_cfg, web_cfg, port = pair(tmp_path, ca, echo_port, workers=3)
+        orders = start_agent(orders_cfg, tmp_path, "orders")
+        web = start_agent(web_cfg, tmp_path, "web")
+        with running(orders, web):
+            for k in range(30):
+                assert exchange(port, f"new {k}".encode()) == f"new {k}".encode()
+            eventually(lambda: sum(handshakes(orders_cfg).values()) == 30, within=10,
+                       what="the handshake counts of every process")
+            counts = handshakes(orders_cfg)
+            # Each of web's 3 processes makes one full handshake to learn a session; with
+            # a ticket key per process about 2 in 3 of the rest would be full too.
+            assert counts["no"] <= 6, counts
