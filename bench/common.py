@@ -55,6 +55,14 @@ def print_setup_failure(exc: BaseException) -> None:
 # CPU accounting
 
 
+def work_in(tmp: Path) -> None:
+    """Make ``tmp`` the working directory of this run and of every process it starts.
+    ``python -m meshagent`` imports from the working directory first: started from a
+    checkout, the agents would run that checkout whatever PYTHONPATH says, and an A/B
+    run (``PYTHONPATH=/path/to/other/checkout``) would measure one version twice."""
+    os.chdir(tmp)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads)."""
     times = psutil.Process(pid).cpu_times()

@@ -61,6 +61,7 @@ from common import (
     tail,
     tree_cpu_seconds,
     tree_rss,
+    work_in,
     write_identities,
 )
 from peers import (
@@ -492,6 +493,7 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     tmp = Path(tempfile.mkdtemp(prefix="meshbench-compare-"))
+    work_in(tmp)
     stops: list[Stopper] = []
     results: list[Measured] = []
     tools = Tools()

@@ -66,6 +66,7 @@ from common import (
     stop_process,
     tail,
     times,
+    work_in,
     write_identities,
 )
 
@@ -562,6 +563,7 @@ def run(args: argparse.Namespace) -> int:
         f"for {args.seconds:g} s; {args.rounds} round(s)"
     )
     tmp = Path(tempfile.mkdtemp(prefix="meshbench-http-"))
+    work_in(tmp)
     setup = Setup(tmp)
     results: list[Measured] = []
     try:

@@ -74,6 +74,7 @@ from common import (
     stop_process,
     tail,
     times,
+    work_in,
     write_identities,
 )
 
@@ -621,6 +622,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.echo_seconds:g} s; {args.rounds} round(s)"
     )
     tmp = Path(tempfile.mkdtemp(prefix="meshbench-"))
+    work_in(tmp)
     setup = Setup(tmp)
     results: list[Measured] = []
     try:

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import raise_open_files_limit, stop_all, write_identities
+from common import raise_open_files_limit, stop_all, work_in, write_identities
 from peers import Stopper, find_tools, start_meshagent_pair, start_upstream
 
 HERE = Path(__file__).resolve().parent
@@ -112,6 +112,7 @@ def profile(args: argparse.Namespace, connections: int, *, close: bool = False) 
         return 2
     nofile = raise_open_files_limit()
     tmp = Path(tempfile.mkdtemp(prefix="meshbench-profile-"))
+    work_in(tmp)
     stops: list[Stopper] = []
     try:
         tools = find_tools(args.install, tmp)
