@@ -7,6 +7,9 @@ The mesh's mTLS mode decides what a caller may speak:
   (``protocol.detect``): a TLS handshake goes the mTLS way, with the same checks as in
   strict mode; anything else is plaintext, passed to the app as it is. A client that
   says nothing for ``DETECT_SECONDS`` (a server-speaks-first protocol) is plaintext.
+
+A TCP caller that speaks ``meshagent/2`` keeps its connection for its next streams:
+``_serve_streams`` serves them one after another (protocol/frames.py, outbound.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from collections.abc import Hashable
 
 import trio
 
-from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
+from meshagent.dataplane.connection import (
+    ConnectionCounters,
+    DataplaneContext,
+    connection_boundary,
+    peer_address,
+)
 from meshagent.dataplane.errors import (
     DataplaneError,
     HandshakeError,
@@ -35,11 +43,18 @@ from meshagent.dataplane.http_proxy import (
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.dataplane.sslsocket import SslSocketStream
-from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
+from meshagent.dataplane.tcp_proxy import (
+    FramedSide,
+    PlainSide,
+    RawTlsSide,
+    Side,
+    receive_control,
+    splice,
+)
 from meshagent.dataplane.tls import check_peer
 from meshagent.log import get_logger
 from meshagent.protocol.detect import Detected, detect
-from meshagent.protocol.frames import ALPN
+from meshagent.protocol.frames import ALPN, ALPN_STREAMS, OPEN, OPENED_FRAME
 from meshagent.protocol.headers import get_header
 from meshagent.protocol.http1 import RequestHead
 from meshagent.snapshot.model import InboundListener
@@ -49,6 +64,9 @@ log = get_logger("inbound")
 # How long a permissive inbound waits for a caller's first bytes before it treats the
 # connection as plaintext (mesh agents always speak first: a TLS ClientHello).
 DETECT_SECONDS = 1.0
+# How long a meshagent/2 connection may wait for the caller's next stream (OPEN). Longer
+# than the caller keeps it idle in its pool (outbound.POOL_IDLE_SECONDS).
+STREAM_IDLE_SECONDS = 90.0
 _DETECT_BYTES = 2  # detect() decides on the first two bytes (a TLS record header's)
 _PEEK_RETRY_SECONDS = 0.005
 
@@ -208,8 +226,11 @@ async def handle_inbound(
                 finally:
                     await trio.aclose_forcefully(tls)
                 return
-            framed = tls.selected_alpn_protocol() == ALPN
-            mesh_side = FramedSide(tls) if framed else RawTlsSide(tls)
+            alpn = tls.selected_alpn_protocol()
+            if alpn == ALPN_STREAMS:
+                await _serve_streams(tls, listener, ctx, counters, source, fields)
+                return
+            mesh_side = FramedSide(tls) if alpn == ALPN else RawTlsSide(tls)
         else:
             caller = "plaintext"
             counters.plaintext += 1
@@ -222,13 +243,7 @@ async def handle_inbound(
                 return
             mesh_side = PlainSide(stream)
         try:
-            with map_errors(
-                timeout=UpstreamTimeout,
-                failure=UpstreamConnectError,
-                what=f"connect app {listener.app_host}:{listener.app_port}",
-            ):
-                with trio.fail_after(timeouts.connect_seconds):
-                    app_stream = await trio.open_tcp_stream(listener.app_host, listener.app_port)
+            app_stream = await _connect_app(listener, timeouts.connect_seconds)
         except BaseException:
             await mesh_side.aclose()
             raise
@@ -239,3 +254,69 @@ async def handle_inbound(
         counters.bytes_in += sent
         counters.bytes_out += received
         log.debug("closed", bytes_in=sent, bytes_out=received, listener=listener.name, **fields)
+
+
+async def _connect_app(listener: InboundListener, seconds: float) -> trio.SocketStream:
+    """Connect to the app behind ``listener``. A cancel point.
+
+    Raises:
+        UpstreamConnectError, UpstreamTimeout.
+    """
+    with map_errors(
+        timeout=UpstreamTimeout,
+        failure=UpstreamConnectError,
+        what=f"connect app {listener.app_host}:{listener.app_port}",
+    ):
+        with trio.fail_after(seconds):
+            return await trio.open_tcp_stream(listener.app_host, listener.app_port)
+
+
+async def _serve_streams(
+    tls: SslSocketStream,
+    listener: InboundListener,
+    ctx: DataplaneContext,
+    counters: ConnectionCounters,
+    source: str,
+    fields: dict[str, object],
+) -> None:
+    """``meshagent/2``: the caller's streams on this connection, one after another. Each
+    starts with OPEN and gets OPENED once the app is connected (the first was allowed by
+    the caller's handshake; the next ones are checked against the policies in force).
+    Ends when the caller closes the connection, it waits STREAM_IDLE_SECONDS for the next
+    stream, the agent drains, or a stream does not end cleanly. Closes ``tls``."""
+    try:
+        first = True
+        while True:
+            with trio.move_on_after(STREAM_IDLE_SECONDS) as waiting, ctx.drain.idle(waiting):
+                opened = await receive_control(tls, OPEN)
+            if waiting.cancelled_caught or not opened:
+                return
+            snapshot = ctx.source.current
+            if not first:
+                counters.accepted += 1
+                if not snapshot.may_call(source, listener.service):
+                    raise Unauthorized(
+                        f"{source} may not call {listener.service}: "
+                        "no TrafficPermission allows it"
+                    )
+            first = False
+            timeouts = snapshot.timeouts
+            app_stream = await _connect_app(listener, timeouts.connect_seconds)
+            try:
+                await tls.send_all(OPENED_FRAME)
+            except BaseException:
+                await trio.aclose_forcefully(app_stream)
+                raise
+            mesh_side = FramedSide(tls, keep=True)
+            sent, received = await splice(
+                mesh_side, PlainSide(app_stream), idle_seconds=timeouts.idle_seconds,
+                pump=ctx.pump,
+            )
+            counters.bytes_in += sent
+            counters.bytes_out += received
+            log.debug("stream closed", bytes_in=sent, bytes_out=received,
+                      listener=listener.name, **fields)
+            if not mesh_side.reusable:
+                return
+    finally:
+        await trio.aclose_forcefully(tls)

@@ -79,11 +79,12 @@ class NativeRefused(Exception):
 
 
 class _Waiter:
-    __slots__ = ("counts", "done", "error", "event", "on_first_read")
+    __slots__ = ("counts", "done", "error", "event", "expired", "on_first_read")
 
     def __init__(self, on_first_read: Callable[[], None] | None) -> None:
         self.event = trio.Event()
         self.done = False
+        self.expired = False
         self.counts = (0, 0)
         self.error: BaseException | None = None
         self.on_first_read = on_first_read
@@ -144,6 +145,7 @@ class NativePump:
         del self._waiters[handle]
         waiter.done = True
         waiter.counts = counts
+        waiter.expired = status == _pump.DONE_IDLE
         if status == _pump.DONE_ERROR:
             waiter.error = (
                 FrameError(error) if error_kind == _pump.ERROR_FRAME
@@ -158,7 +160,7 @@ class NativePump:
         *,
         idle_seconds: float,
         on_first_read: Callable[[], None] | None = None,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, bool]:
         """Pump between two set-up ends until both directions ended, one failed, or
         ``idle_seconds`` passed without a byte. The caller closes the ends afterwards.
         A cancel point: cancelled, the connection is taken back from the engine.
@@ -167,7 +169,7 @@ class NativePump:
             on_first_read: called once, when the first bytes came from a TLS end (a TLS
                 1.3 client has its session ticket by then).
         Returns:
-            (bytes a→b, bytes b→a).
+            (bytes a→b, bytes b→a, whether it ended by idle expiry).
         Raises:
             trio.BrokenResourceError, FrameError: as ``tcp_proxy.splice``.
             NativeRefused: the engine would not take an end (before any byte moved).
@@ -187,4 +189,4 @@ class NativePump:
                 self._engine.remove(handle)
         if waiter.error is not None:
             raise waiter.error
-        return waiter.counts
+        return waiter.counts[0], waiter.counts[1], waiter.expired

@@ -45,7 +45,7 @@ class ConnectionPool:
 
     def __init__(
         self,
-        connect: Callable[[Hashable], Awaitable[Upstream]],
+        connect: Callable[[Hashable], Awaitable[Upstream]] | None,
         *,
         # As many as requests in flight to one endpoint at a busy moment: a smaller bound
         # closes, at every lull, connections the next burst must open (and handshake)
@@ -69,6 +69,17 @@ class ConnectionPool:
 
         Raises whatever ``connect`` raises.
         """
+        stream = await self.take(key)
+        if stream is not None:
+            return stream, True
+        assert self._connect is not None, "a pool without connect only lends (take)"
+        stream = await self._connect(key)
+        self.opened += 1
+        return stream, False
+
+    async def take(self, key: Hashable) -> Upstream | None:
+        """An idle connection to ``key`` that still looks usable, or None. A cancel point
+        (stale ones are closed on the way)."""
         now = trio.current_time()
         idle = self._idle.get(key)
         while idle:
@@ -76,11 +87,9 @@ class ConnectionPool:
             self._count -= 1
             if now - entry.since < self._idle_seconds and not is_stale(entry.stream):
                 self.reused += 1
-                return entry.stream, True
+                return entry.stream
             await trio.aclose_forcefully(entry.stream)
-        stream = await self._connect(key)
-        self.opened += 1
-        return stream, False
+        return None
 
     async def release(self, key: Hashable, stream: Upstream) -> None:
         """Keep ``stream`` for reuse, or close it when the pool is full or closing. A

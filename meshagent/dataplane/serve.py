@@ -24,7 +24,7 @@ from meshagent.dataplane.http_outbound import HttpOutbound, handle_http_outbound
 from meshagent.dataplane.inbound import AppPool, handle_inbound
 from meshagent.dataplane.listener import Handler, open_listener, serve_listener
 from meshagent.dataplane.nativepump import NativePump, native_problem
-from meshagent.dataplane.outbound import handle_outbound
+from meshagent.dataplane.outbound import handle_outbound, stream_pool
 from meshagent.dataplane.pool import ConnectionPool
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import get_logger
@@ -76,6 +76,8 @@ def _outbound_handler(
         return handle_http
     balancer = EndpointBalancer()
     seen_version = -1
+    pool = stream_pool()
+    pools.append(pool)
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal seen_version
@@ -83,7 +85,7 @@ def _outbound_handler(
         if snapshot.version != seen_version:  # the catalog changed: drop stale ejections
             balancer.forget([e for eps in snapshot.endpoints.values() for e in eps])
             seen_version = snapshot.version
-        await handle_outbound(stream, spec, ctx, balancer)
+        await handle_outbound(stream, spec, ctx, balancer, pool)
 
     return handle
 

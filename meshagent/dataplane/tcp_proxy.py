@@ -26,7 +26,14 @@ from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.log import get_logger
-from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
+from meshagent.protocol.frames import (
+    END_FRAME,
+    HEADER_BYTES,
+    FrameDecoder,
+    FrameError,
+    check_control,
+    encode_data,
+)
 
 log = get_logger("dataplane")
 
@@ -98,14 +105,27 @@ class PlainSide(_StreamSide):
 
 
 class FramedSide:
-    """An mTLS connection to another agent that negotiated ``meshagent/1`` framing."""
+    """An mTLS connection to another agent that negotiated framing (``meshagent/1`` or
+    ``/2``). With ``keep`` (``meshagent/2``), closing it leaves the connection open when
+    the stream ended cleanly (``reusable``): the caller keeps it for the next stream."""
 
-    __slots__ = ("_decoder", "_pending", "stream")
+    __slots__ = ("_decoder", "_end_sent", "_pending", "ended_natively", "keep", "stream")
 
-    def __init__(self, stream: SslSocketStream) -> None:
+    def __init__(self, stream: SslSocketStream, *, keep: bool = False) -> None:
         self.stream = stream
+        self.keep = keep
         self._decoder = FrameDecoder()
         self._pending: list[bytes] = []
+        self._end_sent = False
+        self.ended_natively = False  # the C pump saw both directions end (not idle)
+
+    @property
+    def reusable(self) -> bool:
+        """Both directions ended (END frames) and nothing failed: the connection may
+        carry another stream."""
+        if self.ended_natively:
+            return True
+        return self._decoder.ended and self._end_sent and not self._pending
 
     async def receive(self) -> bytes | bytearray:
         while not self._pending:
@@ -125,8 +145,11 @@ class FramedSide:
 
     async def send_eof(self) -> None:
         await self.stream.send_all(END_FRAME)
+        self._end_sent = True
 
     async def aclose(self) -> None:
+        if self.keep and self.reusable:
+            return  # the caller keeps the connection for its next stream
         await trio.aclose_forcefully(self.stream)
 
     def native_end(self) -> End | None:
@@ -192,12 +215,17 @@ async def _splice_natively(
     if ends[0] is None or ends[1] is None:
         return None
     try:
-        return await pump.splice(
+        a_to_b, b_to_a, expired = await pump.splice(
             ends[0], ends[1], idle_seconds=idle_seconds, on_first_read=_first_read(a, b)
         )
     except NativeRefused as exc:
         _log_refusal(str(exc))
         return None
+    if not expired:
+        for side in (a, b):
+            if isinstance(side, FramedSide):
+                side.ended_natively = True
+    return a_to_b, b_to_a
 
 
 async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int, int]:
@@ -246,3 +274,23 @@ def _log_refusal(reason: str) -> None:
     log.warning(
         "l4 pump refused a connection; pumping it in Python (logged once)", error=reason
     )
+
+
+async def receive_control(stream: SslSocketStream, kind: int) -> bool:
+    """Read the header-only frame ``kind`` (OPEN or OPENED, ``meshagent/2``) and nothing
+    after it. False when the connection ended cleanly before it. A cancel point.
+
+    Raises:
+        FrameError: another frame, or the connection ended inside it.
+        trio.BrokenResourceError: as ``SslSocketStream.receive_some``.
+    """
+    header = b""
+    while len(header) < HEADER_BYTES:
+        data = await stream.receive_some(HEADER_BYTES - len(header))
+        if not data:
+            if header:
+                raise FrameError("connection closed inside a frame")
+            return False
+        header += data
+    check_control(header, kind)
+    return True

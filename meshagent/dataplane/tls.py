@@ -33,7 +33,7 @@ from pathlib import Path
 from meshagent.dataplane import tlssessions
 from meshagent.dataplane.errors import Unauthorized
 from meshagent.pki.identity import identities_from_peercert
-from meshagent.protocol.frames import ALPN
+from meshagent.protocol.frames import ALPN, ALPN_STREAMS
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS"
 
@@ -51,7 +51,7 @@ def _base(ctx: ssl.SSLContext, files: IdentityFiles) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=files.ca)
     ctx.load_cert_chain(files.cert, files.key)
-    ctx.set_alpn_protocols([ALPN])
+    ctx.set_alpn_protocols([ALPN_STREAMS, ALPN])  # the newest both agents speak
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     return ctx
 

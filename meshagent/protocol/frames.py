@@ -1,4 +1,5 @@
-"""The framing two agents speak inside their mTLS connection (ALPN ``meshagent/1``).
+"""The framing two agents speak inside their mTLS connection (ALPN ``meshagent/2``, or
+``meshagent/1`` with an older agent).
 
 Theory of operation. TCP lets one side say "I am done sending" (a FIN) while it keeps
 reading: legacy protocols rely on it (a client sends a request, shuts down its write
@@ -15,6 +16,13 @@ Frame layout (4-byte header, network byte order)::
 
 * ``DATA`` (0x01): 1..max_payload bytes of the stream.
 * ``END`` (0x02): length 0; the sender will send nothing more in this direction.
+* ``OPEN`` (0x03, ``meshagent/2`` only): length 0; the caller starts a stream. The
+  connection carries one stream at a time: the first after the handshake, the next
+  once both directions of the last one ended with END, so a caller can keep the
+  connection for its next client connection instead of a new handshake.
+* ``OPENED`` (0x04, ``meshagent/2`` only): length 0; the called agent connected its app
+  and the stream's DATA may flow. A caller that gets end of stream instead knows no
+  byte of its client was sent: it may try another connection.
 
 Invariants (checked by the decoder, each a ``FrameError``):
 * an unknown type, an empty DATA frame, an END frame with a payload, a payload over
@@ -28,11 +36,18 @@ from __future__ import annotations
 from typing import Final
 
 ALPN: Final = "meshagent/1"
+ALPN_STREAMS: Final = "meshagent/2"
 DATA: Final = 0x01
 END: Final = 0x02
+OPEN: Final = 0x03
+OPENED: Final = 0x04
 HEADER_BYTES: Final = 4
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024
 END_FRAME: Final = bytes((END, 0, 0, 0))
+OPEN_FRAME: Final = bytes((OPEN, 0, 0, 0))
+OPENED_FRAME: Final = bytes((OPENED, 0, 0, 0))
+
+_CONTROL_NAMES: Final = {OPEN: "OPEN", OPENED: "OPENED"}
 
 
 class FrameError(Exception):
@@ -45,6 +60,19 @@ def encode_data(payload: bytes | bytearray | memoryview) -> bytes:
     if not 0 < size < 1 << 24:
         raise ValueError(f"DATA payload must be 1..16777215 bytes, got {size}")
     return bytes((DATA, size >> 16, (size >> 8) & 0xFF, size & 0xFF)) + payload
+
+
+def check_control(header: bytes, kind: int) -> None:
+    """Raise ``FrameError`` unless ``header`` is the 4-byte frame ``kind`` (OPEN or
+    OPENED) with no payload. Pure."""
+    if header == bytes((kind, 0, 0, 0)):
+        return
+    want = _CONTROL_NAMES[kind]
+    if len(header) != HEADER_BYTES:
+        raise FrameError(f"expected an {want} frame, got {len(header)} bytes")
+    if header[0] != kind:
+        raise FrameError(f"expected an {want} frame, got type 0x{header[0]:02x}")
+    raise FrameError(f"{want} frame with a payload")
 
 
 class FrameDecoder:

@@ -11,7 +11,7 @@ import functools
 import random
 import ssl
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import msgspec
 import pytest
 import trio
 
+from meshagent.dataplane import tls as meshagent_tls
 from meshagent.dataplane.errors import Unauthorized
 from meshagent.dataplane.nativepump import ENV_SWITCH, native_problem
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
@@ -159,6 +160,7 @@ class CountingTls(TlsContexts):
 async def test_later_connections_resume_the_tls_session(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("meshagent.dataplane.outbound.POOL_PER_ENDPOINT", 0)  # no reuse
     app_port = await nursery.start(serve_echo, "127.0.0.1")
     pair = await start_pair(nursery, tmp_path, app_port, tls_class=CountingTls)
     tls = pair.web_tls
@@ -592,3 +594,133 @@ def test_default_permission_applies_to_inbounds_no_policy_names() -> None:
     assert base.may_call("billing", "payments")
     deny = msgspec.structs.replace(base, default_allow=False)
     assert not deny.may_call("billing", "payments") and deny.may_call("web", "orders")
+
+
+async def settled(pair: Pair) -> None:
+    """Wait until the outbound finished its connections (gave theirs back to its pool):
+    a client can see the end of its connection before the agent finished with it."""
+    with trio.fail_after(5):
+        while pair.outbound.context.listener_counters("outbound:orders").active:
+            await trio.sleep(0.005)
+
+
+def handshakes(pair: Pair) -> tuple[int, int]:
+    """(full, resumed) TLS handshakes the inbound did."""
+    counters = pair.inbound.context.listener_counters("inbound:orders")
+    return counters.tls_full, counters.tls_resumed
+
+
+async def test_a_connection_between_agents_carries_one_stream_after_another(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_count_then_reply)
+    pair = await start_pair(nursery, tmp_path, app_port)
+    for size in (100_000, 1, 300_000, 7):  # each needs half-close both ways
+        assert await round_trip("127.0.0.1", pair.outbound_port, b"x" * size) == (
+            f"got {size}".encode()
+        )
+        await settled(pair)
+    assert handshakes(pair) == (1, 0)  # one connection between the agents, no new handshake
+    counters = pair.inbound.context.listener_counters("inbound:orders")
+    assert counters.accepted == 4 and counters.failed == 0  # every stream counts
+    assert pair.outbound.context.counters.failed == 0
+
+
+async def serve_greeting(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """An app that speaks first (like SMTP), then echoes one line and closes."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"220 hello\n")
+            line = b""
+            while not line.endswith(b"\n"):
+                data = await stream.receive_some(1024)
+                if not data:
+                    return
+                line += data
+            await stream.send_all(b"250 " + line)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+async def test_a_reused_connection_serves_an_app_that_speaks_first(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_greeting)
+    pair = await start_pair(nursery, tmp_path, app_port)
+    for k in range(3):
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+            async with stream:
+                assert await stream.receive_some(100) == b"220 hello\n"
+                await stream.send_all(f"mail {k}\n".encode())
+                got = b""
+                while data := await stream.receive_some(100):
+                    got += data
+                assert got == f"250 mail {k}\n".encode()
+        await settled(pair)
+    assert handshakes(pair) == (1, 0)
+
+
+async def test_a_pooled_connection_the_peer_closed_costs_the_client_nothing(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The called agent drains (or restarts) while the caller keeps its connection: the
+    next client connection goes over a new one."""
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"one") == b"one"
+    await settled(pair)
+    pair.inbound.context.drain.begin()  # closes the idle connection it waits on
+    with trio.fail_after(5):
+        while pair.inbound.context.listener_counters("inbound:orders").active:
+            await trio.sleep(0.01)
+    pair.inbound.context.drain.started = False  # ...and it is back
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"two") == b"two"
+    assert handshakes(pair) == (1, 1)  # a new connection (its session resumed)
+    assert pair.outbound.context.counters.failed == 0
+
+
+async def test_an_agent_that_speaks_only_meshagent_1_is_still_served(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older agent on the other side: one connection per stream, as before."""
+    old = functools.partial(_base_v1, meshagent_tls._base)
+    monkeypatch.setattr(meshagent_tls, "_base", old)
+    app_port = await nursery.start(serve_count_then_reply)
+    pair = await start_pair(nursery, tmp_path, app_port)
+    for size in (10, 20):
+        assert await round_trip("127.0.0.1", pair.outbound_port, b"x" * size) == (
+            f"got {size}".encode()
+        )
+    assert sum(handshakes(pair)) == 2
+
+
+def _base_v1(base: Callable[[ssl.SSLContext, IdentityFiles], ssl.SSLContext],
+             ctx: ssl.SSLContext, files: IdentityFiles) -> ssl.SSLContext:
+    ctx = base(ctx, files)
+    ctx.set_alpn_protocols(["meshagent/1"])
+    return ctx
+
+
+async def test_a_caller_no_longer_allowed_cannot_open_another_stream(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    assert await round_trip("127.0.0.1", pair.outbound_port, b"one") == b"one"
+    await settled(pair)
+    source = pair.inbound.context.source
+    assert isinstance(source, StaticSource)
+    source.current = msgspec.structs.replace(source.current, permissions={"orders": ()})
+    answer = b"?"
+    try:
+        answer = await round_trip("127.0.0.1", pair.outbound_port, b"two", timeout=5)
+    except* trio.BrokenResourceError:  # a reset: as good as a close here
+        answer = b""
+    assert answer == b""
+    counters = pair.inbound.context.listener_counters("inbound:orders")
+    assert counters.failures.get("unauthorized", 0) >= 1

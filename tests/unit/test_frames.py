@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
+from meshagent.protocol.frames import (
+    END_FRAME,
+    OPEN_FRAME,
+    OPENED_FRAME,
+    FrameDecoder,
+    FrameError,
+    check_control,
+    encode_data,
+)
 
 
 def decode_all(chunks: list[bytes], max_payload: int = 1024) -> tuple[bytes, bool]:
@@ -86,3 +94,31 @@ def test_garbage_either_decodes_or_raises_frame_error(data: bytes) -> None:
     decoder = FrameDecoder(max_payload=1024)
     with contextlib.suppress(FrameError):
         decoder.feed(data)
+
+
+@pytest.mark.parametrize(
+    ("header", "kind", "error"),
+    [
+        (bytes((3, 0, 0, 0)), 3, None),
+        (bytes((4, 0, 0, 0)), 4, None),
+        (bytes((4, 0, 0, 0)), 3, "expected an OPEN frame, got type 0x04"),
+        (bytes((1, 0, 0, 5)), 4, "expected an OPENED frame, got type 0x01"),
+        (b"GET ", 3, "expected an OPEN frame, got type 0x47"),
+        (bytes((3, 0, 0, 1)), 3, "OPEN frame with a payload"),
+        (bytes((4, 1, 0, 0)), 4, "OPENED frame with a payload"),
+        (bytes((3, 0)), 3, "expected an OPEN frame, got 2 bytes"),
+    ],
+)
+def test_stream_control_frames_are_checked(header: bytes, kind: int, error: str | None) -> None:
+    if error is None:
+        check_control(header, kind)
+        assert header in (OPEN_FRAME, OPENED_FRAME)
+    else:
+        with pytest.raises(FrameError, match=error):
+            check_control(header, kind)
+
+
+def test_the_decoder_of_a_stream_refuses_control_frames() -> None:
+    """OPEN/OPENED belong between streams: inside one they are unknown frames."""
+    with pytest.raises(FrameError, match="unknown frame type 0x03"):
+        decode_all([encode_data(b"x") + OPEN_FRAME])
