@@ -58,6 +58,7 @@ POOL_IDLE_SECONDS = 30.0
 POOL_PER_ENDPOINT = 64
 POOL_MAX_IDLE = 512
 
+
 def stream_pool() -> ConnectionPool:
     """The pool of one TCP outbound listener (``meshagent/2`` connections)."""
     return ConnectionPool(
@@ -230,6 +231,9 @@ async def _stream_to(
                 if await _open_stream(idle, endpoint, snapshot):
                     return idle, key
                 log.debug("pooled connection was closed", endpoint=endpoint.address, **fields)
+            except UpstreamTimeout:  # the agent is there but slow: a new connection won't help
+                await trio.aclose_forcefully(idle)
+                raise
             except DataplaneError as exc:  # nothing of the client's was sent: try another
                 log.debug("pooled connection failed", endpoint=endpoint.address,
                           error=str(exc), **fields)
