@@ -40,7 +40,7 @@ from meshagent.dataplane.http_proxy import (
     mesh_request_headers,
     serve_http,
 )
-from meshagent.dataplane.plainsocket import PlainSocketStream
+from meshagent.dataplane.plainsocket import PlainSocketStream, open_tcp
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import (
@@ -109,7 +109,7 @@ class AppPool:
             ),
             trio.fail_after(self.ctx.source.current.timeouts.connect_seconds),
         ):
-            tcp = await trio.open_tcp_stream(listener.app_host, listener.app_port)
+            tcp = await open_tcp(listener.app_host, listener.app_port)
         return PlainSocketStream.wrap(tcp)
 
 
@@ -268,7 +268,7 @@ async def _connect_app(listener: InboundListener, seconds: float) -> trio.Socket
         what=f"connect app {listener.app_host}:{listener.app_port}",
     ):
         with trio.fail_after(seconds):
-            return await trio.open_tcp_stream(listener.app_host, listener.app_port)
+            return await open_tcp(listener.app_host, listener.app_port)
 
 
 async def _serve_streams(

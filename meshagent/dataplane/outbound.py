@@ -28,7 +28,7 @@ from meshagent.dataplane.errors import (
     UpstreamTimeout,
     map_errors,
 )
-from meshagent.dataplane.plainsocket import PlainSocketStream
+from meshagent.dataplane.plainsocket import PlainSocketStream, open_tcp
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import (
@@ -83,7 +83,7 @@ async def connect_endpoint(
     where = f"{endpoint.service} at {endpoint.address}"
     with map_errors(timeout=UpstreamTimeout, failure=UpstreamConnectError, what=f"connect {where}"):
         with trio.fail_after(snapshot.connect_seconds(endpoint.service)):
-            tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+            tcp = await open_tcp(endpoint.host, endpoint.port)
     if snapshot.mtls == "off":
         return PlainSocketStream.wrap(tcp)
     context = ctx.tls.client(listener.source)

@@ -1,0 +1,74 @@
+"""open_tcp: the data path's TCP connect (plainsocket.py), on loopback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+import trio
+
+from meshagent.dataplane.plainsocket import open_tcp
+from tests.support.net import free_port
+
+
+async def _listener(host: str) -> trio.SocketListener:
+    return (await trio.open_tcp_listeners(0, host=host))[0]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_connects_to_an_address_or_a_name(host: str) -> None:
+    listener = await _listener("127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        with trio.fail_after(5):
+            stream = await open_tcp(host, port)
+            async with stream, await listener.accept() as server:
+                await stream.send_all(b"ping")
+                assert await server.receive_some(10) == b"ping"
+                assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+async def test_ipv6_literal() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        listener = await _listener("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    async with listener:
+        stream = await open_tcp("::1", listener.socket.getsockname()[1])
+        async with stream:
+            assert stream.socket.family == socket.AF_INET6
+
+
+async def test_a_refused_connect_says_so_and_leaves_no_descriptor() -> None:
+    port = free_port("127.0.0.1")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as caught:
+        await open_tcp("127.0.0.1", port)
+    assert caught.value.errno == errno.ECONNREFUSED
+    assert caught.value.strerror == "Connection refused"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_cancelled_connect_leaves_no_descriptor() -> None:
+    """A listener that never accepts, its backlog full: the next connect waits."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        held: list[trio.SocketStream] = []
+        try:
+            for _ in range(8):  # the first few fill the queue
+                before = len(os.listdir("/proc/self/fd"))
+                with trio.move_on_after(0.3) as scope:
+                    held.append(await open_tcp("127.0.0.1", port))
+                if scope.cancelled_caught:
+                    break
+            assert scope.cancelled_caught, "every connect was taken: the backlog never filled"
+            assert len(os.listdir("/proc/self/fd")) == before
+        finally:
+            for stream in held:
+                await stream.aclose()
