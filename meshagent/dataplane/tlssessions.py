@@ -5,7 +5,7 @@ key, and the ``ssl`` module parses sessions twice per resumed connection: the cl
 ``SSLSocket.session = s`` copies ``s`` through DER, and a server with stateless TLS 1.3
 tickets parses the ticket back into a session. Measured on one core, a resumed
 handshake cost the client 1,230 µs and the server 1,650 µs; with these helpers 770 and
-850 µs (docs/performance.md).
+850 µs (docs/architecture.md).
 
 * ``own`` gives a kept client session a private copy (``SSL_SESSION_dup``, nothing
   parsed). ``SSLSocket.session`` shares the connection's session, which OpenSSL marks
