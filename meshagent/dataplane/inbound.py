@@ -57,7 +57,7 @@ from meshagent.protocol.detect import Detected, detect
 from meshagent.protocol.frames import ALPN, ALPN_STREAMS, OPEN, OPENED_FRAME
 from meshagent.protocol.headers import get_header
 from meshagent.protocol.http1 import RequestHead
-from meshagent.snapshot.model import InboundListener
+from meshagent.snapshot.model import InboundListener, Snapshot
 
 log = get_logger("inbound")
 
@@ -210,10 +210,8 @@ async def handle_inbound(
                     counters.tls_full += 1
                 caller = check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=None)
                 source = caller.rsplit("/", 1)[-1]
-                if not snapshot.may_call(source, listener.service):
-                    denied = Unauthorized(
-                        f"{source} may not call {listener.service}: no TrafficPermission allows it"
-                    )
+                denied = _refusal(snapshot, source, listener.service)
+                if denied is not None:
                     if app is not None:  # say why to the caller's app, then close
                         await _deny_http(tls, str(denied), fields, timeouts.request_head_seconds)
                     raise denied
@@ -256,6 +254,13 @@ async def handle_inbound(
         log.debug("closed", bytes_in=sent, bytes_out=received, listener=listener.name, **fields)
 
 
+def _refusal(snapshot: Snapshot, source: str, service: str) -> Unauthorized | None:
+    """Why ``source`` may not call ``service`` under ``snapshot``'s permissions, or None."""
+    if snapshot.may_call(source, service):
+        return None
+    return Unauthorized(f"{source} may not call {service}: no TrafficPermission allows it")
+
+
 async def _connect_app(listener: InboundListener, seconds: float) -> trio.SocketStream:
     """Connect to the app behind ``listener``. A cancel point.
 
@@ -294,11 +299,9 @@ async def _serve_streams(
             snapshot = ctx.source.current
             if not first:
                 counters.accepted += 1
-                if not snapshot.may_call(source, listener.service):
-                    raise Unauthorized(
-                        f"{source} may not call {listener.service}: "
-                        "no TrafficPermission allows it"
-                    )
+                denied = _refusal(snapshot, source, listener.service)
+                if denied is not None:
+                    raise denied
             first = False
             timeouts = snapshot.timeouts
             app_stream = await _connect_app(listener, timeouts.connect_seconds)
