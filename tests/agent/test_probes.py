@@ -14,6 +14,7 @@ from meshagent.agent.probes import ProbeResult, probe_app
 from meshagent.config.agent import HealthSettings, InboundSettings
 from meshagent.config.load import Duration
 from meshagent.demo.ports import free_port
+from tests.support.net import serve_app
 
 
 def _inbound(app_port: int = 1, **health: object) -> InboundSettings:
@@ -43,9 +44,7 @@ async def _serve(
                 await trio.sleep_forever()
             await stream.send_all(reply)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handle, listeners)
+    await serve_app(handle, task_status=task_status)
 
 
 async def _start_app(nursery: trio.Nursery, reply: bytes | None) -> tuple[int, list[bytes]]:

@@ -34,7 +34,7 @@ from meshagent.snapshot.model import (
     Snapshot,
     Timeouts,
 )
-from tests.support.net import free_port, round_trip, serve_echo
+from tests.support.net import free_port, round_trip, serve_app, serve_echo
 from tests.support.pki import MeshCa, make_ca
 
 MESH = "shop"
@@ -75,10 +75,7 @@ async def serve_count_then_reply(*, task_status: trio.TaskStatus[int] = trio.TAS
                 total += len(data)
             await stream.send_all(f"got {total}".encode())
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started(listeners[0].socket.getsockname()[1])
+    await serve_app(handle, "127.0.0.1", task_status=task_status)
 
 
 def inbound_snapshot(app_port: int, port: int, *, service: str = "orders", **kw: object) -> Snapshot:
@@ -401,10 +398,7 @@ async def _serve_silence(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS
         async with stream:
             await trio.sleep_forever()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.2")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, hang, listeners)
-        task_status.started(listeners[0].socket.getsockname()[1])
+    await serve_app(hang, "127.0.0.2", task_status=task_status)
 
 
 async def test_a_silent_endpoint_times_out_and_the_next_one_serves(
@@ -450,10 +444,7 @@ async def _serve_named(name: bytes, *, task_status: trio.TaskStatus[int] = trio.
         async with stream:
             await stream.send_all(name)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started(listeners[0].socket.getsockname()[1])
+    await serve_app(handle, "127.0.0.1", task_status=task_status)
 
 
 async def test_tcp_outbound_splits_connections_by_weight_across_subsets(
@@ -640,10 +631,7 @@ async def serve_greeting(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS
                 line += data
             await stream.send_all(b"250 " + line)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started(listeners[0].socket.getsockname()[1])
+    await serve_app(handle, "127.0.0.1", task_status=task_status)
 
 
 async def test_a_reused_connection_serves_an_app_that_speaks_first(

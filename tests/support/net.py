@@ -8,7 +8,21 @@ import trio
 
 from meshagent.demo.ports import free_port
 
-__all__ = ["free_port", "round_trip", "serve_echo", "wait_until"]
+__all__ = ["free_port", "round_trip", "serve_app", "serve_echo", "wait_until"]
+
+
+async def serve_app(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    host: str = "127.0.0.1",
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on a free port of ``host`` until cancelled; started with the port."""
+    listeners = await trio.open_tcp_listeners(0, host=host)
+    port: int = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        task_status.started(port)
 
 
 async def serve_echo(
@@ -25,11 +39,7 @@ async def serve_echo(
         except trio.BrokenResourceError:
             pass
 
-    listeners = await trio.open_tcp_listeners(0, host=host)
-    port: int = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, echo, listeners)
-        task_status.started(port)
+    await serve_app(echo, host, task_status=task_status)
 
 
 async def wait_until(
