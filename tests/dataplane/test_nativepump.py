@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
@@ -23,9 +22,8 @@ from meshagent.dataplane.nativepump import ENV_SWITCH, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
-from meshagent.dataplane.tls import client_context, server_context
 from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
-from tests.support.pki import make_ca
+from tests.support.tls import Contexts, tcp_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
     pytest.skip(f"the C pump is turned off by {ENV_SWITCH}=0", allow_module_level=True)
@@ -37,28 +35,6 @@ async def pump(nursery: trio.Nursery) -> NativePump:
     assert native_problem() is None, native_problem()
     started: NativePump = await nursery.start(NativePump().run)
     return started
-
-
-@dataclass
-class Contexts:
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-
-@pytest.fixture
-def contexts(tmp_path: Path) -> Contexts:
-    ca = make_ca(tmp_path / "ca", "shop")
-    return Contexts(server_context(ca.issue("orders")), client_context(ca.issue("web")))
-
-
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    try:
-        client = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
-        server = await listeners[0].accept()
-    finally:
-        await listeners[0].aclose()
-    return server, client
 
 
 @dataclass
@@ -76,8 +52,8 @@ class Link:
 async def link(
     contexts: Contexts, *, tls_is_client: bool = False, on_session: object = None
 ) -> AsyncIterator[Link]:
-    app, proxy_plain = await _tcp_pair()
-    server_tcp, client_tcp = await _tcp_pair()
+    app, proxy_plain = await tcp_pair()
+    server_tcp, client_tcp = await tcp_pair()
     server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
     client = SslSocketStream.wrap(
         client_tcp, contexts.client, server_side=False,
@@ -304,14 +280,14 @@ async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump
     # The engine's timer is armed for the 30 s connection first; the 0.3 s one added
     # after it must re-arm it earlier.
     async with trio.open_nursery() as nursery:
-        long_a, long_pa = await _tcp_pair()
-        long_pb, long_b = await _tcp_pair()
+        long_a, long_pa = await tcp_pair()
+        long_pb, long_b = await tcp_pair()
         nursery.start_soon(_splice, Outcome(), PlainSide(long_pa), PlainSide(long_pb), pump, 30)
         with trio.fail_after(3):
             while pump.active < 1:  # the 30 s connection is in the engine first
                 await trio.sleep(0.01)
-        a, pa = await _tcp_pair()
-        pb, b = await _tcp_pair()
+        a, pa = await tcp_pair()
+        pb, b = await tcp_pair()
         short = Outcome()
         nursery.start_soon(_splice, short, PlainSide(pa), PlainSide(pb), pump, 0.3)
         with trio.fail_after(3):
@@ -326,8 +302,8 @@ async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump
 async def test_bytes_flow_while_the_trio_loop_is_busy(pump: NativePump) -> None:
     # The engine's thread moves the bytes without the trio loop: while the loop is
     # stuck in Python work (a blocking sleep here), a ping crosses the splice and back.
-    a, pa = await _tcp_pair()
-    pb, b = await _tcp_pair()
+    a, pa = await tcp_pair()
+    pb, b = await tcp_pair()
     outcome = Outcome()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_splice, outcome, PlainSide(pa), PlainSide(pb), pump)
@@ -405,8 +381,8 @@ async def test_raw_tls_side_does_not_pass_a_half_close(contexts: Contexts, pump:
 
 
 async def test_plain_to_plain(pump: NativePump) -> None:
-    app, proxy_a = await _tcp_pair()
-    proxy_b, far = await _tcp_pair()
+    app, proxy_a = await tcp_pair()
+    proxy_b, far = await tcp_pair()
     outcome = Outcome()
     async with app, far, trio.open_nursery() as nursery:
         nursery.start_soon(_splice, outcome, PlainSide(proxy_a), PlainSide(proxy_b), pump)
@@ -476,8 +452,8 @@ async def test_many_connections_on_one_engine(contexts: Contexts, pump: NativePu
     results: dict[int, bytes] = {}
 
     async def one(i: int) -> None:
-        a, proxy_a = await _tcp_pair()
-        proxy_b, b = await _tcp_pair()
+        a, proxy_a = await tcp_pair()
+        proxy_b, b = await tcp_pair()
         async with a, b, trio.open_nursery() as n:
             outcome = Outcome()
             n.start_soon(_splice, outcome, PlainSide(proxy_a),

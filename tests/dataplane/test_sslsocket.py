@@ -9,7 +9,6 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,32 +17,9 @@ import trio
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import is_stale
 from meshagent.dataplane.sslsocket import SslSocketStream
-from meshagent.dataplane.tls import client_context, server_context
-from tests.support.pki import MeshCa, make_ca
-
-
-@dataclass
-class Contexts:
-    ca: MeshCa
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-
-@pytest.fixture
-def contexts(tmp_path: Path) -> Contexts:
-    ca = make_ca(tmp_path / "ca", "shop")
-    return Contexts(ca, server_context(ca.issue("orders")), client_context(ca.issue("web")))
-
-
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    try:
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        server = await listeners[0].accept()
-    finally:
-        await listeners[0].aclose()
-    return server, client
+from meshagent.dataplane.tls import client_context
+from tests.support.pki import make_ca
+from tests.support.tls import Contexts, tcp_pair
 
 
 @asynccontextmanager
@@ -54,7 +30,7 @@ async def tls_pair(
     session: ssl.SSLSession | None = None,
 ) -> AsyncIterator[tuple[SslSocketStream, SslSocketStream]]:
     """(server, client), handshaken; both closed at the end."""
-    server_tcp, client_tcp = await _tcp_pair()
+    server_tcp, client_tcp = await tcp_pair()
     server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
     tls = SslSocketStream.wrap(
         client_tcp, client or contexts.client, server_side=False, session=session
@@ -261,7 +237,7 @@ async def test_closing_wakes_a_task_blocked_in_receive(contexts: Contexts) -> No
 
 
 async def test_the_descriptor_moves_to_the_tls_stream_and_closes_once(contexts: Contexts) -> None:
-    server_tcp, client_tcp = await _tcp_pair()
+    server_tcp, client_tcp = await tcp_pair()
     fd = client_tcp.socket.fileno()
     tls = SslSocketStream.wrap(client_tcp, contexts.client, server_side=False)
     assert client_tcp.socket.fileno() == -1
@@ -280,7 +256,7 @@ async def test_the_descriptor_moves_to_the_tls_stream_and_closes_once(contexts: 
 async def test_a_failed_handshake_is_a_broken_resource(contexts: Contexts, tmp_path: Path) -> None:
     stranger = make_ca(tmp_path / "other", "shop")
     client = client_context(stranger.issue("web"))
-    server_tcp, client_tcp = await _tcp_pair()
+    server_tcp, client_tcp = await tcp_pair()
     server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
     tls = SslSocketStream.wrap(client_tcp, client, server_side=False)
     with trio.fail_after(5):
@@ -299,7 +275,7 @@ async def test_a_failed_handshake_is_a_broken_resource(contexts: Contexts, tmp_p
 
 
 async def test_plaintext_into_a_tls_server_fails_the_handshake(contexts: Contexts) -> None:
-    server_tcp, client_tcp = await _tcp_pair()
+    server_tcp, client_tcp = await tcp_pair()
     server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
     await client_tcp.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     with trio.fail_after(2), pytest.raises(trio.BrokenResourceError):
@@ -317,7 +293,7 @@ async def test_a_pooled_connection_with_a_descriptor_past_1024_is_checked_not_th
 
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1100:
         pytest.skip("RLIMIT_NOFILE too low for a descriptor past 1024")
-    server_tcp, client_tcp = await _tcp_pair()
+    server_tcp, client_tcp = await tcp_pair()
     high = os.dup2(client_tcp.socket.fileno(), 1100)
     client_tcp.socket.close()
     stream = PlainSocketStream(socket.socket(fileno=high))

@@ -7,25 +7,18 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
 
 from meshagent.dataplane import nativepump, tlssessions
 from meshagent.dataplane.tls import client_context, server_context, ticket_keys
-from tests.dataplane.test_sslsocket import Contexts, tls_pair
-from tests.support.pki import make_ca
+from tests.dataplane.test_sslsocket import tls_pair
+from tests.support.tls import Contexts
 
 pytestmark = pytest.mark.skipif(
     nativepump.native_problem() is not None, reason=f"no C helpers: {nativepump.native_problem()}"
 )
-
-
-@pytest.fixture
-def contexts(tmp_path: Path) -> Contexts:
-    ca = make_ca(tmp_path / "ca", "shop")
-    return Contexts(ca, server_context(ca.issue("orders")), client_context(ca.issue("web")))
 
 
 @pytest.fixture(autouse=True)
