@@ -12,6 +12,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,49 +98,67 @@ def pair(tmp_path: Path, ca: MeshCa, echo_port: int, workers: int) -> tuple[dict
     return orders, web, outbound_port
 
 
-def test_workers_share_listeners_and_survive_a_dead_one(tmp_path: Path) -> None:
+@dataclass
+class EchoPair:
+    orders: Agent
+    orders_cfg: dict[str, Any]
+    web: Agent
+    web_cfg: dict[str, Any]
+    port: int  # web's outbound to orders
+
+
+@contextmanager
+def echo_pair(tmp_path: Path, workers: int) -> Iterator[EchoPair]:
+    """An echo app behind an orders agent, and a web agent whose outbound reaches it,
+    each agent with ``workers`` processes; all stopped at the end."""
     ca = make_ca(tmp_path / "ca", "shop")
     app, echo_port = start_app("echo", tmp_path, name="echo")
     with running(app):
-        orders_cfg, web_cfg, port = pair(tmp_path, ca, echo_port, workers=3)
+        orders_cfg, web_cfg, port = pair(tmp_path, ca, echo_port, workers=workers)
         orders = start_agent(orders_cfg, tmp_path, "orders")
         web = start_agent(web_cfg, tmp_path, "web")
         with running(orders, web):
-            assert len(workers_of(web)) == 2 and len(workers_of(orders)) == 2
-            with held(port, 24) as socks:
-                spread = holders(web, port)
-                assert sum(spread.values()) == 24
-                assert len(spread) >= 2, f"every connection on one process: {spread}"
-                assert accepted(web_cfg, "outbound") == 24  # summed over the processes
+            yield EchoPair(orders, orders_cfg, web, web_cfg, port)
 
-                # kill -9 a worker that holds connections: only its own break.
-                victim = next(p for p in workers_of(web) if spread[p.pid])
-                victim.kill()
-                victim.wait(5)
-                alive = 0
-                for k, sock in enumerate(socks):
-                    try:
-                        echo(sock, f"again {k}".encode())
-                        alive += 1
-                    except (OSError, AssertionError):
-                        pass
-                assert alive == 24 - spread[victim.pid]
 
-            eventually(lambda: len(workers_of(web)) == 2 and victim.pid not in
-                       [p.pid for p in workers_of(web)], within=15, what="the worker restarted")
-            for k in range(10):
-                assert exchange(port, f"new {k}".encode()) == f"new {k}".encode()
-            # The dead worker's last counters stay in the totals: they never go backwards.
-            assert accepted(web_cfg, "outbound") >= 34
-            eventually(lambda: 'meshagent_processes{mesh="shop"} 3.0' in metrics(web_cfg),
-                       within=10, what="the new worker serves")
-            assert 'meshagent_worker_restarts_total{mesh="shop"} 1.0' in metrics(web_cfg)
-            pids = [p.pid for p in workers_of(web)]
-        assert web.proc.returncode == 0 and orders.proc.returncode == 0
-        for pid in pids:
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        assert "worker exited; restarting it" in web.output()
-        assert "worker exited" not in orders.output()  # nobody killed those
+def test_workers_share_listeners_and_survive_a_dead_one(tmp_path: Path) -> None:
+    with echo_pair(tmp_path, workers=3) as agents:
+        orders, web, web_cfg, port = agents.orders, agents.web, agents.web_cfg, agents.port
+        assert len(workers_of(web)) == 2 and len(workers_of(orders)) == 2
+        with held(port, 24) as socks:
+            spread = holders(web, port)
+            assert sum(spread.values()) == 24
+            assert len(spread) >= 2, f"every connection on one process: {spread}"
+            assert accepted(web_cfg, "outbound") == 24  # summed over the processes
+
+            # kill -9 a worker that holds connections: only its own break.
+            victim = next(p for p in workers_of(web) if spread[p.pid])
+            victim.kill()
+            victim.wait(5)
+            alive = 0
+            for k, sock in enumerate(socks):
+                try:
+                    echo(sock, f"again {k}".encode())
+                    alive += 1
+                except (OSError, AssertionError):
+                    pass
+            assert alive == 24 - spread[victim.pid]
+
+        eventually(lambda: len(workers_of(web)) == 2 and victim.pid not in
+                   [p.pid for p in workers_of(web)], within=15, what="the worker restarted")
+        for k in range(10):
+            assert exchange(port, f"new {k}".encode()) == f"new {k}".encode()
+        # The dead worker's last counters stay in the totals: they never go backwards.
+        assert accepted(web_cfg, "outbound") >= 34
+        eventually(lambda: 'meshagent_processes{mesh="shop"} 3.0' in metrics(web_cfg),
+                   within=10, what="the new worker serves")
+        assert 'meshagent_worker_restarts_total{mesh="shop"} 1.0' in metrics(web_cfg)
+        pids = [p.pid for p in workers_of(web)]
+    assert web.proc.returncode == 0 and orders.proc.returncode == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "worker exited; restarting it" in web.output()
+    assert "worker exited" not in orders.output()  # nobody killed those
 
 
 def test_workers_follow_reloaded_policies(tmp_path: Path) -> None:
@@ -222,16 +241,10 @@ def handshakes(config: dict[str, Any]) -> dict[str, float]:
 def test_tls_sessions_resume_in_every_worker(tmp_path: Path) -> None:
     """The agent's processes share their TLS ticket keys: a session a client got from
     one worker resumes in the others."""
-    ca = make_ca(tmp_path / "ca", "shop")
-    app, echo_port = start_app("echo", tmp_path, name="echo")
-    with running(app):
-        orders_cfg, web_cfg, port = pair(tmp_path, ca, echo_port, workers=3)
-        orders = start_agent(orders_cfg, tmp_path, "orders")
-        web = start_agent(web_cfg, tmp_path, "web")
-        with running(orders, web), held(port, 30):  # all open at once: 30 connections
-            eventually(lambda: sum(handshakes(orders_cfg).values()) == 30, within=10,
-                       what="the handshake counts of every process")
-            counts = handshakes(orders_cfg)
-            # Each of web's 3 processes makes one full handshake to learn a session; with
-            # a ticket key per process about 2 in 3 of the rest would be full too.
-            assert counts["no"] <= 6, counts
+    with echo_pair(tmp_path, workers=3) as agents, held(agents.port, 30):  # 30 at once
+        eventually(lambda: sum(handshakes(agents.orders_cfg).values()) == 30, within=10,
+                   what="the handshake counts of every process")
+        counts = handshakes(agents.orders_cfg)
+        # Each of web's 3 processes makes one full handshake to learn a session; with
+        # a ticket key per process about 2 in 3 of the rest would be full too.
+        assert counts["no"] <= 6, counts
