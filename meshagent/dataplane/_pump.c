@@ -50,7 +50,10 @@
  * - TLS end of stream is a close_notify; EOF without one is an error;
  * - idle: no byte moved either way for idle seconds finishes the connection (not an
  *   error);
- * - a TLS write that would block is retried with the same bytes (OpenSSL's rule).
+ * - a TLS write that would block is retried with the same bytes (OpenSSL's rule);
+ * - a copy (add with a limit, for an HTTP body of known length) moves exactly that many
+ *   bytes one way, reads none past them (they are the next message's, Python's), sends
+ *   no EOF, and fails if the source ends first.
  * Fairness: a direction moves at most BUDGET chunks per pass; a connection with more
  * to do is kept on a ready list for the next pass, which first takes whatever else
  * epoll has. Idle expiry is a timerfd in the epoll set, armed at the earliest possible
@@ -233,6 +236,8 @@ typedef struct dir {
     int hdr_have, ended;
     size_t payload_left;
     unsigned long long count;
+    /* a one-way copy (add with limit): stream bytes to move, and read so far; 0 = none */
+    unsigned long long limit, taken;
 } dir_t;
 
 typedef struct conn {
@@ -525,6 +530,10 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             d->payload = 0;
             c->last = now_seconds();
         }
+        if (d->limit != 0 && d->taken == d->limit) { /* the copy is complete: no EOF */
+            d->done = 1;
+            return 0;
+        }
         if (d->eof_in) {
             d->eof_sent = 1;
             int r = send_eof(d, err);
@@ -539,8 +548,17 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         /* A frame of exactly CHUNK bytes is four full TLS records; CHUNK of payload
          * plus its header would cost a fifth record for 4 bytes. */
         size_t room = d->dst->kind == KIND_FRAMED ? CHUNK - HEADER : CHUNK;
+        /* A copy reads no byte past its limit: what follows belongs to Python. */
+        if (d->limit != 0 && d->limit - d->taken < room) room = (size_t)(d->limit - d->taken);
         int r = side_read(d, d->src, base + HEADER, room, &got, err);
         if (r <= 0) return r;
+        d->taken += got;
+        if (got == 0 && d->limit != 0) {
+            snprintf(err->text, sizeof err->text,
+                     "the peer closed after %llu of %llu bytes", d->taken, d->limit);
+            err->kind = ERR_IO;
+            return -1;
+        }
         if (got == 0) { /* end of stream: a FIN, or a TLS close_notify */
             if (d->src->kind == KIND_FRAMED && (d->hdr_have > 0 || d->payload_left > 0)) {
                 frame_error(err, "connection closed inside a frame");
@@ -904,9 +922,14 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     int afd, akind, bfd, bkind, notify;
     PyObject *assl, *bssl;
     double idle;
-    if (!PyArg_ParseTuple(args, "iOiiOidp", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
-                          &notify))
+    unsigned long long limit = 0;
+    if (!PyArg_ParseTuple(args, "iOiiOidp|K", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
+                          &notify, &limit))
         return NULL;
+    if (limit != 0 && (akind == KIND_FRAMED || bkind == KIND_FRAMED)) {
+        PyErr_SetString(PyExc_ValueError, "a copy with a limit takes plain or raw TLS sides");
+        return NULL;
+    }
     if (afd < 0 || bfd < 0 || afd == bfd) {
         PyErr_SetString(PyExc_ValueError, "two distinct open descriptors are needed");
         return NULL;
@@ -926,6 +949,10 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     c->d[0].dst = &c->b;
     c->d[1].src = &c->b;
     c->d[1].dst = &c->a;
+    if (limit != 0) { /* one way: a to b, limit bytes, then done without an EOF */
+        c->d[0].limit = limit;
+        c->d[1].done = 1;
+    }
     c->idle = idle;
     c->last = now_seconds();
     c->notify_first = notify;
@@ -1140,7 +1167,9 @@ static PyMethodDef Engine_methods[] = {
     {"done_fileno", (PyCFunction)Engine_done_fileno, METH_NOARGS,
      "An eventfd, readable when collect() has results."},
     {"add", (PyCFunction)Engine_add, METH_VARARGS,
-     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first) -> handle"},
+     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first[, limit]) -> handle\n\n"
+     "With limit (> 0): only a to b, exactly limit bytes, then done with no EOF sent and "
+     "no byte read past them; an end of stream before that is an error."},
     {"remove", (PyCFunction)Engine_remove, METH_O,
      "remove(handle) -> (a_to_b, b_to_a), or None if it is not in the engine (any more)"},
     {"resume", (PyCFunction)Engine_resume, METH_O,

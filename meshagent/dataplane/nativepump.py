@@ -41,6 +41,9 @@ from typing import Final
 
 import trio
 
+from meshagent.dataplane.plainsocket import PlainSocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.log import get_logger
 from meshagent.protocol.frames import DEFAULT_MAX_PAYLOAD, FrameError
 
 try:
@@ -49,6 +52,9 @@ except ImportError:  # built without a C compiler: the Python pump serves
     _pump = None
 
 ENV_SWITCH: Final = "MESHAGENT_NATIVE_PUMP"
+
+log = get_logger("dataplane")
+_refusals_logged: set[str] = set()
 
 # What the engine needs of one end: (descriptor, the _ssl object or None, kind).
 End = tuple[int, object | None, int]
@@ -68,10 +74,29 @@ def native_problem() -> str | None:
     return problem
 
 
-def kinds() -> tuple[int, int, int]:
-    """The engine's (PLAIN, FRAMED, RAW) side kinds."""
+def stream_end(stream: object, *, framed: bool = False) -> End | None:
+    """What the engine needs to take ``stream`` over (TLS framed or raw), or None when it
+    cannot: not a ``PlainSocketStream``/``SslSocketStream``, closed, or busy."""
     assert _pump is not None
-    return _pump.PLAIN, _pump.FRAMED, _pump.RAW
+    if isinstance(stream, PlainSocketStream):
+        fd = stream.fileno()
+        return None if fd < 0 or framed else (fd, None, _pump.PLAIN)
+    if isinstance(stream, SslSocketStream) and stream.pumpable:
+        kind = _pump.FRAMED if framed else _pump.RAW
+        return stream.fileno(), stream.ssl_object._sslobj, kind  # type: ignore[attr-defined]
+    return None
+
+
+def log_refusal(message: str, reason: str) -> None:
+    """``message`` as a warning the first time the C pump refuses for a reason (the
+    same reason would come with every connection), then as debug lines."""
+    key = f"{message}\0{reason}"
+    if key in _refusals_logged:
+        log.debug(message, error=reason)
+        return
+    if len(_refusals_logged) < 32:  # the engine has a handful of reasons
+        _refusals_logged.add(key)
+    log.warning(message, error=reason)
 
 
 class NativeRefused(Exception):
@@ -98,6 +123,7 @@ class NativePump:
         assert _pump is not None
         self._engine = _pump.Engine(max_payload=DEFAULT_MAX_PAYLOAD)
         self._waiters: dict[int, _Waiter] = {}
+        self.copies = 0  # copies (HTTP bodies) completed
 
     @property
     def active(self) -> int:
@@ -190,3 +216,39 @@ class NativePump:
         if waiter.error is not None:
             raise waiter.error
         return waiter.counts[0], waiter.counts[1], waiter.expired
+
+    async def copy(self, src: End, dst: End, size: int, *, idle_seconds: float) -> None:
+        """Move exactly ``size`` bytes from ``src`` to ``dst`` (an HTTP body of known
+        length), then give both ends back as they were: no end of stream is sent, and
+        no byte after the ``size`` is read (it belongs to the next message). A cancel
+        point: cancelled, the ends are taken back from the engine part way, and are
+        fit only to be closed.
+
+        Raises:
+            trio.BrokenResourceError: an end failed, ``src`` ended before ``size``
+                bytes, or no byte moved for ``idle_seconds``.
+            NativeRefused: the engine would not take an end (nothing moved).
+        """
+        if size < 1:
+            raise ValueError("a copy moves at least one byte")
+        try:
+            handle = self._engine.add(
+                src[0], src[1], src[2], dst[0], dst[1], dst[2], idle_seconds, False, size
+            )
+        except (RuntimeError, TypeError, ValueError, OSError) as exc:
+            raise NativeRefused(str(exc)) from exc
+        waiter = self._waiters[handle] = _Waiter(None)
+        try:
+            await waiter.event.wait()
+        finally:
+            if not waiter.done:
+                del self._waiters[handle]
+                self._engine.remove(handle)
+        if waiter.error is not None:
+            raise waiter.error  # BrokenResourceError: framing is not used here
+        if waiter.expired:
+            moved = waiter.counts[0]
+            raise trio.BrokenResourceError(
+                f"no byte moved for {idle_seconds:g}s ({moved} of {size} bytes copied)"
+            )
+        self.copies += 1

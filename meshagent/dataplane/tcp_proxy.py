@@ -98,10 +98,7 @@ class PlainSide(_StreamSide):
         await stream.send_eof()
 
     def native_end(self) -> End | None:
-        stream = self.stream
-        assert isinstance(stream, PlainSocketStream)
-        fd = stream.fileno()
-        return None if fd < 0 else (fd, None, nativepump.kinds()[0])
+        return nativepump.stream_end(self.stream)
 
 
 class FramedSide:
@@ -155,7 +152,7 @@ class FramedSide:
     def native_end(self) -> End | None:
         if self._pending or self._decoder.buffered() or self._decoder.ended:
             return None  # mid-stream: the decoder state stays in Python
-        return _tls_end(self.stream, nativepump.kinds()[1])
+        return nativepump.stream_end(self.stream, framed=True)
 
 
 class RawTlsSide(_StreamSide):
@@ -169,15 +166,7 @@ class RawTlsSide(_StreamSide):
         return
 
     def native_end(self) -> End | None:
-        stream = self.stream
-        assert isinstance(stream, SslSocketStream)
-        return _tls_end(stream, nativepump.kinds()[2])
-
-
-def _tls_end(stream: SslSocketStream, kind: int) -> End | None:
-    if not stream.pumpable:
-        return None
-    return stream.fileno(), stream.ssl_object._sslobj, kind  # type: ignore[attr-defined]
+        return nativepump.stream_end(self.stream)
 
 
 async def splice(
@@ -219,7 +208,9 @@ async def _splice_natively(
             ends[0], ends[1], idle_seconds=idle_seconds, on_first_read=_first_read(a, b)
         )
     except NativeRefused as exc:
-        _log_refusal(str(exc))
+        nativepump.log_refusal(
+            "l4 pump refused a connection; pumping it in Python (logged once)", str(exc)
+        )
         return None
     if not expired:
         for side in (a, b):
@@ -258,22 +249,6 @@ def _first_read(a: Side, b: Side) -> Callable[[], None] | None:
         if isinstance(stream, SslSocketStream) and stream.wants_first_read:
             return stream.first_read
     return None
-
-
-_refusals_logged: set[str] = set()
-
-
-def _log_refusal(reason: str) -> None:
-    """A warning the first time the C pump refuses for a reason (the same reason would
-    come with every connection), then debug lines."""
-    if reason in _refusals_logged:
-        log.debug("l4 pump refused a connection; pumping it in Python", error=reason)
-        return
-    if len(_refusals_logged) < 32:  # the engine has a handful of reasons
-        _refusals_logged.add(reason)
-    log.warning(
-        "l4 pump refused a connection; pumping it in Python (logged once)", error=reason
-    )
 
 
 async def receive_control(stream: SslSocketStream, kind: int) -> bool:

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from meshagent.dataplane.nativepump import ENV_SWITCH, NativePump, NativeRefused, native_problem
+from meshagent.dataplane.nativepump import (
+    ENV_SWITCH,
+    End,
+    NativePump,
+    NativeRefused,
+    native_problem,
+    stream_end,
+)
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
@@ -64,10 +71,11 @@ async def link(
             nursery.start_soon(server.do_handshake)
             nursery.start_soon(client.do_handshake)
     pumped, agent = (client, server) if tls_is_client else (server, client)
+    plain = PlainSide(proxy_plain)
     try:
-        yield Link(app, PlainSide(proxy_plain), pumped, agent)
+        yield Link(app, plain, pumped, agent)
     finally:
-        for stream in (app, pumped, agent):
+        for stream in (app, plain.stream, pumped, agent):
             await trio.aclose_forcefully(stream)
 
 
@@ -444,6 +452,105 @@ async def test_an_end_the_engine_cannot_use_is_refused_before_anything_moves(
                 await ln.app.send_all(b"still served")
                 assert await ln.agent.receive_some(100) == encode_data(b"still served")
                 nursery.cancel_scope.cancel()
+
+
+def _end(stream: object) -> End:
+    end = stream_end(stream)
+    assert end is not None
+    return end
+
+
+async def _read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        data = await stream.receive_some(size - len(out))
+        assert data, f"closed after {len(out)} of {size} bytes"
+        out += data
+    return bytes(out)
+
+
+async def test_a_copy_from_tls_moves_its_bytes_and_leaves_the_next_to_python(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    body = os.urandom(1024 * 1024 + 7)
+    async with link(contexts) as ln, trio.open_nursery() as nursery:
+        # The next message comes in the same burst: OpenSSL reads part of it ahead.
+        nursery.start_soon(ln.agent.send_all, body + b"NEXT MESSAGE")
+        received: list[bytes] = []
+
+        async def read_body() -> None:
+            received.append(await _read_exactly(ln.app, len(body)))
+
+        nursery.start_soon(read_body)
+        with trio.fail_after(10):
+            await pump.copy(_end(ln.tls), _end(ln.plain.stream), len(body), idle_seconds=5)
+        with trio.fail_after(5):
+            assert await _read_exactly(ln.tls, 12) == b"NEXT MESSAGE"
+            await ln.tls.send_all(b"both ends are Python's again")
+            assert await _read_exactly(ln.agent, 28) == b"both ends are Python's again"
+        assert received == [body]
+        with trio.move_on_after(0.2):  # no EOF was sent after the copy
+            await ln.app.receive_some(10)
+            pytest.fail("the copy sent an end of stream")
+        assert pump.active == 0
+
+
+async def test_a_copy_from_plain_to_tls_reads_no_byte_past_its_size(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    body = os.urandom(300 * 1024)
+    async with link(contexts) as ln, trio.open_nursery() as nursery:
+        nursery.start_soon(ln.app.send_all, body + b"tail")
+        received: list[bytes] = []
+
+        async def read_body() -> None:
+            received.append(await _read_exactly(ln.agent, len(body)))
+
+        nursery.start_soon(read_body)
+        with trio.fail_after(10):
+            await pump.copy(_end(ln.plain.stream), _end(ln.tls), len(body), idle_seconds=5)
+            assert await ln.plain.stream.receive_some(100) == b"tail"
+        assert received == [body]
+
+
+async def test_a_copy_whose_source_ends_early_fails_with_the_count(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with link(contexts) as ln:
+        await ln.agent.send_all(b"x" * 1000)
+        await ln.agent.aclose()  # close_notify after 1,000 bytes
+        with trio.fail_after(5), pytest.raises(
+            trio.BrokenResourceError, match="the peer closed after 1000 of 5000 bytes"
+        ):
+            await pump.copy(_end(ln.tls), _end(ln.plain.stream), 5000, idle_seconds=5)
+        assert await _read_exactly(ln.app, 1000) == b"x" * 1000
+
+
+async def test_a_copy_fails_when_idle_and_is_taken_back_when_cancelled(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with link(contexts) as ln:
+        await ln.agent.send_all(b"12345")
+        with trio.fail_after(5), pytest.raises(
+            trio.BrokenResourceError, match=r"no byte moved for 0.3s \(5 of 10 bytes copied\)"
+        ):
+            await pump.copy(_end(ln.tls), _end(ln.plain.stream), 10, idle_seconds=0.3)
+        assert pump.active == 0
+    async with link(contexts) as ln:
+        with trio.move_on_after(0.2) as waited:
+            await pump.copy(_end(ln.tls), _end(ln.plain.stream), 10, idle_seconds=30)
+        assert waited.cancelled_caught and pump.active == 0
+
+
+async def test_a_copy_takes_no_framed_end(contexts: Contexts, pump: NativePump) -> None:
+    async with link(contexts) as ln:
+        framed = stream_end(ln.tls, framed=True)
+        assert framed is not None
+        with pytest.raises(NativeRefused, match="a copy with a limit takes plain or raw TLS"):
+            await pump.copy(framed, _end(ln.plain.stream), 10, idle_seconds=1)
+        with pytest.raises(ValueError, match="at least one byte"):
+            await pump.copy(_end(ln.tls), _end(ln.plain.stream), 0, idle_seconds=1)
+        assert pump.active == 0
 
 
 async def test_many_connections_on_one_engine(contexts: Contexts, pump: NativePump) -> None:
