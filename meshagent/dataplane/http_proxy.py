@@ -12,6 +12,9 @@ no route, 503 no endpoint). Then:
 * the response is streamed down; an until-close body is re-chunked for HTTP/1.1
   clients, so the downstream connection can stay open;
 * a 101 (WebSocket) turns both connections into a tunnel, leftover bytes included;
+* with the C pump (``serve_http(pump=...)``), a big Content-Length response body is
+  moved by the pump once its first bytes came through Python (``NATIVE_BODY_BYTES``),
+  when the request has been sent whole: nothing else uses either connection then;
 * the upstream goes back to the pool when both messages ended cleanly and both sides
   allow keep-alive; otherwise it is closed.
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 import trio
 
 from meshagent.dataplane.connection import Drain, HttpStats, describe
+from meshagent.dataplane.nativepump import NativePump, NativeRefused, log_refusal, stream_end
 from meshagent.log import get_logger
 from meshagent.protocol.headers import Headers, remove_headers, set_header, strip_hop_by_hop
 from meshagent.protocol.http1 import (
@@ -66,6 +70,10 @@ HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 
 # be retried (a PUT, or a POST on a route that retries any method), so a retry can send it
 # again; bigger ones stream through and are not retried.
 RETRY_BODY_BYTES = 64 * 1024
+# The rest of a Content-Length response body at least this big is moved by the C pump
+# (NativePump.copy) instead of chunk by chunk through Python: handing the two sockets
+# over costs about as much as relaying a few chunks.
+NATIVE_BODY_BYTES = 256 * 1024
 
 Stream = trio.abc.Stream
 
@@ -189,11 +197,14 @@ async def serve_http(
     head_seconds: float = HEAD_SECONDS,
     stats: HttpStats | None = None,
     drain: Drain | None = None,
+    pump: NativePump | None = None,
 ) -> None:
     """Serve requests from ``downstream`` until it closes, idles out, breaks HTTP or the
     agent drains (between requests: at once; during one: after it). A cancel point;
-    closes nothing it did not open (the caller closes ``downstream``)."""
+    closes nothing it did not open (the caller closes ``downstream``). With ``pump``,
+    big response bodies move in C (see the module docstring)."""
     reader = _Reader(downstream, RequestParser(), prefix)
+    native = None if pump is None else _NativeBodies(pump, idle_seconds)
     drain = drain or Drain()
     while True:
         if drain.started:
@@ -219,7 +230,7 @@ async def serve_http(
             return
         if first is None:
             return
-        keep = await _one_request(reader, downstream, first, decide, log_fields, stats)
+        keep = await _one_request(reader, downstream, first, decide, log_fields, stats, native)
         if not keep:
             return
 
@@ -233,6 +244,14 @@ async def _next_head(reader: _Reader, head_seconds: float) -> RequestHead | None
     if not isinstance(event, RequestHead):
         raise HttpError(400, f"expected a request, got {type(event).__name__}")
     return event
+
+
+@dataclass(frozen=True, slots=True)
+class _NativeBodies:
+    """The C pump, for response bodies; a copy fails after idle_seconds without a byte."""
+
+    pump: NativePump
+    idle_seconds: float
 
 
 @dataclass(slots=True)
@@ -249,6 +268,7 @@ async def _one_request(
     decide: Decide,
     log_fields: dict[str, object],
     stats: HttpStats | None = None,
+    native: _NativeBodies | None = None,
 ) -> bool:
     """Proxy one request (retrying it when its policy allows); True if the downstream
     connection may carry another request."""
@@ -289,10 +309,12 @@ async def _one_request(
                         body = await _read_body(reader, progress)
                     if body is not None and fwd.retry is not None:
                         outcome = await _try_whole(
-                            downstream, head, body, fwd, reader, progress
+                            downstream, head, body, fwd, reader, progress, native
                         )
                     else:
-                        outcome = await _exchange(reader, downstream, head, fwd, progress)
+                        outcome = await _exchange(
+                            reader, downstream, head, fwd, progress, native
+                        )
                     if isinstance(outcome, _Done):
                         status, keep, reusable = outcome.status, outcome.keep, outcome.reusable
                         return keep
@@ -419,6 +441,7 @@ async def _try_whole(
     fwd: Forward,
     reader: _Reader,
     progress: _Progress,
+    native: _NativeBodies | None,
 ) -> _Done | _FailedTry:
     """One try of a request whose body (maybe empty) was read whole: its response head
     is read under the per-try deadline before anything goes to the client, so the try
@@ -442,7 +465,7 @@ async def _try_whole(
     if isinstance(first, ResponseHead) and first.status in retry.statuses:
         return _FailedTry(first.status, f"upstream answered {first.status}", retryable=True)
     status, keep, reusable = await _relay_response(
-        up, downstream, head, fwd, reader, progress, first=first
+        up, downstream, head, fwd, reader, progress, first=first, native=native
     )
     return _Done(status, keep and head.keep_alive, reusable)
 
@@ -464,7 +487,12 @@ async def _first_final_event(up: _Reader, downstream: Stream, progress: _Progres
 
 
 async def _exchange(
-    reader: _Reader, downstream: Stream, head: RequestHead, fwd: Forward, progress: _Progress
+    reader: _Reader,
+    downstream: Stream,
+    head: RequestHead,
+    fwd: Forward,
+    progress: _Progress,
+    native: _NativeBodies | None,
 ) -> _Done:
     """Send the request (streaming its body) while relaying the response."""
     up = await _send_head(head, fwd)
@@ -489,7 +517,11 @@ async def _exchange(
     result: list[tuple[int, bool, bool]] = []
 
     async def relay() -> None:
-        result.append(await _relay_response(up, downstream, head, fwd, reader, progress))
+        result.append(
+            await _relay_response(
+                up, downstream, head, fwd, reader, progress, native=native, sent=request_done
+            )
+        )
 
     if head.body.framing is Framing.NONE:
         request_done.set()
@@ -512,8 +544,13 @@ async def _relay_response(
     progress: _Progress,
     *,
     first: Event | None = None,
+    native: _NativeBodies | None = None,
+    sent: trio.Event | None = None,
 ) -> tuple[int, bool, bool]:
-    """Stream the response down. Returns (status, downstream keep-alive, upstream reusable)."""
+    """Stream the response down. Returns (status, downstream keep-alive, upstream reusable).
+
+    ``native``: the C pump may move a big body, once the request was sent (``sent`` is
+    set, or None: sent before the call)."""
     head: ResponseHead | None = None
     while True:
         try:
@@ -558,6 +595,8 @@ async def _relay_response(
             await downstream.send_all(
                 serialize_chunk(event.data) if _chunk_down(head, request) else event.data
             )
+            if native is not None and (sent is None or sent.is_set()):
+                progress.bytes_down += await _copy_body(up, downstream, native)
         elif isinstance(event, EndOfMessage):
             assert head is not None
             if _chunk_down(head, request):
@@ -568,6 +607,28 @@ async def _relay_response(
             assert head is not None
             await _tunnel(down_reader, downstream, up.stream, event.leftover)
             return head.status, False, False
+
+
+async def _copy_body(up: _Reader, downstream: Stream, native: _NativeBodies) -> int:
+    """Move the rest of a Content-Length body (NATIVE_BODY_BYTES or more) from ``up`` to
+    ``downstream`` in the C pump; the reader then has the body's end. Returns the bytes
+    moved: 0 when the pump cannot take it, and the caller goes on in Python."""
+    parser = up.parser
+    if not isinstance(parser, ResponseParser) or up.has_pending():
+        return 0  # a failed parser's stand-in, or events to relay first
+    size = parser.body_remaining
+    if size < NATIVE_BODY_BYTES:
+        return 0
+    src, dst = stream_end(up.stream), stream_end(downstream)
+    if src is None or dst is None:
+        return 0
+    try:
+        await native.pump.copy(src, dst, size, idle_seconds=native.idle_seconds)
+    except NativeRefused as exc:
+        log_refusal("l4 pump refused an HTTP body; relaying it in Python (logged once)", str(exc))
+        return 0
+    up.push_front(parser.skip_body(size))
+    return size
 
 
 async def _end_of_bodyless(reader: _Reader) -> None:

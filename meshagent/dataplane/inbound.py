@@ -155,6 +155,7 @@ async def _serve_app_http(
         stats=app.ctx.http,
         log_fields=fields,
         drain=app.ctx.drain,
+        pump=app.ctx.pump,
     )
 
 

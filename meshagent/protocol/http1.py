@@ -601,6 +601,31 @@ class _Http1Parser:
         self._eof = True
         return self._run(b"", eof=True)
 
+    @property
+    def body_remaining(self) -> int:
+        """Bytes of a Content-Length body still to come (0 outside such a body)."""
+        return self._remaining if self._state is _LENGTH else 0
+
+    def skip_body(self, size: int) -> list[Event]:
+        """Count ``size`` bytes of the Content-Length body as read, without their data
+        (something else moved them); return the events that completes (the
+        ``EndOfMessage`` at the body's end).
+
+        Raises:
+            RuntimeError: not inside a Content-Length body, or ``size`` is not
+                1..``body_remaining``.
+        """
+        self._check_usable()
+        if not 0 < size <= self.body_remaining:
+            raise RuntimeError(
+                f"cannot skip {size} body bytes with {self.body_remaining} to come"
+            )
+        events: list[Event] = []
+        self._remaining -= size
+        if not self._remaining:
+            self._end_message(events)
+        return events
+
     # -- driving --------------------------------------------------------------------------
 
     def _check_usable(self, *, tunnel_ok: bool = False) -> None:

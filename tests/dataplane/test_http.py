@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from meshagent.dataplane.nativepump import ENV_SWITCH
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.snapshot.model import (
@@ -29,7 +30,7 @@ from meshagent.snapshot.model import (
 )
 from tests.dataplane.test_proxy import StaticSource
 from tests.support.http_app import serve_http_app
-from tests.support.net import free_port
+from tests.support.net import free_port, serve_app
 from tests.support.pki import MeshCa, make_ca
 
 MESH = "shop"
@@ -37,10 +38,13 @@ TIMEOUTS = Timeouts(connect_seconds=2, handshake_seconds=2)
 
 
 async def start_app_agent(
-    nursery: trio.Nursery, ca: MeshCa, name: str, service: str = "orders"
+    nursery: trio.Nursery, ca: MeshCa, name: str, service: str = "orders",
+    app_port: int | None = None,
 ) -> tuple[int, DataplaneHandle]:
-    """An HTTP app behind an HTTP inbound on 127.0.0.2; returns the inbound port."""
-    app_port = await nursery.start(serve_http_app, name)
+    """An HTTP app (the demo's, unless ``app_port`` has one) behind an HTTP inbound on
+    127.0.0.2; returns the inbound port."""
+    if app_port is None:
+        app_port = await nursery.start(serve_http_app, name)
     port = free_port("127.0.0.2")
     snapshot = Snapshot(
         version=1, mesh=MESH, timeouts=TIMEOUTS,
@@ -391,3 +395,67 @@ async def test_a_caller_no_permission_allows_gets_403_with_the_reason(
     with trio.fail_after(2):  # counted as the inbound closes, just after its answer
         while counters.failures.get("unauthorized", 0) < 2:
             await trio.sleep(0.01)
+
+
+def pattern(size: int) -> bytes:
+    return (b"0123456789abcdef" * (size // 16 + 1))[:size]
+
+
+async def raw_bodies_app(stream: trio.SocketStream) -> None:
+    """GETs only: ``/big/N`` answers N bytes (keep-alive); ``/cut`` promises 2 MiB,
+    sends 512 KiB and closes."""
+    buffered = b""
+    async with stream:
+        while True:
+            while b"\r\n\r\n" not in buffered:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffered += data
+            head, buffered = buffered.split(b"\r\n\r\n", 1)
+            target = head.split(b" ")[1].decode()
+            if target == "/cut":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2097152\r\n\r\n")
+                await stream.send_all(pattern(512 * 1024))
+                return
+            body = pattern(int(target.rsplit("/", 1)[1]))
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+            await stream.send_all(head + body)
+
+
+@pytest.mark.parametrize("pump", ["native", "python"])
+async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connections(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if pump == "python":
+        monkeypatch.setenv(ENV_SWITCH, "0")
+    app_port = await nursery.start(serve_app, raw_bodies_app)
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    sizes = [5, 1_000_000, 70_000, 3_000_000, 0, 100]  # two over NATIVE_BODY_BYTES after a chunk
+    async with client(web_port) as http:
+        for size in sizes:
+            response = await http.get(f"/big/{size}")
+            assert response.status_code == 200
+            assert response.content == pattern(size), size
+    # one client connection, one mTLS connection between the agents, for all of them
+    assert inbound.context.counters.accepted == 1
+    for agent in (web, inbound):
+        engine = agent.context.pump
+        assert (engine.copies if engine else 0) == (2 if pump == "native" else 0)
+
+
+async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    app_port = await nursery.start(serve_app, raw_bodies_app)
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get("/cut")
+    async with client(web_port) as http:
+        response = await http.get("/big/1000000")
+        assert response.content == pattern(1_000_000)
+    for agent in (web, inbound):
+        assert agent.context.pump is not None and agent.context.pump.copies == 1

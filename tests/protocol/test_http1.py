@@ -183,6 +183,49 @@ def test_content_length_body_is_not_copied() -> None:
     assert end == END
 
 
+def test_skip_body_counts_bytes_moved_elsewhere_and_the_next_message_parses() -> None:
+    parser = ResponseParser()
+    parser.expect(b"GET")
+    parser.expect(b"GET")
+    [head, body] = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123")
+    assert isinstance(head, ResponseHead) and body == Body(b"0123")
+    assert parser.body_remaining == 96
+    assert parser.skip_body(90) == []  # in pieces
+    assert parser.body_remaining == 6
+    assert parser.skip_body(6) == [END]
+    assert parser.body_remaining == 0
+    with pytest.raises(RuntimeError, match="cannot skip 1 body bytes with 0 to come"):
+        parser.skip_body(1)
+    [second, end] = parser.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert isinstance(second, ResponseHead) and second.status == 204 and end == END
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello",
+        b"HTTP/1.1 200 OK\r\n\r\nuntil close",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n",  # head not complete
+    ],
+)
+def test_skip_body_is_refused_outside_a_content_length_body(wire: bytes) -> None:
+    parser = ResponseParser()
+    parser.expect(b"GET")
+    parser.feed(wire)
+    assert parser.body_remaining == 0
+    with pytest.raises(RuntimeError, match="cannot skip 5 body bytes with 0 to come"):
+        parser.skip_body(5)
+
+
+def test_skip_body_never_skips_more_than_is_left() -> None:
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+    for bad in (0, -1, 11):
+        with pytest.raises(RuntimeError, match=f"cannot skip {bad} body bytes with 10 to come"):
+            parser.skip_body(bad)
+    assert parser.feed(b"0123456789") == [Body(b"0123456789"), END]
+
+
 def test_blank_lines_between_requests_are_ignored() -> None:
     assert requests(b"\r\n\r\n" + GET + b"\r\n" + GET) == [get_head(), END, get_head(), END]
     assert requests([b"\r\n", b"\r\n", GET]) == [get_head(), END]
