@@ -53,7 +53,9 @@
  * - a TLS write that would block is retried with the same bytes (OpenSSL's rule);
  * - a copy (add with a limit, for an HTTP body of known length) moves exactly that many
  *   bytes one way, reads none past them (they are the next message's, Python's), sends
- *   no EOF, and fails if the source ends first.
+ *   no EOF, and fails if the source ends first; with until_reply it also stops, with
+ *   nothing half-written, once the destination turns readable (an upstream answering
+ *   before the request body ended: Python relays that answer).
  * Fairness: a direction moves at most BUDGET chunks per pass; a connection with more
  * to do is kept on a ready list for the next pass, which first takes whatever else
  * epoll has. Idle expiry is a timerfd in the epoll set, armed at the earliest possible
@@ -249,6 +251,8 @@ typedef struct conn {
     int notify_first; /* report the first bytes read from a TLS side */
     int paused;       /* FIRST_READ reported: untouched until resume() */
     int first_due;    /* FIRST_READ to report */
+    int until_reply;  /* a copy that stops early once b has something to say */
+    int replied;      /* b reported readable (or closed) since add() */
     int finished;     /* ended (status, error): to report, then freed by collect() */
     int status;
     int error_kind;
@@ -530,7 +534,9 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             d->payload = 0;
             c->last = now_seconds();
         }
-        if (d->limit != 0 && d->taken == d->limit) { /* the copy is complete: no EOF */
+        if (d->limit != 0 && (d->taken == d->limit || (c->until_reply && c->replied))) {
+            /* The copy is complete, or its destination spoke (an early answer): stop
+             * with nothing half-written and no EOF; the count says which. */
             d->done = 1;
             return 0;
         }
@@ -673,6 +679,9 @@ static void step(Engine *eng, conn_t *c) {
     if (c->paused || c->finished) return;
     error_t_ err = {0, ""};
     int more = 0, first = 0;
+    /* A copy whose destination spoke ends now, unless a write is half done (it ends
+     * once that went: pump() checks again after every write). */
+    if (c->until_reply && c->replied && c->d[0].buf == NULL) c->d[0].done = 1;
     for (int i = 0; i < 2; i++) {
         dir_t *d = &c->d[i];
         if (!runnable(d)) continue;
@@ -734,7 +743,10 @@ static void process(Engine *eng, struct epoll_event *events, int n) {
         side_t *s = side_of(eng, key);
         if (s == NULL) continue;
         uint32_t ev = events[i].events;
-        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->rd = 1;
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+            s->rd = 1;
+            if (s == &s->conn->b) s->conn->replied = 1;
+        }
         if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->hup = 1;
         if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->wr = 1;
     }
@@ -923,8 +935,9 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     PyObject *assl, *bssl;
     double idle;
     unsigned long long limit = 0;
-    if (!PyArg_ParseTuple(args, "iOiiOidp|K", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
-                          &notify, &limit))
+    int until_reply = 0;
+    if (!PyArg_ParseTuple(args, "iOiiOidp|Kp", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
+                          &notify, &limit, &until_reply))
         return NULL;
     if (limit != 0 && (akind == KIND_FRAMED || bkind == KIND_FRAMED)) {
         PyErr_SetString(PyExc_ValueError, "a copy with a limit takes plain or raw TLS sides");
@@ -952,6 +965,7 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     if (limit != 0) { /* one way: a to b, limit bytes, then done without an EOF */
         c->d[0].limit = limit;
         c->d[1].done = 1;
+        c->until_reply = until_reply;
     }
     c->idle = idle;
     c->last = now_seconds();
@@ -1167,9 +1181,11 @@ static PyMethodDef Engine_methods[] = {
     {"done_fileno", (PyCFunction)Engine_done_fileno, METH_NOARGS,
      "An eventfd, readable when collect() has results."},
     {"add", (PyCFunction)Engine_add, METH_VARARGS,
-     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first[, limit]) -> handle\n\n"
+     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first[, limit, until_reply])"
+     " -> handle\n\n"
      "With limit (> 0): only a to b, exactly limit bytes, then done with no EOF sent and "
-     "no byte read past them; an end of stream before that is an error."},
+     "no byte read past them; an end of stream before that is an error. With until_reply, "
+     "the copy also ends (early, nothing half-written) once b turns readable."},
     {"remove", (PyCFunction)Engine_remove, METH_O,
      "remove(handle) -> (a_to_b, b_to_a), or None if it is not in the engine (any more)"},
     {"resume", (PyCFunction)Engine_resume, METH_O,

@@ -12,9 +12,12 @@ no route, 503 no endpoint). Then:
 * the response is streamed down; an until-close body is re-chunked for HTTP/1.1
   clients, so the downstream connection can stay open;
 * a 101 (WebSocket) turns both connections into a tunnel, leftover bytes included;
-* with the C pump (``serve_http(pump=...)``), a big Content-Length response body is
-  moved by the pump once its first bytes came through Python (``NATIVE_BODY_BYTES``),
-  when the request has been sent whole: nothing else uses either connection then;
+* with the C pump (``serve_http(pump=...)``), big Content-Length bodies move in C
+  (``NATIVE_BODY_BYTES`` or more still to come): a response body once its first bytes
+  came through Python and the request was sent whole; a request body (no ``Expect:
+  100-continue``) before the response is read, until the upstream answers (an early
+  413), after which Python streams the rest while it relays the answer. Either way
+  nothing else uses the two connections while the pump has them;
 * the upstream goes back to the pool when both messages ended cleanly and both sides
   allow keep-alive; otherwise it is closed.
 
@@ -74,6 +77,7 @@ RETRY_BODY_BYTES = 64 * 1024
 # (NativePump.copy) instead of chunk by chunk through Python: handing the two sockets
 # over costs about as much as relaying a few chunks.
 NATIVE_BODY_BYTES = 256 * 1024
+_BODY_REFUSED = "l4 pump refused an HTTP body; relaying it in Python (logged once)"
 
 Stream = trio.abc.Stream
 
@@ -527,6 +531,13 @@ async def _exchange(
         request_done.set()
         await relay()
     else:
+        if (
+            native is not None
+            and head.body.framing is Framing.CONTENT_LENGTH
+            and not head.expect_continue
+            and head.upgrade is None
+        ):
+            await _send_body_natively(reader, fwd.upstream, native, progress)
         async with trio.open_nursery() as both:
             both.start_soon(send_body)
             both.start_soon(relay)
@@ -623,12 +634,49 @@ async def _copy_body(up: _Reader, downstream: Stream, native: _NativeBodies) -> 
     if src is None or dst is None:
         return 0
     try:
-        await native.pump.copy(src, dst, size, idle_seconds=native.idle_seconds)
+        moved = await native.pump.copy(src, dst, size, idle_seconds=native.idle_seconds)
     except NativeRefused as exc:
-        log_refusal("l4 pump refused an HTTP body; relaying it in Python (logged once)", str(exc))
+        log_refusal(_BODY_REFUSED, str(exc))
         return 0
+    assert moved == size
     up.push_front(parser.skip_body(size))
     return size
+
+
+async def _send_body_natively(
+    reader: _Reader, upstream: Stream, native: _NativeBodies, progress: _Progress
+) -> None:
+    """Send what was read of a Content-Length request body, then as much of the rest as
+    the C pump moves before the upstream answers (NATIVE_BODY_BYTES or more, else
+    nothing). The caller streams whatever is left, in Python, while it relays the
+    answer. Before the relay starts: nothing else uses either connection meanwhile."""
+    parser = reader.parser
+    if not isinstance(parser, RequestParser):
+        return
+    while reader.has_pending():
+        event = await reader.next_event()
+        if not isinstance(event, Body):
+            assert event is not None
+            reader.push_front([event])  # the body's end: the caller's loop sees it
+            return
+        progress.bytes_up += len(event.data)
+        await upstream.send_all(event.data)
+    size = parser.body_remaining
+    if size < NATIVE_BODY_BYTES:
+        return
+    src, dst = stream_end(reader.stream), stream_end(upstream)
+    if src is None or dst is None:
+        return
+    try:
+        moved = await native.pump.copy(
+            src, dst, size, idle_seconds=native.idle_seconds, until_reply=True
+        )
+    except NativeRefused as exc:
+        log_refusal(_BODY_REFUSED, str(exc))
+        return
+    if moved:
+        progress.bytes_up += moved
+        reader.push_front(parser.skip_body(moved))
 
 
 async def _end_of_bodyless(reader: _Reader) -> None:

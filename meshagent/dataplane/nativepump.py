@@ -217,12 +217,21 @@ class NativePump:
             raise waiter.error
         return waiter.counts[0], waiter.counts[1], waiter.expired
 
-    async def copy(self, src: End, dst: End, size: int, *, idle_seconds: float) -> None:
+    async def copy(
+        self, src: End, dst: End, size: int, *, idle_seconds: float, until_reply: bool = False
+    ) -> int:
         """Move exactly ``size`` bytes from ``src`` to ``dst`` (an HTTP body of known
         length), then give both ends back as they were: no end of stream is sent, and
         no byte after the ``size`` is read (it belongs to the next message). A cancel
         point: cancelled, the ends are taken back from the engine part way, and are
         fit only to be closed.
+
+        With ``until_reply``, the copy also ends early, with nothing half-written, once
+        ``dst`` has something to read (an upstream answering before the request body
+        ended); the caller goes on from the count.
+
+        Returns:
+            the bytes moved: ``size``, or fewer after an early reply.
 
         Raises:
             trio.BrokenResourceError: an end failed, ``src`` ended before ``size``
@@ -233,7 +242,8 @@ class NativePump:
             raise ValueError("a copy moves at least one byte")
         try:
             handle = self._engine.add(
-                src[0], src[1], src[2], dst[0], dst[1], dst[2], idle_seconds, False, size
+                src[0], src[1], src[2], dst[0], dst[1], dst[2], idle_seconds, False, size,
+                until_reply,
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
@@ -252,3 +262,4 @@ class NativePump:
                 f"no byte moved for {idle_seconds:g}s ({moved} of {size} bytes copied)"
             )
         self.copies += 1
+        return waiter.counts[0]

@@ -4,6 +4,8 @@ app (h11), two agents' data paths with real mTLS between them."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -402,8 +404,9 @@ def pattern(size: int) -> bytes:
 
 
 async def raw_bodies_app(stream: trio.SocketStream) -> None:
-    """GETs only: ``/big/N`` answers N bytes (keep-alive); ``/cut`` promises 2 MiB,
-    sends 512 KiB and closes."""
+    """``GET /big/N`` answers N bytes (keep-alive); ``GET /cut`` promises 2 MiB, sends
+    512 KiB and closes; ``POST /hash`` answers the body's SHA-256; ``POST /early``
+    answers 413 at once, then reads the body to its end."""
     buffered = b""
     async with stream:
         while True:
@@ -414,6 +417,26 @@ async def raw_bodies_app(stream: trio.SocketStream) -> None:
                 buffered += data
             head, buffered = buffered.split(b"\r\n\r\n", 1)
             target = head.split(b" ")[1].decode()
+            if head.startswith(b"POST"):
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if target == "/early":
+                    await stream.send_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big"
+                    )
+                digest = hashlib.sha256()
+                while length:
+                    if not buffered:
+                        buffered = await stream.receive_some(65536)
+                        assert buffered, "the proxy closed inside the body"
+                    piece, buffered = buffered[:length], buffered[length:]
+                    digest.update(piece)
+                    length -= len(piece)
+                if target == "/hash":
+                    answer = digest.hexdigest().encode()
+                    await stream.send_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                    )
+                continue
             if target == "/cut":
                 await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2097152\r\n\r\n")
                 await stream.send_all(pattern(512 * 1024))
@@ -459,3 +482,32 @@ async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
         assert response.content == pattern(1_000_000)
     for agent in (web, inbound):
         assert agent.context.pump is not None and agent.context.pump.copies == 1
+
+
+@pytest.mark.parametrize("pump", ["native", "python"])
+async def test_big_request_bodies_move_in_the_c_pump_and_an_early_answer_still_comes_back(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if pump == "python":
+        monkeypatch.setenv(ENV_SWITCH, "0")
+    app_port = await nursery.start(serve_app, raw_bodies_app)
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    bodies = [os.urandom(3_000_000), b"small", os.urandom(700_000)]
+    async with client(web_port) as http:
+        for body in bodies:
+            response = await http.post("/hash", content=body)
+            assert response.text == hashlib.sha256(body).hexdigest()
+        # The app answers before it reads the body: each agent's copy stops there and
+        # Python streams the rest while it relays the 413.
+        early = await http.post("/early", content=os.urandom(2_000_000))
+        assert (early.status_code, early.text) == (413, "too big")
+        again = await http.post("/hash", content=b"after")
+        assert again.text == hashlib.sha256(b"after").hexdigest()
+    assert inbound.context.counters.accepted == 1
+    for agent in (web, inbound):
+        engine = agent.context.pump
+        if pump == "native":
+            assert engine is not None and engine.copies >= 2  # the two big bodies at least
+        else:
+            assert engine is None

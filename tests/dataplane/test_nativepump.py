@@ -542,6 +542,45 @@ async def test_a_copy_fails_when_idle_and_is_taken_back_when_cancelled(
         assert waited.cancelled_caught and pump.active == 0
 
 
+async def test_a_copy_until_reply_stops_when_the_destination_speaks(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    size = 1024 * 1024
+    async with link(contexts) as ln:
+        # The destination spoke before the copy began: nothing moves.
+        await ln.agent.send_all(b"early")
+        with trio.fail_after(5):
+            moved = await pump.copy(
+                _end(ln.plain.stream), _end(ln.tls), size, idle_seconds=5, until_reply=True
+            )
+            assert moved == 0
+            assert await ln.tls.receive_some(100) == b"early"
+    async with link(contexts) as ln, trio.open_nursery() as nursery:
+        # It speaks part way: the copy stops with whole writes only, the rest is
+        # still to read from the source.
+        first, rest = b"a" * (200 * 1024), b"b" * (size - 200 * 1024)
+        moved_box: list[int] = []
+
+        async def copy() -> None:
+            moved_box.append(await pump.copy(
+                _end(ln.plain.stream), _end(ln.tls), size, idle_seconds=5, until_reply=True
+            ))
+
+        nursery.start_soon(copy)
+        with trio.fail_after(10):
+            await ln.app.send_all(first)
+            got = await _read_exactly(ln.agent, len(first))
+            await ln.agent.send_all(b"413 too big")
+            while not moved_box:
+                await trio.sleep(0.01)
+            nursery.start_soon(ln.app.send_all, rest)
+            moved = moved_box[0]
+            assert moved == len(first) and got == first
+            assert await _read_exactly(ln.tls, 11) == b"413 too big"
+            assert await _read_exactly(ln.plain.stream, len(rest)) == rest
+        assert pump.active == 0
+
+
 async def test_a_copy_takes_no_framed_end(contexts: Contexts, pump: NativePump) -> None:
     async with link(contexts) as ln:
         framed = stream_end(ln.tls, framed=True)
