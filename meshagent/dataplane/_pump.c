@@ -55,7 +55,9 @@
  *   bytes one way, reads none past them (they are the next message's, Python's), sends
  *   no EOF, and fails if the source ends first; with until_reply it also stops, with
  *   nothing half-written, once the destination turns readable (an upstream answering
- *   before the request body ended: Python relays that answer).
+ *   before the request body ended: Python relays that answer);
+ * - a tunnel (add with EITHER_END, for an upgraded HTTP connection) is done when either
+ *   direction is: the end of one way ends both, as in http_proxy._tunnel.
  * Fairness: a direction moves at most BUDGET chunks per pass; a connection with more
  * to do is kept on a ready list for the next pass, which first takes whatever else
  * epoll has. Idle expiry is a timerfd in the epoll set, armed at the earliest possible
@@ -87,6 +89,8 @@
 
 enum { KIND_PLAIN = 0, KIND_FRAMED = 1, KIND_RAW = 2 };
 enum { DONE_OK = 0, DONE_IDLE = 1, DONE_ERROR = 2, FIRST_READ = 3 };
+/* add() flags: a copy that stops when b speaks; a splice that ends with either way */
+enum { FLAG_UNTIL_REPLY = 1, FLAG_EITHER_END = 2 };
 enum { ERR_IO = 0, ERR_FRAME = 1 };
 
 /* ---- OpenSSL, from the copy the _ssl module loaded -------------------------------- */
@@ -252,6 +256,7 @@ typedef struct conn {
     int paused;       /* FIRST_READ reported: untouched until resume() */
     int first_due;    /* FIRST_READ to report */
     int until_reply;  /* a copy that stops early once b has something to say */
+    int either_end;   /* a tunnel: done when either direction is (no half-close) */
     int replied;      /* b reported readable (or closed) since add() */
     int finished;     /* ended (status, error): to report, then freed by collect() */
     int status;
@@ -692,7 +697,7 @@ static void step(Engine *eng, conn_t *c) {
         }
         if (r == 1) more = 1;
     }
-    if (c->d[0].done && c->d[1].done) {
+    if ((c->d[0].done && c->d[1].done) || (c->either_end && (c->d[0].done || c->d[1].done))) {
         finish(eng, c, DONE_OK, NULL);
         return;
     }
@@ -935,12 +940,18 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     PyObject *assl, *bssl;
     double idle;
     unsigned long long limit = 0;
-    int until_reply = 0;
-    if (!PyArg_ParseTuple(args, "iOiiOidp|Kp", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
-                          &notify, &limit, &until_reply))
+    int flags = 0;
+    if (!PyArg_ParseTuple(args, "iOiiOidp|Ki", &afd, &assl, &akind, &bfd, &bssl, &bkind, &idle,
+                          &notify, &limit, &flags))
         return NULL;
     if (limit != 0 && (akind == KIND_FRAMED || bkind == KIND_FRAMED)) {
         PyErr_SetString(PyExc_ValueError, "a copy with a limit takes plain or raw TLS sides");
+        return NULL;
+    }
+    if ((flags & ~(FLAG_UNTIL_REPLY | FLAG_EITHER_END)) != 0 ||
+        ((flags & FLAG_UNTIL_REPLY) && limit == 0) || ((flags & FLAG_EITHER_END) && limit != 0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "UNTIL_REPLY needs a limit, EITHER_END takes none, no other flags");
         return NULL;
     }
     if (afd < 0 || bfd < 0 || afd == bfd) {
@@ -965,8 +976,9 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     if (limit != 0) { /* one way: a to b, limit bytes, then done without an EOF */
         c->d[0].limit = limit;
         c->d[1].done = 1;
-        c->until_reply = until_reply;
+        c->until_reply = (flags & FLAG_UNTIL_REPLY) != 0;
     }
+    c->either_end = (flags & FLAG_EITHER_END) != 0;
     c->idle = idle;
     c->last = now_seconds();
     c->notify_first = notify;
@@ -1181,11 +1193,13 @@ static PyMethodDef Engine_methods[] = {
     {"done_fileno", (PyCFunction)Engine_done_fileno, METH_NOARGS,
      "An eventfd, readable when collect() has results."},
     {"add", (PyCFunction)Engine_add, METH_VARARGS,
-     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first[, limit, until_reply])"
+     "add(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, notify_first[, limit, flags])"
      " -> handle\n\n"
      "With limit (> 0): only a to b, exactly limit bytes, then done with no EOF sent and "
-     "no byte read past them; an end of stream before that is an error. With until_reply, "
-     "the copy also ends (early, nothing half-written) once b turns readable."},
+     "no byte read past them; an end of stream before that is an error. With flags "
+     "UNTIL_REPLY, such a copy also ends (early, nothing half-written) once b turns "
+     "readable. With EITHER_END (no limit), the connection is done when either direction "
+     "is (a tunnel)."},
     {"remove", (PyCFunction)Engine_remove, METH_O,
      "remove(handle) -> (a_to_b, b_to_a), or None if it is not in the engine (any more)"},
     {"resume", (PyCFunction)Engine_resume, METH_O,
@@ -1410,6 +1424,8 @@ PyMODINIT_FUNC PyInit__pump(void) {
         Py_DECREF(m);
         return NULL;
     }
+    PyModule_AddIntConstant(m, "UNTIL_REPLY", FLAG_UNTIL_REPLY);
+    PyModule_AddIntConstant(m, "EITHER_END", FLAG_EITHER_END);
     PyModule_AddIntConstant(m, "PLAIN", KIND_PLAIN);
     PyModule_AddIntConstant(m, "FRAMED", KIND_FRAMED);
     PyModule_AddIntConstant(m, "RAW", KIND_RAW);

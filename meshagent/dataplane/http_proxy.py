@@ -11,7 +11,8 @@ no route, 503 no endpoint). Then:
   (so an upstream that answers early, e.g. 413, is not deadlocked);
 * the response is streamed down; an until-close body is re-chunked for HTTP/1.1
   clients, so the downstream connection can stay open;
-* a 101 (WebSocket) turns both connections into a tunnel, leftover bytes included;
+* a 101 (WebSocket) turns both connections into a tunnel, leftover bytes included
+  (in the C pump when there is one);
 * with the C pump (``serve_http(pump=...)``), big Content-Length bodies move in C
   (``NATIVE_BODY_BYTES`` or more still to come): a response body once its first bytes
   came through Python and the request was sent whole; a request body (no ``Expect:
@@ -78,6 +79,7 @@ RETRY_BODY_BYTES = 64 * 1024
 # over costs about as much as relaying a few chunks.
 NATIVE_BODY_BYTES = 256 * 1024
 _BODY_REFUSED = "l4 pump refused an HTTP body; relaying it in Python (logged once)"
+_TUNNEL_REFUSED = "l4 pump refused an upgraded connection; pumping it in Python (logged once)"
 
 Stream = trio.abc.Stream
 
@@ -616,7 +618,8 @@ async def _relay_response(
             return head.status, keep_down, head.keep_alive
         elif isinstance(event, Upgraded):
             assert head is not None
-            await _tunnel(down_reader, downstream, up.stream, event.leftover)
+            tunnel_pump = native if sent is None or sent.is_set() else None
+            await _tunnel(down_reader, downstream, up.stream, event.leftover, tunnel_pump)
             return head.status, False, False
 
 
@@ -695,9 +698,15 @@ def _chunk_down(response: ResponseHead, request: RequestHead) -> bool:
 
 
 async def _tunnel(
-    down_reader: _Reader, downstream: Stream, upstream: Stream, leftover: bytes
+    down_reader: _Reader,
+    downstream: Stream,
+    upstream: Stream,
+    leftover: bytes,
+    native: _NativeBodies | None = None,
 ) -> None:
-    """After a 101: bytes both ways until either side ends. A cancel point."""
+    """After a 101: bytes both ways until either side ends, in the C pump when there is
+    one (a WebSocket costs what an L4 connection does). No idle limit, in either pump:
+    a quiet WebSocket is normal. A cancel point."""
     parser = down_reader.parser
     assert isinstance(parser, RequestParser)
     early = parser.accept_upgrade().leftover
@@ -705,6 +714,16 @@ async def _tunnel(
         await downstream.send_all(leftover)
     if early:
         await upstream.send_all(early)
+    down_end = stream_end(downstream) if native is not None else None
+    up_end = stream_end(upstream) if native is not None else None
+    if native is not None and down_end is not None and up_end is not None:
+        try:
+            await native.pump.splice(down_end, up_end, idle_seconds=math.inf, either_end=True)
+            return
+        except NativeRefused as exc:
+            log_refusal(_TUNNEL_REFUSED, str(exc))
+        except trio.BrokenResourceError:
+            return  # as below: a tunnel ends when either side fails
 
     async def pump(src: Stream, dst: Stream, scope: trio.CancelScope) -> None:
         try:

@@ -186,6 +186,7 @@ class NativePump:
         *,
         idle_seconds: float,
         on_first_read: Callable[[], None] | None = None,
+        either_end: bool = False,
     ) -> tuple[int, int, bool]:
         """Pump between two set-up ends until both directions ended, one failed, or
         ``idle_seconds`` passed without a byte. The caller closes the ends afterwards.
@@ -194,27 +195,16 @@ class NativePump:
         Args:
             on_first_read: called once, when the first bytes came from a TLS end (a TLS
                 1.3 client has its session ticket by then).
+            either_end: done when either direction ended (a tunnel: no half-close).
         Returns:
             (bytes a→b, bytes b→a, whether it ended by idle expiry).
         Raises:
             trio.BrokenResourceError, FrameError: as ``tcp_proxy.splice``.
             NativeRefused: the engine would not take an end (before any byte moved).
         """
-        try:
-            handle = self._engine.add(
-                a[0], a[1], a[2], b[0], b[1], b[2], idle_seconds, on_first_read is not None
-            )
-        except (RuntimeError, TypeError, ValueError, OSError) as exc:
-            raise NativeRefused(str(exc)) from exc
-        waiter = self._waiters[handle] = _Waiter(on_first_read)
-        try:
-            await waiter.event.wait()
-        finally:
-            if not waiter.done:
-                del self._waiters[handle]
-                self._engine.remove(handle)
-        if waiter.error is not None:
-            raise waiter.error
+        assert _pump is not None
+        flags = _pump.EITHER_END if either_end else 0
+        waiter = await self._run(a, b, idle_seconds, on_first_read, 0, flags)
         return waiter.counts[0], waiter.counts[1], waiter.expired
 
     async def copy(
@@ -238,24 +228,11 @@ class NativePump:
                 bytes, or no byte moved for ``idle_seconds``.
             NativeRefused: the engine would not take an end (nothing moved).
         """
+        assert _pump is not None
         if size < 1:
             raise ValueError("a copy moves at least one byte")
-        try:
-            handle = self._engine.add(
-                src[0], src[1], src[2], dst[0], dst[1], dst[2], idle_seconds, False, size,
-                until_reply,
-            )
-        except (RuntimeError, TypeError, ValueError, OSError) as exc:
-            raise NativeRefused(str(exc)) from exc
-        waiter = self._waiters[handle] = _Waiter(None)
-        try:
-            await waiter.event.wait()
-        finally:
-            if not waiter.done:
-                del self._waiters[handle]
-                self._engine.remove(handle)
-        if waiter.error is not None:
-            raise waiter.error  # BrokenResourceError: framing is not used here
+        flags = _pump.UNTIL_REPLY if until_reply else 0
+        waiter = await self._run(src, dst, idle_seconds, None, size, flags)
         if waiter.expired:
             moved = waiter.counts[0]
             raise trio.BrokenResourceError(
@@ -263,3 +240,31 @@ class NativePump:
             )
         self.copies += 1
         return waiter.counts[0]
+
+    async def _run(
+        self,
+        a: End,
+        b: End,
+        idle_seconds: float,
+        on_first_read: Callable[[], None] | None,
+        limit: int,
+        flags: int,
+    ) -> _Waiter:
+        """Hand a and b to the engine and wait for the end; raise what it failed with."""
+        try:
+            handle = self._engine.add(
+                a[0], a[1], a[2], b[0], b[1], b[2], idle_seconds, on_first_read is not None,
+                limit, flags,
+            )
+        except (RuntimeError, TypeError, ValueError, OSError) as exc:
+            raise NativeRefused(str(exc)) from exc
+        waiter = self._waiters[handle] = _Waiter(on_first_read)
+        try:
+            await waiter.event.wait()
+        finally:
+            if not waiter.done:
+                del self._waiters[handle]
+                self._engine.remove(handle)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter

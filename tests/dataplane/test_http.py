@@ -195,9 +195,14 @@ async def test_malformed_and_pipelined_requests(nursery: trio.Nursery, ca: MeshC
         assert (await http.get("/fine")).status_code == 200
 
 
-async def test_upgrade_becomes_a_tunnel(nursery: trio.Nursery, ca: MeshCa) -> None:
-    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
-    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+@pytest.mark.parametrize("pump", ["native", "python"])
+async def test_upgrade_becomes_a_tunnel(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if pump == "python":
+        monkeypatch.setenv(ENV_SWITCH, "0")
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a")
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", web_port)
         await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
@@ -208,7 +213,15 @@ async def test_upgrade_becomes_a_tunnel(nursery: trio.Nursery, ca: MeshCa) -> No
         for n in range(3):
             await stream.send_all(f"frame {n}".encode())
             assert await stream.receive_some(100) == f"frame {n}".encode()
+        engines = [agent.context.pump for agent in (web, inbound)]
+        if pump == "native":  # each agent's C pump carries the tunnel
+            assert [engine.active if engine else None for engine in engines] == [1, 1]
+        else:
+            assert engines == [None, None]
         await stream.aclose()
+        if pump == "native":  # the app's end of the echo closes too: both tunnels end
+            while any(engine and engine.active for engine in engines):
+                await trio.sleep(0.01)
 
 
 async def _read_all(stream: trio.SocketStream) -> bytes:

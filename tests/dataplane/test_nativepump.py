@@ -405,6 +405,21 @@ async def test_plain_to_plain(pump: NativePump) -> None:
     assert outcome.counts == (4, 4)
 
 
+async def test_a_tunnel_ends_with_either_direction(pump: NativePump) -> None:
+    app, proxy_a = await tcp_pair()
+    proxy_b, far = await tcp_pair()
+    side_a, side_b = PlainSide(proxy_a), PlainSide(proxy_b)
+    async with app, far, side_a.stream, side_b.stream:
+        a, b = _end(side_a.stream), _end(side_b.stream)
+        with trio.fail_after(5):
+            await app.send_all(b"ping")
+            await app.send_eof()  # one way ends; the other never does
+            counts = await pump.splice(a, b, idle_seconds=30, either_end=True)
+            assert counts == (4, 0, False)
+            assert await _read_all(far) == b"ping"  # its FIN passed on
+        assert pump.active == 0
+
+
 async def test_the_client_session_is_offered_after_the_first_bytes(
     contexts: Contexts, pump: NativePump
 ) -> None:
