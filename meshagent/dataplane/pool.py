@@ -7,6 +7,11 @@ the other host. Bounds: at most ``max_idle_per_key`` idle connections per endpoi
 readable (the peer closed it, or sent bytes nobody asked for) is thrown away: that
 check is one ``poll`` on the socket, and it catches the common case of a server that
 timed the connection out while it sat in the pool.
+
+``sweep`` (every ``SWEEP_SECONDS``, from ``sweep_forever`` in the data plane's pump
+nursery) closes the expired and stale ones of every key, including keys nobody asks
+for any more (an endpoint gone from the catalog, a client context replaced by a
+certificate renewal): without it they would hold their descriptors until evicted.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream, is_fd_readable
 
 Upstream = SslSocketStream | PlainSocketStream
+SWEEP_SECONDS = 5.0
 
 
 def is_stale(stream: Upstream) -> bool:
@@ -115,6 +121,27 @@ class ConnectionPool:
     def idle_count(self) -> int:
         return self._count
 
+    async def sweep(self) -> int:
+        """Close every idle connection that expired or turned stale, under every key;
+        return how many. A cancel point (closing is)."""
+        now = trio.current_time()
+        doomed: list[Upstream] = []
+        for key in list(self._idle):
+            kept: deque[_Idle] = deque()
+            for entry in self._idle[key]:
+                if now - entry.since < self._idle_seconds and not is_stale(entry.stream):
+                    kept.append(entry)
+                else:
+                    doomed.append(entry.stream)
+                    self._count -= 1
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        for stream in doomed:
+            await trio.aclose_forcefully(stream)
+        return len(doomed)
+
     async def close_idle(self) -> None:
         """The agent drains: close every idle connection, and from now on every one
         released (connections in use finish their request first)."""
@@ -128,3 +155,11 @@ class ConnectionPool:
                 await trio.aclose_forcefully(idle.pop().stream)
         self._idle.clear()
         self._count = 0
+
+
+async def sweep_forever(pools: list[ConnectionPool], seconds: float = SWEEP_SECONDS) -> None:
+    """Sweep ``pools`` every ``seconds`` until cancelled."""
+    while True:
+        await trio.sleep(seconds)
+        for pool in pools:
+            await pool.sweep()

@@ -2,7 +2,8 @@
 
 Nursery layout (STYLE §2.4)::
 
-    pump nursery          the C pump of L4 connections (nativepump.py), when available
+    pump nursery          the C pump of L4 connections (nativepump.py), when available,
+    │                     and the sweep of idle pooled connections (pool.sweep_forever)
     └── connections nursery   handler tasks; outlives the listeners so in-flight work drains
         └── listeners nursery one serve_listener task per inbound and outbound
 
@@ -25,7 +26,7 @@ from meshagent.dataplane.inbound import AppPool, handle_inbound
 from meshagent.dataplane.listener import Handler, open_listener, serve_listener
 from meshagent.dataplane.nativepump import NativePump, native_problem
 from meshagent.dataplane.outbound import handle_outbound, stream_pool
-from meshagent.dataplane.pool import ConnectionPool
+from meshagent.dataplane.pool import ConnectionPool, sweep_forever
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import get_logger
 from meshagent.routing.balance import EndpointBalancer
@@ -129,6 +130,7 @@ async def serve_dataplane(
             if problem is None:
                 ctx.pump = await pump_nursery.start(NativePump().run)
             log.info("l4 pump", kind="native" if problem is None else "python", why=problem)
+            pump_nursery.start_soon(sweep_forever, pools)
             await _serve(specs, bound, ctx, pools, task_status)
             pump_nursery.cancel_scope.cancel()
     finally:
