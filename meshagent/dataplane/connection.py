@@ -120,28 +120,51 @@ class HttpStats:
 
 
 class Drain:
-    """The agent is stopping: keep-alive connections that sit idle between requests close
-    now (their peers reconnect elsewhere), and busy ones close after their request."""
+    """Connections that sit idle between requests (HTTP keep-alive, ``meshagent/2``
+    streams) wait under a scope registered here, by listener, so that:
+
+    * the agent stopping (``begin``) closes them all at once (their peers reconnect
+      elsewhere), while busy ones close after their request;
+    * a listener at its ``max_connections`` closes its longest-idle one when a new
+      client waits (``reclaim``), rather than leaving that client in the backlog
+      behind connections nobody uses.
+    """
 
     def __init__(self) -> None:
         self.started = False
-        self._idle: set[trio.CancelScope] = set()
+        # per listener, the waiting scopes in the order they began to wait
+        self._idle: dict[str, dict[trio.CancelScope, None]] = {}
 
     def begin(self) -> None:
         self.started = True
-        for scope in self._idle:
-            scope.cancel()
+        for scopes in self._idle.values():
+            for scope in scopes:
+                scope.cancel()
 
     @contextmanager
-    def idle(self, scope: trio.CancelScope) -> Iterator[None]:
-        """While inside, a drain cancels ``scope`` (at once if one already began)."""
+    def idle(self, scope: trio.CancelScope, listener: str) -> Iterator[None]:
+        """While inside, a drain, or ``reclaim(listener)``, cancels ``scope`` (a drain
+        at once if one already began)."""
         if self.started:
             scope.cancel()
-        self._idle.add(scope)
+        scopes = self._idle.setdefault(listener, {})
+        scopes[scope] = None
         try:
             yield
         finally:
-            self._idle.discard(scope)
+            scopes.pop(scope, None)
+
+    def reclaim(self, listener: str) -> bool:
+        """Cancel the wait of the connection of ``listener`` idle the longest; False
+        when none is idle."""
+        scopes = self._idle.get(listener)
+        while scopes:
+            scope = next(iter(scopes))
+            del scopes[scope]
+            if not scope.cancel_called:
+                scope.cancel()
+                return True
+        return False
 
 
 @dataclass(slots=True)

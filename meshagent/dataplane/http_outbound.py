@@ -219,6 +219,7 @@ async def handle_http_outbound(
                 log_fields=fields,
                 stats=ctx.http,
                 drain=ctx.drain,
+                listener=listener.name,
                 pump=ctx.pump,
             )
         finally:

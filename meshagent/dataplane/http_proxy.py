@@ -203,12 +203,15 @@ async def serve_http(
     head_seconds: float = HEAD_SECONDS,
     stats: HttpStats | None = None,
     drain: Drain | None = None,
+    listener: str = "",
     pump: NativePump | None = None,
 ) -> None:
     """Serve requests from ``downstream`` until it closes, idles out, breaks HTTP or the
     agent drains (between requests: at once; during one: after it). A cancel point;
-    closes nothing it did not open (the caller closes ``downstream``). With ``pump``,
-    big response bodies move in C (see the module docstring)."""
+    closes nothing it did not open (the caller closes ``downstream``). Between requests
+    it waits under ``drain.idle`` for ``listener``: a drain, or the listener at its
+    connection limit, closes it then. With ``pump``, big bodies move in C (see the
+    module docstring)."""
     reader = _Reader(downstream, RequestParser(), prefix)
     native = None if pump is None else _NativeBodies(pump, idle_seconds)
     drain = drain or Drain()
@@ -216,10 +219,10 @@ async def serve_http(
         if drain.started:
             return
         try:
-            with trio.move_on_after(idle_seconds) as waiting, drain.idle(waiting):
+            with trio.move_on_after(idle_seconds) as waiting, drain.idle(waiting, listener):
                 await reader.wait_for_bytes()
             if waiting.cancelled_caught:
-                return  # idle for idle_seconds, or the agent drains
+                return  # idle for idle_seconds, the agent drains, or the listener is full
             first = await _next_head(reader, head_seconds)
         except trio.BrokenResourceError:
             # Dropped between requests (an idle pooled connection whose peer went

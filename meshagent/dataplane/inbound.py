@@ -155,6 +155,7 @@ async def _serve_app_http(
         stats=app.ctx.http,
         log_fields=fields,
         drain=app.ctx.drain,
+        listener=listener.name,
         pump=app.ctx.pump,
     )
 
@@ -289,11 +290,15 @@ async def _serve_streams(
     starts with OPEN and gets OPENED once the app is connected (the first was allowed by
     the caller's handshake; the next ones are checked against the policies in force).
     Ends when the caller closes the connection, it waits STREAM_IDLE_SECONDS for the next
-    stream, the agent drains, or a stream does not end cleanly. Closes ``tls``."""
+    stream, the agent drains, the listener at its connection limit needs the room
+    (``Drain.reclaim``), or a stream does not end cleanly. Closes ``tls``."""
     try:
         first = True
         while True:
-            with trio.move_on_after(STREAM_IDLE_SECONDS) as waiting, ctx.drain.idle(waiting):
+            with (
+                trio.move_on_after(STREAM_IDLE_SECONDS) as waiting,
+                ctx.drain.idle(waiting, listener.name),
+            ):
                 opened = await receive_control(tls, OPEN)
             if waiting.cancelled_caught or not opened:
                 return

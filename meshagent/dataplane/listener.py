@@ -3,7 +3,10 @@
 Like ``trio.serve_listeners``, handlers run in a ``handler_nursery`` that outlives the
 listener, so cancelling a listener stops accepting without cutting in-flight connections.
 Unlike it, a listener holds at most ``max_connections`` at once: at the limit it stops
-accepting (new clients wait in the kernel's backlog) until a connection ends.
+accepting (new clients wait in the kernel's backlog) until a connection ends. With
+``reclaim``, a new client waiting at the limit first makes the listener close one of
+its connections that sit idle between requests (``Drain.reclaim``), so idle keep-alive
+connections never lock out new ones.
 """
 
 from __future__ import annotations
@@ -74,9 +77,13 @@ async def serve_listener(
     handler_nursery: trio.Nursery,
     *,
     max_connections: int,
+    reclaim: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept forever (until cancelled); a cancel point. Closes the listener on exit."""
+    """Accept forever (until cancelled); a cancel point. Closes the listener on exit.
+
+    ``reclaim``: called at the limit once a client waits; True when it closed an idle
+    connection (whose handler ends soon and frees a place)."""
     limit = trio.Semaphore(max_connections)
     warned = False
 
@@ -89,7 +96,13 @@ async def serve_listener(
     async with listener:
         task_status.started()
         while True:
-            if limit.value == 0 and not warned:
+            reclaimed = False
+            if limit.value == 0 and reclaim is not None:
+                await trio.lowlevel.wait_readable(listener.socket)  # a client waits
+                reclaimed = limit.value == 0 and reclaim()
+                if reclaimed:
+                    log.debug("closed an idle connection for a new one", listener=name)
+            if limit.value == 0 and not reclaimed and not warned:
                 log.warning("connection limit reached", listener=name, limit=max_connections)
                 warned = True
             await limit.acquire()

@@ -15,6 +15,7 @@ other agents close at once, so peers are not held until the deadline.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -157,6 +158,7 @@ async def _serve(
                         h,
                         connections,
                         max_connections=s.max_connections,
+                        reclaim=functools.partial(ctx.drain.reclaim, s.name),
                         task_status=task_status,
                     )
                 )

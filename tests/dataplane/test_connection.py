@@ -7,7 +7,7 @@ import io
 import trio
 
 from meshagent import log
-from meshagent.dataplane.connection import DataplaneContext, connection_boundary
+from meshagent.dataplane.connection import DataplaneContext, Drain, connection_boundary
 from meshagent.dataplane.errors import NoEndpoints
 from meshagent.dataplane.tls import TlsContexts
 
@@ -45,3 +45,18 @@ async def test_an_error_racing_a_cancellation_is_logged_and_the_cancellation_goe
             pumps.start_soon(breaks_as_we_cancel)
     assert drain.cancelled_caught
     assert ctx.counters.failed == 1 and ctx.counters.active == 0
+
+
+async def test_reclaim_cancels_the_longest_idle_wait_of_that_listener_only() -> None:
+    drain = Drain()
+    scopes = [trio.CancelScope() for _ in range(3)]
+    with drain.idle(scopes[0], "a"), drain.idle(scopes[1], "b"), drain.idle(scopes[2], "a"):
+        assert drain.reclaim("a") and scopes[0].cancel_called
+        assert not scopes[2].cancel_called and not scopes[1].cancel_called
+        scopes[2].cancel()  # cancelled otherwise (its own idle time ran out)
+        assert not drain.reclaim("a")
+        assert not drain.reclaim("none")
+        drain.begin()
+        assert scopes[1].cancel_called
+    with drain.idle(late := trio.CancelScope(), "a"):  # a drain already began
+        assert late.cancel_called

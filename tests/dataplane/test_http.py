@@ -60,12 +60,14 @@ async def start_app_agent(
 async def start_web(
     nursery: trio.Nursery, ca: MeshCa, endpoints: list[Endpoint], routes: OutboundRoutes | None = None,
     service: str = "orders", policies: dict[str, RequestPolicy] | None = None,
+    max_connections: int = 10_000,
 ) -> tuple[int, DataplaneHandle]:
     port = free_port()
     snapshot = Snapshot(
         version=1, mesh=MESH, timeouts=TIMEOUTS,
         outbounds=(OutboundListener(name="outbound:http", service=service, source="web",
-                                    bind="127.0.0.1", port=port, protocol="http"),),
+                                    bind="127.0.0.1", port=port, protocol="http",
+                                    max_connections=max_connections),),
         endpoints={"orders": tuple(endpoints)},
         routes={service: routes} if routes else {},
         request_policies=policies or {},
@@ -524,3 +526,19 @@ async def test_big_request_bodies_move_in_the_c_pump_and_an_early_answer_still_c
             assert engine is not None and engine.copies >= 2  # the two big bodies at least
         else:
             assert engine is None
+
+
+async def test_a_listener_at_its_limit_closes_an_idle_keep_alive_connection_for_a_new_one(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)], max_connections=2)
+    with trio.fail_after(10):
+        async with client(web_port) as first, client(web_port) as second:
+            assert (await first.get("/a")).status_code == 200  # both kept alive, idle
+            assert (await second.get("/b")).status_code == 200
+            async with client(web_port) as third:  # waits for a place without the reclaim
+                assert (await third.get("/c")).status_code == 200
+            # the first, idle the longest, was closed; its client reconnects by itself
+            assert (await first.get("/d")).status_code == 200
+    assert web.context.counters.accepted == 4
