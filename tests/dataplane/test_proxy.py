@@ -712,3 +712,31 @@ async def test_a_caller_no_longer_allowed_cannot_open_another_stream(
     assert answer == b""
     counters = pair.inbound.context.listener_counters("inbound:orders")
     assert counters.failures.get("unauthorized", 0) >= 1
+
+
+async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_a_new_caller(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    inbound_port = free_port("127.0.0.2")
+    inbound = await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, inbound_port, max_connections=1)),
+        TlsContexts({"orders": ca.issue("orders")}),
+    )
+    callers = []
+    for _ in range(2):  # two calling agents, each with its own pool
+        port = free_port()
+        await nursery.start(
+            serve_dataplane,
+            StaticSource(outbound_snapshot(port, [("127.0.0.2", inbound_port)])),
+            TlsContexts({"web": ca.issue("web")}),
+        )
+        callers.append(port)
+    with trio.fail_after(10):  # without the reclaim, the second waits 90 s
+        for port in (*callers, *callers):
+            # each stream ends cleanly: its connection stays, idle, in both agents
+            assert await round_trip("127.0.0.1", port, b"ping") == b"ping"
+    counters = inbound.context.counters
+    assert counters.failed == 0 and counters.accepted >= 4
