@@ -74,9 +74,9 @@ HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 
 # be retried (a PUT, or a POST on a route that retries any method), so a retry can send it
 # again; bigger ones stream through and are not retried.
 RETRY_BODY_BYTES = 64 * 1024
-# The rest of a Content-Length response body at least this big is moved by the C pump
-# (NativePump.copy) instead of chunk by chunk through Python: handing the two sockets
-# over costs about as much as relaying a few chunks.
+# The rest of a Content-Length body (request or response) at least this big is moved by
+# the C pump (NativePump.copy) instead of chunk by chunk through Python: handing the two
+# sockets over costs about as much as relaying a few chunks.
 NATIVE_BODY_BYTES = 256 * 1024
 _BODY_REFUSED = "l4 pump refused an HTTP body; relaying it in Python (logged once)"
 _TUNNEL_REFUSED = "l4 pump refused an upgraded connection; pumping it in Python (logged once)"
@@ -213,7 +213,7 @@ async def serve_http(
     connection limit, closes it then. With ``pump``, big bodies move in C (see the
     module docstring)."""
     reader = _Reader(downstream, RequestParser(), prefix)
-    native = None if pump is None else _NativeBodies(pump, idle_seconds)
+    native = None if pump is None else _Native(pump, idle_seconds)
     drain = drain or Drain()
     while True:
         if drain.started:
@@ -256,8 +256,9 @@ async def _next_head(reader: _Reader, head_seconds: float) -> RequestHead | None
 
 
 @dataclass(frozen=True, slots=True)
-class _NativeBodies:
-    """The C pump, for response bodies; a copy fails after idle_seconds without a byte."""
+class _Native:
+    """The C pump, for big bodies and tunnels; a body's copy fails after idle_seconds
+    without a byte (the connection's idle limit)."""
 
     pump: NativePump
     idle_seconds: float
@@ -277,7 +278,7 @@ async def _one_request(
     decide: Decide,
     log_fields: dict[str, object],
     stats: HttpStats | None = None,
-    native: _NativeBodies | None = None,
+    native: _Native | None = None,
 ) -> bool:
     """Proxy one request (retrying it when its policy allows); True if the downstream
     connection may carry another request."""
@@ -450,7 +451,7 @@ async def _try_whole(
     fwd: Forward,
     reader: _Reader,
     progress: _Progress,
-    native: _NativeBodies | None,
+    native: _Native | None,
 ) -> _Done | _FailedTry:
     """One try of a request whose body (maybe empty) was read whole: its response head
     is read under the per-try deadline before anything goes to the client, so the try
@@ -501,7 +502,7 @@ async def _exchange(
     head: RequestHead,
     fwd: Forward,
     progress: _Progress,
-    native: _NativeBodies | None,
+    native: _Native | None,
 ) -> _Done:
     """Send the request (streaming its body) while relaying the response."""
     up = await _send_head(head, fwd)
@@ -560,7 +561,7 @@ async def _relay_response(
     progress: _Progress,
     *,
     first: Event | None = None,
-    native: _NativeBodies | None = None,
+    native: _Native | None = None,
     sent: trio.Event | None = None,
 ) -> tuple[int, bool, bool]:
     """Stream the response down. Returns (status, downstream keep-alive, upstream reusable).
@@ -626,7 +627,7 @@ async def _relay_response(
             return head.status, False, False
 
 
-async def _copy_body(up: _Reader, downstream: Stream, native: _NativeBodies) -> int:
+async def _copy_body(up: _Reader, downstream: Stream, native: _Native) -> int:
     """Move the rest of a Content-Length body (NATIVE_BODY_BYTES or more) from ``up`` to
     ``downstream`` in the C pump; the reader then has the body's end. Returns the bytes
     moved: 0 when the pump cannot take it, and the caller goes on in Python."""
@@ -650,7 +651,7 @@ async def _copy_body(up: _Reader, downstream: Stream, native: _NativeBodies) -> 
 
 
 async def _send_body_natively(
-    reader: _Reader, upstream: Stream, native: _NativeBodies, progress: _Progress
+    reader: _Reader, upstream: Stream, native: _Native, progress: _Progress
 ) -> None:
     """Send what was read of a Content-Length request body, then as much of the rest as
     the C pump moves before the upstream answers (NATIVE_BODY_BYTES or more, else
@@ -705,7 +706,7 @@ async def _tunnel(
     downstream: Stream,
     upstream: Stream,
     leftover: bytes,
-    native: _NativeBodies | None = None,
+    native: _Native | None = None,
 ) -> None:
     """After a 101: bytes both ways until either side ends, in the C pump when there is
     one (a WebSocket costs what an L4 connection does). No idle limit, in either pump:
