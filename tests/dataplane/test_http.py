@@ -197,12 +197,7 @@ async def test_malformed_and_pipelined_requests(nursery: trio.Nursery, ca: MeshC
         assert (await http.get("/fine")).status_code == 200
 
 
-@pytest.mark.parametrize("pump", ["native", "python"])
-async def test_upgrade_becomes_a_tunnel(
-    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if pump == "python":
-        monkeypatch.setenv(ENV_SWITCH, "0")
+async def test_upgrade_becomes_a_tunnel(nursery: trio.Nursery, ca: MeshCa, pump: str) -> None:
     inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a")
     web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
     with trio.fail_after(10):
@@ -461,15 +456,29 @@ async def raw_bodies_app(stream: trio.SocketStream) -> None:
             await stream.send_all(head + body)
 
 
-@pytest.mark.parametrize("pump", ["native", "python"])
-async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connections(
-    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if pump == "python":
+@pytest.fixture(params=["native", "python"])
+def pump(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test runs with the C pump and with the Python pumps."""
+    if request.param == "python":
         monkeypatch.setenv(ENV_SWITCH, "0")
+    return str(request.param)
+
+
+async def start_raw_bodies_mesh(
+    nursery: trio.Nursery, ca: MeshCa
+) -> tuple[int, DataplaneHandle, DataplaneHandle]:
+    """raw_bodies_app behind an inbound, and an outbound to it: (outbound port, the
+    outbound agent, the inbound agent)."""
     app_port = await nursery.start(serve_app, raw_bodies_app)
     inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
     web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    return web_port, web, inbound
+
+
+async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connections(
+    nursery: trio.Nursery, ca: MeshCa, pump: str
+) -> None:
+    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca)
     sizes = [5, 1_000_000, 70_000, 3_000_000, 0, 100]  # two over NATIVE_BODY_BYTES after a chunk
     async with client(web_port) as http:
         for size in sizes:
@@ -486,9 +495,7 @@ async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connection
 async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
     nursery: trio.Nursery, ca: MeshCa
 ) -> None:
-    app_port = await nursery.start(serve_app, raw_bodies_app)
-    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
-    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca)
     async with client(web_port) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get("/cut")
@@ -499,15 +506,10 @@ async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
         assert agent.context.pump is not None and agent.context.pump.copies == 1
 
 
-@pytest.mark.parametrize("pump", ["native", "python"])
 async def test_big_request_bodies_move_in_the_c_pump_and_an_early_answer_still_comes_back(
-    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, ca: MeshCa, pump: str
 ) -> None:
-    if pump == "python":
-        monkeypatch.setenv(ENV_SWITCH, "0")
-    app_port = await nursery.start(serve_app, raw_bodies_app)
-    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
-    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca)
     bodies = [os.urandom(3_000_000), b"small", os.urandom(700_000)]
     async with client(web_port) as http:
         for body in bodies:

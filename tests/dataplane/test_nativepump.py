@@ -484,6 +484,19 @@ async def _read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
     return bytes(out)
 
 
+def _read_in_background(
+    nursery: trio.Nursery, stream: trio.abc.ReceiveStream, size: int
+) -> list[bytes]:
+    """Start reading exactly ``size`` bytes from ``stream``; the list gets them then."""
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.append(await _read_exactly(stream, size))
+
+    nursery.start_soon(read)
+    return received
+
+
 async def test_a_copy_from_tls_moves_its_bytes_and_leaves_the_next_to_python(
     contexts: Contexts, pump: NativePump
 ) -> None:
@@ -491,12 +504,7 @@ async def test_a_copy_from_tls_moves_its_bytes_and_leaves_the_next_to_python(
     async with link(contexts) as ln, trio.open_nursery() as nursery:
         # The next message comes in the same burst: OpenSSL reads part of it ahead.
         nursery.start_soon(ln.agent.send_all, body + b"NEXT MESSAGE")
-        received: list[bytes] = []
-
-        async def read_body() -> None:
-            received.append(await _read_exactly(ln.app, len(body)))
-
-        nursery.start_soon(read_body)
+        received = _read_in_background(nursery, ln.app, len(body))
         with trio.fail_after(10):
             await pump.copy(_end(ln.tls), _end(ln.plain.stream), len(body), idle_seconds=5)
         with trio.fail_after(5):
@@ -516,12 +524,7 @@ async def test_a_copy_from_plain_to_tls_reads_no_byte_past_its_size(
     body = os.urandom(300 * 1024)
     async with link(contexts) as ln, trio.open_nursery() as nursery:
         nursery.start_soon(ln.app.send_all, body + b"tail")
-        received: list[bytes] = []
-
-        async def read_body() -> None:
-            received.append(await _read_exactly(ln.agent, len(body)))
-
-        nursery.start_soon(read_body)
+        received = _read_in_background(nursery, ln.agent, len(body))
         with trio.fail_after(10):
             await pump.copy(_end(ln.plain.stream), _end(ln.tls), len(body), idle_seconds=5)
             assert await ln.plain.stream.receive_some(100) == b"tail"
