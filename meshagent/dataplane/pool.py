@@ -91,7 +91,7 @@ class ConnectionPool:
         while idle:
             entry = idle.pop()  # the most recently used first: the least likely stale
             self._count -= 1
-            if now - entry.since < self._idle_seconds and not is_stale(entry.stream):
+            if self._usable(entry, now):
                 self.reused += 1
                 return entry.stream
             await trio.aclose_forcefully(entry.stream)
@@ -121,6 +121,10 @@ class ConnectionPool:
     def idle_count(self) -> int:
         return self._count
 
+    def _usable(self, entry: _Idle, now: float) -> bool:
+        """Not expired, and nothing to read on it (see ``is_stale``)."""
+        return now - entry.since < self._idle_seconds and not is_stale(entry.stream)
+
     async def sweep(self) -> int:
         """Close every idle connection that expired or turned stale, under every key;
         return how many. A cancel point (closing is)."""
@@ -129,7 +133,7 @@ class ConnectionPool:
         for key in list(self._idle):
             kept: deque[_Idle] = deque()
             for entry in self._idle[key]:
-                if now - entry.since < self._idle_seconds and not is_stale(entry.stream):
+                if self._usable(entry, now):
                     kept.append(entry)
                 else:
                     doomed.append(entry.stream)
