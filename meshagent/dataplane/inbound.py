@@ -100,17 +100,8 @@ class AppPool:
         self.pool = ConnectionPool(self._connect)
 
     async def _connect(self, key: Hashable) -> Upstream:
-        listener = self.listener
-        with (
-            map_errors(
-                timeout=UpstreamTimeout,
-                failure=UpstreamConnectError,
-                what=f"connect app {listener.app_host}:{listener.app_port}",
-            ),
-            trio.fail_after(self.ctx.source.current.timeouts.connect_seconds),
-        ):
-            tcp = await open_tcp(listener.app_host, listener.app_port)
-        return PlainSocketStream.wrap(tcp)
+        seconds = self.ctx.source.current.timeouts.connect_seconds
+        return PlainSocketStream.wrap(await _connect_app(self.listener, seconds))
 
 
 async def _serve_app_http(
