@@ -628,26 +628,36 @@ async def _relay_response(
 
 
 async def _copy_body(up: _Reader, downstream: Stream, native: _Native) -> int:
-    """Move the rest of a Content-Length body (NATIVE_BODY_BYTES or more) from ``up`` to
-    ``downstream`` in the C pump; the reader then has the body's end. Returns the bytes
-    moved: 0 when the pump cannot take it, and the caller goes on in Python."""
-    parser = up.parser
-    if not isinstance(parser, ResponseParser) or up.has_pending():
+    """Move the rest of a Content-Length response body from ``up`` to ``downstream`` in
+    the C pump (see ``_copy_rest``); the bytes moved, 0 when it did not."""
+    if not isinstance(up.parser, ResponseParser) or up.has_pending():
         return 0  # a failed parser's stand-in, or events to relay first
+    return await _copy_rest(up, downstream, native, until_reply=False)
+
+
+async def _copy_rest(reader: _Reader, dst: Stream, native: _Native, *, until_reply: bool) -> int:
+    """The C pump's copy of the rest of the Content-Length body ``reader`` is in (when
+    NATIVE_BODY_BYTES or more are to come) to ``dst``; the parser counts what moved, and
+    the reader has the body's end when all of it did. Returns the bytes moved: 0 when
+    the pump cannot take it, and the caller goes on in Python."""
+    parser = reader.parser
     size = parser.body_remaining
     if size < NATIVE_BODY_BYTES:
         return 0
-    src, dst = stream_end(up.stream), stream_end(downstream)
-    if src is None or dst is None:
+    src_end, dst_end = stream_end(reader.stream), stream_end(dst)
+    if src_end is None or dst_end is None:
         return 0
     try:
-        moved = await native.pump.copy(src, dst, size, idle_seconds=native.idle_seconds)
+        moved = await native.pump.copy(
+            src_end, dst_end, size, idle_seconds=native.idle_seconds, until_reply=until_reply
+        )
     except NativeRefused as exc:
         log_refusal(_BODY_REFUSED, str(exc))
         return 0
-    assert moved == size
-    up.push_front(parser.skip_body(size))
-    return size
+    assert moved == size or until_reply
+    if moved:
+        reader.push_front(parser.skip_body(moved))
+    return moved
 
 
 async def _send_body_natively(
@@ -657,8 +667,7 @@ async def _send_body_natively(
     the C pump moves before the upstream answers (NATIVE_BODY_BYTES or more, else
     nothing). The caller streams whatever is left, in Python, while it relays the
     answer. Before the relay starts: nothing else uses either connection meanwhile."""
-    parser = reader.parser
-    if not isinstance(parser, RequestParser):
+    if not isinstance(reader.parser, RequestParser):
         return
     while reader.has_pending():
         event = await reader.next_event()
@@ -668,22 +677,7 @@ async def _send_body_natively(
             return
         progress.bytes_up += len(event.data)
         await upstream.send_all(event.data)
-    size = parser.body_remaining
-    if size < NATIVE_BODY_BYTES:
-        return
-    src, dst = stream_end(reader.stream), stream_end(upstream)
-    if src is None or dst is None:
-        return
-    try:
-        moved = await native.pump.copy(
-            src, dst, size, idle_seconds=native.idle_seconds, until_reply=True
-        )
-    except NativeRefused as exc:
-        log_refusal(_BODY_REFUSED, str(exc))
-        return
-    if moved:
-        progress.bytes_up += moved
-        reader.push_front(parser.skip_body(moved))
+    progress.bytes_up += await _copy_rest(reader, upstream, native, until_reply=True)
 
 
 async def _end_of_bodyless(reader: _Reader) -> None:
@@ -718,16 +712,8 @@ async def _tunnel(
         await downstream.send_all(leftover)
     if early:
         await upstream.send_all(early)
-    down_end = stream_end(downstream) if native is not None else None
-    up_end = stream_end(upstream) if native is not None else None
-    if native is not None and down_end is not None and up_end is not None:
-        try:
-            await native.pump.splice(down_end, up_end, idle_seconds=math.inf, either_end=True)
-            return
-        except NativeRefused as exc:
-            log_refusal(_TUNNEL_REFUSED, str(exc))
-        except trio.BrokenResourceError:
-            return  # as below: a tunnel ends when either side fails
+    if native is not None and await _tunnel_natively(downstream, upstream, native):
+        return
 
     async def pump(src: Stream, dst: Stream, scope: trio.CancelScope) -> None:
         try:
@@ -740,6 +726,21 @@ async def _tunnel(
     async with trio.open_nursery() as tunnel:
         tunnel.start_soon(pump, downstream, upstream, tunnel.cancel_scope)
         tunnel.start_soon(pump, upstream, downstream, tunnel.cancel_scope)
+
+
+async def _tunnel_natively(downstream: Stream, upstream: Stream, native: _Native) -> bool:
+    """The tunnel in the C pump; False when the pump cannot take it (nothing moved)."""
+    down_end, up_end = stream_end(downstream), stream_end(upstream)
+    if down_end is None or up_end is None:
+        return False
+    try:
+        await native.pump.splice(down_end, up_end, idle_seconds=math.inf, either_end=True)
+    except NativeRefused as exc:
+        log_refusal(_TUNNEL_REFUSED, str(exc))
+        return False
+    except trio.BrokenResourceError:
+        pass  # as in Python: a tunnel ends when either side fails
+    return True
 
 
 async def _send_quietly(stream: Stream, data: bytes) -> None:
