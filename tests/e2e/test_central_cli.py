@@ -112,8 +112,16 @@ def policy_names(central: Central, mesh: str, token_file: Path | None = None) ->
 
 def test_operator_walkthrough_and_restart(central: Central) -> None:
     assert central.process is not None
-    startup = [line for line in central.process.output().splitlines() if not line.startswith(("ts=", "["))]
-    assert len(startup) == 1, central.process.output()
+    # The port listens a moment before the startup line is printed (after the leader
+    # election started): wait for the line, a few seconds at most.
+    deadline = time.monotonic() + 10
+    while True:
+        output = central.process.output()
+        startup = [line for line in output.splitlines() if not line.startswith(("ts=", "["))]
+        if startup or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(startup) == 1, output
     assert str(central.data / "admin.token") in startup[0]
     assert str(central.data / "central-ca.pem") in startup[0]
     assert (central.data / "admin.token").stat().st_mode & 0o777 == 0o600
