@@ -214,6 +214,16 @@ class SslSocketStream(trio.abc.Stream):
             return True
         return is_fd_readable(self._sock.fileno())
 
+    async def wait_readable(self) -> None:
+        """Return once a receive might not wait (plaintext buffered in OpenSSL, or bytes
+        on the socket, which may turn out to be no plaintext), reading nothing. A cancel
+        point."""
+        self._check_open()
+        if self._sock.pending():
+            await trio.lowlevel.checkpoint()
+            return
+        await self._wait_readable()
+
     # -- handshake ---------------------------------------------------------------------
 
     async def do_handshake(self) -> None:

@@ -602,6 +602,14 @@ class _Http1Parser:
         return self._run(b"", eof=True)
 
     @property
+    def at_rest(self) -> bool:
+        """Between messages with nothing held: no partial head, no end of stream, no
+        error, not a tunnel. Bytes fed from here on start a new message."""
+        return (
+            self._state is _HEAD and not self._partial and not self._eof and self._error is None
+        )
+
+    @property
     def body_remaining(self) -> int:
         """Bytes of a Content-Length body still to come (0 outside such a body)."""
         return self._remaining if self._state is _LENGTH else 0
