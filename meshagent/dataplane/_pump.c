@@ -1,4 +1,5 @@
-/* meshagent.dataplane._pump: the byte pump of established L4 connections, in C.
+/* meshagent.dataplane._pump: the byte pump of established L4 connections (and the HTTP
+ * relay of an inbound's plain requests), in C.
  *
  * Theory of operation. Once an L4 connection is set up in Python (accepted, TLS
  * handshake done, peer checked, upstream connected), its two sockets are handed to an
@@ -58,6 +59,9 @@
  *   before the request body ended: Python relays that answer);
  * - a tunnel (add with EITHER_END, for an upgraded HTTP connection) is done when either
  *   direction is: the end of one way ends both, as in http_proxy._tunnel.
+ * - a relay (Engine.relay) serves HTTP/1.1 requests and their responses itself, from
+ *   a request boundary, and hands back what it does not take: see "the HTTP/1.1 relay"
+ *   below.
  * Fairness: a direction moves at most BUDGET chunks per pass; a connection with more
  * to do is kept on a ready list for the next pass, which first takes whatever else
  * epoll has. Idle expiry is a timerfd in the epoll set, armed at the earliest possible
@@ -66,6 +70,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <ctype.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
@@ -263,8 +268,18 @@ typedef struct conn {
     int error_kind;
     char *error;      /* malloc'd message, or NULL */
     int queued;       /* on the done list */
+    struct relay *relay; /* an HTTP relay (Engine.relay), or NULL for a pump or copy */
     struct conn *next_ready, *next_done;
 } conn_t;
+
+/* One finished exchange of a relay, for Engine.records(). */
+typedef struct {
+    unsigned long long handle, bytes_in, bytes_out;
+    int status;
+    double seconds;
+    char method[8];
+    char *path, *request_id; /* malloc'd; request_id NULL when the request had none */
+} record_t;
 
 typedef struct {
     PyObject_HEAD
@@ -282,7 +297,15 @@ typedef struct {
     double next_scan;
     size_t max_payload;
     char *scratch;
+    /* finished relay exchanges not yet taken by records(); recfd is readable meanwhile */
+    record_t *records;
+    size_t nrecords, records_cap;
+    unsigned long long records_dropped;
+    int recfd;
 } Engine;
+
+static void arm(Engine *eng);
+static void relay_free(struct relay *r);
 
 /* epoll data: (generation << 32) | (slot << 1) | side for a connection's socket, so an
  * event that raced with remove() finds a freed slot or a newer generation, never a
@@ -673,15 +696,649 @@ static void discard(Engine *eng, conn_t *c) {
         }
     }
     free(c->error);
+    relay_free(c->relay);
     eng->slots[c->slot] = NULL;
     eng->gens[c->slot]++;
     eng->free_slots[eng->nfree++] = c->slot;
     free(c);
 }
 
+/* ---- the HTTP/1.1 relay (Engine.relay) ---------------------------------------------
+ *
+ * An HTTP connection whose requests are plain (the common case) is served here, request
+ * after request, without Python: a (downstream, upstream) pair is handed over at a
+ * request boundary, and the relay reads a request head (and its small body), forwards
+ * it with the hop-by-hop fields dropped and the configured fields dropped and added,
+ * reads the response head, forwards it the same way and copies its Content-Length body
+ * (as a copy does, with backpressure). Each finished exchange becomes a record
+ * (Engine.records) for the metrics and the access log.
+ *
+ * Python stays the reference: the relay takes only messages whose bytes it can forward
+ * exactly as http_proxy would, and hands everything else back untouched:
+ * - at a request boundary (outcome RELAY_REQUEST), with the downstream bytes it read:
+ *   a head it does not take (see relay_request_head), a body that does not fit RELAY_IN,
+ *   an end of stream inside a request. Python then serves that request itself;
+ * - after a request went up (RELAY_RESPONSE), with the request's bytes and the response
+ *   bytes read so far: a response head it does not take (1xx, chunked or until-close
+ *   bodies, odd forms), or an upstream that failed before its head (with why). Python
+ *   then relays that response, or answers 502, as it always did.
+ * It also ends at a boundary when the downstream closes (RELAY_CLOSED), after
+ * `hold` seconds without a request (RELAY_IDLE: the upstream goes back to its pool
+ * rather than wait with the client), when Python asked it to stop (relay_stop, for a
+ * drain: RELAY_STOPPED), when a head takes more than head_seconds (RELAY_HEAD_TIMEOUT:
+ * Python answers 408), after an exchange that closes the downstream (RELAY_CLOSE) and
+ * after one that leaves the upstream unusable (RELAY_UPSTREAM_SPENT). A failure after
+ * the response head went down is DONE_ERROR (Python closes both, as it would), and no
+ * byte moved for idle seconds in the middle of an exchange is DONE_IDLE.
+ */
+
+#define RELAY_IN (64 * 1024)   /* downstream bytes held: a request head, its body, more */
+#define RELAY_HEAD (16 * 1024) /* the longest head (request or response) the relay takes */
+#define RELAY_LINE (8 * 1024)  /* the longest start line (Python's limit: 414 beyond) */
+#define RELAY_FIELDS 100       /* the most fields (Python's limit: 431 beyond) */
+#define RECORDS_MAX 65536      /* records held for records(); more are counted, dropped */
+
+enum { R_REQUEST, R_SEND, R_RESPONSE, R_REPLY, R_BODY };
+enum {
+    RELAY_CLOSED = 1, RELAY_IDLE, RELAY_STOPPED, RELAY_REQUEST, RELAY_HEAD_TIMEOUT,
+    RELAY_UPSTREAM_SPENT, RELAY_CLOSE, RELAY_RESPONSE
+};
+
+typedef struct relay {
+    /* configuration */
+    char *add;          /* field lines added to every request ("Name: value\r\n"...) */
+    size_t add_len;
+    char **drop;        /* lower-case names dropped from every request */
+    size_t *drop_len;
+    int ndrop;
+    double hold, head_seconds;
+    /* state */
+    int state, stop, outcome, up_keep;
+    char *in;           /* downstream bytes: the current request at in[0:req_len], then more */
+    size_t in_len, req_len;
+    char *resp;         /* upstream bytes of a response head not complete yet */
+    size_t resp_len;
+    char *out;          /* a head (and body bytes) to write next */
+    size_t out_len;
+    int out_started;    /* out was given to flush(): the rest, if any, is in the dir's buf */
+    int req_keep, head_method, down_close;
+    unsigned long long body_left, body_total, bytes_in, bytes_out;
+    double started, head_started;
+    int status;
+    char method[8];
+    char *path, *request_id;
+    char *error;        /* why the upstream failed before its response head (RELAY_RESPONSE) */
+} relay_t;
+
+/* -- heads: pure functions, also exposed for tests (relay_request_head & co) -- */
+
+static int is_tchar(unsigned char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch != 0 && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+/* A request target the relay forwards as is: origin form, RFC 3986 characters only. */
+static int is_target_char(unsigned char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch != 0 && strchr("-._~!$&'()*+,;=:@/?%", ch) != NULL);
+}
+
+static int name_is(const char *p, size_t n, const char *lower) {
+    return strlen(lower) == n && strncasecmp(p, lower, n) == 0;
+}
+
+/* A field line p[0:n] (no CRLF) in the one form the relay forwards unchanged: a token,
+ * ": ", a value of visible ASCII with inner spaces or tabs, nothing around it. The
+ * length of the name, or 0 for any other form (Python normalises those). */
+static size_t field_name_len(const char *p, size_t n) {
+    size_t i = 0;
+    while (i < n && is_tchar((unsigned char)p[i])) i++;
+    if (i == 0 || i + 2 >= n || p[i] != ':' || p[i + 1] != ' ') return 0;
+    const unsigned char *v = (const unsigned char *)p + i + 2;
+    size_t vn = n - i - 2;
+    if (v[0] == ' ' || v[0] == '\t' || v[vn - 1] == ' ' || v[vn - 1] == '\t') return 0;
+    for (size_t j = 0; j < vn; j++)
+        if (!((v[j] >= 0x21 && v[j] <= 0x7E) || v[j] == ' ' || v[j] == '\t')) return 0;
+    return i;
+}
+
+/* A Connection value of "close" / "keep-alive" tokens only: 1 (*close set), else 0. */
+static int connection_tokens(const char *v, size_t n, int *close, int *keep_alive) {
+    size_t i = 0;
+    while (i <= n) {
+        size_t j = i;
+        while (j < n && v[j] != ',') j++;
+        size_t a = i, b = j;
+        while (a < b && (v[a] == ' ' || v[a] == '\t')) a++;
+        while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t')) b--;
+        if (name_is(v + a, b - a, "close")) *close = 1;
+        else if (name_is(v + a, b - a, "keep-alive")) *keep_alive = 1;
+        else return 0;
+        i = j + 1;
+    }
+    return 1;
+}
+
+static int content_length(const char *v, size_t n, unsigned long long *out) {
+    if (n == 0 || n > 15) return 0;
+    unsigned long long x = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9') return 0;
+        x = x * 10 + (unsigned long long)(v[i] - '0');
+    }
+    *out = x;
+    return 1;
+}
+
+/* Fields that never cross a proxy (protocol/headers.HOP_BY_HOP and every Proxy-*). */
+static int hop_by_hop(const char *p, size_t n) {
+    return name_is(p, n, "connection") || name_is(p, n, "keep-alive") || name_is(p, n, "te") ||
+           name_is(p, n, "trailer") || name_is(p, n, "transfer-encoding") ||
+           name_is(p, n, "upgrade") || (n >= 6 && strncasecmp(p, "proxy-", 6) == 0);
+}
+
+typedef struct {
+    size_t head_len;          /* bytes through the blank line */
+    size_t out_len;           /* the head to forward, built in out */
+    unsigned long long body;  /* Content-Length (request), body bytes to copy (response) */
+    int keep_alive;           /* request: the client keeps the connection; response: the upstream does */
+    int down_close;           /* response: the downstream closes after it */
+    const char *method, *path, *request_id;
+    size_t method_len, path_len, request_id_len;
+} head_t;
+
+static const char *const METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
+                                      "PATCH", NULL};
+
+/* The request head at the start of buf[0:len], as the relay forwards it, written to out
+ * (room: RELAY_HEAD + add_len). 1: taken (h filled); 0: not complete yet; -1: not for
+ * the relay (Python serves it). drop: lower-case names to drop; add: lines to add. */
+static int request_head(const char *buf, size_t len, char *const *drop, const size_t *drop_len,
+                        int ndrop, const char *add, size_t add_len, char *out, head_t *h) {
+    const char *end = memmem(buf, len, "\r\n\r\n", 4);
+    if (end == NULL) return len >= RELAY_HEAD ? -1 : 0;
+    size_t head_len = (size_t)(end - buf) + 4;
+    if (head_len > RELAY_HEAD) return -1;
+    const char *eol = memmem(buf, head_len, "\r\n", 2);
+    size_t line = (size_t)(eol - buf);
+    if (line > RELAY_LINE) return -1;
+    const char *sp = memchr(buf, ' ', line);
+    if (sp == NULL) return -1;
+    size_t mlen = (size_t)(sp - buf);
+    int known = 0;
+    for (int i = 0; METHODS[i] != NULL; i++)
+        known |= strlen(METHODS[i]) == mlen && memcmp(buf, METHODS[i], mlen) == 0;
+    if (!known || line < mlen + 11 || memcmp(buf + line - 9, " HTTP/1.1", 9) != 0) return -1;
+    const char *target = sp + 1;
+    size_t tlen = line - 9 - mlen - 1;
+    if (tlen == 0 || target[0] != '/') return -1;
+    size_t plen = tlen;
+    for (size_t i = 0; i < tlen; i++) {
+        if (!is_target_char((unsigned char)target[i])) return -1;
+        if (target[i] == '?' && plen == tlen) plen = i;
+    }
+    memset(h, 0, sizeof *h);
+    h->method = buf;
+    h->method_len = mlen;
+    h->path = target;
+    h->path_len = plen;
+    size_t o = line + 2;
+    memcpy(out, buf, o);
+    int hosts = 0, lengths = 0, fields = 0, close = 0, keep = 0;
+    for (const char *p = eol + 2; p < end + 2;) {
+        const char *e = memmem(p, (size_t)(end + 2 - p), "\r\n", 2);
+        size_t n = (size_t)(e - p);
+        size_t k = field_name_len(p, n);
+        if (k == 0 || ++fields > RELAY_FIELDS) return -1;
+        const char *v = p + k + 2;
+        size_t vn = n - k - 2;
+        int keep_field = 1;
+        if (name_is(p, k, "content-length")) {
+            if (++lengths > 1 || !content_length(v, vn, &h->body)) return -1;
+        } else if (name_is(p, k, "host")) {
+            hosts++;
+        } else if (name_is(p, k, "connection")) {
+            if (!connection_tokens(v, vn, &close, &keep)) return -1;
+            keep_field = 0;
+        } else if (name_is(p, k, "transfer-encoding") || name_is(p, k, "upgrade") ||
+                   name_is(p, k, "expect") || name_is(p, k, "close")) {
+            return -1;
+        } else if (hop_by_hop(p, k) || name_is(p, k, "proxy-connection")) {
+            keep_field = 0;
+        } else {
+            for (int i = 0; i < ndrop && keep_field; i++)
+                if (drop_len[i] == k && strncasecmp(p, drop[i], k) == 0) keep_field = 0;
+            if (keep_field && h->request_id == NULL && name_is(p, k, "x-request-id")) {
+                h->request_id = v;
+                h->request_id_len = vn;
+            }
+        }
+        if (keep_field) {
+            memcpy(out + o, p, n + 2);
+            o += n + 2;
+        }
+        p = e + 2;
+    }
+    if (hosts != 1) return -1;
+    memcpy(out + o, add, add_len);
+    o += add_len;
+    memcpy(out + o, "\r\n", 2);
+    h->out_len = o + 2;
+    h->head_len = head_len;
+    h->keep_alive = !close;
+    return 1;
+}
+
+/* The response head at the start of buf[0:len] to a request (HEAD or not, whose client
+ * keeps the connection or not), written to out as it goes down (room: RELAY_HEAD + 32).
+ * The status (200..599) when taken, 0 when not complete yet, -1 when not for the relay. */
+static int response_head(const char *buf, size_t len, int head_method, int req_keep, char *out,
+                         head_t *h) {
+    const char *end = memmem(buf, len, "\r\n\r\n", 4);
+    if (end == NULL) return len >= RELAY_HEAD ? -1 : 0;
+    size_t head_len = (size_t)(end - buf) + 4;
+    if (head_len > RELAY_HEAD) return -1;
+    const char *eol = memmem(buf, head_len, "\r\n", 2);
+    size_t line = (size_t)(eol - buf);
+    if (line > RELAY_LINE || line < 13) return -1;
+    int http11 = memcmp(buf, "HTTP/1.1 ", 9) == 0;
+    if (!http11 && memcmp(buf, "HTTP/1.0 ", 9) != 0) return -1;
+    if (buf[9] < '2' || buf[9] > '5' || buf[10] < '0' || buf[10] > '9' || buf[11] < '0' ||
+        buf[11] > '9' || buf[12] != ' ')
+        return -1;
+    int status = (buf[9] - '0') * 100 + (buf[10] - '0') * 10 + (buf[11] - '0');
+    for (size_t i = 13; i < line; i++) {
+        unsigned char ch = (unsigned char)buf[i];
+        if (!((ch >= 0x20 && ch <= 0x7E) || ch == '\t')) return -1;
+    }
+    if (line > 13 && (buf[line - 1] == ' ' || buf[line - 1] == '\t')) return -1;
+    memset(h, 0, sizeof *h);
+    memcpy(out, "HTTP/1.1", 8);
+    memcpy(out + 8, buf + 8, line + 2 - 8);
+    size_t o = line + 2;
+    int lengths = 0, fields = 0, close = 0, keep = 0;
+    unsigned long long length = 0;
+    for (const char *p = eol + 2; p < end + 2;) {
+        const char *e = memmem(p, (size_t)(end + 2 - p), "\r\n", 2);
+        size_t n = (size_t)(e - p);
+        size_t k = field_name_len(p, n);
+        if (k == 0 || ++fields > RELAY_FIELDS) return -1;
+        const char *v = p + k + 2;
+        size_t vn = n - k - 2;
+        int keep_field = 1;
+        if (name_is(p, k, "content-length")) {
+            if (++lengths > 1 || !content_length(v, vn, &length)) return -1;
+        } else if (name_is(p, k, "connection")) {
+            if (!connection_tokens(v, vn, &close, &keep)) return -1;
+            keep_field = 0;
+        } else if (name_is(p, k, "transfer-encoding") || name_is(p, k, "close")) {
+            return -1;
+        } else if (hop_by_hop(p, k) || name_is(p, k, "proxy-connection")) {
+            keep_field = 0;
+        }
+        if (keep_field) {
+            memcpy(out + o, p, n + 2);
+            o += n + 2;
+        }
+        p = e + 2;
+    }
+    if (head_method || status == 204 || status == 304) {
+        h->body = 0;
+    } else if (lengths == 1) {
+        h->body = length;
+    } else {
+        return -1; /* until-close: Python re-chunks it */
+    }
+    h->keep_alive = http11 ? !close : keep;
+    h->down_close = !req_keep || !h->keep_alive;
+    if (h->down_close) {
+        memcpy(out + o, "Connection: close\r\n", 19);
+        o += 19;
+    }
+    memcpy(out + o, "\r\n", 2);
+    h->out_len = o + 2;
+    h->head_len = head_len;
+    return status;
+}
+
+/* -- the relay's I/O ------------------------------------------------------------------ */
+
+static void due_soon(Engine *eng, double t);
+
+/* When the relay's wait ends: a boundary holds `hold`, a head head_seconds, the rest of
+ * an exchange the connection's idle time. */
+static double relay_deadline(conn_t *c) {
+    relay_t *r = c->relay;
+    if (r->state == R_REQUEST && r->in_len == 0) return c->last + r->hold;
+    if (r->state == R_REQUEST) return r->head_started + r->head_seconds;
+    return c->last + c->idle;
+}
+
+static int relay_end(Engine *eng, conn_t *c, int outcome) {
+    c->relay->outcome = outcome;
+    finish(eng, c, DONE_OK, NULL);
+    return -1;
+}
+
+/* The upstream failed or turned out not to be for the relay after the request went up:
+ * Python takes the exchange over from the response (with why, if it failed). */
+static int relay_hand_response(Engine *eng, conn_t *c, const char *why) {
+    relay_t *r = c->relay;
+    if (why != NULL) r->error = strdup(why);
+    return relay_end(eng, c, RELAY_RESPONSE);
+}
+
+static void queue_record(Engine *eng, conn_t *c, int status) {
+    relay_t *r = c->relay;
+    if (eng->nrecords == RECORDS_MAX) {
+        eng->records_dropped++;
+        return;
+    }
+    if (eng->nrecords == eng->records_cap) {
+        size_t cap = eng->records_cap ? eng->records_cap * 2 : 64;
+        record_t *more = realloc(eng->records, cap * sizeof *more);
+        if (more == NULL) {
+            eng->records_dropped++;
+            return;
+        }
+        eng->records = more;
+        eng->records_cap = cap;
+    }
+    record_t *rec = &eng->records[eng->nrecords++];
+    rec->handle = handle_of(c);
+    rec->status = status;
+    rec->bytes_in = r->bytes_in;
+    rec->bytes_out = r->bytes_out;
+    rec->seconds = now_seconds() - r->started;
+    memcpy(rec->method, r->method, sizeof rec->method);
+    rec->path = r->path; /* ownership moves to the record */
+    rec->request_id = r->request_id;
+    r->path = r->request_id = NULL;
+    if (eng->nrecords == 1) signal_fd(eng->recfd);
+}
+
+static char *strndup_or_empty(const char *p, size_t n) {
+    char *s = strndup(p != NULL ? p : "", p != NULL ? n : 0);
+    return s;
+}
+
+/* A request head (and its body) is complete in r->in: start the exchange. */
+static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
+    relay_t *r = c->relay;
+    size_t body = (size_t)h->body;
+    r->req_len = h->head_len + body;
+    r->out = malloc(h->out_len + body);
+    /* out of memory: an empty out fails below as a write would (the relay ends) */
+    if (r->out != NULL) {
+        memcpy(r->out, eng->scratch, h->out_len);
+        memcpy(r->out + h->out_len, r->in + h->head_len, body);
+        r->out_len = h->out_len + body;
+    }
+    r->out_started = 0;
+    r->req_keep = h->keep_alive;
+    r->head_method = h->method_len == 4 && memcmp(h->method, "HEAD", 4) == 0;
+    memcpy(r->method, h->method, h->method_len);
+    r->method[h->method_len] = '\0';
+    free(r->path);
+    free(r->request_id);
+    r->path = strndup_or_empty(h->path, h->path_len);
+    r->request_id = h->request_id != NULL ? strndup(h->request_id, h->request_id_len) : NULL;
+    r->bytes_in = body;
+    r->bytes_out = 0;
+    r->started = now_seconds();
+    r->state = R_SEND;
+}
+
+/* R_REQUEST: read until a request is complete. 1 progress, 0 blocked, -1 ended. */
+static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    if (r->in_len > 0) {
+        head_t h;
+        int taken = request_head(r->in, r->in_len, r->drop, r->drop_len, r->ndrop, r->add,
+                                 r->add_len, eng->scratch, &h);
+        if (taken < 0) return relay_end(eng, c, RELAY_REQUEST);
+        if (taken > 0 && h.head_len + h.body > RELAY_IN) return relay_end(eng, c, RELAY_REQUEST);
+        if (taken > 0 && h.head_len + h.body <= r->in_len) {
+            relay_begin(eng, c, &h);
+            return 1;
+        }
+    } else if (r->stop) {
+        return relay_end(eng, c, RELAY_STOPPED);
+    }
+    if (r->in_len == RELAY_IN) return relay_end(eng, c, RELAY_REQUEST);
+    if (!c->a.rd) return 0;
+    size_t got = 0;
+    dir_t reading = {0}; /* side_read's wait bookkeeping: the relay waits on a.rd itself */
+    int rr = side_read(&reading, &c->a, r->in + r->in_len, RELAY_IN - r->in_len, &got, err);
+    if (rr == 0) return 0;
+    if (rr < 0) /* dropped between or inside requests: Python ends it quietly, as its own */
+        return relay_end(eng, c, RELAY_CLOSED);
+    if (got == 0) /* end of stream: a clean end, or (inside a request) Python's 400 */
+        return relay_end(eng, c, r->in_len == 0 ? RELAY_CLOSED : RELAY_REQUEST);
+    double now = now_seconds();
+    if (r->in_len == 0) {
+        r->head_started = now;
+        due_soon(eng, now + r->head_seconds);
+    }
+    r->in_len += got;
+    c->last = now;
+    return 1;
+}
+
+/* Write r->out on d (given to flush once; flush keeps what could not go at once).
+ * 1 all written, 0 blocked, -1 failed (err set). */
+static int relay_write(conn_t *c, dir_t *d, error_t_ *err) {
+    relay_t *r = c->relay;
+    if (r->out_started && d->wait_side != NULL &&
+        !(d->wait_in ? d->wait_side->rd : d->wait_side->wr))
+        return 0;
+    d->wait_side = NULL;
+    int w;
+    if (!r->out_started) {
+        r->out_started = 1;
+        if (r->out == NULL) {
+            io_error(err, ENOMEM);
+            return -1;
+        }
+        w = flush(d, r->out, r->out_len, err);
+        free(r->out);
+        r->out = NULL;
+    } else {
+        w = flush(d, NULL, 0, err);
+    }
+    if (w == 1) c->last = now_seconds();
+    return w;
+}
+
+/* R_SEND: the request goes up. */
+static int relay_send(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    int w = relay_write(c, &c->d[0], err);
+    if (w < 0) return relay_hand_response(eng, c, err->text);
+    if (w == 0) return 0;
+    r->resp_len = 0;
+    r->state = R_RESPONSE;
+    return 1;
+}
+
+/* R_RESPONSE: read until the response head is complete. */
+static int relay_response(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    if (r->resp_len == RELAY_HEAD) return relay_hand_response(eng, c, NULL);
+    if (!c->b.rd) return 0;
+    size_t got = 0;
+    dir_t reading = {0};
+    int rr = side_read(&reading, &c->b, r->resp + r->resp_len, RELAY_HEAD - r->resp_len, &got,
+                       err);
+    if (rr == 0) return 0;
+    if (rr < 0) return relay_hand_response(eng, c, err->text);
+    if (got == 0) return relay_hand_response(eng, c, NULL); /* Python reads the end itself */
+    r->resp_len += got;
+    c->last = now_seconds();
+    head_t h;
+    int status = response_head(r->resp, r->resp_len, r->head_method, r->req_keep,
+                               eng->scratch, &h);
+    if (status < 0) return relay_hand_response(eng, c, NULL);
+    if (status == 0) return 1;
+    size_t extra = r->resp_len - h.head_len; /* body bytes read with the head */
+    size_t body_now = extra < h.body ? extra : (size_t)h.body;
+    r->out = malloc(h.out_len + body_now);
+    if (r->out != NULL) {
+        memcpy(r->out, eng->scratch, h.out_len);
+        memcpy(r->out + h.out_len, r->resp + h.head_len, body_now);
+        r->out_len = h.out_len + body_now;
+    }
+    r->out_started = 0;
+    r->status = status;
+    r->bytes_out = body_now;
+    r->body_left = h.body - body_now;
+    r->body_total = h.body;
+    r->down_close = h.down_close;
+    /* Bytes past the response: the upstream broke HTTP; it is not used again. */
+    r->up_keep = h.keep_alive && extra <= h.body;
+    r->state = R_REPLY;
+    return 1;
+}
+
+/* A failure once the response head went down: counted as Python counts it (502), and
+ * the connection ends with the error. */
+static int relay_fail(Engine *eng, conn_t *c, error_t_ *err) {
+    queue_record(eng, c, 502);
+    finish(eng, c, DONE_ERROR, err);
+    return -1;
+}
+
+/* The exchange ended well: record it, then the next request, or the end. */
+static int relay_done(Engine *eng, conn_t *c) {
+    relay_t *r = c->relay;
+    queue_record(eng, c, r->status);
+    memmove(r->in, r->in + r->req_len, r->in_len - r->req_len);
+    r->in_len -= r->req_len;
+    r->req_len = 0;
+    for (int i = 0; i < 2; i++) {
+        dir_t *d = &c->d[i];
+        d->limit = d->taken = 0;
+        d->done = d->eof_in = d->eof_sent = 0;
+        d->wait_side = NULL;
+    }
+    r->state = R_REQUEST;
+    if (r->down_close) return relay_end(eng, c, RELAY_CLOSE);
+    if (!r->up_keep) return relay_end(eng, c, RELAY_UPSTREAM_SPENT);
+    double now = now_seconds();
+    c->last = now;
+    r->head_started = now;
+    due_soon(eng, relay_deadline(c));
+    return 1;
+}
+
+/* R_REPLY: the response head (and the body bytes that came with it) goes down. */
+static int relay_reply(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    int w = relay_write(c, &c->d[1], err);
+    if (w < 0) return relay_fail(eng, c, err);
+    if (w == 0) return 0;
+    if (r->body_left == 0) return relay_done(eng, c);
+    dir_t *d = &c->d[1]; /* the rest of the body: a copy from b to a */
+    d->limit = r->body_left;
+    d->taken = 0;
+    d->done = 0;
+    d->wait_side = NULL;
+    r->state = R_BODY;
+    return 1;
+}
+
+/* R_BODY: the copy of the response body. 1 when its budget was spent. */
+static int relay_body(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    dir_t *d = &c->d[1];
+    if (!runnable(d) && !d->done) return 0;
+    int first = 0;
+    unsigned long long before = d->taken;
+    int p = d->done ? 0 : pump(eng, c, d, &first, err);
+    r->bytes_out += d->taken - before;
+    if (p < 0 && strncmp(err->text, "the peer closed after", 21) == 0)
+        snprintf(err->text, sizeof err->text, "the upstream closed after %llu of %llu body bytes",
+                 r->bytes_out, r->body_total);
+    if (p < 0) return relay_fail(eng, c, err);
+    if (d->done) return relay_done(eng, c);
+    return p; /* 1: budget spent, go on; 0: blocked */
+}
+
+static void relay_step(Engine *eng, conn_t *c) {
+    error_t_ err = {0, ""};
+    for (int budget = BUDGET; budget > 0; budget--) {
+        int res;
+        switch (c->relay->state) {
+        case R_REQUEST: res = relay_request(eng, c, &err); break;
+        case R_SEND: res = relay_send(eng, c, &err); break;
+        case R_RESPONSE: res = relay_response(eng, c, &err); break;
+        case R_REPLY: res = relay_reply(eng, c, &err); break;
+        default: res = relay_body(eng, c, &err); break;
+        }
+        if (res <= 0) return; /* blocked (an event steps it again), or ended */
+    }
+    if (!c->ready) { /* budget spent: after whatever else epoll has */
+        c->ready = 1;
+        c->next_ready = eng->ready_head;
+        eng->ready_head = c;
+    }
+}
+
+/* The relay's wait ran out (process()'s scan). */
+static void relay_expired(Engine *eng, conn_t *c) {
+    relay_t *r = c->relay;
+    if (r->state != R_REQUEST) {
+        finish(eng, c, DONE_IDLE, NULL);
+        return;
+    }
+    if (r->in_len == 0) {
+        relay_end(eng, c, RELAY_IDLE);
+        return;
+    }
+    head_t h;
+    int taken = request_head(r->in, r->in_len, r->drop, r->drop_len, r->ndrop, r->add,
+                             r->add_len, eng->scratch, &h);
+    /* a head that took too long gets Python's 408; a body that did goes to Python */
+    relay_end(eng, c, taken > 0 ? RELAY_REQUEST : RELAY_HEAD_TIMEOUT);
+}
+
+static void free_records(record_t *recs, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        free(recs[i].path);
+        free(recs[i].request_id);
+    }
+    free(recs);
+}
+
+static void relay_free(relay_t *r) {
+    if (r == NULL) return;
+    for (int i = 0; i < r->ndrop; i++) free(r->drop[i]);
+    free(r->drop);
+    free(r->drop_len);
+    free(r->add);
+    free(r->in);
+    free(r->resp);
+    free(r->out);
+    free(r->path);
+    free(r->request_id);
+    free(r->error);
+    free(r);
+}
+
+static void due_soon(Engine *eng, double t) {
+    if (t < eng->next_scan) {
+        eng->next_scan = t;
+        arm(eng);
+    }
+}
+
 /* Work on c until every direction blocked, ended or spent its budget. */
 static void step(Engine *eng, conn_t *c) {
     if (c->paused || c->finished) return;
+    if (c->relay != NULL) {
+        relay_step(eng, c);
+        return;
+    }
     error_t_ err = {0, ""};
     int more = 0, first = 0;
     /* A copy whose destination spoke ends now, unless a write is half done (it ends
@@ -715,8 +1372,6 @@ static void step(Engine *eng, conn_t *c) {
         eng->ready_head = c;
     }
 }
-
-static void arm(Engine *eng);
 
 static uint64_t key_of(conn_t *c, int side) {
     return ((uint64_t)c->gen << 32) | ((uint64_t)c->slot << 1) | (uint64_t)side;
@@ -775,10 +1430,12 @@ static void process(Engine *eng, struct epoll_event *events, int n) {
         for (uint32_t i = 0; i < eng->nslots; i++) {
             conn_t *c = eng->slots[i];
             if (c == NULL || c->finished) continue;
-            if (now - c->last >= c->idle) {
-                finish(eng, c, DONE_IDLE, NULL);
-            } else if (c->last + c->idle < next) {
-                next = c->last + c->idle;
+            double due = c->relay != NULL ? relay_deadline(c) : c->last + c->idle;
+            if (now >= due) {
+                if (c->relay != NULL) relay_expired(eng, c);
+                else finish(eng, c, DONE_IDLE, NULL);
+            } else if (due < next) {
+                next = due;
             }
         }
         eng->next_scan = next;
@@ -806,7 +1463,9 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     self->donefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (self->epfd < 0 || self->kickfd < 0 || self->donefd < 0 || self->timerfd < 0) {
+    self->recfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (self->epfd < 0 || self->kickfd < 0 || self->donefd < 0 || self->timerfd < 0 ||
+        self->recfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -850,6 +1509,8 @@ static void Engine_dealloc(Engine *self) {
     free(self->gens);
     free(self->free_slots);
     free(self->scratch);
+    free_records(self->records, self->nrecords);
+    if (self->recfd > 0) close(self->recfd);
     if (self->epfd > 0) {
         close(self->epfd);
         close(self->kickfd);
@@ -935,6 +1596,53 @@ static int grow(Engine *self) {
     return 0;
 }
 
+/* Register c (its sides set up) in the engine: a slot, epoll, a first pass. Frees c and
+ * raises on failure; returns the handle. */
+static PyObject *enlist(Engine *self, conn_t *c, int afd, int bfd) {
+    pthread_mutex_lock(&self->lock);
+    if (self->nfree == 0 && grow(self) < 0) {
+        pthread_mutex_unlock(&self->lock);
+        relay_free(c->relay);
+        free(c);
+        return PyErr_NoMemory();
+    }
+    c->slot = self->free_slots[--self->nfree];
+    c->gen = self->gens[c->slot];
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = key_of(c, 0);
+    int failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, afd, &ev) != 0;
+    if (!failed) {
+        ev.data.u64 = key_of(c, 1);
+        failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) != 0;
+        if (failed) {
+            int saved = errno;
+            epoll_ctl(self->epfd, EPOLL_CTL_DEL, afd, NULL);
+            errno = saved;
+        }
+    }
+    if (failed) {
+        int saved = errno;
+        self->free_slots[self->nfree++] = c->slot;
+        pthread_mutex_unlock(&self->lock);
+        relay_free(c->relay);
+        free(c);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->slots[c->slot] = c;
+    self->active++;
+    /* First pass from the ready list: bytes may already wait inside OpenSSL. */
+    c->ready = 1;
+    c->next_ready = self->ready_head;
+    self->ready_head = c;
+    due_soon(self, c->relay != NULL ? relay_deadline(c) : c->last + c->idle);
+    unsigned long long handle = handle_of(c);
+    pthread_mutex_unlock(&self->lock);
+    signal_fd(self->kickfd);
+    return PyLong_FromUnsignedLongLong(handle);
+}
+
 static PyObject *Engine_add(Engine *self, PyObject *args) {
     int afd, akind, bfd, bkind, notify;
     PyObject *assl, *bssl;
@@ -982,49 +1690,7 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     c->idle = idle;
     c->last = now_seconds();
     c->notify_first = notify;
-    pthread_mutex_lock(&self->lock);
-    if (self->nfree == 0 && grow(self) < 0) {
-        pthread_mutex_unlock(&self->lock);
-        free(c);
-        return PyErr_NoMemory();
-    }
-    c->slot = self->free_slots[--self->nfree];
-    c->gen = self->gens[c->slot];
-    struct epoll_event ev;
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u64 = key_of(c, 0);
-    int failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, afd, &ev) != 0;
-    if (!failed) {
-        ev.data.u64 = key_of(c, 1);
-        failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) != 0;
-        if (failed) {
-            int saved = errno;
-            epoll_ctl(self->epfd, EPOLL_CTL_DEL, afd, NULL);
-            errno = saved;
-        }
-    }
-    if (failed) {
-        int saved = errno;
-        self->free_slots[self->nfree++] = c->slot;
-        pthread_mutex_unlock(&self->lock);
-        free(c);
-        errno = saved;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    self->slots[c->slot] = c;
-    self->active++;
-    /* First pass from the ready list: bytes may already wait inside OpenSSL. */
-    c->ready = 1;
-    c->next_ready = self->ready_head;
-    self->ready_head = c;
-    if (c->last + idle < self->next_scan) {
-        self->next_scan = c->last + idle;
-        arm(self);
-    }
-    unsigned long long handle = handle_of(c);
-    pthread_mutex_unlock(&self->lock);
-    signal_fd(self->kickfd);
-    return PyLong_FromUnsignedLongLong(handle);
+    return enlist(self, c, afd, bfd);
 }
 
 static conn_t *lookup(Engine *self, PyObject *arg, unsigned long long *handle) {
@@ -1070,6 +1736,233 @@ static PyObject *Engine_resume(Engine *self, PyObject *arg) {
     if (PyErr_Occurred()) return NULL;
     if (wake) signal_fd(self->kickfd);
     Py_RETURN_NONE;
+}
+
+/* Copy the drop names (lower-cased) and add lines into r. -1 with an exception set. */
+static int relay_config(relay_t *r, PyObject *drop, const char *add, Py_ssize_t add_len) {
+    if (!PyTuple_Check(drop)) {
+        PyErr_SetString(PyExc_TypeError, "drop must be a tuple of bytes");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(drop);
+    r->drop = calloc((size_t)n + 1, sizeof *r->drop);
+    r->drop_len = calloc((size_t)n + 1, sizeof *r->drop_len);
+    r->add = malloc((size_t)add_len + 1);
+    if (r->drop == NULL || r->drop_len == NULL || r->add == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(r->add, add, (size_t)add_len);
+    r->add_len = (size_t)add_len;
+    if (add_len > 4096) {
+        PyErr_SetString(PyExc_ValueError, "add holds at most 4096 bytes");
+        return -1;
+    }
+    if (memchr(add, '\0', (size_t)add_len) != NULL ||
+        (add_len > 0 && (add_len < 2 || memcmp(add + add_len - 2, "\r\n", 2) != 0))) {
+        PyErr_SetString(PyExc_ValueError, "add must be field lines, each ending with CRLF");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(drop, i);
+        if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) == 0) {
+            PyErr_SetString(PyExc_TypeError, "drop must be a tuple of non-empty bytes");
+            return -1;
+        }
+        size_t len = (size_t)PyBytes_GET_SIZE(item);
+        r->drop[i] = malloc(len + 1);
+        if (r->drop[i] == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t j = 0; j < len; j++)
+            r->drop[i][j] = (char)tolower((unsigned char)PyBytes_AS_STRING(item)[j]);
+        r->drop[i][len] = '\0';
+        r->drop_len[i] = len;
+        r->ndrop = (int)i + 1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_relay(Engine *self, PyObject *args) {
+    int afd, akind, bfd, bkind;
+    PyObject *assl, *bssl, *drop;
+    double idle, hold, head_seconds;
+    const char *add, *initial = "";
+    Py_ssize_t add_len, initial_len = 0;
+    if (!PyArg_ParseTuple(args, "iOiiOidddOy#|y#", &afd, &assl, &akind, &bfd, &bssl, &bkind,
+                          &idle, &hold, &head_seconds, &drop, &add, &add_len, &initial,
+                          &initial_len))
+        return NULL;
+    if (initial_len > RELAY_IN) {
+        PyErr_SetString(PyExc_ValueError, "initial holds at most RELAY_IN bytes");
+        return NULL;
+    }
+    if (akind == KIND_FRAMED || bkind == KIND_FRAMED) {
+        PyErr_SetString(PyExc_ValueError, "a relay takes plain or raw TLS sides");
+        return NULL;
+    }
+    if (afd < 0 || bfd < 0 || afd == bfd) {
+        PyErr_SetString(PyExc_ValueError, "two distinct open descriptors are needed");
+        return NULL;
+    }
+    if (!(idle > 0) || !(hold > 0) || !(head_seconds > 0)) {
+        PyErr_SetString(PyExc_ValueError, "idle, hold and head_seconds must be > 0 seconds");
+        return NULL;
+    }
+    conn_t *c = calloc(1, sizeof *c);
+    relay_t *r = calloc(1, sizeof *r);
+    if (c == NULL || r == NULL) {
+        free(c);
+        free(r);
+        return PyErr_NoMemory();
+    }
+    c->relay = r;
+    r->in = malloc(RELAY_IN);
+    r->resp = malloc(RELAY_HEAD);
+    if (r->in == NULL || r->resp == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    if (relay_config(r, drop, add, add_len) < 0) goto fail;
+    if (side_from(&c->a, afd, assl, akind) < 0 || side_from(&c->b, bfd, bssl, bkind) < 0)
+        goto fail;
+    c->a.conn = c->b.conn = c;
+    c->d[0].src = &c->a;
+    c->d[0].dst = &c->b;
+    c->d[1].src = &c->b;
+    c->d[1].dst = &c->a;
+    r->hold = hold;
+    r->head_seconds = head_seconds;
+    r->up_keep = 1;
+    r->state = R_REQUEST;
+    c->idle = idle;
+    c->last = now_seconds();
+    memcpy(r->in, initial, (size_t)initial_len);
+    r->in_len = (size_t)initial_len;
+    r->head_started = c->last;
+    return enlist(self, c, afd, bfd);
+fail:
+    relay_free(r);
+    free(c);
+    return NULL;
+}
+
+static PyObject *Engine_relay_stop(Engine *self, PyObject *arg) {
+    unsigned long long h;
+    pthread_mutex_lock(&self->lock);
+    conn_t *c = lookup(self, arg, &h);
+    if (c != NULL && c->relay != NULL && !c->finished) {
+        c->relay->stop = 1;
+        if (c->relay->state == R_REQUEST && c->relay->in_len == 0)
+            relay_end(self, c, RELAY_STOPPED);
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_records_fileno(Engine *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromLong(self->recfd);
+}
+
+static PyObject *Engine_records(Engine *self, PyObject *unused) {
+    (void)unused;
+    pthread_mutex_lock(&self->lock);
+    uint64_t drained;
+    ssize_t rd = read(self->recfd, &drained, sizeof drained);
+    (void)rd;
+    record_t *recs = self->records;
+    size_t n = self->nrecords;
+    unsigned long long dropped = self->records_dropped;
+    self->records = NULL;
+    self->nrecords = self->records_cap = 0;
+    self->records_dropped = 0;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL) {
+        free_records(recs, n);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        record_t *rec = &recs[i];
+        PyObject *item = Py_BuildValue(
+            "(KiKKdssy)", rec->handle, rec->status, rec->bytes_in, rec->bytes_out, rec->seconds,
+            rec->method, rec->path != NULL ? rec->path : "", rec->request_id);
+        if (item == NULL) {
+            Py_DECREF(list);
+            free_records(recs, n);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    free_records(recs, n);
+    return Py_BuildValue("(NK)", list, dropped);
+}
+
+/* What Python needs of a finished relay (see collect()). */
+static PyObject *relay_result(conn_t *c) {
+    relay_t *r = c->relay;
+    return Py_BuildValue("(iy#y#iz)", r->outcome, r->in, (Py_ssize_t)r->in_len,
+                         r->resp, (Py_ssize_t)(r->outcome == RELAY_RESPONSE ? r->resp_len : 0),
+                         r->up_keep, r->error);
+}
+
+/* Module-level: the relay's head functions, for tests. */
+static PyObject *mod_relay_request_head(PyObject *mod, PyObject *args) {
+    (void)mod;
+    const char *data, *add;
+    Py_ssize_t len, add_len;
+    PyObject *drop;
+    if (!PyArg_ParseTuple(args, "y#Oy#", &data, &len, &drop, &add, &add_len)) return NULL;
+    relay_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    PyObject *result = NULL;
+    char *out = malloc(RELAY_HEAD + (size_t)add_len + 2);
+    if (out == NULL) return PyErr_NoMemory();
+    if (relay_config(&cfg, drop, add, add_len) == 0) {
+        head_t h;
+        int taken = request_head(data, (size_t)len, cfg.drop, cfg.drop_len, cfg.ndrop, cfg.add,
+                                 cfg.add_len, out, &h);
+        if (taken == 0) {
+            result = Py_NewRef(Py_None);
+        } else if (taken < 0) {
+            result = Py_NewRef(Py_False);
+        } else {
+            result = Py_BuildValue("(ny#Kis#s#y#)", (Py_ssize_t)h.head_len, out,
+                                   (Py_ssize_t)h.out_len, h.body, h.keep_alive, h.method,
+                                   (Py_ssize_t)h.method_len, h.path, (Py_ssize_t)h.path_len,
+                                   h.request_id, (Py_ssize_t)h.request_id_len);
+        }
+    }
+    cfg.in = cfg.resp = NULL;
+    for (int i = 0; i < cfg.ndrop; i++) free(cfg.drop[i]);
+    free(cfg.drop);
+    free(cfg.drop_len);
+    free(cfg.add);
+    free(out);
+    return result;
+}
+
+static PyObject *mod_relay_response_head(PyObject *mod, PyObject *args) {
+    (void)mod;
+    const char *data;
+    Py_ssize_t len;
+    int head_method, req_keep;
+    if (!PyArg_ParseTuple(args, "y#pp", &data, &len, &head_method, &req_keep)) return NULL;
+    char *out = malloc(RELAY_HEAD + 32);
+    if (out == NULL) return PyErr_NoMemory();
+    head_t h;
+    int status = response_head(data, (size_t)len, head_method, req_keep, out, &h);
+    PyObject *result;
+    if (status == 0) result = Py_NewRef(Py_None);
+    else if (status < 0) result = Py_NewRef(Py_False);
+    else
+        result = Py_BuildValue("(iny#Kii)", status, (Py_ssize_t)h.head_len, out,
+                               (Py_ssize_t)h.out_len, h.body, h.keep_alive, h.down_close);
+    free(out);
+    return result;
 }
 
 static PyObject *Engine_serve(Engine *self, PyObject *unused) {
@@ -1147,17 +2040,20 @@ static PyObject *Engine_collect(Engine *self, PyObject *unused) {
         PyObject *item = NULL;
         if (c->first_due) {
             c->first_due = 0;
-            item = Py_BuildValue("(KiKKis)", handle_of(c), FIRST_READ, c->d[0].count,
-                                 c->d[1].count, 0, "");
+            item = Py_BuildValue("(KiKKisO)", handle_of(c), FIRST_READ, c->d[0].count,
+                                 c->d[1].count, 0, "", Py_None);
             if (item == NULL || PyList_Append(out, item) < 0) goto fail;
             Py_CLEAR(item);
         }
         if (c->finished) {
-            item = Py_BuildValue("(KiKKis)", handle_of(c), c->status, c->d[0].count,
+            PyObject *relay = c->relay != NULL ? relay_result(c) : Py_NewRef(Py_None);
+            if (relay == NULL) goto fail;
+            item = Py_BuildValue("(KiKKisN)", handle_of(c), c->status, c->d[0].count,
                                  c->d[1].count, c->error_kind,
                                  c->error != NULL ? c->error
                                  : c->status == DONE_ERROR ? "error (out of memory for its text)"
-                                 : "");
+                                 : "",
+                                 relay);
             if (item == NULL || PyList_Append(out, item) < 0) goto fail;
             Py_CLEAR(item);
             discard(self, c);
@@ -1209,10 +2105,27 @@ static PyMethodDef Engine_methods[] = {
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS,
      "Make serve() return soon (or at once if it has not started): final."},
     {"collect", (PyCFunction)Engine_collect, METH_NOARGS,
-     "collect() -> [(handle, status, a_to_b, b_to_a, error_kind, error)]: connections "
-     "that ended (status DONE_*), and FIRST_READ reports (the connection is paused until "
-     "resume(handle))."},
+     "collect() -> [(handle, status, a_to_b, b_to_a, error_kind, error, relay)]: "
+     "connections that ended (status DONE_*), and FIRST_READ reports (the connection is "
+     "paused until resume(handle)); relay is None but for relays (see relay())."},
     {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections being pumped"},
+    {"relay", (PyCFunction)Engine_relay, METH_VARARGS,
+     "relay(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, hold, head_seconds, drop, add"
+     "[, initial]) -> handle\n\n"
+     "Serve HTTP/1.1 requests from a (downstream) to b (upstream) at a request boundary, "
+     "dropping the fields named in drop (bytes) and adding the lines in add (initial: "
+     "downstream bytes already read), "
+     "until one it does not take, hold seconds without a request, or relay_stop(). Its "
+     "collect() entry ends with (outcome, downstream_bytes, response_bytes, "
+     "upstream_reusable, upstream_error); see the relay's comment in _pump.c."},
+    {"relay_stop", (PyCFunction)Engine_relay_stop, METH_O,
+     "relay_stop(handle): end the relay at its next request boundary (now if it waits)"},
+    {"records_fileno", (PyCFunction)Engine_records_fileno, METH_NOARGS,
+     "An eventfd, readable when records() has entries."},
+    {"records", (PyCFunction)Engine_records, METH_NOARGS,
+     "records() -> ([(handle, status, bytes_in, bytes_out, seconds, method, path, "
+     "request_id)], dropped): the relays' finished exchanges since the last call, and how "
+     "many were dropped because none called for them."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1400,6 +2313,13 @@ static PyMethodDef module_methods[] = {
      "tls_ticket_keys(context, options, keys): the 80 bytes (name, HMAC and AES keys) "
      "that encrypt a server context's stateless tickets, shared by processes that set "
      "the same ones (options: context.options, checked against OpenSSL's)."},
+    {"relay_request_head", mod_relay_request_head, METH_VARARGS,
+     "relay_request_head(data, drop, add) -> None (not complete), False (not for the "
+     "relay) or (head_len, forwarded_head, content_length, keep_alive, method, path, "
+     "request_id): the relay's reading of a request head, for tests."},
+    {"relay_response_head", mod_relay_response_head, METH_VARARGS,
+     "relay_response_head(data, head_method, request_keep_alive) -> None, False or "
+     "(status, head_len, forwarded_head, body_length, keep_alive, downstream_close)."},
     {"tls_server_cache", mod_tls_server_cache, METH_VARARGS,
      "tls_server_cache(context, options, size): bound the session cache of a server "
      "context (options: context.options, checked against OpenSSL's)."},
@@ -1436,5 +2356,14 @@ PyMODINIT_FUNC PyInit__pump(void) {
     PyModule_AddIntConstant(m, "ERROR_IO", ERR_IO);
     PyModule_AddIntConstant(m, "ERROR_FRAME", ERR_FRAME);
     PyModule_AddIntConstant(m, "CHUNK", CHUNK);
+    PyModule_AddIntConstant(m, "RELAY_CLOSED", RELAY_CLOSED);
+    PyModule_AddIntConstant(m, "RELAY_IDLE", RELAY_IDLE);
+    PyModule_AddIntConstant(m, "RELAY_STOPPED", RELAY_STOPPED);
+    PyModule_AddIntConstant(m, "RELAY_REQUEST", RELAY_REQUEST);
+    PyModule_AddIntConstant(m, "RELAY_HEAD_TIMEOUT", RELAY_HEAD_TIMEOUT);
+    PyModule_AddIntConstant(m, "RELAY_UPSTREAM_SPENT", RELAY_UPSTREAM_SPENT);
+    PyModule_AddIntConstant(m, "RELAY_CLOSE", RELAY_CLOSE);
+    PyModule_AddIntConstant(m, "RELAY_RESPONSE", RELAY_RESPONSE);
+    PyModule_AddIntConstant(m, "RELAY_IN", RELAY_IN);
     return m;
 }

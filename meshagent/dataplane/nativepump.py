@@ -26,6 +26,10 @@ Theory of operation::
   engine pauses that connection and reports ``FIRST_READ``; ``_finished`` calls the
   stream's ``first_read`` in the trio thread (the engine does not touch that SSL object
   meanwhile), then resumes it.
+* ``relay`` serves an HTTP connection's plain requests in the engine (the inbound's,
+  from ``http_proxy``), handing back what it does not take; each exchange it finishes
+  comes back as a record, in batches (``RECORDS_SECONDS``, a second eventfd and
+  ``Engine.records``), for the metrics and the access log.
 * When the C extension is missing (no compiler at install time), the ``_ssl`` module
   does not use a shared libssl, or ``MESHAGENT_NATIVE_PUMP=0`` is set, ``native_problem``
   says why and the agent pumps in Python.
@@ -33,10 +37,13 @@ Theory of operation::
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import ssl
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -52,6 +59,9 @@ except ImportError:  # built without a C compiler: the Python pump serves
     _pump = None
 
 ENV_SWITCH: Final = "MESHAGENT_NATIVE_PUMP"
+# Relayed exchanges reach the metrics and the access log in batches: the engine's thread
+# wakes trio at most this often for them (ends of connections wake it at once).
+RECORDS_SECONDS: Final = 0.05
 
 log = get_logger("dataplane")
 _refusals_logged: set[str] = set()
@@ -103,16 +113,69 @@ class NativeRefused(Exception):
     """The engine would not take the connection (nothing moved yet: pump it in Python)."""
 
 
-class _Waiter:
-    __slots__ = ("counts", "done", "error", "event", "expired", "on_first_read")
+class RelayOutcome(enum.Enum):
+    """Why an HTTP relay ended (the ``RELAY_*`` outcomes of ``_pump.c``)."""
 
-    def __init__(self, on_first_read: Callable[[], None] | None) -> None:
+    CLOSED = "closed"  # the downstream ended (or broke) between requests
+    IDLE = "idle"  # no request for hold_seconds
+    STOPPED = "stopped"  # relay_stop (a drain, or the listener at its limit)
+    REQUEST = "request"  # a request the relay does not take: Python serves it
+    HEAD_TIMEOUT = "head timeout"  # a request head took over head_seconds: 408
+    UPSTREAM_SPENT = "upstream spent"  # the upstream may not carry another request
+    CLOSE = "close"  # the exchange closes the downstream (Connection: close)
+    RESPONSE = "response"  # after the request went up: Python relays the response
+
+
+def _outcomes() -> dict[int, RelayOutcome]:
+    if _pump is None:
+        return {}
+    return {getattr(_pump, f"RELAY_{o.name}"): o for o in RelayOutcome}
+
+
+_OUTCOMES: Final = _outcomes()
+
+
+@dataclass(frozen=True, slots=True)
+class RelayEnd:
+    """Why an HTTP relay (``NativePump.relay``) gave its connections back.
+
+    ``outcome`` says why (``RelayOutcome``). ``downstream``
+    holds the bytes read from the downstream and not served: the next request(s), or,
+    after ``RELAY_RESPONSE``, the request that went up and whatever followed it.
+    ``response`` (``RELAY_RESPONSE`` only) holds the response bytes read so far, and
+    ``upstream_error`` why the upstream failed before its head, if it did.
+    ``upstream_reusable``: the last exchange left the upstream fit for another request.
+    """
+
+    outcome: RelayOutcome
+    downstream: bytes
+    response: bytes
+    upstream_reusable: bool
+    upstream_error: str | None
+
+
+# (status, bytes_in, bytes_out, seconds, method, path, request_id): one relayed exchange
+Record = tuple[int, int, int, float, str, str, bytes | None]
+
+
+class _Waiter:
+    __slots__ = (
+        "counts", "done", "error", "event", "expired", "on_first_read", "on_record", "relay_end",
+    )
+
+    def __init__(
+        self,
+        on_first_read: Callable[[], None] | None,
+        on_record: Callable[[Record], None] | None = None,
+    ) -> None:
         self.event = trio.Event()
         self.done = False
         self.expired = False
         self.counts = (0, 0)
         self.error: BaseException | None = None
         self.on_first_read = on_first_read
+        self.on_record = on_record
+        self.relay_end: RelayEnd | None = None
 
 
 class NativePump:
@@ -124,6 +187,7 @@ class NativePump:
         self._engine = _pump.Engine(max_payload=DEFAULT_MAX_PAYLOAD)
         self._waiters: dict[int, _Waiter] = {}
         self.copies = 0  # copies (HTTP bodies) completed
+        self.relayed: dict[int, int] = {}  # exchanges the HTTP relays finished, by status
 
     @property
     def active(self) -> int:
@@ -144,18 +208,50 @@ class NativePump:
             nursery.start_soon(
                 functools.partial(trio.to_thread.run_sync, engine.serve, limiter=thread)
             )
+            nursery.start_soon(self._take_records)
             try:
                 task_status.started(self)
                 while True:
                     await trio.lowlevel.wait_readable(done)
-                    for handle, status, a_to_b, b_to_a, error_kind, error in engine.collect():
-                        self._finished(handle, status, (a_to_b, b_to_a), error_kind, error)
+                    ended = engine.collect()
+                    self._dispatch_records()  # a relay's records come before its end
+                    for handle, status, a_to_b, b_to_a, error_kind, error, relay in ended:
+                        self._finished(handle, status, (a_to_b, b_to_a), error_kind, error, relay)
             finally:
                 engine.stop()  # serve() returns; the nursery waits for its thread
                 trio.lowlevel.notify_closing(done)
 
+    async def _take_records(self) -> None:
+        """Hand the relays' records to their connections, in batches (RECORDS_SECONDS)."""
+        fd = self._engine.records_fileno()
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                self._dispatch_records()
+                await trio.sleep(RECORDS_SECONDS)
+        finally:
+            trio.lowlevel.notify_closing(fd)
+
+    def _dispatch_records(self) -> None:
+        records, dropped = self._engine.records()
+        if dropped:
+            log.warning("relayed requests left out of metrics and access log", count=dropped)
+        waiters = self._waiters
+        relayed = self.relayed
+        for handle, *record in records:
+            relayed[record[0]] = relayed.get(record[0], 0) + 1
+            waiter = waiters.get(handle)
+            if waiter is not None and waiter.on_record is not None:
+                waiter.on_record(tuple(record))
+
     def _finished(
-        self, handle: int, status: int, counts: tuple[int, int], error_kind: int, error: str
+        self,
+        handle: int,
+        status: int,
+        counts: tuple[int, int],
+        error_kind: int,
+        error: str,
+        relay: tuple[int, bytes, bytes, int, str | None] | None = None,
     ) -> None:
         assert _pump is not None
         waiter = self._waiters.get(handle)
@@ -172,6 +268,11 @@ class NativePump:
         waiter.done = True
         waiter.counts = counts
         waiter.expired = status == _pump.DONE_IDLE
+        if relay is not None and status == _pump.DONE_OK:
+            outcome, downstream, response, reusable, upstream_error = relay
+            waiter.relay_end = RelayEnd(
+                _OUTCOMES[outcome], downstream, response, bool(reusable), upstream_error
+            )
         if status == _pump.DONE_ERROR:
             waiter.error = (
                 FrameError(error) if error_kind == _pump.ERROR_FRAME
@@ -240,6 +341,64 @@ class NativePump:
             )
         self.copies += 1
         return waiter.counts[0]
+
+    async def relay(
+        self,
+        down: End,
+        up: End,
+        *,
+        idle_seconds: float,
+        hold_seconds: float,
+        head_seconds: float,
+        drop: tuple[bytes, ...],
+        add: bytes,
+        on_record: Callable[[Record], None],
+        stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]],
+        initial: bytes = b"",
+    ) -> RelayEnd:
+        """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
+        (``initial``: downstream bytes already read), until the engine gives both back
+        (see ``RelayEnd`` and the relay's comment in ``_pump.c``). Every exchange it
+        finishes goes to ``on_record``, soon after and before this returns.
+
+        Args:
+            drop: names of fields dropped from each request (besides the hop-by-hop ones).
+            add: field lines (``b"Name: value\r\n"``...) added to each request.
+            hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
+            head_seconds: a request head's time, from its first byte (``RELAY_HEAD_TIMEOUT``).
+            stop_when: registers a cancel scope (``Drain.idle``): when it is cancelled, the
+                relay ends at its next request boundary (at once if it waits for one).
+
+        Raises:
+            trio.BrokenResourceError: a side failed once the response head went down, or
+                no byte moved for ``idle_seconds`` inside an exchange.
+            NativeRefused: the engine would not take an end (nothing moved).
+        """
+        try:
+            handle = self._engine.relay(
+                down[0], down[1], down[2], up[0], up[1], up[2], idle_seconds, hold_seconds,
+                head_seconds, drop, add, initial,
+            )
+        except (RuntimeError, TypeError, ValueError, OSError) as exc:
+            raise NativeRefused(str(exc)) from exc
+        waiter = self._waiters[handle] = _Waiter(None, on_record)
+        try:
+            with trio.CancelScope() as stop, stop_when(stop):
+                await waiter.event.wait()
+            if not waiter.done:  # asked to stop: at the next boundary
+                self._engine.relay_stop(handle)
+                await waiter.event.wait()
+        finally:
+            if not waiter.done:
+                del self._waiters[handle]
+                self._engine.remove(handle)
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.relay_end is None or waiter.expired:
+            raise trio.BrokenResourceError(
+                f"no byte moved for {idle_seconds:g}s in the middle of an HTTP exchange"
+            )
+        return waiter.relay_end
 
     async def _run(
         self,

@@ -23,7 +23,6 @@ from meshagent.dataplane.nativepump import (
     End,
     NativePump,
     NativeRefused,
-    native_problem,
     stream_end,
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream
@@ -34,14 +33,6 @@ from tests.support.tls import Contexts, tcp_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
     pytest.skip(f"the C pump is turned off by {ENV_SWITCH}=0", allow_module_level=True)
-
-
-@pytest.fixture
-async def pump(nursery: trio.Nursery) -> NativePump:
-    # Built by `pip install` wherever a C compiler is (CI has one): not a skip.
-    assert native_problem() is None, native_problem()
-    started: NativePump = await nursery.start(NativePump().run)
-    return started
 
 
 @dataclass

@@ -1,0 +1,335 @@
+"""The C pump's HTTP relay (``NativePump.relay``) on real loopback sockets, with real
+TLS towards the caller as on an inbound: what it serves itself, what it hands back to
+Python and with which bytes, and when it ends. End to end through two agents (Python
+serving what the relay hands back) is in test_http.py."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from meshagent.dataplane.connection import Drain
+from meshagent.dataplane.nativepump import (
+    ENV_SWITCH,
+    NativePump,
+    Record,
+    RelayEnd,
+    RelayOutcome,
+    stream_end,
+)
+from meshagent.dataplane.plainsocket import PlainSocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream
+from tests.support.tls import Contexts, tcp_pair
+
+if os.environ.get(ENV_SWITCH) == "0":
+    pytest.skip(f"the C pump is turned off by {ENV_SWITCH}=0", allow_module_level=True)
+
+ADD = b"x-meshagent-source: web\r\n"
+
+
+@dataclass
+class Rig:
+    """caller (TLS client, the test) -> [down | relay | up] -> app (plain, the test)."""
+
+    caller: SslSocketStream
+    down: SslSocketStream
+    up: PlainSocketStream
+    app: trio.SocketStream
+    drain: Drain = field(default_factory=Drain)
+    records: list[Record] = field(default_factory=list)
+
+    async def relay(
+        self, pump: NativePump, *, hold: float = 5, head: float = 5, idle: float = 5,
+        initial: bytes = b"",
+    ) -> RelayEnd:
+        down, up = stream_end(self.down), stream_end(self.up)
+        assert down is not None and up is not None
+        return await pump.relay(
+            down, up, idle_seconds=idle, hold_seconds=hold, head_seconds=head,
+            drop=(b"x-meshagent-source",), add=ADD, on_record=self.records.append,
+            stop_when=functools.partial(self.drain.idle, listener="in"), initial=initial,
+        )
+
+
+@asynccontextmanager
+async def rig(contexts: Contexts) -> AsyncIterator[Rig]:
+    server_tcp, client_tcp = await tcp_pair()
+    down = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
+    caller = SslSocketStream.wrap(client_tcp, contexts.client, server_side=False)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(down.do_handshake)
+            nursery.start_soon(caller.do_handshake)
+    app, up_tcp = await tcp_pair()
+    up = PlainSocketStream.wrap(up_tcp)
+    try:
+        yield Rig(caller, down, up, app)
+    finally:
+        for stream in (caller, down, up, app):
+            await trio.aclose_forcefully(stream)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, end: bytes, *, have: bytes = b"") -> bytes:
+    """Bytes until ``have`` ends with (or holds) ``end``."""
+    with trio.fail_after(5):
+        while end not in have:
+            data = await stream.receive_some(65536)
+            assert data, f"closed before {end!r}; got {have!r}"
+            have += data
+    return have
+
+
+async def read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    have = b""
+    with trio.fail_after(10):
+        while len(have) < size:
+            data = await stream.receive_some(65536)
+            assert data, f"closed after {len(have)} of {size} bytes"
+            have += data
+    return have
+
+
+def ok(body: bytes, *fields: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body)
+    return head + b"".join(f + b"\r\n" for f in fields) + b"\r\n" + body
+
+
+async def test_requests_are_served_in_c_with_mesh_headers_and_recorded(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        outcome: list[RelayEnd] = []
+
+        async def run() -> None:
+            outcome.append(await r.relay(pump))
+
+        nursery.start_soon(run)
+        # three pipelined requests in one write: a GET with hop-by-hop and forged
+        # fields, a POST with a body, a HEAD
+        await r.caller.send_all(
+            b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n"
+            b"X-Meshagent-Source: forged\r\nX-Request-Id: r1\r\n\r\n"
+            b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+            b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        seen = await read_until(r.app, b"\r\n\r\n")
+        assert seen == (
+            b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\nX-Request-Id: r1\r\n" + ADD + b"\r\n"
+        )
+        await r.app.send_all(ok(b"one", b"Connection: keep-alive", b"X-App: a"))
+        assert await read_until(r.caller, b"one") == ok(b"one", b"X-App: a")
+        seen = await read_until(r.app, b"hello")
+        assert seen == b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n" + ADD + b"\r\nhello"
+        await r.app.send_all(ok(b"two"))
+        assert await read_until(r.caller, b"two") == ok(b"two")
+        assert await read_until(r.app, b"\r\n\r\n") == b"HEAD /h HTTP/1.1\r\nHost: h\r\n" + ADD + b"\r\n"
+        await r.app.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")  # no body: HEAD
+        assert await read_until(r.caller, b"\r\n\r\n") == b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
+        await r.caller.aclose()
+    assert outcome[0].outcome is RelayOutcome.CLOSED and outcome[0].upstream_reusable
+    assert [(s, i, o, m, p, rid) for s, i, o, _, m, p, rid in r.records] == [
+        (200, 0, 3, "GET", "/a", b"r1"), (200, 5, 3, "POST", "/p", None),
+        (200, 0, 0, "HEAD", "/h", None),
+    ]
+
+
+async def test_a_request_it_does_not_take_comes_back_with_every_byte(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        sent = b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        await r.caller.send_all(sent)
+        with trio.fail_after(5):
+            end = await r.relay(pump)
+        assert end.outcome is RelayOutcome.REQUEST and end.downstream == sent
+        assert end.upstream_reusable and r.records == []
+        with trio.move_on_after(0.2):  # nothing reached the app
+            assert await r.app.receive_some(10) == b"not reached"
+
+
+async def test_a_request_started_in_python_goes_on_in_c(contexts: Contexts, pump: NativePump) -> None:
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(r.relay, pump, initial=b"GET /i HTTP/1.1\r\nHo"))
+        await r.caller.send_all(b"st: h\r\n\r\n")
+        assert await read_until(r.app, b"\r\n\r\n") == b"GET /i HTTP/1.1\r\nHost: h\r\n" + ADD + b"\r\n"
+        await r.app.send_all(ok(b"i"))
+        assert await read_until(r.caller, b"\r\n\r\ni") == ok(b"i")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_response_it_does_not_take_comes_back_after_the_request_went_up(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        request = b"GET /chunked HTTP/1.1\r\nHost: h\r\n\r\nGET /next HTTP/1.1\r\n"
+        await r.caller.send_all(request)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_until, r.app, b"\r\n\r\n")
+            response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+            await r.app.send_all(response)
+            with trio.fail_after(5):
+                end = await r.relay(pump)
+        assert end.outcome is RelayOutcome.RESPONSE and end.upstream_error is None
+        assert end.downstream == request  # the request sent, and what followed it
+        assert end.response == response
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_an_upstream_that_fails_before_its_head_comes_back_with_why(
+    contexts: Contexts, pump: NativePump, how: str
+) -> None:
+    async with rig(contexts) as r:
+        await r.caller.send_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with trio.open_nursery() as nursery:
+
+            async def fail() -> None:
+                await read_until(r.app, b"\r\n\r\n")
+                if how == "reset":
+                    r.app.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                await r.app.aclose()
+
+            nursery.start_soon(fail)
+            with trio.fail_after(5):
+                end = await r.relay(pump)
+        assert end.outcome is RelayOutcome.RESPONSE and end.response == b""
+        if how == "reset":
+            assert end.upstream_error is not None and "reset" in end.upstream_error
+        else:  # Python reads the end itself, as from any upstream
+            assert end.upstream_error is None
+
+
+async def test_it_gives_the_upstream_back_after_its_hold_without_a_request(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        started = trio.current_time()
+        with trio.fail_after(5):
+            end = await r.relay(pump, hold=0.3)
+        assert end.outcome is RelayOutcome.IDLE and end.upstream_reusable
+        assert 0.25 <= trio.current_time() - started < 3
+
+
+async def test_a_head_that_takes_too_long_is_a_head_timeout(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        await r.caller.send_all(b"GET / HTTP/1.1\r\nHost")
+        with trio.fail_after(5):
+            end = await r.relay(pump, head=0.3)
+        assert end.outcome is RelayOutcome.HEAD_TIMEOUT
+        # a head that came whole but whose body did not: Python goes on with it
+        await r.caller.send_all(b": h\r\nContent-Length: 9\r\n\r\nabc")
+        with trio.fail_after(5):
+            end = await r.relay(pump, head=0.3, initial=end.downstream)
+        assert end.outcome is RelayOutcome.REQUEST
+        assert end.downstream.endswith(b"\r\n\r\nabc")
+
+
+async def test_a_drain_ends_it_at_once_between_requests_and_after_one_in_flight(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(r.relay, pump))
+            await trio.sleep(0.1)
+            r.drain.begin()
+        # in flight: the request goes on to its answer, then the relay ends
+        r.drain = Drain()
+        outcome: list[RelayEnd] = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                outcome.append(await r.relay(pump))
+
+            nursery.start_soon(run)
+            await r.caller.send_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            await read_until(r.app, b"\r\n\r\n")
+            r.drain.begin()
+            await trio.sleep(0.1)
+            await r.app.send_all(ok(b"late"))
+            assert await read_until(r.caller, b"late") == ok(b"late")
+        assert outcome[0].outcome is RelayOutcome.STOPPED
+        assert [rec[0] for rec in r.records] == [200]
+
+
+async def test_connection_close_either_way_ends_it_after_the_exchange(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    for request, response, reusable in [
+        (b"Connection: close\r\n", b"", True),  # the caller's
+        (b"", b"Connection: close", False),  # the upstream's: the caller is told
+    ]:
+        async with rig(contexts) as r:
+            await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n" + request + b"\r\n")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_until, r.app, b"\r\n\r\n")
+                await r.app.send_all(ok(b"bye", *filter(None, [response])))
+                with trio.fail_after(5):
+                    end = await r.relay(pump)
+            assert await read_until(r.caller, b"bye") == ok(b"bye", b"Connection: close")
+            assert end.outcome is RelayOutcome.CLOSE
+            assert end.upstream_reusable is reusable
+
+
+async def test_an_upstream_that_sends_more_than_its_response_is_not_used_again(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        nxt = b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"
+        await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n" + nxt)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_until, r.app, b"\r\n\r\n")
+            await r.app.send_all(ok(b"one") + b"garbage")
+            with trio.fail_after(5):
+                end = await r.relay(pump)
+        # as in Python: the caller keeps its connection, the upstream is closed, and
+        # the next request needs another
+        assert await read_until(r.caller, b"one") == ok(b"one")
+        assert end.outcome is RelayOutcome.UPSTREAM_SPENT and not end.upstream_reusable
+        assert end.downstream == nxt
+
+
+async def test_a_body_cut_short_fails_and_counts_as_502(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        await r.caller.send_all(b"GET /cut HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with trio.open_nursery() as nursery:
+
+            async def cut() -> None:
+                await read_until(r.app, b"\r\n\r\n")
+                await r.app.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 70_000)
+                await r.app.aclose()
+
+            nursery.start_soon(cut)
+            with trio.fail_after(5), pytest.raises(
+                trio.BrokenResourceError, match="upstream closed after 70000 of 100000 body bytes"
+            ):
+                await r.relay(pump)
+        await trio.sleep(0.2)  # the record arrives before the end; let the batch pass
+        assert [(rec[0], rec[2]) for rec in r.records] == [(502, 70_000)]
+
+
+async def test_a_big_response_streams_through_with_backpressure(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    body = os.urandom(8 * 1024 * 1024)
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(r.relay, pump))
+        await r.caller.send_all(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        await read_until(r.app, b"\r\n\r\n")
+        nursery.start_soon(r.app.send_all, ok(body))
+        await trio.sleep(0.3)  # the caller reads nothing yet: the relay must wait, not buffer
+        got = await read_exactly(r.caller, len(ok(body)))
+        assert got == ok(body)
+        nursery.cancel_scope.cancel()
