@@ -20,7 +20,11 @@ no route, 503 no endpoint). Then:
   413), after which Python streams the rest while it relays the answer. Either way
   nothing else uses the two connections while the pump has them;
 * the upstream goes back to the pool when both messages ended cleanly and both sides
-  allow keep-alive; otherwise it is closed.
+  allow keep-alive; otherwise it is closed;
+* with ``relay`` as well (the inbound), plain requests are served by the C pump's HTTP
+  relay (``NativePump.relay``) from a request boundary, with no Python per request;
+  what it does not take it hands back with every byte it read, and this module serves
+  it as above (``_Relaying``).
 
 Limits and errors: a bad request gets the status the parser says (400/413/414/431/
 501/505) and the connection closes; a head that does not complete within
@@ -32,6 +36,7 @@ line is gone already). Bodies are never held whole: one chunk at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -42,9 +47,23 @@ from dataclasses import dataclass, field
 import trio
 
 from meshagent.dataplane.connection import Drain, HttpStats, describe
-from meshagent.dataplane.nativepump import NativePump, NativeRefused, log_refusal, stream_end
+from meshagent.dataplane.nativepump import (
+    NativePump,
+    NativeRefused,
+    Record,
+    RelayEnd,
+    RelayOutcome,
+    log_refusal,
+    stream_end,
+)
 from meshagent.log import get_logger
-from meshagent.protocol.headers import Headers, remove_headers, set_header, strip_hop_by_hop
+from meshagent.protocol.headers import (
+    Headers,
+    get_header,
+    remove_headers,
+    set_header,
+    strip_hop_by_hop,
+)
 from meshagent.protocol.http1 import (
     Body,
     EndOfMessage,
@@ -80,6 +99,10 @@ RETRY_BODY_BYTES = 64 * 1024
 NATIVE_BODY_BYTES = 256 * 1024
 _BODY_REFUSED = "l4 pump refused an HTTP body; relaying it in Python (logged once)"
 _TUNNEL_REFUSED = "l4 pump refused an upgraded connection; pumping it in Python (logged once)"
+_RELAY_REFUSED = "l4 pump refused an HTTP connection; serving it in Python (logged once)"
+# The C relay gives its upstream back to the pool after this long without a request, so
+# an idle client does not hold an app connection (Python waits for its next request).
+RELAY_HOLD_SECONDS = 1.0
 
 Stream = trio.abc.Stream
 
@@ -101,6 +124,16 @@ class _Reader:
 
     def has_pending(self) -> bool:
         return bool(self._pending)
+
+    def at_rest(self) -> bool:
+        """Between requests with nothing read ahead: the C relay may take over."""
+        parser = self._parser
+        return (
+            not self._pending
+            and not self.eof
+            and isinstance(parser, RequestParser)
+            and parser.at_rest
+        )
 
     async def next_event(self) -> Event | None:
         """The next event, or None at end of stream. A cancel point.
@@ -172,6 +205,25 @@ class Forward:
     rng: random.Random | None = None  # for backoff jitter; None: a shared one
     request_seconds: float | None = None  # the whole request, retries included (504)
     per_try_seconds: float | None = None
+    resumed: RelayEnd | None = None  # the C relay sent the request; relay its response
+
+
+Release = Callable[[bool], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Lets the C pump's HTTP relay serve a connection's plain requests (see
+    ``NativePump.relay``): each is forwarded to the upstream ``acquire`` gives, with the
+    hop-by-hop fields and those named in ``drop`` removed and the lines in ``add`` added
+    (what ``decide`` would make of it: the caller keeps the two true to each other), and
+    is counted and logged with ``labels``. Requests and responses the relay does not
+    take are served in Python as before, through ``decide``."""
+
+    acquire: Callable[[], Awaitable[tuple[Stream, Release] | None]]  # None: cannot now
+    labels: dict[str, str]
+    drop: tuple[bytes, ...] = ()
+    add: bytes = b""
 
 
 @dataclass(slots=True)
@@ -205,25 +257,44 @@ async def serve_http(
     drain: Drain | None = None,
     listener: str = "",
     pump: NativePump | None = None,
+    relay: Relay | None = None,
 ) -> None:
     """Serve requests from ``downstream`` until it closes, idles out, breaks HTTP or the
     agent drains (between requests: at once; during one: after it). A cancel point;
     closes nothing it did not open (the caller closes ``downstream``). Between requests
     it waits under ``drain.idle`` for ``listener``: a drain, or the listener at its
-    connection limit, closes it then. With ``pump``, big bodies move in C (see the
-    module docstring)."""
+    connection limit, closes it then. With ``pump``, big bodies move in C, and with
+    ``relay`` too, plain requests are served by the C relay (see the module
+    docstring)."""
     reader = _Reader(downstream, RequestParser(), prefix)
     native = None if pump is None else _Native(pump, idle_seconds)
     drain = drain or Drain()
+    relaying = None
+    if relay is not None and pump is not None:
+        relaying = _Relaying(
+            relay, pump, idle_seconds, head_seconds, drain, listener, stats, log_fields
+        )
     while True:
         if drain.started:
             return
+        resume: Forward | None = None
+        this_decide = decide
+        if relaying is not None and reader.at_rest():
+            handoff = await relaying.serve(downstream)
+            if handoff is None:
+                return
+            reader, resume = handoff
         try:
-            with trio.move_on_after(idle_seconds) as waiting, drain.idle(waiting, listener):
-                await reader.wait_for_bytes()
-            if waiting.cancelled_caught:
-                return  # idle for idle_seconds, the agent drains, or the listener is full
+            if resume is None:
+                with trio.move_on_after(idle_seconds) as waiting, drain.idle(waiting, listener):
+                    await reader.wait_for_bytes()
+                if waiting.cancelled_caught:
+                    return  # idle for idle_seconds, the agent drains, or the listener is full
             first = await _next_head(reader, head_seconds)
+            if resume is not None:
+                assert first is not None  # the relay sent it whole
+                this_decide = _resumed(resume, first)
+                resume = None
         except trio.BrokenResourceError:
             # Dropped between requests (an idle pooled connection whose peer went
             # away without a TLS close): a normal end of keep-alive, not a failure.
@@ -237,11 +308,135 @@ async def serve_http(
             await _send_quietly(downstream, error_response(exc.status, exc.reason))
             log.info("bad request", status=exc.status, reason=exc.reason, **log_fields)
             return
+        finally:
+            if resume is not None:  # the relay's exchange, not reached: its upstream goes
+                with trio.CancelScope(shield=True):
+                    await resume.release(False)
         if first is None:
             return
-        keep = await _one_request(reader, downstream, first, decide, log_fields, stats, native)
+        keep = await _one_request(
+            reader, downstream, first, this_decide, log_fields, stats, native
+        )
         if not keep:
             return
+
+
+class _Relaying:
+    """The C relay's side of ``serve_http``: it serves requests while the relay takes
+    them, and says what Python goes on with."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        pump: NativePump,
+        idle_seconds: float,
+        head_seconds: float,
+        drain: Drain,
+        listener: str,
+        stats: HttpStats | None,
+        log_fields: dict[str, object],
+    ) -> None:
+        self.relay = relay
+        self.pump = pump
+        self.idle_seconds = idle_seconds
+        self.head_seconds = head_seconds
+        self.drain = drain
+        self.listener = listener
+        self.stats = stats
+        self.log_fields = log_fields
+        self.access_fields = {**log_fields, "attempts": 1}
+
+    def record(self, record: Record) -> None:
+        """One exchange the relay finished: metrics and access log, as Python's own."""
+        status, sent, received, seconds, method, path, request_id = record
+        labels = self.relay.labels
+        if request_id is not None:
+            labels = {**labels, "request_id": request_id.decode("latin-1")}
+        if self.stats is not None:
+            self.stats.record(labels, status, seconds)
+        _access(method, path, status, sent, received, seconds, labels, self.access_fields)
+
+    async def serve(self, downstream: Stream) -> tuple[_Reader, Forward | None] | None:
+        """Relay requests from a request boundary. Returns None when the connection is
+        done; else the reader Python serves the next request from, and, when the relay
+        handed an exchange back after its request went up, that exchange (its
+        ``Forward.resumed`` set; its upstream is the caller's to release)."""
+        relay, initial = self.relay, b""
+        while True:
+            down_end = stream_end(downstream)
+            acquired = None if down_end is None else await relay.acquire()
+            if down_end is None or acquired is None:
+                return _Reader(downstream, RequestParser(), initial), None
+            upstream, release = acquired
+            up_end = stream_end(upstream)
+            try:
+                if up_end is None:
+                    raise NativeRefused("the upstream cannot be pumped")
+                end = await self.pump.relay(
+                    down_end,
+                    up_end,
+                    idle_seconds=self.idle_seconds,
+                    hold_seconds=min(RELAY_HOLD_SECONDS, self.idle_seconds),
+                    head_seconds=self.head_seconds,
+                    drop=relay.drop,
+                    add=relay.add,
+                    on_record=self.record,
+                    stop_when=functools.partial(self.drain.idle, listener=self.listener),
+                    initial=initial,
+                )
+            except NativeRefused as exc:
+                log_refusal(_RELAY_REFUSED, str(exc))
+                await release(True)
+                return _Reader(downstream, RequestParser(), initial), None
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await release(False)
+                raise
+            outcome = end.outcome
+            if outcome is RelayOutcome.RESPONSE:  # the request went up: Python relays the answer
+                resumed = Forward(
+                    upstream, release, b"", (), labels=relay.labels, resumed=end
+                )
+                return _Reader(downstream, RequestParser(), end.downstream), resumed
+            with trio.CancelScope(shield=True):
+                await release(end.upstream_reusable)
+            if outcome is RelayOutcome.REQUEST:  # one the relay does not take
+                return _Reader(downstream, RequestParser(), end.downstream), None
+            if outcome is RelayOutcome.UPSTREAM_SPENT:  # the next request needs another upstream
+                initial = end.downstream
+                continue
+            if outcome is RelayOutcome.HEAD_TIMEOUT:
+                text = f"the request head did not arrive within {self.head_seconds}s"
+                await _send_quietly(downstream, error_response(408, text))
+                log.info("request timeout", status=408, **self.log_fields)
+                return None
+            if outcome is not RelayOutcome.IDLE or not await self._next_request(downstream):
+                return None  # closed, drained, Connection: close, or idle for good
+            initial = b""
+
+    async def _next_request(self, downstream: Stream) -> bool:
+        """After the relay's hold: wait (without reading) for the next request's bytes,
+        as long as the connection's idle time; False when none came (or a drain, or the
+        listener at its limit, ended the wait)."""
+        with trio.move_on_after(self.idle_seconds) as waiting, self.drain.idle(
+            waiting, self.listener
+        ):
+            await downstream.wait_readable()  # type: ignore[attr-defined]
+        return not waiting.cancelled_caught
+
+
+def _resumed(resume: Forward, head: RequestHead) -> Decide:
+    """The decision for an exchange the C relay handed back (its request already sent)."""
+    labels = resume.labels
+    request_id = get_header(head.headers, b"x-request-id")
+    if request_id is not None:
+        labels = {**labels, "request_id": request_id.decode("latin-1")}
+    forward = dataclasses.replace(resume, target=head.target, headers=head.headers, labels=labels)
+
+    async def decide(head: RequestHead, tried: tuple[Hashable, ...]) -> Forward | Respond:
+        return forward
+
+    return decide
 
 
 async def _next_head(reader: _Reader, head_seconds: float) -> RequestHead | None:
@@ -293,7 +488,8 @@ async def _one_request(
         keep = head.keep_alive and bodyless and not head.may_switch_protocols
         keep = keep and not decision.close
         await downstream.send_all(error_response(decision.status, decision.text, close=not keep))
-        _access(method, path, decision.status, 0, 0, started, decision.labels, log_fields)
+        seconds = time.monotonic() - started
+        _access(method, path, decision.status, 0, 0, seconds, decision.labels, log_fields)
         if stats is not None:
             stats.record(decision.labels, decision.status, time.monotonic() - started)
         return keep
@@ -379,7 +575,7 @@ async def _one_request(
             status,
             progress.bytes_up,
             progress.bytes_down,
-            started,
+            time.monotonic() - started,
             labels,
             {**log_fields, "attempts": attempts},
         )
@@ -505,6 +701,8 @@ async def _exchange(
     native: _Native | None,
 ) -> _Done:
     """Send the request (streaming its body) while relaying the response."""
+    if fwd.resumed is not None:
+        return await _finish_resumed(reader, downstream, head, fwd, fwd.resumed, progress, native)
     up = await _send_head(head, fwd)
     chunked_up = head.body.framing is Framing.CHUNKED
     request_done = trio.Event()
@@ -550,6 +748,32 @@ async def _exchange(
     status, keep_down, keep_up = result[0]
     reusable = keep_up and request_done.is_set() and not up.has_pending()
     return _Done(status, keep_down and request_done.is_set(), reusable)
+
+
+async def _finish_resumed(
+    reader: _Reader,
+    downstream: Stream,
+    head: RequestHead,
+    fwd: Forward,
+    end: RelayEnd,
+    progress: _Progress,
+    native: _Native | None,
+) -> _Done:
+    """The rest of an exchange the C relay began: the request (and its body) went up
+    whole; its response is relayed from the bytes the relay had read of it."""
+    if end.upstream_error is not None:
+        raise UpstreamBroke(end.upstream_error)
+    if head.body.framing is not Framing.NONE:  # sent already: count it, read past it
+        while not isinstance(event := await reader.next_event(), EndOfMessage):
+            assert isinstance(event, Body)  # the relay took it whole
+            progress.bytes_up += len(event.data)
+    parser = ResponseParser()
+    parser.expect(head.method, upgrade=head.upgrade is not None)
+    up = _Reader(fwd.upstream, parser, end.response)
+    status, keep_down, keep_up = await _relay_response(
+        up, downstream, head, fwd, reader, progress, native=native
+    )
+    return _Done(status, keep_down, keep_up and not up.has_pending())
 
 
 async def _relay_response(
@@ -757,7 +981,7 @@ def _access(
     status: int,
     sent: int,
     received: int,
-    started: float,
+    seconds: float,
     labels: dict[str, str],
     fields: dict[str, object],
 ) -> None:
@@ -770,7 +994,7 @@ def _access(
         status=status,
         bytes_in=sent,
         bytes_out=received,
-        duration_ms=round((time.monotonic() - started) * 1000, 2),
+        duration_ms=round(seconds * 1000, 2),
         **labels,
         **fields,
     )

@@ -14,6 +14,7 @@ A TCP caller that speaks ``meshagent/2`` keeps its connection for its next strea
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Hashable
 
@@ -34,7 +35,10 @@ from meshagent.dataplane.errors import (
     map_errors,
 )
 from meshagent.dataplane.http_proxy import (
+    SOURCE_HEADER,
     Forward,
+    Relay,
+    Release,
     Respond,
     Stream,
     mesh_request_headers,
@@ -67,6 +71,8 @@ DETECT_SECONDS = 1.0
 # How long a meshagent/2 connection may wait for the caller's next stream (OPEN). Longer
 # than the caller keeps it idle in its pool (outbound.POOL_IDLE_SECONDS).
 STREAM_IDLE_SECONDS = 90.0
+# A caller's service name the C relay writes into x-meshagent-source as is.
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DETECT_BYTES = 2  # detect() decides on the first two bytes (a TLS record header's)
 _PEEK_RETRY_SECONDS = 0.005
 
@@ -103,6 +109,17 @@ class AppPool:
         seconds = self.ctx.source.current.timeouts.connect_seconds
         return PlainSocketStream.wrap(await _connect_app(self.listener, seconds))
 
+    def releaser(self, upstream: Upstream) -> Release:
+        """What gives ``upstream`` back after a request: to the pool, or closed."""
+
+        async def release(reusable: bool) -> None:
+            if reusable:
+                await self.pool.release("app", upstream)
+            else:
+                await trio.aclose_forcefully(upstream)
+
+        return release
+
 
 async def _serve_app_http(
     downstream: trio.abc.Stream,
@@ -123,20 +140,30 @@ async def _serve_app_http(
             upstream, _ = await app.pool.acquire("app")
         except DataplaneError as exc:
             return Respond(502, f"{listener.service}: {exc}", labels)
-
-        async def release(reusable: bool) -> None:
-            if reusable:
-                await app.pool.release("app", upstream)
-            else:
-                await trio.aclose_forcefully(upstream)
-
         return Forward(
             upstream=upstream,
-            release=release,
+            release=app.releaser(upstream),
             target=head.target,
             headers=mesh_request_headers(head, source=source),
             labels=labels,
         )
+
+    async def acquire() -> tuple[trio.abc.Stream, Release] | None:
+        try:
+            upstream, _ = await app.pool.acquire("app")
+        except DataplaneError:
+            return None  # decide answers the request with why
+        return upstream, app.releaser(upstream)
+
+    # The C relay makes of a plain request what decide does: mesh_request_headers.
+    relay = None
+    if source is None or _SERVICE_NAME.fullmatch(source):
+        relay_labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
+        add = b""
+        if source is not None:
+            relay_labels["source"] = source
+            add = SOURCE_HEADER + b": " + source.encode() + b"\r\n"
+        relay = Relay(acquire, relay_labels, drop=(SOURCE_HEADER,), add=add)
 
     await serve_http(
         downstream,
@@ -148,6 +175,7 @@ async def _serve_app_http(
         drain=app.ctx.drain,
         listener=listener.name,
         pump=app.ctx.pump,
+        relay=relay,
     )
 
 
