@@ -31,10 +31,10 @@ SWEEP_SECONDS = 5.0
 
 def is_stale(stream: Upstream) -> bool:
     """True if the idle connection has something to read (EOF, stray bytes, or bytes
-    OpenSSL already decrypted). Not async."""
+    OpenSSL already decrypted; not TLS 1.3 session tickets). Not async."""
     try:
         if isinstance(stream, SslSocketStream):
-            return stream.is_readable()
+            return stream.is_stale()
         return is_fd_readable(stream.fileno())
     except (OSError, ValueError):
         return True

@@ -214,6 +214,26 @@ class SslSocketStream(trio.abc.Stream):
             return True
         return is_fd_readable(self._sock.fileno())
 
+    def is_stale(self) -> bool:
+        """For a connection at rest (a pooled one): True when it has plaintext to read,
+        or the peer closed it or broke it. Records that carry no plaintext (the TLS 1.3
+        session tickets a client receives after its handshake, before it ever read) are
+        taken in here, and the session offered, not mistaken for stray bytes. Not async,
+        never blocks; only for a stream nobody is using."""
+        if not self.is_readable():
+            return False
+        if self._closed or self._sock.pending() or self._receiving:
+            return True
+        try:
+            self._sock.recv(1)  # plaintext or EOF: stale (the byte is lost with it)
+        except ssl.SSLWantReadError:
+            if self._on_session is not None:
+                self._offer_session()
+            return False
+        except (ssl.SSLError, OSError):
+            return True
+        return True
+
     async def wait_readable(self) -> None:
         """Return once a receive might not wait (plaintext buffered in OpenSSL, or bytes
         on the socket, which may turn out to be no plaintext), reading nothing. A cancel
