@@ -79,6 +79,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/eventfd.h>
 #include <sys/timerfd.h>
 #include <sys/socket.h>
@@ -302,6 +303,9 @@ typedef struct {
     size_t nrecords, records_cap;
     unsigned long long records_dropped;
     int recfd;
+    /* random bytes for the ids relays generate (getrandom, refilled when spent) */
+    unsigned char random[4096];
+    size_t random_used;
 } Engine;
 
 static void arm(Engine *eng);
@@ -708,10 +712,12 @@ static void discard(Engine *eng, conn_t *c) {
  * An HTTP connection whose requests are plain (the common case) is served here, request
  * after request, without Python: a (downstream, upstream) pair is handed over at a
  * request boundary, and the relay reads a request head (and its small body), forwards
- * it with the hop-by-hop fields dropped and the configured fields dropped and added,
- * reads the response head, forwards it the same way and copies its Content-Length body
- * (as a copy does, with backpressure). Each finished exchange becomes a record
- * (Engine.records) for the metrics and the access log.
+ * it with the hop-by-hop fields dropped and the configured fields dropped and added
+ * (an outbound's: x-request-id and traceparent when missing, from getrandom, then
+ * X-Forwarded-For), reads the response head, forwards it the same way and copies its
+ * Content-Length body (as a copy does, with backpressure). Each finished exchange
+ * becomes a record (Engine.records) for the metrics and the access log. A new TLS
+ * upstream's first bytes pause the relay (FIRST_READ) while Python takes the session.
  *
  * Python stays the reference: the relay takes only messages whose bytes it can forward
  * exactly as http_proxy would, and hands everything else back untouched:
@@ -727,9 +733,10 @@ static void discard(Engine *eng, conn_t *c) {
  * rather than wait with the client), when Python asked it to stop (relay_stop, for a
  * drain: RELAY_STOPPED), when a head takes more than head_seconds (RELAY_HEAD_TIMEOUT:
  * Python answers 408), after an exchange that closes the downstream (RELAY_CLOSE) and
- * after one that leaves the upstream unusable (RELAY_UPSTREAM_SPENT). A failure after
- * the response head went down is DONE_ERROR (Python closes both, as it would), and no
- * byte moved for idle seconds in the middle of an exchange is DONE_IDLE.
+ * after one that leaves the upstream unusable (RELAY_UPSTREAM_SPENT), and after
+ * max_requests exchanges (RELAY_RENEW: an outbound chooses its upstream again). A
+ * failure after the response head went down is DONE_ERROR (Python closes both, as it
+ * would), and no byte moved for idle seconds in the middle of an exchange is DONE_IDLE.
  */
 
 #define RELAY_IN (64 * 1024)   /* downstream bytes held: a request head, its body, more */
@@ -741,17 +748,31 @@ static void discard(Engine *eng, conn_t *c) {
 enum { R_REQUEST, R_SEND, R_RESPONSE, R_REPLY, R_BODY };
 enum {
     RELAY_CLOSED = 1, RELAY_IDLE, RELAY_STOPPED, RELAY_REQUEST, RELAY_HEAD_TIMEOUT,
-    RELAY_UPSTREAM_SPENT, RELAY_CLOSE, RELAY_RESPONSE
+    RELAY_UPSTREAM_SPENT, RELAY_CLOSE, RELAY_RESPONSE, RELAY_RENEW
 };
 
-typedef struct relay {
-    /* configuration */
-    char *add;          /* field lines added to every request ("Name: value\r\n"...) */
+/* Lower-case field names. */
+typedef struct {
+    char **name;
+    size_t *len;
+    int n;
+} names_t;
+
+/* What a relay does to every request (Engine.relay's arguments). */
+typedef struct {
+    names_t drop;   /* fields dropped */
+    names_t refuse; /* fields that make a request Python's */
+    char *add;      /* field lines added last ("Name: value\r\n"...) */
     size_t add_len;
-    char **drop;        /* lower-case names dropped from every request */
-    size_t *drop_len;
-    int ndrop;
+    int gen_ids;    /* add x-request-id and traceparent when missing (an outbound) */
+} edits_t;
+
+#define IDS_HEX 80 /* hex digits a request's generated ids take: 32 + 32 + 16 */
+
+typedef struct relay {
+    edits_t edits;
     double hold, head_seconds;
+    unsigned long long max_requests, served; /* a session's limit (0: none), and count */
     /* state */
     int state, stop, outcome, up_keep;
     char *in;           /* downstream bytes: the current request at in[0:req_len], then more */
@@ -768,6 +789,9 @@ typedef struct relay {
     char method[8];
     char *path, *request_id;
     char *error;        /* why the upstream failed before its response head (RELAY_RESPONSE) */
+    int resp_unread;    /* resp holds bytes not looked at yet (a FIRST_READ pause) */
+    char ids[IDS_HEX];  /* random hex for the next request's generated ids */
+    int ids_ready;
 } relay_t;
 
 /* -- heads: pure functions, also exposed for tests (relay_request_head & co) -- */
@@ -850,11 +874,18 @@ typedef struct {
 static const char *const METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
                                       "PATCH", NULL};
 
-/* The request head at the start of buf[0:len], as the relay forwards it, written to out
- * (room: RELAY_HEAD + add_len). 1: taken (h filled); 0: not complete yet; -1: not for
- * the relay (Python serves it). drop: lower-case names to drop; add: lines to add. */
-static int request_head(const char *buf, size_t len, char *const *drop, const size_t *drop_len,
-                        int ndrop, const char *add, size_t add_len, char *out, head_t *h) {
+/* The request head at the start of buf[0:len], as the relay forwards it with edits,
+ * written to out (room: RELAY_HEAD + 128 + add_len). 1: taken (h filled); 0: not
+ * complete yet; -1: not for the relay (Python serves it). ids: IDS_HEX hex digits for
+ * the ids edits->gen_ids adds (h->request_id may point into out). */
+static int in_names(const names_t *names, const char *p, size_t k) {
+    for (int i = 0; i < names->n; i++)
+        if (names->len[i] == k && strncasecmp(p, names->name[i], k) == 0) return 1;
+    return 0;
+}
+
+static int request_head(const char *buf, size_t len, const edits_t *edits, const char *ids,
+                        char *out, head_t *h) {
     const char *end = memmem(buf, len, "\r\n\r\n", 4);
     if (end == NULL) return len >= RELAY_HEAD ? -1 : 0;
     size_t head_len = (size_t)(end - buf) + 4;
@@ -884,7 +915,7 @@ static int request_head(const char *buf, size_t len, char *const *drop, const si
     h->path_len = plen;
     size_t o = line + 2;
     memcpy(out, buf, o);
-    int hosts = 0, lengths = 0, fields = 0, close = 0, keep = 0;
+    int hosts = 0, lengths = 0, fields = 0, close = 0, keep = 0, trace = 0;
     for (const char *p = eol + 2; p < end + 2;) {
         const char *e = memmem(p, (size_t)(end + 2 - p), "\r\n", 2);
         size_t n = (size_t)(e - p);
@@ -905,13 +936,15 @@ static int request_head(const char *buf, size_t len, char *const *drop, const si
             return -1;
         } else if (hop_by_hop(p, k) || name_is(p, k, "proxy-connection")) {
             keep_field = 0;
-        } else {
-            for (int i = 0; i < ndrop && keep_field; i++)
-                if (drop_len[i] == k && strncasecmp(p, drop[i], k) == 0) keep_field = 0;
-            if (keep_field && h->request_id == NULL && name_is(p, k, "x-request-id")) {
-                h->request_id = v;
-                h->request_id_len = vn;
-            }
+        } else if (in_names(&edits->refuse, p, k)) {
+            return -1;
+        } else if (in_names(&edits->drop, p, k)) {
+            keep_field = 0;
+        } else if (h->request_id == NULL && name_is(p, k, "x-request-id")) {
+            h->request_id = v;
+            h->request_id_len = vn;
+        } else if (name_is(p, k, "traceparent")) {
+            trace = 1;
         }
         if (keep_field) {
             memcpy(out + o, p, n + 2);
@@ -920,8 +953,24 @@ static int request_head(const char *buf, size_t len, char *const *drop, const si
         p = e + 2;
     }
     if (hosts != 1) return -1;
-    memcpy(out + o, add, add_len);
-    o += add_len;
+    if (edits->gen_ids && h->request_id == NULL) { /* as http_outbound._mesh_headers */
+        memcpy(out + o, "x-request-id: ", 14);
+        memcpy(out + o + 14, ids, 32);
+        h->request_id = out + o + 14;
+        h->request_id_len = 32;
+        memcpy(out + o + 46, "\r\n", 2);
+        o += 48;
+    }
+    if (edits->gen_ids && !trace) {
+        memcpy(out + o, "traceparent: 00-", 16);
+        memcpy(out + o + 16, ids + 32, 32);
+        out[o + 48] = '-';
+        memcpy(out + o + 49, ids + 64, 16);
+        memcpy(out + o + 65, "-01\r\n", 5);
+        o += 70;
+    }
+    memcpy(out + o, edits->add, edits->add_len);
+    o += edits->add_len;
     memcpy(out + o, "\r\n", 2);
     h->out_len = o + 2;
     h->head_len = head_len;
@@ -1062,6 +1111,25 @@ static char *strndup_or_empty(const char *p, size_t n) {
     return s;
 }
 
+/* n hex digits (n even) from the engine's pool of random bytes. */
+static void random_hex(Engine *eng, char *out, size_t n) {
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i += 2) {
+        if (eng->random_used == 0 || eng->random_used >= sizeof eng->random) {
+            size_t got = 0;
+            while (got < sizeof eng->random) {
+                ssize_t r = getrandom(eng->random + got, sizeof eng->random - got, 0);
+                if (r > 0) got += (size_t)r;
+                else if (errno != EINTR) break; /* cannot happen after boot; keep old bytes */
+            }
+            eng->random_used = 0;
+        }
+        unsigned char byte = eng->random[eng->random_used++];
+        out[i] = digits[byte >> 4];
+        out[i + 1] = digits[byte & 15];
+    }
+}
+
 /* A request head (and its body) is complete in r->in: start the exchange. */
 static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
     relay_t *r = c->relay;
@@ -1083,6 +1151,7 @@ static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
     free(r->request_id);
     r->path = strndup_or_empty(h->path, h->path_len);
     r->request_id = h->request_id != NULL ? strndup(h->request_id, h->request_id_len) : NULL;
+    r->ids_ready = 0; /* the next request gets new ones */
     r->bytes_in = body;
     r->bytes_out = 0;
     r->started = now_seconds();
@@ -1094,8 +1163,11 @@ static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
     if (r->in_len > 0) {
         head_t h;
-        int taken = request_head(r->in, r->in_len, r->drop, r->drop_len, r->ndrop, r->add,
-                                 r->add_len, eng->scratch, &h);
+        if (r->edits.gen_ids && !r->ids_ready) {
+            random_hex(eng, r->ids, IDS_HEX);
+            r->ids_ready = 1;
+        }
+        int taken = request_head(r->in, r->in_len, &r->edits, r->ids, eng->scratch, &h);
         if (taken < 0) return relay_end(eng, c, RELAY_REQUEST);
         if (taken > 0 && h.head_len + h.body > RELAY_IN) return relay_end(eng, c, RELAY_REQUEST);
         if (taken > 0 && h.head_len + h.body <= r->in_len) {
@@ -1164,17 +1236,30 @@ static int relay_send(Engine *eng, conn_t *c, error_t_ *err) {
 /* R_RESPONSE: read until the response head is complete. */
 static int relay_response(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
-    if (r->resp_len == RELAY_HEAD) return relay_hand_response(eng, c, NULL);
-    if (!c->b.rd) return 0;
-    size_t got = 0;
-    dir_t reading = {0};
-    int rr = side_read(&reading, &c->b, r->resp + r->resp_len, RELAY_HEAD - r->resp_len, &got,
-                       err);
-    if (rr == 0) return 0;
-    if (rr < 0) return relay_hand_response(eng, c, err->text);
-    if (got == 0) return relay_hand_response(eng, c, NULL); /* Python reads the end itself */
-    r->resp_len += got;
-    c->last = now_seconds();
+    if (!r->resp_unread) { /* bytes read before a FIRST_READ pause are looked at first */
+        if (r->resp_len == RELAY_HEAD) return relay_hand_response(eng, c, NULL);
+        if (!c->b.rd) return 0;
+        size_t got = 0;
+        dir_t reading = {0};
+        int rr = side_read(&reading, &c->b, r->resp + r->resp_len, RELAY_HEAD - r->resp_len,
+                           &got, err);
+        if (rr == 0) return 0;
+        if (rr < 0) return relay_hand_response(eng, c, err->text);
+        if (got == 0) return relay_hand_response(eng, c, NULL); /* Python reads the end */
+        r->resp_len += got;
+        c->last = now_seconds();
+        if (c->notify_first && c->b.ssl != NULL) {
+            /* A new TLS connection's first bytes: its session ticket came with them.
+             * Python takes the session (FIRST_READ) while the relay waits. */
+            c->notify_first = 0;
+            c->first_due = 1;
+            c->paused = 1;
+            r->resp_unread = 1;
+            queue_done(eng, c);
+            return 0;
+        }
+    }
+    r->resp_unread = 0;
     head_t h;
     int status = response_head(r->resp, r->resp_len, r->head_method, r->req_keep,
                                eng->scratch, &h);
@@ -1224,6 +1309,8 @@ static int relay_done(Engine *eng, conn_t *c) {
     r->state = R_REQUEST;
     if (r->down_close) return relay_end(eng, c, RELAY_CLOSE);
     if (!r->up_keep) return relay_end(eng, c, RELAY_UPSTREAM_SPENT);
+    if (r->max_requests != 0 && ++r->served >= r->max_requests)
+        return relay_end(eng, c, RELAY_RENEW);
     double now = now_seconds();
     c->last = now;
     r->head_started = now;
@@ -1296,8 +1383,7 @@ static void relay_expired(Engine *eng, conn_t *c) {
         return;
     }
     head_t h;
-    int taken = request_head(r->in, r->in_len, r->drop, r->drop_len, r->ndrop, r->add,
-                             r->add_len, eng->scratch, &h);
+    int taken = request_head(r->in, r->in_len, &r->edits, r->ids, eng->scratch, &h);
     /* a head that took too long gets Python's 408; a body that did goes to Python */
     relay_end(eng, c, taken > 0 ? RELAY_REQUEST : RELAY_HEAD_TIMEOUT);
 }
@@ -1310,12 +1396,11 @@ static void free_records(record_t *recs, size_t n) {
     free(recs);
 }
 
+static void edits_free(edits_t *e);
+
 static void relay_free(relay_t *r) {
     if (r == NULL) return;
-    for (int i = 0; i < r->ndrop; i++) free(r->drop[i]);
-    free(r->drop);
-    free(r->drop_len);
-    free(r->add);
+    edits_free(&r->edits);
     free(r->in);
     free(r->resp);
     free(r->out);
@@ -1738,22 +1823,60 @@ static PyObject *Engine_resume(Engine *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* Copy the drop names (lower-cased) and add lines into r. -1 with an exception set. */
-static int relay_config(relay_t *r, PyObject *drop, const char *add, Py_ssize_t add_len) {
-    if (!PyTuple_Check(drop)) {
-        PyErr_SetString(PyExc_TypeError, "drop must be a tuple of bytes");
+/* Lower-cased copies of a tuple of non-empty bytes (what) into names. -1 with an
+ * exception set. */
+static int names_config(names_t *names, PyObject *tuple, const char *what) {
+    if (!PyTuple_Check(tuple)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple of bytes", what);
         return -1;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(drop);
-    r->drop = calloc((size_t)n + 1, sizeof *r->drop);
-    r->drop_len = calloc((size_t)n + 1, sizeof *r->drop_len);
-    r->add = malloc((size_t)add_len + 1);
-    if (r->drop == NULL || r->drop_len == NULL || r->add == NULL) {
+    Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+    names->name = calloc((size_t)n + 1, sizeof *names->name);
+    names->len = calloc((size_t)n + 1, sizeof *names->len);
+    if (names->name == NULL || names->len == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    memcpy(r->add, add, (size_t)add_len);
-    r->add_len = (size_t)add_len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(tuple, i);
+        if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) == 0) {
+            PyErr_Format(PyExc_TypeError, "%s must be a tuple of non-empty bytes", what);
+            return -1;
+        }
+        size_t len = (size_t)PyBytes_GET_SIZE(item);
+        names->name[i] = malloc(len + 1);
+        if (names->name[i] == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t j = 0; j < len; j++)
+            names->name[i][j] = (char)tolower((unsigned char)PyBytes_AS_STRING(item)[j]);
+        names->name[i][len] = '\0';
+        names->len[i] = len;
+        names->n = (int)i + 1;
+    }
+    return 0;
+}
+
+static void names_free(names_t *names) {
+    for (int i = 0; i < names->n; i++) free(names->name[i]);
+    free(names->name);
+    free(names->len);
+}
+
+static void edits_free(edits_t *e) {
+    names_free(&e->drop);
+    names_free(&e->refuse);
+    free(e->add);
+}
+
+/* A relay's edits from Python's arguments. -1 with an exception set (free with
+ * edits_free either way). */
+static int edits_config(edits_t *e, PyObject *drop, PyObject *refuse, const char *add,
+                        Py_ssize_t add_len, int gen_ids) {
+    e->gen_ids = gen_ids;
+    if (names_config(&e->drop, drop, "drop") < 0 || names_config(&e->refuse, refuse, "refuse") < 0)
+        return -1;
     if (add_len > 4096) {
         PyErr_SetString(PyExc_ValueError, "add holds at most 4096 bytes");
         return -1;
@@ -1763,56 +1886,52 @@ static int relay_config(relay_t *r, PyObject *drop, const char *add, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "add must be field lines, each ending with CRLF");
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyTuple_GET_ITEM(drop, i);
-        if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) == 0) {
-            PyErr_SetString(PyExc_TypeError, "drop must be a tuple of non-empty bytes");
-            return -1;
-        }
-        size_t len = (size_t)PyBytes_GET_SIZE(item);
-        r->drop[i] = malloc(len + 1);
-        if (r->drop[i] == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (size_t j = 0; j < len; j++)
-            r->drop[i][j] = (char)tolower((unsigned char)PyBytes_AS_STRING(item)[j]);
-        r->drop[i][len] = '\0';
-        r->drop_len[i] = len;
-        r->ndrop = (int)i + 1;
+    e->add = malloc((size_t)add_len + 1);
+    if (e->add == NULL) {
+        PyErr_NoMemory();
+        return -1;
     }
+    memcpy(e->add, add, (size_t)add_len);
+    e->add_len = (size_t)add_len;
     return 0;
 }
 
-static PyObject *Engine_relay(Engine *self, PyObject *args) {
-    int afd, akind, bfd, bkind;
-    PyObject *assl, *bssl, *drop;
+static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"a_fd", "a_ssl", "a_kind", "b_fd", "b_ssl", "b_kind", "idle",
+                             "hold", "head_seconds", "drop", "add", "initial", "refuse",
+                             "gen_ids", "max_requests", "notify_first", NULL};
+    int afd, akind, bfd, bkind, gen_ids = 0, notify = 0;
+    PyObject *assl, *bssl, *drop = NULL, *refuse = NULL;
     double idle, hold, head_seconds;
-    const char *add, *initial = "";
-    Py_ssize_t add_len, initial_len = 0;
-    if (!PyArg_ParseTuple(args, "iOiiOidddOy#|y#", &afd, &assl, &akind, &bfd, &bssl, &bkind,
-                          &idle, &hold, &head_seconds, &drop, &add, &add_len, &initial,
-                          &initial_len))
+    const char *add = "", *initial = "";
+    Py_ssize_t add_len = 0, initial_len = 0;
+    unsigned long long max_requests = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKp", kwlist, &afd, &assl,
+                                     &akind, &bfd, &bssl, &bkind, &idle, &hold, &head_seconds,
+                                     &drop, &add, &add_len, &initial, &initial_len, &refuse,
+                                     &gen_ids, &max_requests, &notify))
         return NULL;
-    if (initial_len > RELAY_IN) {
-        PyErr_SetString(PyExc_ValueError, "initial holds at most RELAY_IN bytes");
-        return NULL;
-    }
-    if (akind == KIND_FRAMED || bkind == KIND_FRAMED) {
-        PyErr_SetString(PyExc_ValueError, "a relay takes plain or raw TLS sides");
-        return NULL;
-    }
-    if (afd < 0 || bfd < 0 || afd == bfd) {
-        PyErr_SetString(PyExc_ValueError, "two distinct open descriptors are needed");
-        return NULL;
-    }
-    if (!(idle > 0) || !(hold > 0) || !(head_seconds > 0)) {
-        PyErr_SetString(PyExc_ValueError, "idle, hold and head_seconds must be > 0 seconds");
+    PyObject *none = PyTuple_New(0);
+    if (none == NULL) return NULL;
+    if (drop == NULL) drop = none;
+    if (refuse == NULL) refuse = none;
+    const char *problem = NULL;
+    if (initial_len > RELAY_IN) problem = "initial holds at most RELAY_IN bytes";
+    else if (akind == KIND_FRAMED || bkind == KIND_FRAMED)
+        problem = "a relay takes plain or raw TLS sides";
+    else if (afd < 0 || bfd < 0 || afd == bfd)
+        problem = "two distinct open descriptors are needed";
+    else if (!(idle > 0) || !(hold > 0) || !(head_seconds > 0))
+        problem = "idle, hold and head_seconds must be > 0 seconds";
+    if (problem != NULL) {
+        Py_DECREF(none);
+        PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
     }
     conn_t *c = calloc(1, sizeof *c);
     relay_t *r = calloc(1, sizeof *r);
     if (c == NULL || r == NULL) {
+        Py_DECREF(none);
         free(c);
         free(r);
         return PyErr_NoMemory();
@@ -1821,10 +1940,13 @@ static PyObject *Engine_relay(Engine *self, PyObject *args) {
     r->in = malloc(RELAY_IN);
     r->resp = malloc(RELAY_HEAD);
     if (r->in == NULL || r->resp == NULL) {
+        Py_DECREF(none);
         PyErr_NoMemory();
         goto fail;
     }
-    if (relay_config(r, drop, add, add_len) < 0) goto fail;
+    int configured = edits_config(&r->edits, drop, refuse, add, add_len, gen_ids);
+    Py_DECREF(none);
+    if (configured < 0) goto fail;
     if (side_from(&c->a, afd, assl, akind) < 0 || side_from(&c->b, bfd, bssl, bkind) < 0)
         goto fail;
     c->a.conn = c->b.conn = c;
@@ -1834,6 +1956,8 @@ static PyObject *Engine_relay(Engine *self, PyObject *args) {
     c->d[1].dst = &c->a;
     r->hold = hold;
     r->head_seconds = head_seconds;
+    r->max_requests = max_requests;
+    c->notify_first = notify; /* the upstream's first bytes, in relay_response */
     r->up_keep = 1;
     r->state = R_REQUEST;
     c->idle = idle;
@@ -1904,27 +2028,40 @@ static PyObject *Engine_records(Engine *self, PyObject *unused) {
 /* What Python needs of a finished relay (see collect()). */
 static PyObject *relay_result(conn_t *c) {
     relay_t *r = c->relay;
-    return Py_BuildValue("(iy#y#iz)", r->outcome, r->in, (Py_ssize_t)r->in_len,
-                         r->resp, (Py_ssize_t)(r->outcome == RELAY_RESPONSE ? r->resp_len : 0),
-                         r->up_keep, r->error);
+    int handed = r->outcome == RELAY_RESPONSE;
+    return Py_BuildValue("(iy#y#izy)", r->outcome, r->in, (Py_ssize_t)r->in_len,
+                         r->resp, (Py_ssize_t)(handed ? r->resp_len : 0), r->up_keep, r->error,
+                         handed ? r->request_id : NULL);
 }
 
 /* Module-level: the relay's head functions, for tests. */
-static PyObject *mod_relay_request_head(PyObject *mod, PyObject *args) {
+static PyObject *mod_relay_request_head(PyObject *mod, PyObject *args, PyObject *kwds) {
     (void)mod;
-    const char *data, *add;
-    Py_ssize_t len, add_len;
-    PyObject *drop;
-    if (!PyArg_ParseTuple(args, "y#Oy#", &data, &len, &drop, &add, &add_len)) return NULL;
-    relay_t cfg;
-    memset(&cfg, 0, sizeof cfg);
+    static char *kwlist[] = {"data", "drop", "add", "refuse", "ids", NULL};
+    const char *data, *add = "", *ids = NULL;
+    Py_ssize_t len, add_len = 0, ids_len = 0;
+    PyObject *drop = NULL, *refuse = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#|Oy#Oy#", kwlist, &data, &len, &drop, &add,
+                                     &add_len, &refuse, &ids, &ids_len))
+        return NULL;
+    if (ids != NULL && ids_len != IDS_HEX) {
+        PyErr_Format(PyExc_ValueError, "ids are %d hex digits", IDS_HEX);
+        return NULL;
+    }
+    PyObject *none = PyTuple_New(0);
+    if (none == NULL) return NULL;
+    edits_t edits;
+    memset(&edits, 0, sizeof edits);
     PyObject *result = NULL;
-    char *out = malloc(RELAY_HEAD + (size_t)add_len + 2);
-    if (out == NULL) return PyErr_NoMemory();
-    if (relay_config(&cfg, drop, add, add_len) == 0) {
+    char *out = malloc(RELAY_HEAD + 128 + (size_t)add_len + 2);
+    if (out == NULL) {
+        Py_DECREF(none);
+        return PyErr_NoMemory();
+    }
+    if (edits_config(&edits, drop ? drop : none, refuse ? refuse : none, add, add_len,
+                     ids != NULL) == 0) {
         head_t h;
-        int taken = request_head(data, (size_t)len, cfg.drop, cfg.drop_len, cfg.ndrop, cfg.add,
-                                 cfg.add_len, out, &h);
+        int taken = request_head(data, (size_t)len, &edits, ids, out, &h);
         if (taken == 0) {
             result = Py_NewRef(Py_None);
         } else if (taken < 0) {
@@ -1936,11 +2073,8 @@ static PyObject *mod_relay_request_head(PyObject *mod, PyObject *args) {
                                    h.request_id, (Py_ssize_t)h.request_id_len);
         }
     }
-    cfg.in = cfg.resp = NULL;
-    for (int i = 0; i < cfg.ndrop; i++) free(cfg.drop[i]);
-    free(cfg.drop);
-    free(cfg.drop_len);
-    free(cfg.add);
+    edits_free(&edits);
+    Py_DECREF(none);
     free(out);
     return result;
 }
@@ -2109,15 +2243,18 @@ static PyMethodDef Engine_methods[] = {
      "connections that ended (status DONE_*), and FIRST_READ reports (the connection is "
      "paused until resume(handle)); relay is None but for relays (see relay())."},
     {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections being pumped"},
-    {"relay", (PyCFunction)Engine_relay, METH_VARARGS,
-     "relay(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, hold, head_seconds, drop, add"
-     "[, initial]) -> handle\n\n"
+    {"relay", (PyCFunction)(void (*)(void))Engine_relay, METH_VARARGS | METH_KEYWORDS,
+     "relay(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, hold, head_seconds, *, "
+     "drop=(), add=b'', initial=b'', refuse=(), gen_ids=False, max_requests=0, "
+     "notify_first=False) -> handle\n\n"
      "Serve HTTP/1.1 requests from a (downstream) to b (upstream) at a request boundary, "
-     "dropping the fields named in drop (bytes) and adding the lines in add (initial: "
-     "downstream bytes already read), "
-     "until one it does not take, hold seconds without a request, or relay_stop(). Its "
+     "dropping the fields named in drop (bytes), adding x-request-id and traceparent "
+     "when missing (gen_ids) and the lines in add, leaving to Python the requests with a "
+     "field named in refuse (initial: downstream bytes already read), "
+     "until one it does not take, hold seconds without a request, max_requests served, or "
+     "relay_stop(); with notify_first, b's first bytes are reported as for add(). Its "
      "collect() entry ends with (outcome, downstream_bytes, response_bytes, "
-     "upstream_reusable, upstream_error); see the relay's comment in _pump.c."},
+     "upstream_reusable, upstream_error, request_id); see the relay's comment in _pump.c."},
     {"relay_stop", (PyCFunction)Engine_relay_stop, METH_O,
      "relay_stop(handle): end the relay at its next request boundary (now if it waits)"},
     {"records_fileno", (PyCFunction)Engine_records_fileno, METH_NOARGS,
@@ -2313,10 +2450,12 @@ static PyMethodDef module_methods[] = {
      "tls_ticket_keys(context, options, keys): the 80 bytes (name, HMAC and AES keys) "
      "that encrypt a server context's stateless tickets, shared by processes that set "
      "the same ones (options: context.options, checked against OpenSSL's)."},
-    {"relay_request_head", mod_relay_request_head, METH_VARARGS,
-     "relay_request_head(data, drop, add) -> None (not complete), False (not for the "
-     "relay) or (head_len, forwarded_head, content_length, keep_alive, method, path, "
-     "request_id): the relay's reading of a request head, for tests."},
+    {"relay_request_head", (PyCFunction)(void (*)(void))mod_relay_request_head,
+     METH_VARARGS | METH_KEYWORDS,
+     "relay_request_head(data, drop=(), add=b'', refuse=(), ids=None) -> None (not "
+     "complete), False (not for the relay) or (head_len, forwarded_head, content_length, "
+     "keep_alive, method, path, request_id): the relay's reading of a request head, for "
+     "tests (ids: 80 hex digits, for the ids an outbound adds)."},
     {"relay_response_head", mod_relay_response_head, METH_VARARGS,
      "relay_response_head(data, head_method, request_keep_alive) -> None, False or "
      "(status, head_len, forwarded_head, body_length, keep_alive, downstream_close)."},
@@ -2364,6 +2503,7 @@ PyMODINIT_FUNC PyInit__pump(void) {
     PyModule_AddIntConstant(m, "RELAY_UPSTREAM_SPENT", RELAY_UPSTREAM_SPENT);
     PyModule_AddIntConstant(m, "RELAY_CLOSE", RELAY_CLOSE);
     PyModule_AddIntConstant(m, "RELAY_RESPONSE", RELAY_RESPONSE);
+    PyModule_AddIntConstant(m, "RELAY_RENEW", RELAY_RENEW);
     PyModule_AddIntConstant(m, "RELAY_IN", RELAY_IN);
     return m;
 }

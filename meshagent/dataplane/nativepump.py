@@ -124,6 +124,7 @@ class RelayOutcome(enum.Enum):
     UPSTREAM_SPENT = "upstream spent"  # the upstream may not carry another request
     CLOSE = "close"  # the exchange closes the downstream (Connection: close)
     RESPONSE = "response"  # after the request went up: Python relays the response
+    RENEW = "renew"  # max_requests served: Python decides again where requests go
 
 
 def _outcomes() -> dict[int, RelayOutcome]:
@@ -143,7 +144,8 @@ class RelayEnd:
     holds the bytes read from the downstream and not served: the next request(s), or,
     after ``RELAY_RESPONSE``, the request that went up and whatever followed it.
     ``response`` (``RELAY_RESPONSE`` only) holds the response bytes read so far, and
-    ``upstream_error`` why the upstream failed before its head, if it did.
+    ``upstream_error`` why the upstream failed before its head, if it did, and
+    ``request_id`` the request's ``x-request-id`` as sent (maybe one the relay added).
     ``upstream_reusable``: the last exchange left the upstream fit for another request.
     """
 
@@ -152,6 +154,7 @@ class RelayEnd:
     response: bytes
     upstream_reusable: bool
     upstream_error: str | None
+    request_id: bytes | None = None  # RESPONSE: the id the request went up with
 
 
 # (status, bytes_in, bytes_out, seconds, method, path, request_id): one relayed exchange
@@ -251,7 +254,7 @@ class NativePump:
         counts: tuple[int, int],
         error_kind: int,
         error: str,
-        relay: tuple[int, bytes, bytes, int, str | None] | None = None,
+        relay: tuple[int, bytes, bytes, int, str | None, bytes | None] | None = None,
     ) -> None:
         assert _pump is not None
         waiter = self._waiters.get(handle)
@@ -269,9 +272,10 @@ class NativePump:
         waiter.counts = counts
         waiter.expired = status == _pump.DONE_IDLE
         if relay is not None and status == _pump.DONE_OK:
-            outcome, downstream, response, reusable, upstream_error = relay
+            outcome, downstream, response, reusable, upstream_error, request_id = relay
             waiter.relay_end = RelayEnd(
-                _OUTCOMES[outcome], downstream, response, bool(reusable), upstream_error
+                _OUTCOMES[outcome], downstream, response, bool(reusable), upstream_error,
+                request_id,
             )
         if status == _pump.DONE_ERROR:
             waiter.error = (
@@ -355,6 +359,10 @@ class NativePump:
         on_record: Callable[[Record], None],
         stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]],
         initial: bytes = b"",
+        refuse: tuple[bytes, ...] = (),
+        gen_ids: bool = False,
+        max_requests: int = 0,
+        on_first_read: Callable[[], None] | None = None,
     ) -> RelayEnd:
         """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
         (``initial``: downstream bytes already read), until the engine gives both back
@@ -363,7 +371,13 @@ class NativePump:
 
         Args:
             drop: names of fields dropped from each request (besides the hop-by-hop ones).
-            add: field lines (``b"Name: value\r\n"``...) added to each request.
+            add: field lines (``b"Name: value\\r\\n"``...) added to each request, last.
+            refuse: names of fields that leave a request to Python.
+            gen_ids: add ``x-request-id`` and ``traceparent`` to requests without them
+                (random, as ``http_outbound`` does), before ``add``.
+            max_requests: end (``RENEW``) after this many exchanges (0: no limit).
+            on_first_read: called once, when the first bytes came from ``up`` (a TLS
+                client: a TLS 1.3 session ticket comes with them), as for ``splice``.
             hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
             head_seconds: a request head's time, from its first byte (``RELAY_HEAD_TIMEOUT``).
             stop_when: registers a cancel scope (``Drain.idle``): when it is cancelled, the
@@ -377,11 +391,13 @@ class NativePump:
         try:
             handle = self._engine.relay(
                 down[0], down[1], down[2], up[0], up[1], up[2], idle_seconds, hold_seconds,
-                head_seconds, drop, add, initial,
+                head_seconds, drop=drop, add=add, initial=initial, refuse=refuse,
+                gen_ids=gen_ids, max_requests=max_requests,
+                notify_first=on_first_read is not None,
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = self._waiters[handle] = _Waiter(None, on_record)
+        waiter = self._waiters[handle] = _Waiter(on_first_read, on_record)
         try:
             with trio.CancelScope() as stop, stop_when(stop):
                 await waiter.event.wait()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -48,14 +50,17 @@ class Rig:
 
     async def relay(
         self, pump: NativePump, *, hold: float = 5, head: float = 5, idle: float = 5,
-        initial: bytes = b"",
+        initial: bytes = b"", **options: Any,
     ) -> RelayEnd:
+        """The relay as an inbound runs it (``options``: other edits, as an outbound's)."""
         down, up = stream_end(self.down), stream_end(self.up)
         assert down is not None and up is not None
+        edits = {"drop": (b"x-meshagent-source",), "add": ADD, **options}
         return await pump.relay(
             down, up, idle_seconds=idle, hold_seconds=hold, head_seconds=head,
-            drop=(b"x-meshagent-source",), add=ADD, on_record=self.records.append,
+            on_record=self.records.append,
             stop_when=functools.partial(self.drain.idle, listener="in"), initial=initial,
+            **edits,
         )
 
 
@@ -333,3 +338,49 @@ async def test_a_big_response_streams_through_with_backpressure(
         got = await read_exactly(r.caller, len(ok(body)))
         assert got == ok(body)
         nursery.cancel_scope.cancel()
+
+
+async def test_an_outbound_relay_adds_ids_and_forwarded_for_then_renews(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    xff = b"X-Forwarded-For: 10.0.0.1\r\n"
+    outbound = {
+        "drop": (), "add": xff, "refuse": (b"x-forwarded-for", b"forwarded"), "gen_ids": True,
+        "max_requests": 2,
+    }
+    third = b"GET /3 HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n"
+    async with rig(contexts) as r:
+        outcome: list[RelayEnd] = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                outcome.append(await r.relay(pump, **outbound))
+
+            nursery.start_soon(run)
+            await r.caller.send_all(
+                b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"
+                b"GET /2 HTTP/1.1\r\nHost: h\r\nX-Request-Id: mine\r\ntraceparent: 00-t\r\n\r\n"
+                + third
+            )
+            first = await read_until(r.app, b"\r\n\r\n")
+            match = re.fullmatch(
+                rb"GET /1 HTTP/1.1\r\nHost: h\r\nx-request-id: ([0-9a-f]{32})\r\n"
+                rb"traceparent: 00-[0-9a-f]{32}-[0-9a-f]{16}-01\r\n" + re.escape(xff) + rb"\r\n",
+                first,
+            )
+            assert match, first
+            await r.app.send_all(ok(b"1"))
+            second = await read_until(r.app, b"\r\n\r\n")
+            assert second == (
+                b"GET /2 HTTP/1.1\r\nHost: h\r\nX-Request-Id: mine\r\ntraceparent: 00-t\r\n"
+                + xff + b"\r\n"
+            )
+            await r.app.send_all(ok(b"2"))
+            await read_until(r.caller, ok(b"2"))
+        # two served: Python chooses again (a weight, the balancer) for the third
+        assert outcome[0].outcome is RelayOutcome.RENEW and outcome[0].downstream == third
+        assert [rec[6] for rec in r.records] == [match.group(1), b"mine"]
+        # the third has a X-Forwarded-For to extend: Python's
+        with trio.fail_after(5):
+            end = await r.relay(pump, initial=outcome[0].downstream, **outbound)
+        assert end.outcome is RelayOutcome.REQUEST and end.downstream == third

@@ -10,9 +10,16 @@ import random
 
 import pytest
 
+from meshagent.dataplane.http_outbound import REQUEST_ID, TRACEPARENT
 from meshagent.dataplane.http_proxy import SOURCE_HEADER, mesh_request_headers
 from meshagent.dataplane.nativepump import native_problem
-from meshagent.protocol.headers import get_header, strip_hop_by_hop
+from meshagent.protocol.headers import (
+    FORWARDED,
+    FORWARDED_FOR,
+    append_forwarded_for,
+    get_header,
+    strip_hop_by_hop,
+)
 from meshagent.protocol.http1 import (
     Framing,
     HttpError,
@@ -52,7 +59,8 @@ REQUEST_FIELDS = [
     b"Proxy-Connection: keep-alive", b"TE: trailers", b"Trailer: X-T", b"Upgrade: websocket",
     b"Expect: 100-continue", b"X-Meshagent-Source: forged", b"x-meshagent-source: forged",
     b"x-request-id: abc", b"X-Request-Id: second", b" folded", b"Bad Name: x", b"X-Hi: \x80",
-    b"Close: x", b"X-Long: " + b"v" * 20_000,
+    b"Close: x", b"X-Long: " + b"v" * 20_000, b"X-Forwarded-For: 1.2.3.4",
+    b"Forwarded: for=1.2.3.4", b"traceparent: 00-abc", b"TraceParent: x",
 ]
 
 STATUS_LINES = [
@@ -115,6 +123,44 @@ def test_every_request_head_the_relay_takes_is_forwarded_as_python_would() -> No
         expected = serialize_request_head(python, headers=mesh_request_headers(python, source="web"))
         assert forwarded == expected, data
     assert taken > 150  # most generated heads carry something odd; the plain ones are taken
+
+
+IDS = bytes(random.Random(3).choices(b"0123456789abcdef", k=80))
+
+
+def test_every_request_an_outbound_relay_takes_is_forwarded_as_python_would() -> None:
+    """The outbound's edits: ids added when missing, X-Forwarded-For appended, and a
+    request that already has X-Forwarded-For or Forwarded left to Python."""
+    assert _pump is not None
+    rng = random.Random(9)
+    taken = 0
+    for n in range(6000):
+        data = _head(rng, rng.choice(REQUEST_LINES), REQUEST_FIELDS, 5)
+        if n % 2 == 0:
+            data = data.replace(b"\r\n", b"\r\nHost: h\r\n", 1)
+        relay = _pump.relay_request_head(
+            data, add=b"X-Forwarded-For: 10.1.2.3\r\n", refuse=(FORWARDED_FOR, FORWARDED),
+            ids=IDS,
+        )
+        if relay is False:
+            continue
+        taken += 1
+        head_len, forwarded, length, keep_alive, _, _, request_id = relay
+        python = _python_request(data)
+        assert python is not None and head_len == len(data), data
+        assert get_header(python.headers, FORWARDED_FOR) is None
+        assert get_header(python.headers, FORWARDED) is None
+        # http_outbound._mesh_headers then append_forwarded_for, with these ids
+        headers = strip_hop_by_hop(python.headers)
+        if get_header(headers, REQUEST_ID) is None:
+            headers = (*headers, (REQUEST_ID, IDS[:32]))
+        if get_header(headers, TRACEPARENT) is None:
+            headers = (*headers, (TRACEPARENT, b"00-" + IDS[32:64] + b"-" + IDS[64:] + b"-01"))
+        headers = append_forwarded_for(headers, b"10.1.2.3")
+        assert forwarded == serialize_request_head(python, headers=headers), data
+        assert request_id == get_header(headers, REQUEST_ID)
+        assert length == (python.body.content_length or 0) and bool(keep_alive) == python.keep_alive
+    assert taken > 150
 
 
 def test_the_plain_requests_are_taken() -> None:
