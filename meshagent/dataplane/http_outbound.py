@@ -14,12 +14,14 @@ import trio
 
 from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
 from meshagent.dataplane.errors import DataplaneError
-from meshagent.dataplane.http_proxy import Forward, Respond, serve_http
+from meshagent.dataplane.http_proxy import Forward, Relay, RelaySession, Respond, serve_http
 from meshagent.dataplane.outbound import CONNECT_ATTEMPTS, connect_endpoint
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import ConnectionPool, Upstream
 from meshagent.log import get_logger
 from meshagent.protocol.headers import (
+    FORWARDED,
+    FORWARDED_FOR,
     append_forwarded_for,
     get_all_headers,
     get_header,
@@ -33,6 +35,7 @@ from meshagent.routing.table import RequestFacts, RouteTable, rewrite_path
 from meshagent.snapshot.model import (
     Backend,
     Endpoint,
+    HttpMatch,
     OutboundListener,
     RequestPolicy,
     RouteRule,
@@ -43,6 +46,10 @@ log = get_logger("outbound")
 
 REQUEST_ID = b"x-request-id"
 TRACEPARENT = b"traceparent"
+# Requests the C relay serves before the route's choices (a backend by weight, an
+# endpoint by the balancer) are made again for that connection: the price of a choice
+# per request in Python, spread over this many.
+RELAY_REQUESTS = 32
 
 
 class HttpOutbound:
@@ -81,6 +88,20 @@ class HttpOutbound:
     async def _connect(self, key: Hashable) -> Upstream:
         assert isinstance(key, Endpoint)
         return await connect_endpoint(key, self.listener, self.ctx.source.current, self.ctx)
+
+    def relay_rule(self, snapshot: Snapshot) -> RouteRule | None:
+        """The rule every request takes, when that does not depend on the request (no
+        TrafficRoute, or a first rule that matches everything) and it is not sticky;
+        else None. Then the C relay may serve the requests (``handle_http_outbound``)."""
+        routes = snapshot.routes.get(self.listener.service)
+        if routes is None:
+            return self.implicit
+        if not routes.rules:
+            return None
+        rule = routes.rules[0]
+        if rule.match != HttpMatch() or rule.sticky_cookie or rule.sticky_header:
+            return None
+        return rule
 
     def table(self, snapshot: Snapshot) -> RouteTable | None:
         routes = snapshot.routes.get(self.listener.service)
@@ -206,6 +227,55 @@ async def handle_http_outbound(
             503, f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}", labels
         )
 
+    async def start() -> RelaySession | None:
+        """Where the C relay sends the next requests (RELAY_REQUESTS at most): what
+        decide would choose for every one of them, or None when that depends on the
+        request or needs Python (retries, timeouts, no endpoint, a failed connect)."""
+        snapshot = ctx.source.current
+        rule = state.relay_rule(snapshot)
+        if rule is None:
+            return None
+        backend = choose_backend(rule.backends, ctx.rng)
+        policy = snapshot.request_policy(backend.service, rule.route)
+        if policy is not None and (
+            state.retry_rule(policy) is not None
+            or policy.request_seconds is not None
+            or policy.per_try_seconds is not None
+        ):
+            return None
+        endpoints = subset(snapshot.endpoints_of(backend.service), backend)
+        endpoint = state.balancer.pick(endpoints, trio.current_time()) if endpoints else None
+        if endpoint is None:
+            return None  # decide answers 503, saying why
+        try:
+            upstream, _ = await state.pool.acquire(endpoint)
+        except DataplaneError as exc:
+            state.balancer.report_failure(endpoint, trio.current_time())
+            log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
+            return None  # decide tries the other endpoints
+        state.balancer.report_success(endpoint)
+        labels = {
+            "mesh": snapshot.mesh,
+            "destination": listener.service,
+            "route": rule.route,
+            "subset": backend.label(),
+            "endpoint": endpoint.address,
+        }
+        forwarded_for = FORWARDED_FOR + b": " + client_ip + b"\r\n"
+        return RelaySession(
+            upstream, _releaser(state.pool, endpoint, upstream), labels, forwarded_for
+        )
+
+    # The C relay makes of a plain request what decide does: _mesh_headers, then
+    # append_forwarded_for (when the request has no X-Forwarded-For or Forwarded yet).
+    relay = Relay(
+        start,
+        refuse=(FORWARDED_FOR, FORWARDED),
+        gen_ids=True,
+        max_requests=RELAY_REQUESTS,
+        on_record=lambda: state.budget.record_request(trio.current_time()),
+    )
+
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client):
         downstream = PlainSocketStream.wrap(stream)
         try:
@@ -221,6 +291,7 @@ async def handle_http_outbound(
                 drain=ctx.drain,
                 listener=listener.name,
                 pump=ctx.pump,
+                relay=relay,
             )
         finally:
             await trio.aclose_forcefully(downstream)

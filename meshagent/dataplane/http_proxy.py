@@ -56,6 +56,7 @@ from meshagent.dataplane.nativepump import (
     log_refusal,
     stream_end,
 )
+from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.log import get_logger
 from meshagent.protocol.headers import (
     Headers,
@@ -120,7 +121,10 @@ class _Reader:
         self._pending: deque[Event] = deque()
         self.eof = False
         if prefix:
-            self._pending.extend(parser.feed(prefix))
+            try:
+                self._feed(prefix)
+            except HttpError as exc:  # raised by the next read, with nothing read
+                self._parser = _Failed(exc)  # type: ignore[assignment]
 
     def has_pending(self) -> bool:
         return bool(self._pending)
@@ -155,7 +159,12 @@ class _Reader:
 
     async def receive(self) -> None:
         """Read once from the stream into the parser (events may or may not result)."""
-        data = await self.stream.receive_some(CHUNK)
+        if isinstance(self._parser, _Failed):  # the bytes so far broke HTTP already
+            raise self._parser.error
+        self._feed(await self.stream.receive_some(CHUNK))
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Bytes read (``b""``: the end of the stream) into the parser."""
         try:
             if data:
                 self._pending.extend(self._parser.feed(bytes(data)))
@@ -212,18 +221,36 @@ Release = Callable[[bool], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
+class RelaySession:
+    """Where the C relay sends requests until it ends: an upstream (``release`` hands
+    it back), the labels its requests are counted and logged with, and the field lines
+    added to each."""
+
+    upstream: Stream
+    release: Release
+    labels: dict[str, str]
+    add: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Relay:
     """Lets the C pump's HTTP relay serve a connection's plain requests (see
-    ``NativePump.relay``): each is forwarded to the upstream ``acquire`` gives, with the
-    hop-by-hop fields and those named in ``drop`` removed and the lines in ``add`` added
-    (what ``decide`` would make of it: the caller keeps the two true to each other), and
-    is counted and logged with ``labels``. Requests and responses the relay does not
-    take are served in Python as before, through ``decide``."""
+    ``NativePump.relay``). At each request boundary ``start`` says where the next
+    requests go (None: not now, Python serves the next one); the relay forwards each
+    with the hop-by-hop fields and those named in ``drop`` removed, ids added when
+    ``gen_ids`` and the session's lines added: what ``decide`` would make of it (the
+    caller keeps the two true to each other). Requests with a field named in
+    ``refuse``, and whatever else the relay does not take, are served in Python
+    through ``decide``. After ``max_requests`` (0: no limit) ``start`` is asked
+    again, so a per-request choice (weights, balancing) is made again that often;
+    ``on_record`` is called for every request the relay served."""
 
-    acquire: Callable[[], Awaitable[tuple[Stream, Release] | None]]  # None: cannot now
-    labels: dict[str, str]
+    start: Callable[[], Awaitable[RelaySession | None]]
     drop: tuple[bytes, ...] = ()
-    add: bytes = b""
+    refuse: tuple[bytes, ...] = ()
+    gen_ids: bool = False
+    max_requests: int = 0
+    on_record: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -346,15 +373,17 @@ class _Relaying:
         self.log_fields = log_fields
         self.access_fields = {**log_fields, "attempts": 1}
 
-    def record(self, record: Record) -> None:
+    def record(self, labels: dict[str, str], record: Record) -> None:
         """One exchange the relay finished: metrics and access log, as Python's own."""
         status, sent, received, seconds, method, path, request_id = record
-        labels = self.relay.labels
-        if request_id is not None:
-            labels = {**labels, "request_id": request_id.decode("latin-1")}
         if self.stats is not None:
             self.stats.record(labels, status, seconds)
-        _access(method, path, status, sent, received, seconds, labels, self.access_fields)
+        if self.relay.on_record is not None:
+            self.relay.on_record()
+        if access_log.enabled("info"):
+            if request_id is not None:
+                labels = {**labels, "request_id": request_id.decode("latin-1")}
+            _access(method, path, status, sent, received, seconds, labels, self.access_fields)
 
     async def serve(self, downstream: Stream) -> tuple[_Reader, Forward | None] | None:
         """Relay requests from a request boundary. Returns None when the connection is
@@ -364,10 +393,10 @@ class _Relaying:
         relay, initial = self.relay, b""
         while True:
             down_end = stream_end(downstream)
-            acquired = None if down_end is None else await relay.acquire()
-            if down_end is None or acquired is None:
+            session = None if down_end is None else await relay.start()
+            if down_end is None or session is None:
                 return _Reader(downstream, RequestParser(), initial), None
-            upstream, release = acquired
+            upstream, release = session.upstream, session.release
             up_end = stream_end(upstream)
             try:
                 if up_end is None:
@@ -379,10 +408,14 @@ class _Relaying:
                     hold_seconds=min(RELAY_HOLD_SECONDS, self.idle_seconds),
                     head_seconds=self.head_seconds,
                     drop=relay.drop,
-                    add=relay.add,
-                    on_record=self.record,
+                    add=session.add,
+                    on_record=functools.partial(self.record, session.labels),
                     stop_when=functools.partial(self.drain.idle, listener=self.listener),
                     initial=initial,
+                    refuse=relay.refuse,
+                    gen_ids=relay.gen_ids,
+                    max_requests=relay.max_requests,
+                    on_first_read=_first_read(upstream),
                 )
             except NativeRefused as exc:
                 log_refusal(_RELAY_REFUSED, str(exc))
@@ -395,15 +428,15 @@ class _Relaying:
             outcome = end.outcome
             if outcome is RelayOutcome.RESPONSE:  # the request went up: Python relays the answer
                 resumed = Forward(
-                    upstream, release, b"", (), labels=relay.labels, resumed=end
+                    upstream, release, b"", (), labels=session.labels, resumed=end
                 )
                 return _Reader(downstream, RequestParser(), end.downstream), resumed
             with trio.CancelScope(shield=True):
                 await release(end.upstream_reusable)
             if outcome is RelayOutcome.REQUEST:  # one the relay does not take
                 return _Reader(downstream, RequestParser(), end.downstream), None
-            if outcome is RelayOutcome.UPSTREAM_SPENT:  # the next request needs another upstream
-                initial = end.downstream
+            if outcome in (RelayOutcome.UPSTREAM_SPENT, RelayOutcome.RENEW):
+                initial = end.downstream  # the next request: another upstream, or decision
                 continue
             if outcome is RelayOutcome.HEAD_TIMEOUT:
                 text = f"the request head did not arrive within {self.head_seconds}s"
@@ -425,10 +458,19 @@ class _Relaying:
         return not waiting.cancelled_caught
 
 
+def _first_read(stream: Stream) -> Callable[[], None] | None:
+    """What to call once a new TLS client connection's first bytes came (its session
+    is offered for resumption then), or None when nothing waits for them."""
+    if isinstance(stream, SslSocketStream) and stream.wants_first_read:
+        return stream.first_read
+    return None
+
+
 def _resumed(resume: Forward, head: RequestHead) -> Decide:
     """The decision for an exchange the C relay handed back (its request already sent)."""
     labels = resume.labels
-    request_id = get_header(head.headers, b"x-request-id")
+    assert resume.resumed is not None
+    request_id = resume.resumed.request_id or get_header(head.headers, b"x-request-id")
     if request_id is not None:
         labels = {**labels, "request_id": request_id.decode("latin-1")}
     forward = dataclasses.replace(resume, target=head.target, headers=head.headers, labels=labels)

@@ -38,6 +38,7 @@ from meshagent.dataplane.http_proxy import (
     SOURCE_HEADER,
     Forward,
     Relay,
+    RelaySession,
     Release,
     Respond,
     Stream,
@@ -148,22 +149,23 @@ async def _serve_app_http(
             labels=labels,
         )
 
-    async def acquire() -> tuple[trio.abc.Stream, Release] | None:
+    # The C relay makes of a plain request what decide does: mesh_request_headers.
+    relay_labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
+    add = b""
+    if source is not None:
+        relay_labels["source"] = source
+        add = SOURCE_HEADER + b": " + source.encode() + b"\r\n"
+
+    async def start() -> RelaySession | None:
         try:
             upstream, _ = await app.pool.acquire("app")
         except DataplaneError:
             return None  # decide answers the request with why
-        return upstream, app.releaser(upstream)
+        return RelaySession(upstream, app.releaser(upstream), relay_labels, add)
 
-    # The C relay makes of a plain request what decide does: mesh_request_headers.
     relay = None
     if source is None or _SERVICE_NAME.fullmatch(source):
-        relay_labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
-        add = b""
-        if source is not None:
-            relay_labels["source"] = source
-            add = SOURCE_HEADER + b": " + source.encode() + b"\r\n"
-        relay = Relay(acquire, relay_labels, drop=(SOURCE_HEADER,), add=add)
+        relay = Relay(start, drop=(SOURCE_HEADER,))
 
     await serve_http(
         downstream,

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from meshagent.dataplane.http_outbound import RELAY_REQUESTS
 from meshagent.dataplane.nativepump import ENV_SWITCH
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import TlsContexts
@@ -478,21 +479,30 @@ async def relayed(agent: DataplaneHandle, want: dict[int, int]) -> dict[int, int
     return pump.relayed
 
 
+# A rule on the path, even one every request matches, keeps an outbound's requests in
+# Python (the C relay takes only request-independent routes): its bodies then go through
+# http_proxy's copies.
+ROUTED = OutboundRoutes(rules=(
+    RouteRule(route="all", match=HttpMatch(path_prefix="/"), backends=(Backend(service="orders"),)),
+))
+
+
 async def start_raw_bodies_mesh(
-    nursery: trio.Nursery, ca: MeshCa
+    nursery: trio.Nursery, ca: MeshCa, routes: OutboundRoutes | None = ROUTED
 ) -> tuple[int, DataplaneHandle, DataplaneHandle]:
     """raw_bodies_app behind an inbound, and an outbound to it: (outbound port, the
     outbound agent, the inbound agent)."""
     app_port = await nursery.start(serve_app, raw_bodies_app)
     inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
-    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)], routes)
     return web_port, web, inbound
 
 
+@pytest.mark.parametrize("routes", [ROUTED, None], ids=["python outbound", "relayed outbound"])
 async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connections(
-    nursery: trio.Nursery, ca: MeshCa, pump: str
+    nursery: trio.Nursery, ca: MeshCa, pump: str, routes: OutboundRoutes | None
 ) -> None:
-    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca)
+    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca, routes)
     sizes = [5, 1_000_000, 70_000, 3_000_000, 0, 100]  # two over NATIVE_BODY_BYTES after a chunk
     async with client(web_port) as http:
         for size in sizes:
@@ -501,13 +511,18 @@ async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connection
             assert response.content == pattern(size), size
     # one client connection, one mTLS connection between the agents, for all of them
     assert inbound.context.counters.accepted == 1
-    # The outbound copies the two big bodies in C; the inbound's C relay serves all six.
-    if pump == "native":
-        assert web.context.pump is not None and inbound.context.pump is not None
-        assert web.context.pump.copies == 2 and web.context.pump.relayed == {}
-        assert await relayed(inbound, {200: len(sizes)}) == {200: len(sizes)}
-    else:
+    if pump == "python":
         assert web.context.pump is None and inbound.context.pump is None
+        return
+    # The inbound's C relay serves all six. The outbound's serves them too, or, with a
+    # route on the path, Python does and copies the two big bodies in C.
+    assert web.context.pump is not None and inbound.context.pump is not None
+    assert await relayed(inbound, {200: len(sizes)}) == {200: len(sizes)}
+    if routes is None:
+        assert await relayed(web, {200: len(sizes)}) == {200: len(sizes)}
+        assert web.context.pump.copies == 0
+    else:
+        assert web.context.pump.copies == 2 and web.context.pump.relayed == {}
 
 
 async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
@@ -520,9 +535,38 @@ async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
     async with client(web_port) as http:
         response = await http.get("/big/1000000")
         assert response.content == pattern(1_000_000)
-    assert web.context.pump is not None and web.context.pump.copies == 1
+    assert web.context.pump is not None and web.context.pump.copies == 1  # ROUTED: Python
     # the inbound's relay counts the cut one as Python does (502), and ends its connection
     assert await relayed(inbound, {502: 1, 200: 1}) == {502: 1, 200: 1}
+
+
+async def test_the_outbound_relay_chooses_the_endpoint_again_every_relay_requests(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    a_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    b_port, _ = await start_app_agent(nursery, ca, "orders-b")
+    web_port, web = await start_web(nursery, ca, [ep(a_port), ep(b_port)])
+    async with client(web_port) as http:
+        apps = [(await http.get(f"/n/{n}")).json()["app"] for n in range(3 * RELAY_REQUESTS)]
+    # one choice per RELAY_REQUESTS requests of a connection, the balancer's round robin
+    blocks = [apps[n : n + RELAY_REQUESTS] for n in range(0, len(apps), RELAY_REQUESTS)]
+    assert [len(set(block)) for block in blocks] == [1, 1, 1], apps
+    assert blocks[0][0] != blocks[1][0] and blocks[0][0] == blocks[2][0]
+    assert await relayed(web, {200: len(apps)}) == {200: len(apps)}
+
+
+async def test_a_body_cut_short_in_both_relays_cuts_the_client_only(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca, routes=None)
+    async with client(web_port) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get("/cut")
+    async with client(web_port) as http:
+        response = await http.get("/big/1000000")
+        assert response.content == pattern(1_000_000)
+    for agent in (web, inbound):
+        assert await relayed(agent, {502: 1, 200: 1}) == {502: 1, 200: 1}
 
 
 async def test_big_request_bodies_move_in_the_c_pump_and_an_early_answer_still_comes_back(
