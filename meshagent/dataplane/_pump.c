@@ -744,6 +744,8 @@ static void discard(Engine *eng, conn_t *c) {
 #define RELAY_LINE (8 * 1024)  /* the longest start line (Python's limit: 414 beyond) */
 #define RELAY_FIELDS 100       /* the most fields (Python's limit: 431 beyond) */
 #define RECORDS_MAX 65536      /* records held for records(); more are counted, dropped */
+#define RELAY_IN_FIRST 4096    /* the buffers start this small, and double when full */
+#define RELAY_HEAD_FIRST 2048
 
 enum { R_REQUEST, R_SEND, R_RESPONSE, R_REPLY, R_BODY };
 enum {
@@ -776,9 +778,9 @@ typedef struct relay {
     /* state */
     int state, stop, outcome, up_keep;
     char *in;           /* downstream bytes: the current request at in[0:req_len], then more */
-    size_t in_len, req_len;
+    size_t in_len, in_cap, req_len;
     char *resp;         /* upstream bytes of a response head not complete yet */
-    size_t resp_len;
+    size_t resp_len, resp_cap;
     char *out;          /* a head (and body bytes) to write next */
     size_t out_len;
     int out_started;    /* out was given to flush(): the rest, if any, is in the dir's buf */
@@ -1158,6 +1160,18 @@ static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
     r->state = R_SEND;
 }
 
+/* Room for more in a relay buffer: doubled up to max. 0 when it is at max already (or
+ * out of memory): the relay hands over to Python. */
+static int more_room(char **buf, size_t *cap, size_t max) {
+    if (*cap >= max) return 0;
+    size_t bigger = *cap * 2 < max ? *cap * 2 : max;
+    char *p = realloc(*buf, bigger);
+    if (p == NULL) return 0;
+    *buf = p;
+    *cap = bigger;
+    return 1;
+}
+
 /* R_REQUEST: read until a request is complete. 1 progress, 0 blocked, -1 ended. */
 static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
@@ -1177,11 +1191,12 @@ static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
     } else if (r->stop) {
         return relay_end(eng, c, RELAY_STOPPED);
     }
-    if (r->in_len == RELAY_IN) return relay_end(eng, c, RELAY_REQUEST);
     if (!c->a.rd) return 0;
+    if (r->in_len == r->in_cap && !more_room(&r->in, &r->in_cap, RELAY_IN))
+        return relay_end(eng, c, RELAY_REQUEST);
     size_t got = 0;
     dir_t reading = {0}; /* side_read's wait bookkeeping: the relay waits on a.rd itself */
-    int rr = side_read(&reading, &c->a, r->in + r->in_len, RELAY_IN - r->in_len, &got, err);
+    int rr = side_read(&reading, &c->a, r->in + r->in_len, r->in_cap - r->in_len, &got, err);
     if (rr == 0) return 0;
     if (rr < 0) /* dropped between or inside requests: Python ends it quietly, as its own */
         return relay_end(eng, c, RELAY_CLOSED);
@@ -1237,11 +1252,12 @@ static int relay_send(Engine *eng, conn_t *c, error_t_ *err) {
 static int relay_response(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
     if (!r->resp_unread) { /* bytes read before a FIRST_READ pause are looked at first */
-        if (r->resp_len == RELAY_HEAD) return relay_hand_response(eng, c, NULL);
         if (!c->b.rd) return 0;
+        if (r->resp_len == r->resp_cap && !more_room(&r->resp, &r->resp_cap, RELAY_HEAD))
+            return relay_hand_response(eng, c, NULL);
         size_t got = 0;
         dir_t reading = {0};
-        int rr = side_read(&reading, &c->b, r->resp + r->resp_len, RELAY_HEAD - r->resp_len,
+        int rr = side_read(&reading, &c->b, r->resp + r->resp_len, r->resp_cap - r->resp_len,
                            &got, err);
         if (rr == 0) return 0;
         if (rr < 0) return relay_hand_response(eng, c, err->text);
@@ -1937,8 +1953,10 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
         return PyErr_NoMemory();
     }
     c->relay = r;
-    r->in = malloc(RELAY_IN);
-    r->resp = malloc(RELAY_HEAD);
+    r->in_cap = (size_t)initial_len > RELAY_IN_FIRST ? RELAY_IN : RELAY_IN_FIRST;
+    r->resp_cap = RELAY_HEAD_FIRST;
+    r->in = malloc(r->in_cap);
+    r->resp = malloc(r->resp_cap);
     if (r->in == NULL || r->resp == NULL) {
         Py_DECREF(none);
         PyErr_NoMemory();
@@ -2012,8 +2030,8 @@ static PyObject *Engine_records(Engine *self, PyObject *unused) {
     for (size_t i = 0; i < n; i++) {
         record_t *rec = &recs[i];
         PyObject *item = Py_BuildValue(
-            "(KiKKdssy)", rec->handle, rec->status, rec->bytes_in, rec->bytes_out, rec->seconds,
-            rec->method, rec->path != NULL ? rec->path : "", rec->request_id);
+            "(K(iKKdssy))", rec->handle, rec->status, rec->bytes_in, rec->bytes_out,
+            rec->seconds, rec->method, rec->path != NULL ? rec->path : "", rec->request_id);
         if (item == NULL) {
             Py_DECREF(list);
             free_records(recs, n);
@@ -2260,8 +2278,8 @@ static PyMethodDef Engine_methods[] = {
     {"records_fileno", (PyCFunction)Engine_records_fileno, METH_NOARGS,
      "An eventfd, readable when records() has entries."},
     {"records", (PyCFunction)Engine_records, METH_NOARGS,
-     "records() -> ([(handle, status, bytes_in, bytes_out, seconds, method, path, "
-     "request_id)], dropped): the relays' finished exchanges since the last call, and how "
+     "records() -> ([(handle, (status, bytes_in, bytes_out, seconds, method, path, "
+     "request_id))], dropped): the relays' finished exchanges since the last call, and how "
      "many were dropped because none called for them."},
     {NULL, NULL, 0, NULL},
 };

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -100,23 +101,33 @@ class HttpStats:
     latency: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     def record(self, labels: dict[str, str], status: int, seconds: float) -> None:
+        self.record_many(labels, ((status, seconds),))
+
+    def record_many(self, labels: dict[str, str], answers: Iterable[tuple[int, float]]) -> None:
+        """(status, seconds) of requests with the same labels (the C relay's batches:
+        the labels are looked up once)."""
         destination, route = labels.get("destination", ""), labels.get("route", "")
-        key = (
-            destination,
-            route,
-            labels.get("subset", ""),
-            labels.get("source", ""),
-            f"{status // 100}xx",
-        )
-        self.requests[key] = self.requests.get(key, 0) + 1
+        subset, source = labels.get("subset", ""), labels.get("source", "")
         slot = self.latency.get((destination, route))
         if slot is None:  # buckets..., +Inf, sum
             slot = self.latency[(destination, route)] = [0.0] * (len(LATENCY_BUCKETS_SECONDS) + 2)
-        for n, bound in enumerate(LATENCY_BUCKETS_SECONDS):
-            if seconds <= bound:
-                slot[n] += 1
-        slot[-2] += 1
-        slot[-1] += seconds
+        classes: dict[int, int] = {}
+        first_bucket = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)  # by the first that holds it
+        count, total = 0, 0.0
+        for status, seconds in answers:
+            classes[status // 100] = classes.get(status // 100, 0) + 1
+            first_bucket[bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
+            count += 1
+            total += seconds
+        for status_class, n in classes.items():
+            key = (destination, route, subset, source, f"{status_class}xx")
+            self.requests[key] = self.requests.get(key, 0) + n
+        cumulative = 0
+        for n in range(len(LATENCY_BUCKETS_SECONDS)):
+            cumulative += first_bucket[n]
+            slot[n] += cumulative
+        slot[-2] += count
+        slot[-1] += total
 
 
 class Drain:

@@ -273,7 +273,7 @@ async def handle_http_outbound(
         refuse=(FORWARDED_FOR, FORWARDED),
         gen_ids=True,
         max_requests=RELAY_REQUESTS,
-        on_record=lambda: state.budget.record_request(trio.current_time()),
+        on_records=lambda count: state.budget.record_request(trio.current_time(), count),
     )
 
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client):

@@ -243,14 +243,14 @@ class Relay:
     ``refuse``, and whatever else the relay does not take, are served in Python
     through ``decide``. After ``max_requests`` (0: no limit) ``start`` is asked
     again, so a per-request choice (weights, balancing) is made again that often;
-    ``on_record`` is called for every request the relay served."""
+    ``on_records`` is told how many requests the relay served, batch by batch."""
 
     start: Callable[[], Awaitable[RelaySession | None]]
     drop: tuple[bytes, ...] = ()
     refuse: tuple[bytes, ...] = ()
     gen_ids: bool = False
     max_requests: int = 0
-    on_record: Callable[[], None] | None = None
+    on_records: Callable[[int], None] | None = None
 
 
 @dataclass(slots=True)
@@ -373,17 +373,19 @@ class _Relaying:
         self.log_fields = log_fields
         self.access_fields = {**log_fields, "attempts": 1}
 
-    def record(self, labels: dict[str, str], record: Record) -> None:
-        """One exchange the relay finished: metrics and access log, as Python's own."""
-        status, sent, received, seconds, method, path, request_id = record
+    def records(self, labels: dict[str, str], batch: list[Record]) -> None:
+        """Exchanges the relay finished: metrics and access log, as Python's own."""
         if self.stats is not None:
-            self.stats.record(labels, status, seconds)
-        if self.relay.on_record is not None:
-            self.relay.on_record()
-        if access_log.enabled("info"):
+            self.stats.record_many(labels, [(record[0], record[3]) for record in batch])
+        if self.relay.on_records is not None:
+            self.relay.on_records(len(batch))
+        if not access_log.enabled("info"):
+            return
+        for status, sent, received, seconds, method, path, request_id in batch:
+            fields = labels
             if request_id is not None:
-                labels = {**labels, "request_id": request_id.decode("latin-1")}
-            _access(method, path, status, sent, received, seconds, labels, self.access_fields)
+                fields = {**labels, "request_id": request_id.decode("latin-1")}
+            _access(method, path, status, sent, received, seconds, fields, self.access_fields)
 
     async def serve(self, downstream: Stream) -> tuple[_Reader, Forward | None] | None:
         """Relay requests from a request boundary. Returns None when the connection is
@@ -409,7 +411,7 @@ class _Relaying:
                     head_seconds=self.head_seconds,
                     drop=relay.drop,
                     add=session.add,
-                    on_record=functools.partial(self.record, session.labels),
+                    on_records=functools.partial(self.records, session.labels),
                     stop_when=functools.partial(self.drain.idle, listener=self.listener),
                     initial=initial,
                     refuse=relay.refuse,

@@ -61,7 +61,7 @@ except ImportError:  # built without a C compiler: the Python pump serves
 ENV_SWITCH: Final = "MESHAGENT_NATIVE_PUMP"
 # Relayed exchanges reach the metrics and the access log in batches: the engine's thread
 # wakes trio at most this often for them (ends of connections wake it at once).
-RECORDS_SECONDS: Final = 0.05
+RECORDS_SECONDS: Final = 0.02
 
 log = get_logger("dataplane")
 _refusals_logged: set[str] = set()
@@ -163,13 +163,13 @@ Record = tuple[int, int, int, float, str, str, bytes | None]
 
 class _Waiter:
     __slots__ = (
-        "counts", "done", "error", "event", "expired", "on_first_read", "on_record", "relay_end",
+        "counts", "done", "error", "event", "expired", "on_first_read", "on_records", "relay_end",
     )
 
     def __init__(
         self,
         on_first_read: Callable[[], None] | None,
-        on_record: Callable[[Record], None] | None = None,
+        on_records: Callable[[list[Record]], None] | None = None,
     ) -> None:
         self.event = trio.Event()
         self.done = False
@@ -177,7 +177,7 @@ class _Waiter:
         self.counts = (0, 0)
         self.error: BaseException | None = None
         self.on_first_read = on_first_read
-        self.on_record = on_record
+        self.on_records = on_records
         self.relay_end: RelayEnd | None = None
 
 
@@ -239,13 +239,19 @@ class NativePump:
         records, dropped = self._engine.records()
         if dropped:
             log.warning("relayed requests left out of metrics and access log", count=dropped)
-        waiters = self._waiters
+        batches: dict[int, list[Record]] = {}  # by relay, in the order they finished
         relayed = self.relayed
-        for handle, *record in records:
+        for handle, record in records:
+            batch = batches.get(handle)
+            if batch is None:
+                batch = batches[handle] = []
+            batch.append(record)
             relayed[record[0]] = relayed.get(record[0], 0) + 1
+        waiters = self._waiters
+        for handle, batch in batches.items():
             waiter = waiters.get(handle)
-            if waiter is not None and waiter.on_record is not None:
-                waiter.on_record(tuple(record))
+            if waiter is not None and waiter.on_records is not None:
+                waiter.on_records(batch)
 
     def _finished(
         self,
@@ -356,7 +362,7 @@ class NativePump:
         head_seconds: float,
         drop: tuple[bytes, ...],
         add: bytes,
-        on_record: Callable[[Record], None],
+        on_records: Callable[[list[Record]], None],
         stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]],
         initial: bytes = b"",
         refuse: tuple[bytes, ...] = (),
@@ -366,8 +372,8 @@ class NativePump:
     ) -> RelayEnd:
         """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
         (``initial``: downstream bytes already read), until the engine gives both back
-        (see ``RelayEnd`` and the relay's comment in ``_pump.c``). Every exchange it
-        finishes goes to ``on_record``, soon after and before this returns.
+        (see ``RelayEnd`` and the relay's comment in ``_pump.c``). The exchanges it
+        finishes go to ``on_records``, in batches, soon after and before this returns.
 
         Args:
             drop: names of fields dropped from each request (besides the hop-by-hop ones).
@@ -397,7 +403,7 @@ class NativePump:
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = self._waiters[handle] = _Waiter(on_first_read, on_record)
+        waiter = self._waiters[handle] = _Waiter(on_first_read, on_records)
         try:
             with trio.CancelScope() as stop, stop_when(stop):
                 await waiter.event.wait()

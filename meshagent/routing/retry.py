@@ -10,6 +10,7 @@ stays bounded at ``budget_percent`` instead of multiplying by the attempt count.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -56,9 +57,13 @@ class RetryBudget:
             while times and times[0] <= edge:
                 times.popleft()
 
-    def record_request(self, now: float) -> None:
+    def record_request(self, now: float, count: int = 1) -> None:
+        """``count`` requests (first tries) at ``now``."""
         self._trim(now)
-        self._requests.append(now)
+        if count == 1:
+            self._requests.append(now)
+        else:
+            self._requests.extend(itertools.repeat(now, count))
 
     def try_spend(self, rule: RetryRule, now: float) -> bool:
         """Take one retry from the budget if there is one left."""

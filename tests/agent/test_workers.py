@@ -135,3 +135,20 @@ def test_copy_stats_is_a_snapshot_later_traffic_does_not_touch() -> None:
     ctx.listener_counters("inbound:orders").accepted = 6
     assert by_listener["inbound:orders"].accepted == 5
     assert http.requests == {}
+
+
+def test_http_stats_count_a_batch_as_its_requests_one_by_one() -> None:
+    labels = {"destination": "orders", "route": "r", "subset": "v1", "source": "web"}
+    answers = [(200, 0.0005), (200, 0.001), (404, 0.0011), (503, 3.0), (200, 99.0), (101, 0.1)]
+    batch, single = HttpStats(), HttpStats()
+    batch.record_many(labels, answers)
+    for status, seconds in answers:  # the reference: every bucket whose bound holds it
+        key = ("orders", "r", "v1", "web", f"{status // 100}xx")
+        single.requests[key] = single.requests.get(key, 0) + 1
+        slot = single.latency.setdefault(("orders", "r"), [0.0] * (len(LATENCY_BUCKETS_SECONDS) + 2))
+        for n, bound in enumerate(LATENCY_BUCKETS_SECONDS):
+            slot[n] += seconds <= bound
+        slot[-2] += 1
+        slot[-1] += seconds
+    assert batch.requests == single.requests
+    assert batch.latency == single.latency

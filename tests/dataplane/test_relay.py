@@ -58,7 +58,7 @@ class Rig:
         edits = {"drop": (b"x-meshagent-source",), "add": ADD, **options}
         return await pump.relay(
             down, up, idle_seconds=idle, hold_seconds=hold, head_seconds=head,
-            on_record=self.records.append,
+            on_records=self.records.extend,
             stop_when=functools.partial(self.drain.idle, listener="in"), initial=initial,
             **edits,
         )
@@ -384,3 +384,19 @@ async def test_an_outbound_relay_adds_ids_and_forwarded_for_then_renews(
         with trio.fail_after(5):
             end = await r.relay(pump, initial=outcome[0].downstream, **outbound)
         assert end.outcome is RelayOutcome.REQUEST and end.downstream == third
+
+
+async def test_its_buffers_grow_to_a_request_of_64_kib_and_a_head_of_16(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    body = os.urandom(60_000)  # the buffers start at 4 KiB (requests) and 2 KiB (heads)
+    cookie = b"Set-Cookie: " + b"c" * 12_000
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(r.relay, pump))
+        await r.caller.send_all(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 60000\r\n\r\n" + body)
+        seen = await read_until(r.app, body[-100:])
+        assert seen.endswith(b"\r\n\r\n" + body)
+        await r.app.send_all(ok(b"done", cookie))
+        assert await read_until(r.caller, b"done") == ok(b"done", cookie)
+        await r.caller.aclose()  # the relay ends (its records first)
+    assert [(rec[0], rec[1]) for rec in r.records] == [(200, 60_000)]

@@ -47,3 +47,10 @@ def test_idempotent_methods() -> None:
     rule = RetryRule()
     assert rule.may_retry_method(b"GET") and not rule.may_retry_method(b"POST")
     assert RetryRule(idempotent_only=False).may_retry_method(b"POST")
+
+
+def test_budget_counts_a_batch_of_requests_as_many() -> None:
+    rule = RetryRule(budget_percent=10, min_retries_per_second=0)
+    budget = RetryBudget(window_seconds=10)
+    budget.record_request(0, count=50)  # the C relay's requests arrive in batches
+    assert sum(budget.try_spend(rule, 0) for _ in range(10)) == 5
