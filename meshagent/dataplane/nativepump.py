@@ -403,19 +403,7 @@ class NativePump:
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = self._waiters[handle] = _Waiter(on_first_read, on_records)
-        try:
-            with trio.CancelScope() as stop, stop_when(stop):
-                await waiter.event.wait()
-            if not waiter.done:  # asked to stop: at the next boundary
-                self._engine.relay_stop(handle)
-                await waiter.event.wait()
-        finally:
-            if not waiter.done:
-                del self._waiters[handle]
-                self._engine.remove(handle)
-        if waiter.error is not None:
-            raise waiter.error
+        waiter = await self._wait(handle, _Waiter(on_first_read, on_records), stop_when)
         if waiter.relay_end is None or waiter.expired:
             raise trio.BrokenResourceError(
                 f"no byte moved for {idle_seconds:g}s in the middle of an HTTP exchange"
@@ -439,9 +427,28 @@ class NativePump:
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = self._waiters[handle] = _Waiter(on_first_read)
+        return await self._wait(handle, _Waiter(on_first_read))
+
+    async def _wait(
+        self,
+        handle: int,
+        waiter: _Waiter,
+        stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]] | None = None,
+    ) -> _Waiter:
+        """Wait for the end of what the engine runs as ``handle``; raise what it failed
+        with. Cancelled, it is taken back from the engine. ``stop_when`` (a relay): once
+        the scope it registers is cancelled, the relay stops at its next boundary, and
+        this waits for that."""
+        self._waiters[handle] = waiter
         try:
-            await waiter.event.wait()
+            if stop_when is None:
+                await waiter.event.wait()
+            else:
+                with trio.CancelScope() as stop, stop_when(stop):
+                    await waiter.event.wait()
+                if not waiter.done:  # asked to stop: at the next boundary
+                    self._engine.relay_stop(handle)
+                    await waiter.event.wait()
         finally:
             if not waiter.done:
                 del self._waiters[handle]
