@@ -734,7 +734,7 @@ static void discard(Engine *eng, conn_t *c) {
  * drain: RELAY_STOPPED), when a head takes more than head_seconds (RELAY_HEAD_TIMEOUT:
  * Python answers 408), after an exchange that closes the downstream (RELAY_CLOSE) and
  * after one that leaves the upstream unusable (RELAY_UPSTREAM_SPENT), and after
- * max_requests exchanges (RELAY_RENEW: an outbound chooses its upstream again). A
+ * max_requests exchanges or max_seconds (RELAY_RENEW: an outbound chooses again). A
  * failure after the response head went down is DONE_ERROR (Python closes both, as it
  * would), and no byte moved for idle seconds in the middle of an exchange is DONE_IDLE.
  */
@@ -775,6 +775,7 @@ typedef struct relay {
     edits_t edits;
     double hold, head_seconds;
     unsigned long long max_requests, served; /* a session's limit (0: none), and count */
+    double renew_at; /* RENEW at the first boundary from then (0: never) */
     /* state */
     int state, stop, outcome, up_keep;
     char *in;           /* downstream bytes: the current request at in[0:req_len], then more */
@@ -1190,6 +1191,8 @@ static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
         }
     } else if (r->stop) {
         return relay_end(eng, c, RELAY_STOPPED);
+    } else if (r->renew_at != 0 && now_seconds() >= r->renew_at) {
+        return relay_end(eng, c, RELAY_RENEW); /* before a new request: Python chooses */
     }
     if (!c->a.rd) return 0;
     if (r->in_len == r->in_cap && !more_room(&r->in, &r->in_cap, RELAY_IN))
@@ -1915,17 +1918,17 @@ static int edits_config(edits_t *e, PyObject *drop, PyObject *refuse, const char
 static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"a_fd", "a_ssl", "a_kind", "b_fd", "b_ssl", "b_kind", "idle",
                              "hold", "head_seconds", "drop", "add", "initial", "refuse",
-                             "gen_ids", "max_requests", "notify_first", NULL};
+                             "gen_ids", "max_requests", "notify_first", "max_seconds", NULL};
     int afd, akind, bfd, bkind, gen_ids = 0, notify = 0;
     PyObject *assl, *bssl, *drop = NULL, *refuse = NULL;
-    double idle, hold, head_seconds;
+    double idle, hold, head_seconds, max_seconds = 0;
     const char *add = "", *initial = "";
     Py_ssize_t add_len = 0, initial_len = 0;
     unsigned long long max_requests = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKp", kwlist, &afd, &assl,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpd", kwlist, &afd, &assl,
                                      &akind, &bfd, &bssl, &bkind, &idle, &hold, &head_seconds,
                                      &drop, &add, &add_len, &initial, &initial_len, &refuse,
-                                     &gen_ids, &max_requests, &notify))
+                                     &gen_ids, &max_requests, &notify, &max_seconds))
         return NULL;
     PyObject *none = PyTuple_New(0);
     if (none == NULL) return NULL;
@@ -1939,6 +1942,8 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
         problem = "two distinct open descriptors are needed";
     else if (!(idle > 0) || !(hold > 0) || !(head_seconds > 0))
         problem = "idle, hold and head_seconds must be > 0 seconds";
+    else if (!(max_seconds >= 0))
+        problem = "max_seconds must be >= 0 (0: no limit)";
     if (problem != NULL) {
         Py_DECREF(none);
         PyErr_SetString(PyExc_ValueError, problem);
@@ -1983,6 +1988,7 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     memcpy(r->in, initial, (size_t)initial_len);
     r->in_len = (size_t)initial_len;
     r->head_started = c->last;
+    r->renew_at = max_seconds > 0 ? c->last + max_seconds : 0;
     return enlist(self, c, afd, bfd);
 fail:
     relay_free(r);
@@ -2264,12 +2270,13 @@ static PyMethodDef Engine_methods[] = {
     {"relay", (PyCFunction)(void (*)(void))Engine_relay, METH_VARARGS | METH_KEYWORDS,
      "relay(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, hold, head_seconds, *, "
      "drop=(), add=b'', initial=b'', refuse=(), gen_ids=False, max_requests=0, "
-     "notify_first=False) -> handle\n\n"
+     "notify_first=False, max_seconds=0) -> handle\n\n"
      "Serve HTTP/1.1 requests from a (downstream) to b (upstream) at a request boundary, "
      "dropping the fields named in drop (bytes), adding x-request-id and traceparent "
      "when missing (gen_ids) and the lines in add, leaving to Python the requests with a "
      "field named in refuse (initial: downstream bytes already read), "
-     "until one it does not take, hold seconds without a request, max_requests served, or "
+     "until one it does not take, hold seconds without a request, max_requests served or "
+     "max_seconds passed (RENEW), or "
      "relay_stop(); with notify_first, b's first bytes are reported as for add(). Its "
      "collect() entry ends with (outcome, downstream_bytes, response_bytes, "
      "upstream_reusable, upstream_error, request_id); see the relay's comment in _pump.c."},

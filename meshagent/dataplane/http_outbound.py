@@ -46,10 +46,13 @@ log = get_logger("outbound")
 
 REQUEST_ID = b"x-request-id"
 TRACEPARENT = b"traceparent"
-# Requests the C relay serves before the route's choices (a backend by weight, an
-# endpoint by the balancer) are made again for that connection: the price of a choice
-# per request in Python, spread over this many.
-RELAY_REQUESTS = 32
+# The C relay serves a connection's requests on one choice of the route's (a backend by
+# weight, an endpoint by the balancer, from the snapshot in force) for at most this many
+# requests and this long (from the first boundary after it), then the choice is made
+# again: the price of a choice per request in Python, spread over many. A weight change
+# or a rollback reaches every busy connection within a second.
+RELAY_REQUESTS = 128
+RELAY_SECONDS = 1.0
 
 
 class HttpOutbound:
@@ -228,7 +231,7 @@ async def handle_http_outbound(
         )
 
     async def start() -> RelaySession | None:
-        """Where the C relay sends the next requests (RELAY_REQUESTS at most): what
+        """Where the C relay sends the next requests (RELAY_REQUESTS, RELAY_SECONDS): what
         decide would choose for every one of them, or None when that depends on the
         request or needs Python (retries, timeouts, no endpoint, a failed connect)."""
         snapshot = ctx.source.current
@@ -273,6 +276,7 @@ async def handle_http_outbound(
         refuse=(FORWARDED_FOR, FORWARDED),
         gen_ids=True,
         max_requests=RELAY_REQUESTS,
+        max_seconds=RELAY_SECONDS,
         on_records=lambda count: state.budget.record_request(trio.current_time(), count),
     )
 

@@ -241,8 +241,10 @@ class Relay:
     ``gen_ids`` and the session's lines added: what ``decide`` would make of it (the
     caller keeps the two true to each other). Requests with a field named in
     ``refuse``, and whatever else the relay does not take, are served in Python
-    through ``decide``. After ``max_requests`` (0: no limit) ``start`` is asked
-    again, so a per-request choice (weights, balancing) is made again that often;
+    through ``decide``. After ``max_requests``, or at the first boundary
+    ``max_seconds`` after the start (0: no limit), ``start`` is asked again, so a
+    per-request choice (weights, balancing, the snapshot in force) is made again that
+    often;
     ``on_records`` is told how many requests the relay served, batch by batch."""
 
     start: Callable[[], Awaitable[RelaySession | None]]
@@ -250,6 +252,7 @@ class Relay:
     refuse: tuple[bytes, ...] = ()
     gen_ids: bool = False
     max_requests: int = 0
+    max_seconds: float = 0
     on_records: Callable[[int], None] | None = None
 
 
@@ -417,6 +420,7 @@ class _Relaying:
                     refuse=relay.refuse,
                     gen_ids=relay.gen_ids,
                     max_requests=relay.max_requests,
+                    max_seconds=relay.max_seconds,
                     on_first_read=_first_read(upstream),
                 )
             except NativeRefused as exc:

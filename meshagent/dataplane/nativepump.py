@@ -124,7 +124,7 @@ class RelayOutcome(enum.Enum):
     UPSTREAM_SPENT = "upstream spent"  # the upstream may not carry another request
     CLOSE = "close"  # the exchange closes the downstream (Connection: close)
     RESPONSE = "response"  # after the request went up: Python relays the response
-    RENEW = "renew"  # max_requests served: Python decides again where requests go
+    RENEW = "renew"  # max_requests or max_seconds: Python decides again where requests go
 
 
 def _outcomes() -> dict[int, RelayOutcome]:
@@ -368,6 +368,7 @@ class NativePump:
         refuse: tuple[bytes, ...] = (),
         gen_ids: bool = False,
         max_requests: int = 0,
+        max_seconds: float = 0,
         on_first_read: Callable[[], None] | None = None,
     ) -> RelayEnd:
         """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
@@ -382,6 +383,8 @@ class NativePump:
             gen_ids: add ``x-request-id`` and ``traceparent`` to requests without them
                 (random, as ``http_outbound`` does), before ``add``.
             max_requests: end (``RENEW``) after this many exchanges (0: no limit).
+            max_seconds: end (``RENEW``) at the first boundary this long after the start
+                (0: no limit).
             on_first_read: called once, when the first bytes came from ``up`` (a TLS
                 client: a TLS 1.3 session ticket comes with them), as for ``splice``.
             hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
@@ -398,7 +401,7 @@ class NativePump:
             handle = self._engine.relay(
                 down[0], down[1], down[2], up[0], up[1], up[2], idle_seconds, hold_seconds,
                 head_seconds, drop=drop, add=add, initial=initial, refuse=refuse,
-                gen_ids=gen_ids, max_requests=max_requests,
+                gen_ids=gen_ids, max_requests=max_requests, max_seconds=max_seconds,
                 notify_first=on_first_read is not None,
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:

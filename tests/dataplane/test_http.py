@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from meshagent.dataplane.http_outbound import RELAY_REQUESTS
+from meshagent.dataplane import http_outbound
 from meshagent.dataplane.nativepump import ENV_SWITCH
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import TlsContexts
@@ -546,18 +546,36 @@ async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
 
 
 async def test_the_outbound_relay_chooses_the_endpoint_again_every_relay_requests(
-    nursery: trio.Nursery, ca: MeshCa
+    nursery: trio.Nursery, ca: MeshCa, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(http_outbound, "RELAY_SECONDS", 3600.0)  # by count alone here
+    every = 16
+    monkeypatch.setattr(http_outbound, "RELAY_REQUESTS", every)
     a_port, _ = await start_app_agent(nursery, ca, "orders-a")
     b_port, _ = await start_app_agent(nursery, ca, "orders-b")
     web_port, web = await start_web(nursery, ca, [ep(a_port), ep(b_port)])
     async with client(web_port) as http:
-        apps = [(await http.get(f"/n/{n}")).json()["app"] for n in range(3 * RELAY_REQUESTS)]
+        apps = [(await http.get(f"/n/{n}")).json()["app"] for n in range(3 * every)]
     # one choice per RELAY_REQUESTS requests of a connection, the balancer's round robin
-    blocks = [apps[n : n + RELAY_REQUESTS] for n in range(0, len(apps), RELAY_REQUESTS)]
+    blocks = [apps[n : n + every] for n in range(0, len(apps), every)]
     assert [len(set(block)) for block in blocks] == [1, 1, 1], apps
     assert blocks[0][0] != blocks[1][0] and blocks[0][0] == blocks[2][0]
     assert await relayed(web, {200: len(apps)}) == {200: len(apps)}
+
+
+async def test_the_outbound_relay_chooses_again_after_relay_seconds(
+    nursery: trio.Nursery, ca: MeshCa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_outbound, "RELAY_SECONDS", 0.3)
+    a_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    b_port, _ = await start_app_agent(nursery, ca, "orders-b")
+    web_port, web = await start_web(nursery, ca, [ep(a_port), ep(b_port)])
+    async with client(web_port) as http:
+        first = [(await http.get("/n")).json()["app"] for _ in range(3)]
+        await trio.sleep(0.5)  # past RELAY_SECONDS, within the relay's hold (1 s)
+        then = (await http.get("/n")).json()["app"]
+    assert len(set(first)) == 1 and then != first[0]  # chosen again: round robin
+    assert await relayed(web, {200: 4}) == {200: 4}
 
 
 async def test_big_request_bodies_move_in_the_c_pump_and_an_early_answer_still_comes_back(

@@ -400,3 +400,30 @@ async def test_its_buffers_grow_to_a_request_of_64_kib_and_a_head_of_16(
         assert await read_until(r.caller, b"done") == ok(b"done", cookie)
         await r.caller.aclose()  # the relay ends (its records first)
     assert [(rec[0], rec[1]) for rec in r.records] == [(200, 60_000)]
+
+
+async def test_a_relay_renews_after_max_seconds_before_the_next_request(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        outcome: list[RelayEnd] = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                outcome.append(await r.relay(pump, max_seconds=0.3))
+
+            nursery.start_soon(run)
+            await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+            await read_until(r.app, b"\r\n\r\n")
+            await r.app.send_all(ok(b"1"))
+            await read_until(r.caller, ok(b"1"))
+            await trio.sleep(0.4)  # past max_seconds, within the hold
+            await r.caller.send_all(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        # /2 is not read: the caller chooses again, and the next relay serves it
+        assert outcome[0].outcome is RelayOutcome.RENEW and outcome[0].downstream == b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(r.relay, pump))
+            assert await read_until(r.app, b"\r\n\r\n") == (
+                b"GET /2 HTTP/1.1\r\nHost: h\r\n" + ADD + b"\r\n"
+            )
+            nursery.cancel_scope.cancel()
