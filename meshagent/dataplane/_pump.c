@@ -102,6 +102,10 @@ enum { ERR_IO = 0, ERR_FRAME = 1 };
 /* ---- OpenSSL, from the copy the _ssl module loaded -------------------------------- */
 
 typedef struct ssl_st SSL;
+typedef struct bio_st BIO;
+typedef long (*bio_callback_ex)(BIO *, int, const char *, size_t, int, long, int, size_t *);
+#define BIO_CB_READ 0x02
+#define BIO_CB_RETURN 0x80
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct ssl_session_st SSL_SESSION;
 #define SSL_ERROR_SSL 1
@@ -123,6 +127,11 @@ static int (*p_SSL_get_error)(const SSL *, int);
 static int (*p_SSL_get_fd)(const SSL *);
 static long (*p_SSL_ctrl)(SSL *, int, long, void *);
 static int (*p_SSL_is_init_finished)(const SSL *);
+static int (*p_SSL_has_pending)(const SSL *);
+static BIO *(*p_SSL_get_rbio)(const SSL *);
+static void (*p_BIO_set_callback_ex)(BIO *, bio_callback_ex);
+static void (*p_BIO_set_callback_arg)(BIO *, char *);
+static char *(*p_BIO_get_callback_arg)(const BIO *);
 static void (*p_SSL_set_read_ahead)(SSL *, int);
 static int (*p_SSL_in_before)(const SSL *);
 static void (*p_SSL_set_shutdown)(SSL *, int);
@@ -204,6 +213,11 @@ static int load_ssl(void) {
     LOOKUP(hssl, SSL_get_fd);
     LOOKUP(hssl, SSL_ctrl);
     LOOKUP(hssl, SSL_is_init_finished);
+    LOOKUP(hssl, SSL_has_pending);
+    LOOKUP(hssl, SSL_get_rbio);
+    LOOKUP(hcrypto, BIO_set_callback_ex);
+    LOOKUP(hcrypto, BIO_set_callback_arg);
+    LOOKUP(hcrypto, BIO_get_callback_arg);
     LOOKUP(hssl, SSL_set_read_ahead);
     LOOKUP(hssl, SSL_in_before);
     LOOKUP(hssl, SSL_set_shutdown);
@@ -232,6 +246,8 @@ typedef struct side {
     int kind;
     int rd, wr; /* may read / write without blocking, as far as we know */
     int hup;    /* the peer shut down or the socket failed (EPOLLRDHUP/HUP/ERR seen) */
+    BIO *probed;   /* TLS: the socket BIO whose reads read_probe watches, while pumped */
+    int bio_short; /* its last read returned less than asked: the socket was emptied */
 } side_t;
 
 typedef struct dir {
@@ -390,6 +406,38 @@ static int ssl_failed(dir_t *d, side_t *s, int ret, int code, int saved_errno,
     return -1;
 }
 
+/* A BIO callback on a pumped TLS side's socket BIO: whether OpenSSL's last read of the
+ * socket came back short (it emptied the socket). OpenSSL calls it before and after
+ * each operation of the BIO (reads and writes: one BIO does both); it returns what the
+ * operation returns. */
+static long read_probe(BIO *b, int oper, const char *argp, size_t len, int argi, long argl,
+                       int ret, size_t *processed) {
+    (void)argp;
+    (void)argi;
+    (void)argl;
+    if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
+        side_t *s = (side_t *)p_BIO_get_callback_arg(b);
+        if (s != NULL) s->bio_short = ret > 0 && processed != NULL && *processed < len;
+    }
+    return ret;
+}
+
+/* The side's BIO gets its callback back (none: Python's _ssl sets none on socket
+ * BIOs). Before the engine gives the SSL object back, or frees the side. */
+static void side_release(side_t *s) {
+    if (s->probed == NULL) return;
+    p_BIO_set_callback_ex(s->probed, NULL);
+    p_BIO_set_callback_arg(s->probed, NULL);
+    s->probed = NULL;
+}
+
+static void conn_free(conn_t *c) {
+    side_release(&c->a);
+    side_release(&c->b);
+    relay_free(c->relay);
+    free(c);
+}
+
 /* Read up to n bytes from s into p. 1: *got bytes (0 = end of stream); 0: blocked
  * (d->wait_* set); -1: error. */
 static int side_read(dir_t *d, side_t *s, char *p, size_t n, size_t *got, error_t_ *err) {
@@ -410,8 +458,15 @@ static int side_read(dir_t *d, side_t *s, char *p, size_t n, size_t *got, error_
     }
     p_ERR_clear_error();
     errno = 0;
+    s->bio_short = 0;
     int ret = p_SSL_read_ex(s->ssl, p, n, got);
-    if (ret == 1) return 1;
+    if (ret == 1) {
+        /* As for a plain short read: the socket is empty and OpenSSL holds nothing, so
+         * skip the SSL_read that would only find EAGAIN; epoll reports the next bytes.
+         * Not once a FIN or an error was reported (its edge is spent). */
+        if (s->bio_short && !s->hup && !p_SSL_has_pending(s->ssl)) s->rd = 0;
+        return 1;
+    }
     int saved = errno;
     int code = p_SSL_get_error(s->ssl, ret);
     if (code == SSL_ERROR_ZERO_RETURN) { /* close_notify */
@@ -668,6 +723,8 @@ static void queue_done(Engine *eng, conn_t *c) {
 static void stop_pumping(Engine *eng, conn_t *c) {
     epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->a.fd, NULL);
     epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
+    side_release(&c->a);
+    side_release(&c->b);
     for (int i = 0; i < 2; i++) {
         free(c->d[i].buf);
         c->d[i].buf = NULL;
@@ -700,11 +757,10 @@ static void discard(Engine *eng, conn_t *c) {
         }
     }
     free(c->error);
-    relay_free(c->relay);
     eng->slots[c->slot] = NULL;
     eng->gens[c->slot]++;
     eng->free_slots[eng->nfree++] = c->slot;
-    free(c);
+    conn_free(c);
 }
 
 /* ---- the HTTP/1.1 relay (Engine.relay) ---------------------------------------------
@@ -1676,6 +1732,12 @@ static int side_from(side_t *s, int fd, PyObject *sslobj, int kind) {
      * into OpenSSL's buffer are never left behind a wait. */
     p_SSL_set_read_ahead(ssl, 1);
     s->ssl = ssl;
+    BIO *rbio = p_SSL_get_rbio(ssl);
+    if (rbio != NULL) {
+        p_BIO_set_callback_arg(rbio, (char *)s);
+        p_BIO_set_callback_ex(rbio, read_probe);
+        s->probed = rbio;
+    }
     return 0;
 }
 
@@ -1706,8 +1768,7 @@ static PyObject *enlist(Engine *self, conn_t *c, int afd, int bfd) {
     pthread_mutex_lock(&self->lock);
     if (self->nfree == 0 && grow(self) < 0) {
         pthread_mutex_unlock(&self->lock);
-        relay_free(c->relay);
-        free(c);
+        conn_free(c);
         return PyErr_NoMemory();
     }
     c->slot = self->free_slots[--self->nfree];
@@ -1729,8 +1790,7 @@ static PyObject *enlist(Engine *self, conn_t *c, int afd, int bfd) {
         int saved = errno;
         self->free_slots[self->nfree++] = c->slot;
         pthread_mutex_unlock(&self->lock);
-        relay_free(c->relay);
-        free(c);
+        conn_free(c);
         errno = saved;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -1777,7 +1837,7 @@ static PyObject *Engine_add(Engine *self, PyObject *args) {
     conn_t *c = calloc(1, sizeof *c);
     if (c == NULL) return PyErr_NoMemory();
     if (side_from(&c->a, afd, assl, akind) < 0 || side_from(&c->b, bfd, bssl, bkind) < 0) {
-        free(c);
+        conn_free(c);
         return NULL;
     }
     c->a.conn = c->b.conn = c;
@@ -1991,8 +2051,7 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     r->renew_at = max_seconds > 0 ? c->last + max_seconds : 0;
     return enlist(self, c, afd, bfd);
 fail:
-    relay_free(r);
-    free(c);
+    conn_free(c); /* and its relay */
     return NULL;
 }
 
