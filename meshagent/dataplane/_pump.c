@@ -49,6 +49,9 @@
  *   empty DATA, END with payload, payload over max_payload, bytes after END, close
  *   inside a frame);
  * - TLS end of stream is a close_notify; EOF without one is an error;
+ * - a read that emptied the socket (a short recv; on a TLS side, OpenSSL's last read of
+ *   the socket came back short, seen by a BIO callback, and nothing is buffered) is not
+ *   followed by one that would only find EAGAIN: epoll reports the next bytes;
  * - idle: no byte moved either way for idle seconds finishes the connection (not an
  *   error);
  * - a TLS write that would block is retried with the same bytes (OpenSSL's rule);
