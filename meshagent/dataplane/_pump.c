@@ -1440,7 +1440,13 @@ static void relay_step(Engine *eng, conn_t *c) {
         case R_REPLY: res = relay_reply(eng, c, &err); break;
         default: res = relay_body(eng, c, &err); break;
         }
-        if (res <= 0) return; /* blocked (an event steps it again), or ended */
+        if (res < 0) return; /* ended */
+        if (res == 0) {      /* blocked: an event steps it again, or its deadline */
+            /* A new state may wait less than the timer is set for (a response: the
+             * idle time, where a head had head_seconds). */
+            due_soon(eng, relay_deadline(c));
+            return;
+        }
     }
     if (!c->ready) { /* budget spent: after whatever else epoll has */
         c->ready = 1;
@@ -1452,7 +1458,15 @@ static void relay_step(Engine *eng, conn_t *c) {
 /* The relay's wait ran out (process()'s scan). */
 static void relay_expired(Engine *eng, conn_t *c) {
     relay_t *r = c->relay;
-    if (r->state != R_REQUEST) {
+    if (r->state == R_SEND || r->state == R_RESPONSE) {
+        /* No answer for the idle time: Python answers 502 with why (nothing went down). */
+        char why[96];
+        snprintf(why, sizeof why, "no byte moved for %gs before the response", c->idle);
+        relay_hand_response(eng, c, why);
+        return;
+    }
+    if (r->state != R_REQUEST) { /* inside the response: cut, counted as Python counts it */
+        queue_record(eng, c, 502);
         finish(eng, c, DONE_IDLE, NULL);
         return;
     }

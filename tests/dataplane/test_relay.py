@@ -427,3 +427,27 @@ async def test_a_relay_renews_after_max_seconds_before_the_next_request(
                 b"GET /2 HTTP/1.1\r\nHost: h\r\n" + ADD + b"\r\n"
             )
             nursery.cancel_scope.cancel()
+
+
+async def test_an_upstream_silent_for_the_idle_time_is_python_s_502_or_a_cut(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        await r.caller.send_all(b"GET /silent HTTP/1.1\r\nHost: h\r\n\r\n")
+        with trio.fail_after(5):
+            end = await r.relay(pump, idle=0.3)  # the app reads the request, says nothing
+        assert end.outcome is RelayOutcome.RESPONSE
+        assert end.upstream_error == "no byte moved for 0.3s before the response"
+    async with rig(contexts) as r:
+        await r.caller.send_all(b"GET /stall HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with trio.open_nursery() as nursery:
+
+            async def stall() -> None:
+                await read_until(r.app, b"\r\n\r\n")
+                await r.app.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+
+            nursery.start_soon(stall)
+            with trio.fail_after(5), pytest.raises(trio.BrokenResourceError, match="no byte"):
+                await r.relay(pump, idle=0.3)
+        await trio.sleep(0.1)  # the record's batch
+        assert [(rec[0], rec[2]) for rec in r.records] == [(502, 3)]
