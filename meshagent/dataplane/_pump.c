@@ -933,6 +933,49 @@ typedef struct {
     size_t method_len, path_len, request_id_len;
 } head_t;
 
+/* Where a head at the start of buf[0:len] ends: 1 with *end (its blank line's CRLF
+ * CRLF), *head_len and *line (the start line's length) set; 0 when not complete yet;
+ * -1 when too long for the relay. */
+static int head_bounds(const char *buf, size_t len, const char **end, size_t *head_len,
+                       size_t *line) {
+    *end = memmem(buf, len, "\r\n\r\n", 4);
+    if (*end == NULL) return len >= RELAY_HEAD ? -1 : 0;
+    *head_len = (size_t)(*end - buf) + 4;
+    if (*head_len > RELAY_HEAD) return -1;
+    *line = (size_t)((const char *)memmem(buf, *head_len, "\r\n", 2) - buf);
+    return *line > RELAY_LINE ? -1 : 1;
+}
+
+/* The next field line of a head: p (no CRLF) of *n bytes, its name of *k; stop is the
+ * head's blank line. 1, or 0 after the last field; -1 when the line is not for the
+ * relay (another form than "Name: value", or one field too many). */
+static int next_field(const char **p, const char *stop, int *count, size_t *n, size_t *k) {
+    if (*p >= stop + 2) return 0;
+    *n = (size_t)((const char *)memmem(*p, (size_t)(stop + 2 - *p), "\r\n", 2) - *p);
+    *k = field_name_len(*p, *n);
+    return *k == 0 || ++*count > RELAY_FIELDS ? -1 : 1;
+}
+
+/* What both heads have: their framing and the fields that never cross a proxy. */
+typedef struct {
+    int lengths, close, keep;
+    unsigned long long length;
+} framing_t;
+
+enum { F_KEEP, F_DROP, F_REFUSE };
+
+/* A field of either head as for framing: Content-Length counted, Connection read
+ * (close / keep-alive only) and dropped, Transfer-Encoding or a field named "close"
+ * (which Connection could nominate) refused, the other hop-by-hop ones dropped. */
+static int framing_field(framing_t *f, const char *p, size_t k, const char *v, size_t vn) {
+    if (name_is(p, k, "content-length"))
+        return ++f->lengths > 1 || !content_length(v, vn, &f->length) ? F_REFUSE : F_KEEP;
+    if (name_is(p, k, "connection"))
+        return connection_tokens(v, vn, &f->close, &f->keep) ? F_DROP : F_REFUSE;
+    if (name_is(p, k, "transfer-encoding") || name_is(p, k, "close")) return F_REFUSE;
+    return hop_by_hop(p, k) ? F_DROP : F_KEEP;
+}
+
 static const char *const METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
                                       "PATCH", NULL};
 
@@ -948,13 +991,10 @@ static int in_names(const names_t *names, const char *p, size_t k) {
 
 static int request_head(const char *buf, size_t len, const edits_t *edits, const char *ids,
                         char *out, head_t *h) {
-    const char *end = memmem(buf, len, "\r\n\r\n", 4);
-    if (end == NULL) return len >= RELAY_HEAD ? -1 : 0;
-    size_t head_len = (size_t)(end - buf) + 4;
-    if (head_len > RELAY_HEAD) return -1;
-    const char *eol = memmem(buf, head_len, "\r\n", 2);
-    size_t line = (size_t)(eol - buf);
-    if (line > RELAY_LINE) return -1;
+    const char *end;
+    size_t head_len, line;
+    int found = head_bounds(buf, len, &end, &head_len, &line);
+    if (found <= 0) return found;
     const char *sp = memchr(buf, ' ', line);
     if (sp == NULL) return -1;
     size_t mlen = (size_t)(sp - buf);
@@ -977,44 +1017,40 @@ static int request_head(const char *buf, size_t len, const edits_t *edits, const
     h->path_len = plen;
     size_t o = line + 2;
     memcpy(out, buf, o);
-    int hosts = 0, lengths = 0, fields = 0, close = 0, keep = 0, trace = 0;
-    for (const char *p = eol + 2; p < end + 2;) {
-        const char *e = memmem(p, (size_t)(end + 2 - p), "\r\n", 2);
-        size_t n = (size_t)(e - p);
-        size_t k = field_name_len(p, n);
-        if (k == 0 || ++fields > RELAY_FIELDS) return -1;
+    framing_t f = {0, 0, 0, 0};
+    int hosts = 0, fields = 0, trace = 0, more;
+    size_t n, k;
+    for (const char *p = buf + line + 2; (more = next_field(&p, end, &fields, &n, &k)) != 0;
+         p += n + 2) {
+        if (more < 0) return -1;
         const char *v = p + k + 2;
         size_t vn = n - k - 2;
-        int keep_field = 1;
-        if (name_is(p, k, "content-length")) {
-            if (++lengths > 1 || !content_length(v, vn, &h->body)) return -1;
-        } else if (name_is(p, k, "host")) {
-            hosts++;
-        } else if (name_is(p, k, "connection")) {
-            if (!connection_tokens(v, vn, &close, &keep)) return -1;
-            keep_field = 0;
-        } else if (name_is(p, k, "transfer-encoding") || name_is(p, k, "upgrade") ||
-                   name_is(p, k, "expect") || name_is(p, k, "close")) {
-            return -1;
-        } else if (hop_by_hop(p, k) || name_is(p, k, "proxy-connection")) {
-            keep_field = 0;
-        } else if (in_names(&edits->refuse, p, k)) {
-            return -1;
-        } else if (in_names(&edits->drop, p, k)) {
-            keep_field = 0;
-        } else if (h->request_id == NULL && name_is(p, k, "x-request-id")) {
-            h->request_id = v;
-            h->request_id_len = vn;
-        } else if (name_is(p, k, "traceparent")) {
-            trace = 1;
+        /* Upgrade first: it is hop-by-hop too, but a request that has it is Python's. */
+        int verdict = name_is(p, k, "upgrade") || name_is(p, k, "expect")
+                          ? F_REFUSE
+                          : framing_field(&f, p, k, v, vn);
+        if (verdict == F_KEEP) {
+            if (name_is(p, k, "host")) {
+                hosts++;
+            } else if (in_names(&edits->refuse, p, k)) {
+                verdict = F_REFUSE;
+            } else if (in_names(&edits->drop, p, k)) {
+                verdict = F_DROP;
+            } else if (h->request_id == NULL && name_is(p, k, "x-request-id")) {
+                h->request_id = v;
+                h->request_id_len = vn;
+            } else if (name_is(p, k, "traceparent")) {
+                trace = 1;
+            }
         }
-        if (keep_field) {
+        if (verdict == F_REFUSE) return -1;
+        if (verdict == F_KEEP) {
             memcpy(out + o, p, n + 2);
             o += n + 2;
         }
-        p = e + 2;
     }
     if (hosts != 1) return -1;
+    h->body = f.length;
     if (edits->gen_ids && h->request_id == NULL) { /* as http_outbound._mesh_headers */
         memcpy(out + o, "x-request-id: ", 14);
         memcpy(out + o + 14, ids, 32);
@@ -1036,7 +1072,7 @@ static int request_head(const char *buf, size_t len, const edits_t *edits, const
     memcpy(out + o, "\r\n", 2);
     h->out_len = o + 2;
     h->head_len = head_len;
-    h->keep_alive = !close;
+    h->keep_alive = !f.close;
     return 1;
 }
 
@@ -1045,13 +1081,11 @@ static int request_head(const char *buf, size_t len, const edits_t *edits, const
  * The status (200..599) when taken, 0 when not complete yet, -1 when not for the relay. */
 static int response_head(const char *buf, size_t len, int head_method, int req_keep, char *out,
                          head_t *h) {
-    const char *end = memmem(buf, len, "\r\n\r\n", 4);
-    if (end == NULL) return len >= RELAY_HEAD ? -1 : 0;
-    size_t head_len = (size_t)(end - buf) + 4;
-    if (head_len > RELAY_HEAD) return -1;
-    const char *eol = memmem(buf, head_len, "\r\n", 2);
-    size_t line = (size_t)(eol - buf);
-    if (line > RELAY_LINE || line < 13) return -1;
+    const char *end;
+    size_t head_len, line;
+    int found = head_bounds(buf, len, &end, &head_len, &line);
+    if (found <= 0) return found;
+    if (line < 13) return -1;
     int http11 = memcmp(buf, "HTTP/1.1 ", 9) == 0;
     if (!http11 && memcmp(buf, "HTTP/1.0 ", 9) != 0) return -1;
     if (buf[9] < '2' || buf[9] > '5' || buf[10] < '0' || buf[10] > '9' || buf[11] < '0' ||
@@ -1067,40 +1101,27 @@ static int response_head(const char *buf, size_t len, int head_method, int req_k
     memcpy(out, "HTTP/1.1", 8);
     memcpy(out + 8, buf + 8, line + 2 - 8);
     size_t o = line + 2;
-    int lengths = 0, fields = 0, close = 0, keep = 0;
-    unsigned long long length = 0;
-    for (const char *p = eol + 2; p < end + 2;) {
-        const char *e = memmem(p, (size_t)(end + 2 - p), "\r\n", 2);
-        size_t n = (size_t)(e - p);
-        size_t k = field_name_len(p, n);
-        if (k == 0 || ++fields > RELAY_FIELDS) return -1;
-        const char *v = p + k + 2;
-        size_t vn = n - k - 2;
-        int keep_field = 1;
-        if (name_is(p, k, "content-length")) {
-            if (++lengths > 1 || !content_length(v, vn, &length)) return -1;
-        } else if (name_is(p, k, "connection")) {
-            if (!connection_tokens(v, vn, &close, &keep)) return -1;
-            keep_field = 0;
-        } else if (name_is(p, k, "transfer-encoding") || name_is(p, k, "close")) {
-            return -1;
-        } else if (hop_by_hop(p, k) || name_is(p, k, "proxy-connection")) {
-            keep_field = 0;
-        }
-        if (keep_field) {
+    framing_t f = {0, 0, 0, 0};
+    int fields = 0, more;
+    size_t n, k;
+    for (const char *p = buf + line + 2; (more = next_field(&p, end, &fields, &n, &k)) != 0;
+         p += n + 2) {
+        if (more < 0) return -1;
+        int verdict = framing_field(&f, p, k, p + k + 2, n - k - 2);
+        if (verdict == F_REFUSE) return -1;
+        if (verdict == F_KEEP) {
             memcpy(out + o, p, n + 2);
             o += n + 2;
         }
-        p = e + 2;
     }
     if (head_method || status == 204 || status == 304) {
         h->body = 0;
-    } else if (lengths == 1) {
-        h->body = length;
+    } else if (f.lengths == 1) {
+        h->body = f.length;
     } else {
         return -1; /* until-close: Python re-chunks it */
     }
-    h->keep_alive = http11 ? !close : keep;
+    h->keep_alive = http11 ? !f.close : f.keep;
     h->down_close = !req_keep || !h->keep_alive;
     if (h->down_close) {
         memcpy(out + o, "Connection: close\r\n", 19);
@@ -1168,11 +1189,6 @@ static void queue_record(Engine *eng, conn_t *c, int status) {
     if (eng->nrecords == 1) signal_fd(eng->recfd);
 }
 
-static char *strndup_or_empty(const char *p, size_t n) {
-    char *s = strndup(p != NULL ? p : "", p != NULL ? n : 0);
-    return s;
-}
-
 /* n hex digits (n even) from the engine's pool of random bytes. */
 static void random_hex(Engine *eng, char *out, size_t n) {
     static const char digits[] = "0123456789abcdef";
@@ -1211,7 +1227,7 @@ static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
     r->method[h->method_len] = '\0';
     free(r->path);
     free(r->request_id);
-    r->path = strndup_or_empty(h->path, h->path_len);
+    r->path = strndup(h->path, h->path_len);
     r->request_id = h->request_id != NULL ? strndup(h->request_id, h->request_id_len) : NULL;
     r->ids_ready = 0; /* the next request gets new ones */
     r->bytes_in = body;
@@ -1919,9 +1935,10 @@ static PyObject *Engine_resume(Engine *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* Lower-cased copies of a tuple of non-empty bytes (what) into names. -1 with an
- * exception set. */
+/* Lower-cased copies of a tuple of non-empty bytes (what; NULL: none) into names. -1
+ * with an exception set. */
 static int names_config(names_t *names, PyObject *tuple, const char *what) {
+    if (tuple == NULL) return 0; /* not given: none */
     if (!PyTuple_Check(tuple)) {
         PyErr_Format(PyExc_TypeError, "%s must be a tuple of bytes", what);
         return -1;
@@ -2007,10 +2024,6 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
                                      &drop, &add, &add_len, &initial, &initial_len, &refuse,
                                      &gen_ids, &max_requests, &notify, &max_seconds))
         return NULL;
-    PyObject *none = PyTuple_New(0);
-    if (none == NULL) return NULL;
-    if (drop == NULL) drop = none;
-    if (refuse == NULL) refuse = none;
     const char *problem = NULL;
     if (initial_len > RELAY_IN) problem = "initial holds at most RELAY_IN bytes";
     else if (akind == KIND_FRAMED || bkind == KIND_FRAMED)
@@ -2022,14 +2035,12 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     else if (!(max_seconds >= 0))
         problem = "max_seconds must be >= 0 (0: no limit)";
     if (problem != NULL) {
-        Py_DECREF(none);
         PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
     }
     conn_t *c = calloc(1, sizeof *c);
     relay_t *r = calloc(1, sizeof *r);
     if (c == NULL || r == NULL) {
-        Py_DECREF(none);
         free(c);
         free(r);
         return PyErr_NoMemory();
@@ -2040,13 +2051,10 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     r->in = malloc(r->in_cap);
     r->resp = malloc(r->resp_cap);
     if (r->in == NULL || r->resp == NULL) {
-        Py_DECREF(none);
         PyErr_NoMemory();
         goto fail;
     }
-    int configured = edits_config(&r->edits, drop, refuse, add, add_len, gen_ids);
-    Py_DECREF(none);
-    if (configured < 0) goto fail;
+    if (edits_config(&r->edits, drop, refuse, add, add_len, gen_ids) < 0) goto fail;
     if (side_from(&c->a, afd, assl, akind) < 0 || side_from(&c->b, bfd, bssl, bkind) < 0)
         goto fail;
     c->a.conn = c->b.conn = c;
@@ -2148,18 +2156,12 @@ static PyObject *mod_relay_request_head(PyObject *mod, PyObject *args, PyObject 
         PyErr_Format(PyExc_ValueError, "ids are %d hex digits", IDS_HEX);
         return NULL;
     }
-    PyObject *none = PyTuple_New(0);
-    if (none == NULL) return NULL;
     edits_t edits;
     memset(&edits, 0, sizeof edits);
     PyObject *result = NULL;
     char *out = malloc(RELAY_HEAD + 128 + (size_t)add_len + 2);
-    if (out == NULL) {
-        Py_DECREF(none);
-        return PyErr_NoMemory();
-    }
-    if (edits_config(&edits, drop ? drop : none, refuse ? refuse : none, add, add_len,
-                     ids != NULL) == 0) {
+    if (out == NULL) return PyErr_NoMemory();
+    if (edits_config(&edits, drop, refuse, add, add_len, ids != NULL) == 0) {
         head_t h;
         int taken = request_head(data, (size_t)len, &edits, ids, out, &h);
         if (taken == 0) {
@@ -2174,7 +2176,6 @@ static PyObject *mod_relay_request_head(PyObject *mod, PyObject *args, PyObject 
         }
     }
     edits_free(&edits);
-    Py_DECREF(none);
     free(out);
     return result;
 }
