@@ -92,6 +92,20 @@ class HttpOutbound:
         assert isinstance(key, Endpoint)
         return await connect_endpoint(key, self.listener, self.ctx.source.current, self.ctx)
 
+    async def connect(
+        self, endpoint: Endpoint, fields: dict[str, object]
+    ) -> Upstream | DataplaneError:
+        """A connection to ``endpoint`` from the pool, or why there is none; the
+        balancer hears which (a failure ejects the endpoint for a while)."""
+        try:
+            upstream, _ = await self.pool.acquire(endpoint)
+        except DataplaneError as exc:
+            self.balancer.report_failure(endpoint, trio.current_time())
+            log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
+            return exc
+        self.balancer.report_success(endpoint)
+        return upstream
+
     def relay_rule(self, snapshot: Snapshot) -> RouteRule | None:
         """The rule every request takes, when that does not depend on the request (no
         TrafficRoute, or a first rule that matches everything) and it is not sticky;
@@ -200,14 +214,10 @@ async def handle_http_outbound(
             if endpoint is None:
                 break
             tried.append(endpoint)
-            try:
-                upstream, _ = await state.pool.acquire(endpoint)
-            except DataplaneError as exc:
-                state.balancer.report_failure(endpoint, trio.current_time())
-                log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
-                last = exc
+            upstream = await state.connect(endpoint, fields)
+            if isinstance(upstream, DataplaneError):
+                last = upstream
                 continue
-            state.balancer.report_success(endpoint)
             labels["endpoint"] = endpoint.address
             policy = snapshot.request_policy(backend.service, rule.route)
             headers = append_forwarded_for(_mesh_headers(head), client_ip)
@@ -250,13 +260,9 @@ async def handle_http_outbound(
         endpoint = state.balancer.pick(endpoints, trio.current_time()) if endpoints else None
         if endpoint is None:
             return None  # decide answers 503, saying why
-        try:
-            upstream, _ = await state.pool.acquire(endpoint)
-        except DataplaneError as exc:
-            state.balancer.report_failure(endpoint, trio.current_time())
-            log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
+        upstream = await state.connect(endpoint, fields)
+        if isinstance(upstream, DataplaneError):
             return None  # decide tries the other endpoints
-        state.balancer.report_success(endpoint)
         labels = {
             "mesh": snapshot.mesh,
             "destination": listener.service,

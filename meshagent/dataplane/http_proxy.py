@@ -351,30 +351,23 @@ async def serve_http(
             return
 
 
+@dataclass(slots=True)
 class _Relaying:
     """The C relay's side of ``serve_http``: it serves requests while the relay takes
     them, and says what Python goes on with."""
 
-    def __init__(
-        self,
-        relay: Relay,
-        pump: NativePump,
-        idle_seconds: float,
-        head_seconds: float,
-        drain: Drain,
-        listener: str,
-        stats: HttpStats | None,
-        log_fields: dict[str, object],
-    ) -> None:
-        self.relay = relay
-        self.pump = pump
-        self.idle_seconds = idle_seconds
-        self.head_seconds = head_seconds
-        self.drain = drain
-        self.listener = listener
-        self.stats = stats
-        self.log_fields = log_fields
-        self.access_fields = {**log_fields, "attempts": 1}
+    relay: Relay
+    pump: NativePump
+    idle_seconds: float
+    head_seconds: float
+    drain: Drain
+    listener: str
+    stats: HttpStats | None
+    log_fields: dict[str, object]
+    access_fields: dict[str, object] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.access_fields = {**self.log_fields, "attempts": 1}
 
     def records(self, labels: dict[str, str], batch: list[Record]) -> None:
         """Exchanges the relay finished: metrics and access log, as Python's own."""

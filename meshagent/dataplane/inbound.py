@@ -130,10 +130,14 @@ async def _serve_app_http(
 ) -> None:
     listener = app.listener
 
-    async def decide(head: RequestHead, tried: tuple[Hashable, ...]) -> Forward | Respond:
+    def base_labels() -> dict[str, str]:
         labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
         if source is not None:
             labels["source"] = source
+        return labels
+
+    async def decide(head: RequestHead, tried: tuple[Hashable, ...]) -> Forward | Respond:
+        labels = base_labels()
         request_id = get_header(head.headers, b"x-request-id")
         if request_id is not None:
             labels["request_id"] = request_id.decode("latin-1")
@@ -150,18 +154,14 @@ async def _serve_app_http(
         )
 
     # The C relay makes of a plain request what decide does: mesh_request_headers.
-    relay_labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
-    add = b""
-    if source is not None:
-        relay_labels["source"] = source
-        add = SOURCE_HEADER + b": " + source.encode() + b"\r\n"
+    add = b"" if source is None else SOURCE_HEADER + b": " + source.encode() + b"\r\n"
 
     async def start() -> RelaySession | None:
         try:
             upstream, _ = await app.pool.acquire("app")
         except DataplaneError:
             return None  # decide answers the request with why
-        return RelaySession(upstream, app.releaser(upstream), relay_labels, add)
+        return RelaySession(upstream, app.releaser(upstream), base_labels(), add)
 
     relay = None
     if source is None or _SERVICE_NAME.fullmatch(source):
