@@ -221,7 +221,7 @@ async def test_it_gives_the_upstream_back_after_its_hold_without_a_request(
         with trio.fail_after(5):
             end = await r.relay(pump, hold=0.3)
         assert end.outcome is RelayOutcome.IDLE and end.upstream_reusable
-        assert 0.25 <= trio.current_time() - started < 3
+        assert trio.current_time() - started >= 0.25  # not before its hold
 
 
 async def test_a_head_that_takes_too_long_is_a_head_timeout(
@@ -321,7 +321,7 @@ async def test_a_body_cut_short_fails_and_counts_as_502(
                 trio.BrokenResourceError, match="upstream closed after 70000 of 100000 body bytes"
             ):
                 await r.relay(pump)
-        await trio.sleep(0.2)  # the record arrives before the end; let the batch pass
+        # its record came before the end (NativePump hands records over first)
         assert [(rec[0], rec[2]) for rec in r.records] == [(502, 70_000)]
 
 
@@ -449,5 +449,4 @@ async def test_an_upstream_silent_for_the_idle_time_is_python_s_502_or_a_cut(
             nursery.start_soon(stall)
             with trio.fail_after(5), pytest.raises(trio.BrokenResourceError, match="no byte"):
                 await r.relay(pump, idle=0.3)
-        await trio.sleep(0.1)  # the record's batch
         assert [(rec[0], rec[2]) for rec in r.records] == [(502, 3)]
