@@ -26,10 +26,10 @@ Theory of operation::
   engine pauses that connection and reports ``FIRST_READ``; ``_finished`` calls the
   stream's ``first_read`` in the trio thread (the engine does not touch that SSL object
   meanwhile), then resumes it.
-* ``relay`` serves an HTTP connection's plain requests in the engine (the inbound's,
-  from ``http_proxy``), handing back what it does not take; each exchange it finishes
-  comes back as a record, in batches (``RECORDS_SECONDS``, a second eventfd and
-  ``Engine.records``), for the metrics and the access log.
+* ``relay`` serves an HTTP connection's plain requests in the engine (an inbound's or
+  an outbound's, from ``http_proxy``), handing back what it does not take; each
+  exchange it finishes comes back as a record, in batches (``RECORDS_SECONDS``, a
+  second eventfd and ``Engine.records``), for the metrics and the access log.
 * When the C extension is missing (no compiler at install time), the ``_ssl`` module
   does not use a shared libssl, or ``MESHAGENT_NATIVE_PUMP=0`` is set, ``native_problem``
   says why and the agent pumps in Python.
@@ -142,8 +142,8 @@ class RelayEnd:
 
     ``outcome`` says why (``RelayOutcome``). ``downstream``
     holds the bytes read from the downstream and not served: the next request(s), or,
-    after ``RELAY_RESPONSE``, the request that went up and whatever followed it.
-    ``response`` (``RELAY_RESPONSE`` only) holds the response bytes read so far, and
+    after ``RESPONSE``, the request that went up and whatever followed it.
+    ``response`` (``RESPONSE`` only) holds the response bytes read so far, and
     ``upstream_error`` why the upstream failed before its head, if it did, and
     ``request_id`` the request's ``x-request-id`` as sent (maybe one the relay added).
     ``upstream_reusable``: the last exchange left the upstream fit for another request.
