@@ -292,13 +292,25 @@ typedef struct conn {
     struct conn *next_ready, *next_done;
 } conn_t;
 
-/* One finished exchange of a relay, for Engine.records(). */
+/* A relay's exchanges summed up, when no one wants them one by one (Engine.relay's
+ * summary: the latency bounds of the metrics). */
+#define SUMMARY_BOUNDS 32
+typedef struct {
+    unsigned long long classes[6];                /* by status / 100 (0: anything else) */
+    unsigned long long first[SUMMARY_BOUNDS + 1]; /* by the first bound >= the seconds */
+    unsigned long long count;
+    double total, since; /* seconds summed; when the first one was added */
+    int nfirst;          /* the bounds, plus one for +Inf */
+} summary_t;
+
+/* One finished exchange of a relay, or a relay's summary, for Engine.records(). */
 typedef struct {
     unsigned long long handle, bytes_in, bytes_out;
     int status;
     double seconds;
     char method[8];
     char *path, *request_id; /* malloc'd; request_id NULL when the request had none */
+    summary_t *summary;      /* malloc'd; a summary (the fields above unused), or NULL */
 } record_t;
 
 typedef struct {
@@ -737,7 +749,10 @@ static void stop_pumping(Engine *eng, conn_t *c) {
 }
 
 /* c ended: no longer pumped; reported by collect(), which then discards it. */
+static void queue_summary(Engine *eng, conn_t *c);
+
 static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
+    queue_summary(eng, c); /* a relay's last exchanges reach records() before its end */
     stop_pumping(eng, c);
     c->finished = 1;
     c->status = status;
@@ -803,6 +818,8 @@ static void discard(Engine *eng, conn_t *c) {
 #define RELAY_LINE (8 * 1024)  /* the longest start line (Python's limit: 414 beyond) */
 #define RELAY_FIELDS 100       /* the most fields (Python's limit: 431 beyond) */
 #define RECORDS_MAX 65536      /* records held for records(); more are counted, dropped */
+#define SUMMARY_EVERY 64       /* a summary goes to records() after this many exchanges */
+#define SUMMARY_SECONDS 0.05   /* or at the first exchange this long after its first */
 #define RELAY_IN_FIRST 4096    /* the buffers start this small, and double when full */
 #define RELAY_HEAD_FIRST 2048
 
@@ -854,6 +871,10 @@ typedef struct relay {
     int resp_unread;    /* resp holds bytes not looked at yet (a FIRST_READ pause) */
     char ids[IDS_HEX];  /* random hex for the next request's generated ids */
     int ids_ready;
+    /* summarize: exchanges are summed up in sum, not recorded one by one */
+    int summarize, nbounds;
+    double bounds[SUMMARY_BOUNDS];
+    summary_t sum;
 } relay_t;
 
 /* -- heads: pure functions, also exposed for tests (relay_request_head & co) -- */
@@ -1160,33 +1181,74 @@ static int relay_hand_response(Engine *eng, conn_t *c, const char *why) {
     return relay_end(eng, c, RELAY_RESPONSE);
 }
 
-static void queue_record(Engine *eng, conn_t *c, int status) {
-    relay_t *r = c->relay;
+/* The next free record for records(), or NULL (full, or out of memory: the `lost`
+ * exchanges are counted as dropped). */
+static record_t *new_record(Engine *eng, conn_t *c, unsigned long long lost) {
     if (eng->nrecords == RECORDS_MAX) {
-        eng->records_dropped++;
-        return;
+        eng->records_dropped += lost;
+        return NULL;
     }
     if (eng->nrecords == eng->records_cap) {
         size_t cap = eng->records_cap ? eng->records_cap * 2 : 64;
         record_t *more = realloc(eng->records, cap * sizeof *more);
         if (more == NULL) {
-            eng->records_dropped++;
-            return;
+            eng->records_dropped += lost;
+            return NULL;
         }
         eng->records = more;
         eng->records_cap = cap;
     }
     record_t *rec = &eng->records[eng->nrecords++];
+    memset(rec, 0, sizeof *rec);
     rec->handle = handle_of(c);
+    if (eng->nrecords == 1) signal_fd(eng->recfd);
+    return rec;
+}
+
+/* The relay's summary so far goes to records() (if it holds any exchange). */
+static void queue_summary(Engine *eng, conn_t *c) {
+    relay_t *r = c->relay;
+    if (r == NULL || r->sum.count == 0) return;
+    summary_t *copy = malloc(sizeof *copy);
+    record_t *rec = copy != NULL ? new_record(eng, c, r->sum.count) : NULL;
+    if (rec != NULL) {
+        memcpy(copy, &r->sum, sizeof *copy);
+        copy->nfirst = r->nbounds + 1;
+        rec->summary = copy;
+    } else {
+        if (copy == NULL) eng->records_dropped += r->sum.count;
+        free(copy);
+    }
+    memset(&r->sum, 0, sizeof r->sum);
+}
+
+/* An exchange the relay finished, with the status it counts as. */
+static void queue_record(Engine *eng, conn_t *c, int status) {
+    relay_t *r = c->relay;
+    double now = now_seconds(), seconds = now - r->started;
+    if (r->summarize) {
+        summary_t *s = &r->sum;
+        if (s->count == 0) s->since = now;
+        s->classes[status >= 100 && status < 600 ? status / 100 : 0]++;
+        int i = 0; /* Python's bisect_left */
+        while (i < r->nbounds && r->bounds[i] < seconds) i++;
+        s->first[i]++;
+        s->count++;
+        s->total += seconds;
+        if (s->count >= SUMMARY_EVERY || now - s->since >= SUMMARY_SECONDS)
+            queue_summary(eng, c);
+        return;
+    }
+    record_t *rec = new_record(eng, c, 1);
+    if (rec == NULL) return;
     rec->status = status;
     rec->bytes_in = r->bytes_in;
     rec->bytes_out = r->bytes_out;
-    rec->seconds = now_seconds() - r->started;
+    rec->seconds = seconds;
     memcpy(rec->method, r->method, sizeof rec->method);
     rec->path = r->path; /* ownership moves to the record */
     rec->request_id = r->request_id;
     r->path = r->request_id = NULL;
-    if (eng->nrecords == 1) signal_fd(eng->recfd);
 }
 
 /* n hex digits (n even) from the engine's pool of random bytes. */
@@ -1227,7 +1289,7 @@ static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
     r->method[h->method_len] = '\0';
     free(r->path);
     free(r->request_id);
-    r->path = strndup(h->path, h->path_len);
+    r->path = r->summarize ? NULL : strndup(h->path, h->path_len);
     r->request_id = h->request_id != NULL ? strndup(h->request_id, h->request_id_len) : NULL;
     r->ids_ready = 0; /* the next request gets new ones */
     r->bytes_in = body;
@@ -1500,6 +1562,7 @@ static void free_records(record_t *recs, size_t n) {
     for (size_t i = 0; i < n; i++) {
         free(recs[i].path);
         free(recs[i].request_id);
+        free(recs[i].summary);
     }
     free(recs);
 }
@@ -2009,21 +2072,47 @@ static int edits_config(edits_t *e, PyObject *drop, PyObject *refuse, const char
     return 0;
 }
 
+/* A relay's summary argument: None, or ascending latency bounds (seconds). The count
+ * of bounds, -1 with an exception set. */
+static Py_ssize_t summary_bounds(PyObject *summary, double *bounds) {
+    if (summary == Py_None) return 0;
+    if (!PyTuple_Check(summary) || PyTuple_GET_SIZE(summary) > SUMMARY_BOUNDS) {
+        PyErr_Format(PyExc_ValueError, "summary must be None or a tuple of at most %d "
+                     "ascending bounds (seconds)", SUMMARY_BOUNDS);
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(summary);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        bounds[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(summary, i));
+        if (bounds[i] == -1.0 && PyErr_Occurred()) return -1;
+        if (!(bounds[i] == bounds[i]) || (i > 0 && !(bounds[i] > bounds[i - 1]))) {
+            PyErr_SetString(PyExc_ValueError, "summary bounds must be ascending numbers");
+            return -1;
+        }
+    }
+    return n;
+}
+
 static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"a_fd", "a_ssl", "a_kind", "b_fd", "b_ssl", "b_kind", "idle",
                              "hold", "head_seconds", "drop", "add", "initial", "refuse",
-                             "gen_ids", "max_requests", "notify_first", "max_seconds", NULL};
+                             "gen_ids", "max_requests", "notify_first", "max_seconds", "summary",
+                             NULL};
     int afd, akind, bfd, bkind, gen_ids = 0, notify = 0;
-    PyObject *assl, *bssl, *drop = NULL, *refuse = NULL;
+    PyObject *assl, *bssl, *drop = NULL, *refuse = NULL, *summary = Py_None;
     double idle, hold, head_seconds, max_seconds = 0;
     const char *add = "", *initial = "";
     Py_ssize_t add_len = 0, initial_len = 0;
     unsigned long long max_requests = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpd", kwlist, &afd, &assl,
-                                     &akind, &bfd, &bssl, &bkind, &idle, &hold, &head_seconds,
-                                     &drop, &add, &add_len, &initial, &initial_len, &refuse,
-                                     &gen_ids, &max_requests, &notify, &max_seconds))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpdO", kwlist, &afd,
+                                     &assl, &akind, &bfd, &bssl, &bkind, &idle, &hold,
+                                     &head_seconds, &drop, &add, &add_len, &initial,
+                                     &initial_len, &refuse, &gen_ids, &max_requests, &notify,
+                                     &max_seconds, &summary))
         return NULL;
+    double bounds[SUMMARY_BOUNDS];
+    Py_ssize_t nbounds = summary_bounds(summary, bounds);
+    if (nbounds < 0) return NULL;
     const char *problem = NULL;
     if (initial_len > RELAY_IN) problem = "initial holds at most RELAY_IN bytes";
     else if (akind == KIND_FRAMED || bkind == KIND_FRAMED)
@@ -2065,6 +2154,9 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     r->hold = hold;
     r->head_seconds = head_seconds;
     r->max_requests = max_requests;
+    r->summarize = summary != Py_None;
+    r->nbounds = (int)nbounds;
+    memcpy(r->bounds, bounds, (size_t)nbounds * sizeof *bounds);
     c->notify_first = notify; /* the upstream's first bytes, in relay_response */
     r->up_keep = 1;
     r->state = R_REQUEST;
@@ -2112,25 +2204,43 @@ static PyObject *Engine_records(Engine *self, PyObject *unused) {
     self->nrecords = self->records_cap = 0;
     self->records_dropped = 0;
     pthread_mutex_unlock(&self->lock);
-    PyObject *list = PyList_New((Py_ssize_t)n);
-    if (list == NULL) {
-        free_records(recs, n);
-        return NULL;
-    }
+    PyObject *list = PyList_New(0), *sums = PyList_New(0);
+    if (list == NULL || sums == NULL) goto fail;
     for (size_t i = 0; i < n; i++) {
         record_t *rec = &recs[i];
-        PyObject *item = Py_BuildValue(
-            "(K(iKKdssy))", rec->handle, rec->status, rec->bytes_in, rec->bytes_out,
-            rec->seconds, rec->method, rec->path != NULL ? rec->path : "", rec->request_id);
-        if (item == NULL) {
-            Py_DECREF(list);
-            free_records(recs, n);
-            return NULL;
+        PyObject *item;
+        if (rec->summary != NULL) {
+            summary_t *s = rec->summary;
+            PyObject *first = PyTuple_New(s->nfirst);
+            if (first == NULL) goto fail;
+            for (int j = 0; j < s->nfirst; j++) {
+                PyObject *count = PyLong_FromUnsignedLongLong(s->first[j]);
+                if (count == NULL) {
+                    Py_DECREF(first);
+                    goto fail;
+                }
+                PyTuple_SET_ITEM(first, j, count);
+            }
+            item = Py_BuildValue("(K((KKKKKK)NKd))", rec->handle, s->classes[0], s->classes[1],
+                                 s->classes[2], s->classes[3], s->classes[4], s->classes[5],
+                                 first, s->count, s->total);
+        } else {
+            item = Py_BuildValue("(K(iKKdssy))", rec->handle, rec->status, rec->bytes_in,
+                                 rec->bytes_out, rec->seconds, rec->method,
+                                 rec->path != NULL ? rec->path : "", rec->request_id);
         }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        if (item == NULL) goto fail;
+        int appended = PyList_Append(rec->summary != NULL ? sums : list, item);
+        Py_DECREF(item);
+        if (appended < 0) goto fail;
     }
     free_records(recs, n);
-    return Py_BuildValue("(NK)", list, dropped);
+    return Py_BuildValue("(NNK)", list, sums, dropped);
+fail:
+    Py_XDECREF(list);
+    Py_XDECREF(sums);
+    free_records(recs, n);
+    return NULL;
 }
 
 /* What Python needs of a finished relay (see collect()). */
@@ -2354,7 +2464,9 @@ static PyMethodDef Engine_methods[] = {
      "field named in refuse (initial: downstream bytes already read), "
      "until one it does not take, hold seconds without a request, max_requests served or "
      "max_seconds passed (RENEW), or "
-     "relay_stop(); with notify_first, b's first bytes are reported as for add(). Its "
+     "relay_stop(); with notify_first, b's first bytes are reported as for add(). With "
+     "summary (a tuple of ascending latency bounds, seconds), its exchanges come to "
+     "records() summed up, not one by one. Its "
      "collect() entry ends with (outcome, downstream_bytes, response_bytes, "
      "upstream_reusable, upstream_error, request_id); see the relay's comment in _pump.c."},
     {"relay_stop", (PyCFunction)Engine_relay_stop, METH_O,
@@ -2363,8 +2475,10 @@ static PyMethodDef Engine_methods[] = {
      "An eventfd, readable when records() has entries."},
     {"records", (PyCFunction)Engine_records, METH_NOARGS,
      "records() -> ([(handle, (status, bytes_in, bytes_out, seconds, method, path, "
-     "request_id))], dropped): the relays' finished exchanges since the last call, and how "
-     "many were dropped because none called for them."},
+     "request_id))], [(handle, ((by status class 0-5), (by the first bound >= seconds, "
+     "then +Inf), count, total_seconds))], dropped): the relays' finished exchanges since the "
+     "last call, one by one or summed up (a relay with summary), and how many were "
+     "dropped because none called for them."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -106,27 +106,42 @@ class HttpStats:
     def record_many(self, labels: dict[str, str], answers: Iterable[tuple[int, float]]) -> None:
         """(status, seconds) of requests with the same labels (the C relay's batches:
         the labels are looked up once)."""
+        classes = [0] * 6
+        first_bucket = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)  # by the first that holds it
+        total = 0.0
+        for status, seconds in answers:
+            classes[status // 100 if 100 <= status < 600 else 0] += 1
+            first_bucket[bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
+            total += seconds
+        self.record_summary(labels, classes, first_bucket, total)
+
+    def record_summary(
+        self,
+        labels: dict[str, str],
+        classes: Sequence[int],
+        first_bucket: Sequence[int],
+        total: float,
+    ) -> None:
+        """Requests with the same labels, summed up: counts by status class
+        (``classes[n]``: nxx, ``classes[0]``: none of those), counts by the first of
+        ``LATENCY_BUCKETS_SECONDS`` that holds their seconds (then +Inf), and their
+        seconds in all (the C relay's summaries)."""
+        if len(first_bucket) != len(LATENCY_BUCKETS_SECONDS) + 1:
+            raise ValueError("a summary has a count per latency bucket, then +Inf")
         destination, route = labels.get("destination", ""), labels.get("route", "")
         subset, source = labels.get("subset", ""), labels.get("source", "")
         slot = self.latency.get((destination, route))
         if slot is None:  # buckets..., +Inf, sum
             slot = self.latency[(destination, route)] = [0.0] * (len(LATENCY_BUCKETS_SECONDS) + 2)
-        classes: dict[int, int] = {}
-        first_bucket = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)  # by the first that holds it
-        count, total = 0, 0.0
-        for status, seconds in answers:
-            classes[status // 100] = classes.get(status // 100, 0) + 1
-            first_bucket[bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
-            count += 1
-            total += seconds
-        for status_class, n in classes.items():
-            key = (destination, route, subset, source, f"{status_class}xx")
-            self.requests[key] = self.requests.get(key, 0) + n
+        for status_class, n in enumerate(classes):
+            if n:
+                key = (destination, route, subset, source, f"{status_class}xx")
+                self.requests[key] = self.requests.get(key, 0) + n
         cumulative = 0
         for n in range(len(LATENCY_BUCKETS_SECONDS)):
             cumulative += first_bucket[n]
             slot[n] += cumulative
-        slot[-2] += count
+        slot[-2] += cumulative + first_bucket[-1]
         slot[-1] += total
 
 

@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from meshagent.dataplane.connection import Drain, HttpStats, describe
+from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
 from meshagent.dataplane.nativepump import (
     NativePump,
     NativeRefused,
     Record,
     RelayEnd,
     RelayOutcome,
+    Summary,
     log_refusal,
     stream_end,
 )
@@ -369,13 +370,20 @@ class _Relaying:
     def __post_init__(self) -> None:
         self.access_fields = {**self.log_fields, "attempts": 1}
 
-    def records(self, labels: dict[str, str], batch: list[Record]) -> None:
+    def records(
+        self, labels: dict[str, str], batch: list[Record], summaries: list[Summary]
+    ) -> None:
         """Exchanges the relay finished: metrics and access log, as Python's own."""
-        if self.stats is not None:
+        count = len(batch)
+        if self.stats is not None and batch:
             self.stats.record_many(labels, [(record[0], record[3]) for record in batch])
+        for classes, first_bucket, served, total in summaries:
+            if self.stats is not None:
+                self.stats.record_summary(labels, classes, first_bucket, total)
+            count += served
         if self.relay.on_records is not None:
-            self.relay.on_records(len(batch))
-        if not access_log.enabled("info"):
+            self.relay.on_records(count)
+        if not batch or not access_log.enabled("info"):
             return
         for status, sent, received, seconds, method, path, request_id in batch:
             fields = labels
@@ -415,6 +423,8 @@ class _Relaying:
                     max_requests=relay.max_requests,
                     max_seconds=relay.max_seconds,
                     on_first_read=_first_read(upstream),
+                    # one by one only for the access log (read at each session's start)
+                    summary=None if access_log.enabled("info") else LATENCY_BUCKETS_SECONDS,
                 )
             except NativeRefused as exc:
                 log_refusal(_RELAY_REFUSED, str(exc))

@@ -152,3 +152,8 @@ def test_http_stats_count_a_batch_as_its_requests_one_by_one() -> None:
         slot[-1] += seconds
     assert batch.requests == single.requests
     assert batch.latency == single.latency
+
+
+def test_http_stats_take_a_summary_only_with_a_count_per_bucket() -> None:
+    with pytest.raises(ValueError, match="a count per latency bucket"):
+        HttpStats().record_summary({}, [0, 0, 1, 0, 0, 0], [1], 0.1)

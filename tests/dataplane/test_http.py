@@ -15,7 +15,9 @@ import httpx
 import pytest
 import trio
 
+from meshagent import log
 from meshagent.dataplane import http_outbound
+from meshagent.dataplane.connection import HttpStats
 from meshagent.dataplane.nativepump import ENV_SWITCH
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import TlsContexts
@@ -465,8 +467,8 @@ def pump(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-async def relayed(agent: DataplaneHandle, want: dict[int, int]) -> dict[int, int]:
-    """The exchanges the agent's C relays finished, by status, once they reach ``want``
+async def relayed(agent: DataplaneHandle, want: dict[str, int]) -> dict[str, int]:
+    """The exchanges the agent's C relays finished, by status class, once they reach ``want``
     (their records arrive in batches) or after 5 s."""
     pump = agent.context.pump
     assert pump is not None
@@ -517,9 +519,9 @@ async def test_big_bodies_move_in_the_c_pump_between_requests_on_kept_connection
     # The inbound's C relay serves all six. The outbound's serves them too, or, with a
     # route on the path, Python does and copies the two big bodies in C.
     assert web.context.pump is not None and inbound.context.pump is not None
-    assert await relayed(inbound, {200: len(sizes)}) == {200: len(sizes)}
+    assert await relayed(inbound, {"2xx": len(sizes)}) == {"2xx": len(sizes)}
     if routes is None:
-        assert await relayed(web, {200: len(sizes)}) == {200: len(sizes)}
+        assert await relayed(web, {"2xx": len(sizes)}) == {"2xx": len(sizes)}
         assert web.context.pump.copies == 0
     else:
         assert web.context.pump.copies == 2 and web.context.pump.relayed == {}
@@ -540,9 +542,37 @@ async def test_a_body_cut_short_in_the_c_pump_cuts_the_client_only(
     # route on the path, the outbound's Python copied the body instead.
     relays = [inbound] if routes else [web, inbound]
     for agent in relays:
-        assert await relayed(agent, {502: 1, 200: 1}) == {502: 1, 200: 1}
+        assert await relayed(agent, {"5xx": 1, "2xx": 1}) == {"5xx": 1, "2xx": 1}
     assert web.context.pump is not None
     assert web.context.pump.copies == (1 if routes else 0)
+
+
+async def test_without_an_access_log_the_relays_hand_python_sums_not_requests(
+    nursery: trio.Nursery, ca: MeshCa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(log._Settings.routes, "access", None)  # access log off
+    summed: list[int] = []
+    record_summary = HttpStats.record_summary
+
+    def spy(self: HttpStats, labels: dict[str, str], *args: object) -> None:
+        summed.append(labels.get("destination") == "orders")
+        record_summary(self, labels, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HttpStats, "record_summary", spy)
+    port, _ = await start_app_agent(nursery, ca, "orders-a")
+    web_port, web = await start_web(nursery, ca, [ep(port)])
+    requests = 100
+    async with client(web_port) as http:
+        for n in range(requests):
+            assert (await http.get(f"/n/{n}")).status_code == 200
+    assert await relayed(web, {"2xx": requests}) == {"2xx": requests}
+    # the outbound's metrics hold every request, from sums (at most 64 to one)
+    assert sum(
+        count for key, count in web.context.http.requests.items() if key[4] == "2xx"
+    ) == requests
+    assert requests // 64 < len(summed) < requests // 2 and all(summed)
+    latency = web.context.http.latency[("orders", "")]
+    assert latency[-2] == requests and latency[-1] > 0
 
 
 async def test_the_outbound_relay_chooses_the_endpoint_again_every_relay_requests(
@@ -560,7 +590,7 @@ async def test_the_outbound_relay_chooses_the_endpoint_again_every_relay_request
     blocks = [apps[n : n + every] for n in range(0, len(apps), every)]
     assert [len(set(block)) for block in blocks] == [1, 1, 1], apps
     assert blocks[0][0] != blocks[1][0] and blocks[0][0] == blocks[2][0]
-    assert await relayed(web, {200: len(apps)}) == {200: len(apps)}
+    assert await relayed(web, {"2xx": len(apps)}) == {"2xx": len(apps)}
 
 
 async def test_the_outbound_relay_chooses_again_after_relay_seconds(
@@ -575,7 +605,7 @@ async def test_the_outbound_relay_chooses_again_after_relay_seconds(
         await trio.sleep(0.5)  # past RELAY_SECONDS, within the relay's hold (1 s)
         then = (await http.get("/n")).json()["app"]
     assert len(set(first)) == 1 and then != first[0]  # chosen again: round robin
-    assert await relayed(web, {200: 4}) == {200: 4}
+    assert await relayed(web, {"2xx": 4}) == {"2xx": 4}
 
 
 async def test_big_request_bodies_move_in_the_c_pump_and_an_early_answer_still_comes_back(

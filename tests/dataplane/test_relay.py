@@ -22,9 +22,11 @@ from meshagent.dataplane.connection import Drain
 from meshagent.dataplane.nativepump import (
     ENV_SWITCH,
     NativePump,
+    NativeRefused,
     Record,
     RelayEnd,
     RelayOutcome,
+    Summary,
     stream_end,
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream
@@ -47,6 +49,11 @@ class Rig:
     app: trio.SocketStream
     drain: Drain = field(default_factory=Drain)
     records: list[Record] = field(default_factory=list)
+    summaries: list[Summary] = field(default_factory=list)
+
+    def take(self, records: list[Record], summaries: list[Summary]) -> None:
+        self.records.extend(records)
+        self.summaries.extend(summaries)
 
     async def relay(
         self, pump: NativePump, *, hold: float = 5, head: float = 5, idle: float = 5,
@@ -58,7 +65,7 @@ class Rig:
         edits = {"drop": (b"x-meshagent-source",), "add": ADD, **options}
         return await pump.relay(
             down, up, idle_seconds=idle, hold_seconds=hold, head_seconds=head,
-            on_records=self.records.extend,
+            on_records=self.take,
             stop_when=functools.partial(self.drain.idle, listener="in"), initial=initial,
             **edits,
         )
@@ -323,6 +330,56 @@ async def test_a_body_cut_short_fails_and_counts_as_502(
                 await r.relay(pump)
         # its record came before the end (NativePump hands records over first)
         assert [(rec[0], rec[2]) for rec in r.records] == [(502, 70_000)]
+
+
+async def test_with_a_summary_its_exchanges_are_summed_up_not_recorded(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    """No access log: the relay sums its exchanges up by status class and latency bound,
+    at most 64 to a summary, and the last ones before its end; a cut body counts 5xx."""
+    requests = 150
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+
+        async def app() -> None:
+            for n in range(requests):
+                await read_until(r.app, b"\r\n\r\n")
+                status = b"404 Not Found" if n % 10 == 0 else b"200 OK"
+                await r.app.send_all(b"HTTP/1.1 %s\r\nContent-Length: 2\r\n\r\nok" % status)
+            await read_until(r.app, b"\r\n\r\n")  # the last: cut inside its body
+            await r.app.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            await r.app.aclose()
+
+        nursery.start_soon(app)
+        await r.caller.send_all(b"GET /s HTTP/1.1\r\nHost: h\r\n\r\n" * (requests + 1))
+        # bounds no exchange reaches and one every exchange does (0 < seconds <= 60)
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match="after 3 of 10"):
+            await r.relay(pump, summary=(0.0, 60.0))
+    assert r.records == []
+    assert len(r.summaries) >= 3 and all(s[2] <= 64 for s in r.summaries)
+    classes = [sum(s[0][n] for s in r.summaries) for n in range(6)]
+    assert classes == [0, 0, 135, 0, 15, 1]  # 404 every tenth, then the cut: 502
+    assert [sum(s[1][n] for s in r.summaries) for n in range(3)] == [0, requests + 1, 0]
+    assert sum(s[2] for s in r.summaries) == requests + 1
+    assert all(0 < s[3] < 60 * s[2] for s in r.summaries)
+
+
+@pytest.mark.parametrize(
+    ("summary", "problem"),
+    [
+        ((0.1, 0.1), "ascending"),
+        ((0.2, 0.1), "ascending"),
+        ((float("nan"),), "ascending"),
+        (tuple(float(n) for n in range(33)), "at most 32"),
+        ([0.1], "tuple"),
+        (("1",), "must be real number"),
+    ],
+)
+async def test_a_summary_needs_at_most_32_ascending_bounds(
+    contexts: Contexts, pump: NativePump, summary: Any, problem: str
+) -> None:
+    async with rig(contexts) as r:
+        with pytest.raises(NativeRefused, match=problem):
+            await r.relay(pump, summary=summary)
 
 
 async def test_a_big_response_streams_through_with_backpressure(
