@@ -303,8 +303,14 @@ typedef struct {
     int nfirst;          /* the bounds, plus one for +Inf */
 } summary_t;
 
-/* One finished exchange of a relay, or a relay's summary, for Engine.records(). */
+/* What Engine.records() reports of a relay, in order: a finished exchange, a summary
+ * of some, that its block is over (a relay that renews ahead), that it switched to the
+ * upstream relay_next() gave. */
+enum { RECORD_EXCHANGE, RECORD_SUMMARY, RECORD_RENEW_DUE, RECORD_SWITCHED };
+
 typedef struct {
+    int kind;
+    int reusable; /* RECORD_SWITCHED: the upstream left fit for another request */
     unsigned long long handle, bytes_in, bytes_out;
     int status;
     double seconds;
@@ -341,6 +347,8 @@ typedef struct {
 
 static void arm(Engine *eng);
 static void relay_free(struct relay *r);
+static void relay_drop_next(struct relay *r);
+static uint64_t key_of(struct conn *c, int side);
 
 /* epoll data: (generation << 32) | (slot << 1) | side for a connection's socket, so an
  * event that raced with remove() finds a freed slot or a newer generation, never a
@@ -740,6 +748,7 @@ static void stop_pumping(Engine *eng, conn_t *c) {
     epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
     side_release(&c->a);
     side_release(&c->b);
+    relay_drop_next(c->relay); /* offered, not switched to: Python's again */
     for (int i = 0; i < 2; i++) {
         free(c->d[i].buf);
         c->d[i].buf = NULL;
@@ -808,7 +817,11 @@ static void discard(Engine *eng, conn_t *c) {
  * drain: RELAY_STOPPED), when a head takes more than head_seconds (RELAY_HEAD_TIMEOUT:
  * Python answers 408), after an exchange that closes the downstream (RELAY_CLOSE) and
  * after one that leaves the upstream unusable (RELAY_UPSTREAM_SPENT), and after
- * max_requests exchanges or max_seconds (RELAY_RENEW: an outbound chooses again). A
+ * max_requests exchanges or max_seconds (RELAY_RENEW: an outbound chooses again). With
+ * renew_ahead it does not end there: it reports RECORD_RENEW_DUE and goes on with its
+ * upstream until relay_next() gives the next one, which it switches to when the next
+ * request begins (RECORD_SWITCHED gives the previous one back), or none (RENEW at the
+ * next boundary). A
  * failure after the response head went down is DONE_ERROR (Python closes both, as it
  * would), and no byte moved for idle seconds in the middle of an exchange is DONE_IDLE.
  */
@@ -875,6 +888,15 @@ typedef struct relay {
     int summarize, nbounds;
     double bounds[SUMMARY_BOUNDS];
     summary_t sum;
+    /* renewing ahead: at a block's end (max_requests, max_seconds) the relay reports
+     * RECORD_RENEW_DUE once and goes on with its upstream until relay_next() gives the
+     * next one (switched to at the next boundary) or none (renew_now: RENEW there) */
+    int ahead, due_said, renew_now;
+    double max_seconds;
+    int next_ready, next_notify;
+    side_t next_b;
+    char *next_add;
+    size_t next_add_len;
 } relay_t;
 
 /* -- heads: pure functions, also exposed for tests (relay_request_head & co) -- */
@@ -1158,11 +1180,20 @@ static int response_head(const char *buf, size_t len, int head_method, int req_k
 
 static void due_soon(Engine *eng, double t);
 
-/* When the relay's wait ends: a boundary holds `hold`, a head head_seconds, the rest of
- * an exchange the connection's idle time. */
+/* Renewing ahead, the block's time is up and not said yet. */
+static int renew_time_due(relay_t *r) {
+    return r->ahead && !r->due_said && r->renew_at != 0;
+}
+
+/* When the relay's wait ends: a boundary holds `hold` (renewing ahead, it wakes at the
+ * block's end to say so), a head head_seconds, the rest of an exchange the connection's
+ * idle time. */
 static double relay_deadline(conn_t *c) {
     relay_t *r = c->relay;
-    if (r->state == R_REQUEST && r->in_len == 0) return c->last + r->hold;
+    if (r->state == R_REQUEST && r->in_len == 0) {
+        double t = c->last + r->hold;
+        return renew_time_due(r) && r->renew_at < t ? r->renew_at : t;
+    }
     if (r->state == R_REQUEST) return r->head_started + r->head_seconds;
     return c->last + c->idle;
 }
@@ -1184,7 +1215,7 @@ static int relay_hand_response(Engine *eng, conn_t *c, const char *why) {
 /* The next free record for records(), or NULL (full, or out of memory: the `lost`
  * exchanges are counted as dropped). */
 static record_t *new_record(Engine *eng, conn_t *c, unsigned long long lost) {
-    if (eng->nrecords == RECORDS_MAX) {
+    if (eng->nrecords >= RECORDS_MAX && lost > 0) { /* reports (lost 0) always get in */
         eng->records_dropped += lost;
         return NULL;
     }
@@ -1214,6 +1245,7 @@ static void queue_summary(Engine *eng, conn_t *c) {
     if (rec != NULL) {
         memcpy(copy, &r->sum, sizeof *copy);
         copy->nfirst = r->nbounds + 1;
+        rec->kind = RECORD_SUMMARY;
         rec->summary = copy;
     } else {
         if (copy == NULL) eng->records_dropped += r->sum.count;
@@ -1249,6 +1281,56 @@ static void queue_record(Engine *eng, conn_t *c, int status) {
     rec->path = r->path; /* ownership moves to the record */
     rec->request_id = r->request_id;
     r->path = r->request_id = NULL;
+}
+
+/* The relay's block is over: say so once (records(), read with collect()'s), and go
+ * on meanwhile. */
+static void renew_due(Engine *eng, conn_t *c) {
+    relay_t *r = c->relay;
+    if (r->due_said) return;
+    record_t *rec = new_record(eng, c, 0);
+    if (rec == NULL) return; /* out of memory: said at the next boundary */
+    rec->kind = RECORD_RENEW_DUE;
+    r->due_said = 1;
+    signal_fd(eng->donefd); /* now, not with the next batch: Python reads records then */
+}
+
+/* At a request boundary: the upstream relay_next() gave replaces the current one,
+ * which goes back to Python (RECORD_SWITCHED, after the exchanges it served), and a
+ * new block begins. 0 when it could not be reported (out of memory: the next boundary
+ * tries again), -1 when the new upstream cannot be watched (the relay ends). */
+static int switch_upstream(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    queue_summary(eng, c); /* the old upstream's exchanges, under its labels */
+    record_t *rec = new_record(eng, c, 0);
+    if (rec == NULL) return 0;
+    rec->kind = RECORD_SWITCHED;
+    rec->reusable = r->up_keep;
+    epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
+    side_release(&c->b);
+    c->b = r->next_b;
+    c->b.conn = c;
+    if (c->b.probed != NULL) p_BIO_set_callback_arg(c->b.probed, (char *)&c->b);
+    memset(&r->next_b, 0, sizeof r->next_b);
+    r->next_ready = 0;
+    free(r->edits.add);
+    r->edits.add = r->next_add;
+    r->edits.add_len = r->next_add_len;
+    r->next_add = NULL;
+    c->notify_first = r->next_notify;
+    r->up_keep = 1;
+    r->served = 0;
+    r->due_said = 0;
+    r->renew_at = r->max_seconds > 0 ? now_seconds() + r->max_seconds : 0;
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = key_of(c, 1);
+    if (epoll_ctl(eng->epfd, EPOLL_CTL_ADD, c->b.fd, &ev) != 0) {
+        io_error(err, errno);
+        r->up_keep = 0;
+        return -1;
+    }
+    return 1;
 }
 
 /* n hex digits (n even) from the engine's pool of random bytes. */
@@ -1313,7 +1395,13 @@ static int more_room(char **buf, size_t *cap, size_t max) {
 /* R_REQUEST: read until a request is complete. 1 progress, 0 blocked, -1 ended. */
 static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
+    if (r->renew_now) return relay_end(eng, c, RELAY_RENEW); /* relay_next(None) */
     if (r->in_len > 0) {
+        /* a request begins: to the next upstream, if there is one */
+        if (r->next_ready && switch_upstream(eng, c, err) < 0) {
+            finish(eng, c, DONE_ERROR, err);
+            return -1;
+        }
         head_t h;
         if (r->edits.gen_ids && !r->ids_ready) {
             random_hex(eng, r->ids, IDS_HEX);
@@ -1328,8 +1416,9 @@ static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
         }
     } else if (r->stop) {
         return relay_end(eng, c, RELAY_STOPPED);
-    } else if (r->renew_at != 0 && now_seconds() >= r->renew_at) {
-        return relay_end(eng, c, RELAY_RENEW); /* before a new request: Python chooses */
+    } else if (r->renew_at != 0 && !r->due_said && now_seconds() >= r->renew_at) {
+        if (!r->ahead) return relay_end(eng, c, RELAY_RENEW); /* before a new request */
+        renew_due(eng, c);
     }
     if (!c->a.rd) return 0;
     if (r->in_len == r->in_cap && !more_room(&r->in, &r->in_cap, RELAY_IN))
@@ -1465,8 +1554,10 @@ static int relay_done(Engine *eng, conn_t *c) {
     r->state = R_REQUEST;
     if (r->down_close) return relay_end(eng, c, RELAY_CLOSE);
     if (!r->up_keep) return relay_end(eng, c, RELAY_UPSTREAM_SPENT);
-    if (r->max_requests != 0 && ++r->served >= r->max_requests)
-        return relay_end(eng, c, RELAY_RENEW);
+    if (r->max_requests != 0 && ++r->served >= r->max_requests) {
+        if (!r->ahead) return relay_end(eng, c, RELAY_RENEW); /* Python chooses again */
+        renew_due(eng, c);
+    }
     double now = now_seconds();
     c->last = now;
     r->head_started = now;
@@ -1549,6 +1640,10 @@ static void relay_expired(Engine *eng, conn_t *c) {
         return;
     }
     if (r->in_len == 0) {
+        if (renew_time_due(r) && now_seconds() < c->last + r->hold) {
+            renew_due(eng, c); /* the block's time, not the hold: Python chooses meanwhile */
+            return;
+        }
         relay_end(eng, c, RELAY_IDLE);
         return;
     }
@@ -1569,8 +1664,18 @@ static void free_records(record_t *recs, size_t n) {
 
 static void edits_free(edits_t *e);
 
+/* An upstream relay_next() gave and the relay did not switch to goes back as it was. */
+static void relay_drop_next(relay_t *r) {
+    if (r == NULL || !r->next_ready) return;
+    side_release(&r->next_b);
+    free(r->next_add);
+    r->next_add = NULL;
+    r->next_ready = 0;
+}
+
 static void relay_free(relay_t *r) {
     if (r == NULL) return;
+    relay_drop_next(r);
     edits_free(&r->edits);
     free(r->in);
     free(r->resp);
@@ -1690,6 +1795,8 @@ static void process(Engine *eng, struct epoll_event *events, int n) {
             if (now >= due) {
                 if (c->relay != NULL) relay_expired(eng, c);
                 else finish(eng, c, DONE_IDLE, NULL);
+                if (c->relay != NULL && !c->finished && relay_deadline(c) < next)
+                    next = relay_deadline(c);
             } else if (due < next) {
                 next = due;
             }
@@ -2097,18 +2204,18 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"a_fd", "a_ssl", "a_kind", "b_fd", "b_ssl", "b_kind", "idle",
                              "hold", "head_seconds", "drop", "add", "initial", "refuse",
                              "gen_ids", "max_requests", "notify_first", "max_seconds", "summary",
-                             NULL};
-    int afd, akind, bfd, bkind, gen_ids = 0, notify = 0;
+                             "renew_ahead", NULL};
+    int afd, akind, bfd, bkind, gen_ids = 0, notify = 0, ahead = 0;
     PyObject *assl, *bssl, *drop = NULL, *refuse = NULL, *summary = Py_None;
     double idle, hold, head_seconds, max_seconds = 0;
     const char *add = "", *initial = "";
     Py_ssize_t add_len = 0, initial_len = 0;
     unsigned long long max_requests = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpdO", kwlist, &afd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpdOp", kwlist, &afd,
                                      &assl, &akind, &bfd, &bssl, &bkind, &idle, &hold,
                                      &head_seconds, &drop, &add, &add_len, &initial,
                                      &initial_len, &refuse, &gen_ids, &max_requests, &notify,
-                                     &max_seconds, &summary))
+                                     &max_seconds, &summary, &ahead))
         return NULL;
     double bounds[SUMMARY_BOUNDS];
     Py_ssize_t nbounds = summary_bounds(summary, bounds);
@@ -2155,6 +2262,8 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     r->head_seconds = head_seconds;
     r->max_requests = max_requests;
     r->summarize = summary != Py_None;
+    r->ahead = ahead;
+    r->max_seconds = max_seconds;
     r->nbounds = (int)nbounds;
     memcpy(r->bounds, bounds, (size_t)nbounds * sizeof *bounds);
     c->notify_first = notify; /* the upstream's first bytes, in relay_response */
@@ -2186,6 +2295,71 @@ static PyObject *Engine_relay_stop(Engine *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The field lines a relay adds (Engine.relay's add): -1 with an exception set. */
+static int check_add(const char *add, Py_ssize_t add_len) {
+    if (add_len > 4096) {
+        PyErr_SetString(PyExc_ValueError, "add holds at most 4096 bytes");
+        return -1;
+    }
+    if (memchr(add, '\0', (size_t)add_len) != NULL ||
+        (add_len > 0 && (add_len < 2 || memcmp(add + add_len - 2, "\r\n", 2) != 0))) {
+        PyErr_SetString(PyExc_ValueError, "add must be field lines, each ending with CRLF");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_relay_next(Engine *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"handle", "b", "add", "notify_first", NULL};
+    PyObject *handle, *b, *bssl = Py_None;
+    const char *add = "";
+    Py_ssize_t add_len = 0;
+    int notify = 0, bfd = -1, bkind = KIND_PLAIN;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$y#p", kwlist, &handle, &b, &add, &add_len,
+                                     &notify))
+        return NULL;
+    if (b != Py_None && !PyArg_ParseTuple(b, "iOi", &bfd, &bssl, &bkind)) return NULL;
+    if (check_add(add, add_len) < 0) return NULL;
+    if (bkind == KIND_FRAMED) {
+        PyErr_SetString(PyExc_ValueError, "a relay takes plain or raw TLS sides");
+        return NULL;
+    }
+    char *copy = malloc((size_t)add_len + 1);
+    if (copy == NULL) return PyErr_NoMemory();
+    memcpy(copy, add, (size_t)add_len);
+    unsigned long long h;
+    int taken = 0;
+    pthread_mutex_lock(&self->lock);
+    conn_t *c = lookup(self, handle, &h);
+    relay_t *r = c != NULL ? c->relay : NULL;
+    if (r == NULL || c->finished) {
+        /* ended (or not a relay): the upstream stays the caller's */
+    } else if (!r->ahead) {
+        PyErr_SetString(PyExc_ValueError, "the relay was not started with renew_ahead");
+    } else if (r->next_ready || r->renew_now) {
+        PyErr_SetString(PyExc_ValueError, "the relay has its next upstream already");
+    } else if (b == Py_None) {
+        r->renew_now = 1;
+        taken = 1;
+        if (r->state == R_REQUEST && r->in_len == 0) relay_end(self, c, RELAY_RENEW);
+    } else if (bfd < 0 || bfd == c->a.fd || bfd == c->b.fd) {
+        PyErr_SetString(PyExc_ValueError, "the next upstream needs a descriptor of its own");
+    } else if (side_from(&r->next_b, bfd, bssl, bkind) == 0) {
+        r->next_add = copy;
+        r->next_add_len = (size_t)add_len;
+        r->next_notify = notify;
+        r->next_ready = 1;
+        copy = NULL;
+        taken = 1;
+    } else {
+        side_release(&r->next_b);
+    }
+    pthread_mutex_unlock(&self->lock);
+    free(copy);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(taken);
+}
+
 static PyObject *Engine_records_fileno(Engine *self, PyObject *unused) {
     (void)unused;
     return PyLong_FromLong(self->recfd);
@@ -2204,12 +2378,16 @@ static PyObject *Engine_records(Engine *self, PyObject *unused) {
     self->nrecords = self->records_cap = 0;
     self->records_dropped = 0;
     pthread_mutex_unlock(&self->lock);
-    PyObject *list = PyList_New(0), *sums = PyList_New(0);
-    if (list == NULL || sums == NULL) goto fail;
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL) goto fail;
     for (size_t i = 0; i < n; i++) {
         record_t *rec = &recs[i];
         PyObject *item;
-        if (rec->summary != NULL) {
+        if (rec->kind == RECORD_RENEW_DUE) {
+            item = Py_BuildValue("(KiO)", rec->handle, rec->kind, Py_None);
+        } else if (rec->kind == RECORD_SWITCHED) {
+            item = Py_BuildValue("(KiN)", rec->handle, rec->kind, PyBool_FromLong(rec->reusable));
+        } else if (rec->kind == RECORD_SUMMARY) {
             summary_t *s = rec->summary;
             PyObject *first = PyTuple_New(s->nfirst);
             if (first == NULL) goto fail;
@@ -2221,24 +2399,23 @@ static PyObject *Engine_records(Engine *self, PyObject *unused) {
                 }
                 PyTuple_SET_ITEM(first, j, count);
             }
-            item = Py_BuildValue("(K((KKKKKK)NKd))", rec->handle, s->classes[0], s->classes[1],
+            item = Py_BuildValue("(Ki((KKKKKK)NKd))", rec->handle, rec->kind, s->classes[0],
+                                 s->classes[1],
                                  s->classes[2], s->classes[3], s->classes[4], s->classes[5],
                                  first, s->count, s->total);
         } else {
-            item = Py_BuildValue("(K(iKKdssy))", rec->handle, rec->status, rec->bytes_in,
+            item = Py_BuildValue("(Ki(iKKdssy))", rec->handle, rec->kind, rec->status,
+                                 rec->bytes_in,
                                  rec->bytes_out, rec->seconds, rec->method,
                                  rec->path != NULL ? rec->path : "", rec->request_id);
         }
         if (item == NULL) goto fail;
-        int appended = PyList_Append(rec->summary != NULL ? sums : list, item);
-        Py_DECREF(item);
-        if (appended < 0) goto fail;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
     }
     free_records(recs, n);
-    return Py_BuildValue("(NNK)", list, sums, dropped);
+    return Py_BuildValue("(NK)", list, dropped);
 fail:
     Py_XDECREF(list);
-    Py_XDECREF(sums);
     free_records(recs, n);
     return NULL;
 }
@@ -2466,19 +2643,28 @@ static PyMethodDef Engine_methods[] = {
      "max_seconds passed (RENEW), or "
      "relay_stop(); with notify_first, b's first bytes are reported as for add(). With "
      "summary (a tuple of ascending latency bounds, seconds), its exchanges come to "
-     "records() summed up, not one by one. Its "
+     "records() summed up, not one by one. With renew_ahead, the end of a block "
+     "(max_requests, max_seconds) is a RECORD_RENEW_DUE report instead, and the relay "
+     "goes on with b until relay_next(). Its "
      "collect() entry ends with (outcome, downstream_bytes, response_bytes, "
      "upstream_reusable, upstream_error, request_id); see the relay's comment in _pump.c."},
+    {"relay_next", (PyCFunction)(void (*)(void))Engine_relay_next, METH_VARARGS | METH_KEYWORDS,
+     "relay_next(handle, b, *, add=b'', notify_first=False) -> bool\n\n"
+     "For a relay with renew_ahead: b = (fd, ssl, kind) is the next upstream, switched to "
+     "(with its add lines and notify_first) at the next request boundary, when the "
+     "previous one comes back (RECORD_SWITCHED); b = None ends the relay (RENEW) at the "
+     "next boundary. False when the relay has ended (b stays the caller's)."},
     {"relay_stop", (PyCFunction)Engine_relay_stop, METH_O,
      "relay_stop(handle): end the relay at its next request boundary (now if it waits)"},
     {"records_fileno", (PyCFunction)Engine_records_fileno, METH_NOARGS,
      "An eventfd, readable when records() has entries."},
     {"records", (PyCFunction)Engine_records, METH_NOARGS,
-     "records() -> ([(handle, (status, bytes_in, bytes_out, seconds, method, path, "
-     "request_id))], [(handle, ((by status class 0-5), (by the first bound >= seconds, "
-     "then +Inf), count, total_seconds))], dropped): the relays' finished exchanges since the "
-     "last call, one by one or summed up (a relay with summary), and how many were "
-     "dropped because none called for them."},
+     "records() -> ([(handle, kind, item)], dropped): what the relays reported since the "
+     "last call, in order, and how many exchanges were dropped because none called for "
+     "them. kind RECORD_EXCHANGE: item = (status, bytes_in, bytes_out, seconds, method, "
+     "path, request_id); RECORD_SUMMARY (a relay with summary): item = ((by status class "
+     "0-5), (by the first bound >= seconds, then +Inf), count, total_seconds); "
+     "RECORD_RENEW_DUE: None; RECORD_SWITCHED: whether the previous upstream is reusable."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2720,6 +2906,10 @@ PyMODINIT_FUNC PyInit__pump(void) {
     PyModule_AddIntConstant(m, "RELAY_CLOSE", RELAY_CLOSE);
     PyModule_AddIntConstant(m, "RELAY_RESPONSE", RELAY_RESPONSE);
     PyModule_AddIntConstant(m, "RELAY_RENEW", RELAY_RENEW);
+    PyModule_AddIntConstant(m, "RECORD_EXCHANGE", RECORD_EXCHANGE);
+    PyModule_AddIntConstant(m, "RECORD_SUMMARY", RECORD_SUMMARY);
+    PyModule_AddIntConstant(m, "RECORD_RENEW_DUE", RECORD_RENEW_DUE);
+    PyModule_AddIntConstant(m, "RECORD_SWITCHED", RECORD_SWITCHED);
     PyModule_AddIntConstant(m, "RELAY_IN", RELAY_IN);
     return m;
 }

@@ -47,10 +47,11 @@ log = get_logger("outbound")
 REQUEST_ID = b"x-request-id"
 TRACEPARENT = b"traceparent"
 # The C relay serves a connection's requests on one choice of the route's (a backend by
-# weight, an endpoint by the balancer, from the snapshot in force) for at most this many
-# requests and this long (from the first boundary after it), then the choice is made
-# again: the price of a choice per request in Python, spread over many. A weight change
-# or a rollback reaches every busy connection within a second.
+# weight, an endpoint by the balancer, from the snapshot in force) for blocks of this
+# many requests or this long; at a block's end it goes on while Python makes the next
+# choice, and switches to it at the next request: the price of a choice per request in
+# Python, spread over many, without a wait. A weight change or a rollback reaches every
+# busy connection within about a second.
 RELAY_REQUESTS = 128
 RELAY_SECONDS = 1.0
 
@@ -241,9 +242,10 @@ async def handle_http_outbound(
         )
 
     async def start() -> RelaySession | None:
-        """Where the C relay sends the next requests (RELAY_REQUESTS, RELAY_SECONDS): what
-        decide would choose for every one of them, or None when that depends on the
-        request or needs Python (retries, timeouts, no endpoint, a failed connect)."""
+        """Where the C relay sends the next block of requests (RELAY_REQUESTS,
+        RELAY_SECONDS): what decide would choose for every one of them, or None when
+        that depends on the request or needs Python (retries, timeouts, no endpoint, a
+        failed connect)."""
         snapshot = ctx.source.current
         rule = state.relay_rule(snapshot)
         if rule is None:

@@ -48,8 +48,10 @@ import trio
 
 from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
 from meshagent.dataplane.nativepump import (
+    End,
     NativePump,
     NativeRefused,
+    Offer,
     Record,
     RelayEnd,
     RelayOutcome,
@@ -242,11 +244,12 @@ class Relay:
     ``gen_ids`` and the session's lines added: what ``decide`` would make of it (the
     caller keeps the two true to each other). Requests with a field named in
     ``refuse``, and whatever else the relay does not take, are served in Python
-    through ``decide``. After ``max_requests``, or at the first boundary
-    ``max_seconds`` after the start (0: no limit), ``start`` is asked again, so a
-    per-request choice (weights, balancing, the snapshot in force) is made again that
-    often;
-    ``on_records`` is told how many requests the relay served, batch by batch."""
+    through ``decide``. With ``max_requests`` or ``max_seconds`` (0: no limit), those
+    bound a block of requests on one session: at a block's end the relay goes on while
+    ``start`` is asked again, and switches to the new session at the next request (see
+    ``nativepump.Renewal``), so a per-request choice (weights, balancing, the snapshot
+    in force) is made again that often; ``on_records`` is told how many requests the
+    relay served, batch by batch."""
 
     start: Callable[[], Awaitable[RelaySession | None]]
     drop: tuple[bytes, ...] = ()
@@ -402,38 +405,26 @@ class _Relaying:
             session = None if down_end is None else await relay.start()
             if down_end is None or session is None:
                 return _Reader(downstream, RequestParser(), initial), None
-            upstream, release = session.upstream, session.release
-            up_end = stream_end(upstream)
+            up_end = stream_end(session.upstream)
+            if up_end is None:
+                log_refusal(_RELAY_REFUSED, "the upstream cannot be pumped")
+                await session.release(True)
+                return _Reader(downstream, RequestParser(), initial), None
+            sessions = _Sessions(relay, session)
             try:
-                if up_end is None:
-                    raise NativeRefused("the upstream cannot be pumped")
-                end = await self.pump.relay(
-                    down_end,
-                    up_end,
-                    idle_seconds=self.idle_seconds,
-                    hold_seconds=min(RELAY_HOLD_SECONDS, self.idle_seconds),
-                    head_seconds=self.head_seconds,
-                    drop=relay.drop,
-                    add=session.add,
-                    on_records=functools.partial(self.records, session.labels),
-                    stop_when=functools.partial(self.drain.idle, listener=self.listener),
-                    initial=initial,
-                    refuse=relay.refuse,
-                    gen_ids=relay.gen_ids,
-                    max_requests=relay.max_requests,
-                    max_seconds=relay.max_seconds,
-                    on_first_read=_first_read(upstream),
-                    # one by one only for the access log (read at each session's start)
-                    summary=None if access_log.enabled("info") else LATENCY_BUCKETS_SECONDS,
-                )
-            except NativeRefused as exc:
+                end = await self._relay(down_end, up_end, sessions, initial)
+            except NativeRefused as exc:  # nothing moved, no switch
                 log_refusal(_RELAY_REFUSED, str(exc))
-                await release(True)
+                await session.release(True)
                 return _Reader(downstream, RequestParser(), initial), None
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await release(False)
+                    await sessions.current.release(False)
+                    await sessions.close()
                 raise
+            await sessions.close()
+            session = sessions.current  # the one in use at the end
+            upstream, release = session.upstream, session.release
             outcome = end.outcome
             if outcome is RelayOutcome.RESPONSE:  # the request went up: Python relays the answer
                 resumed = Forward(
@@ -456,6 +447,35 @@ class _Relaying:
                 return None  # closed, drained, Connection: close, or idle for good
             initial = b""
 
+    async def _relay(
+        self, down_end: End, up_end: End, sessions: _Sessions, initial: bytes
+    ) -> RelayEnd:
+        relay = self.relay
+        renews = relay.max_requests > 0 or relay.max_seconds > 0
+        first = sessions.current.upstream
+        return await self.pump.relay(
+            down_end,
+            up_end,
+            idle_seconds=self.idle_seconds,
+            hold_seconds=min(RELAY_HOLD_SECONDS, self.idle_seconds),
+            head_seconds=self.head_seconds,
+            drop=relay.drop,
+            add=sessions.current.add,
+            on_records=lambda batch, summaries: self.records(
+                sessions.current.labels, batch, summaries
+            ),
+            stop_when=functools.partial(self.drain.idle, listener=self.listener),
+            initial=initial,
+            refuse=relay.refuse,
+            gen_ids=relay.gen_ids,
+            max_requests=relay.max_requests,
+            max_seconds=relay.max_seconds,
+            on_first_read=sessions.first_read if _first_read(first) is not None else None,
+            # one by one only for the access log (read at each run's start)
+            summary=None if access_log.enabled("info") else LATENCY_BUCKETS_SECONDS,
+            renewal=sessions if renews else None,
+        )
+
     async def _next_request(self, downstream: Stream) -> bool:
         """After the relay's hold: wait (without reading) for the next request's bytes,
         as long as the connection's idle time; False when none came (or a drain, or the
@@ -465,6 +485,56 @@ class _Relaying:
         ):
             await downstream.wait_readable()  # type: ignore[attr-defined]
         return not waiting.cancelled_caught
+
+
+class _Sessions:
+    """The upstreams of one run of an outbound's relay (``nativepump.Renewal``): the one
+    in use (``current``: its labels go with the records), the one offered for the next
+    block, and those handed back, to give back to their pools."""
+
+    def __init__(self, relay: Relay, current: RelaySession) -> None:
+        self.relay = relay
+        self.current = current
+        self.offered: RelaySession | None = None
+        self.retired: list[tuple[Release, bool]] = []
+
+    async def renew(self, offer: Offer) -> None:
+        session = await self.relay.start()
+        end = None if session is None else stream_end(session.upstream)
+        if session is not None and end is None:
+            self.retired.append((session.release, True))
+            session = None
+        if session is None:  # the route wants Python now: the relay ends at a boundary
+            offer(None, b"", False)
+        else:
+            self.offered = session
+            if not offer(end, session.add, _first_read(session.upstream) is not None):
+                self.offered = None  # the relay ended meanwhile
+                self.retired.append((session.release, True))
+        await self.settle()
+
+    def switched(self, reusable: bool) -> None:
+        assert self.offered is not None, "the relay switched to an upstream never offered"
+        self.retired.append((self.current.release, reusable))
+        self.current, self.offered = self.offered, None
+
+    async def settle(self) -> None:
+        with trio.CancelScope(shield=True):
+            while self.retired:
+                release, reusable = self.retired.pop()
+                await release(reusable)
+
+    async def close(self) -> None:
+        """After the relay's end: the upstream offered and not switched to goes back."""
+        if self.offered is not None:
+            self.retired.append((self.offered.release, True))
+            self.offered = None
+        await self.settle()
+
+    def first_read(self) -> None:
+        call = _first_read(self.current.upstream)
+        if call is not None:
+            call()
 
 
 def _first_read(stream: Stream) -> Callable[[], None] | None:

@@ -29,7 +29,10 @@ Theory of operation::
 * ``relay`` serves an HTTP connection's plain requests in the engine (an inbound's or
   an outbound's, from ``http_proxy``), handing back what it does not take; each
   exchange it finishes comes back as a record, in batches (``RECORDS_SECONDS``, a
-  second eventfd and ``Engine.records``), for the metrics and the access log.
+  second eventfd and ``Engine.records``), for the metrics and the access log; without
+  an access log, as sums (``summary``). A relay that renews ahead (an outbound's,
+  ``Renewal``) reports its block's end among them (and through the done eventfd, so
+  at once); the relay's own task chooses the next upstream meanwhile.
 * When the C extension is missing (no compiler at install time), the ``_ssl`` module
   does not use a shared libssl, or ``MESHAGENT_NATIVE_PUMP=0`` is set, ``native_problem``
   says why and the agent pumps in Python.
@@ -44,7 +47,7 @@ import ssl
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -164,11 +167,38 @@ Record = tuple[int, int, int, float, str, str, bytes | None]
 # +Inf; count; seconds in all).
 Summary = tuple[tuple[int, int, int, int, int, int], tuple[int, ...], int, float]
 OnRecords = Callable[[list[Record], list[Summary]], None]
+# offer(upstream end or None, add, notify_first) -> taken: see Renewal.due
+Offer = Callable[[End | None, bytes, bool], bool]
+
+
+class Renewal(Protocol):
+    """How a relay that renews ahead (``NativePump.relay``'s ``renewal``) gets its next
+    upstream without stopping. At the end of a block (``max_requests`` or
+    ``max_seconds``) it goes on with its upstream, and the relay's task (the one in
+    ``NativePump.relay``) calls ``renew``, which chooses and offers the next upstream.
+    The relay switches to it at its next request boundary and calls ``switched``; with
+    None offered, it ends there (``RENEW``)."""
+
+    async def renew(self, offer: Offer) -> None:
+        """The block is over. ``offer(end, add, notify_first)``: the next upstream (its
+        end, the field lines added to its requests, whether its first bytes are to be
+        reported), or None; False when the relay has ended meanwhile (the upstream
+        stays the caller's)."""
+
+    def switched(self, reusable: bool) -> None:
+        """The relay sends to the offered upstream now; the previous one is the caller's
+        again (``reusable``: fit for another request), to give back in ``settle``.
+        Records before this call were the previous upstream's."""
+
+    async def settle(self) -> None:
+        """Give back what ``switched`` handed over (the relay's task calls it soon
+        after; the caller once more after the relay's end)."""
 
 
 class _Waiter:
     __slots__ = (
-        "counts", "done", "error", "event", "expired", "on_first_read", "on_records", "relay_end",
+        "counts", "done", "due", "error", "event", "expired", "offer", "on_first_read",
+        "on_records", "relay_end", "renewal", "settle",
     )
 
     def __init__(
@@ -184,6 +214,9 @@ class _Waiter:
         self.on_first_read = on_first_read
         self.on_records = on_records
         self.relay_end: RelayEnd | None = None
+        self.renewal: Renewal | None = None
+        self.offer: Offer | None = None
+        self.due = self.settle = False  # renewal work for the relay's task
 
 
 class NativePump:
@@ -242,33 +275,56 @@ class NativePump:
             trio.lowlevel.notify_closing(fd)
 
     def _dispatch_records(self) -> None:
-        records, summaries, dropped = self._engine.records()
+        assert _pump is not None
+        entries, dropped = self._engine.records()
         if dropped:
             log.warning("relayed requests left out of metrics and access log", count=dropped)
-        # by relay, in the order they finished: (records, summaries)
+        # by relay, in order: (records, summaries) until a report of its renewal
         batches: dict[int, tuple[list[Record], list[Summary]]] = {}
-        relayed = self.relayed
-        for handle, record in records:
+        relayed, waiters = self.relayed, self._waiters
+        for handle, kind, item in entries:
+            if kind == _pump.RECORD_RENEW_DUE or kind == _pump.RECORD_SWITCHED:
+                self._hand_records(handle, batches.pop(handle, None))
+                waiter = waiters.get(handle)
+                if waiter is None or waiter.renewal is None:
+                    continue
+                if kind == _pump.RECORD_RENEW_DUE:
+                    waiter.due = True
+                else:
+                    waiter.renewal.switched(bool(item))
+                    waiter.settle = True
+                waiter.event.set()  # the relay's task does the rest
+                continue
             batch = batches.get(handle)
             if batch is None:
                 batch = batches[handle] = ([], [])
-            batch[0].append(record)
-            status_class = f"{record[0] // 100}xx"
-            relayed[status_class] = relayed.get(status_class, 0) + 1
-        for handle, summary in summaries:
-            batch = batches.get(handle)
-            if batch is None:
-                batch = batches[handle] = ([], [])
-            batch[1].append(summary)
-            for n, count in enumerate(summary[0]):
-                if count:
-                    status_class = f"{n}xx"
-                    relayed[status_class] = relayed.get(status_class, 0) + count
-        waiters = self._waiters
-        for handle, (some_records, some_summaries) in batches.items():
-            waiter = waiters.get(handle)
-            if waiter is not None and waiter.on_records is not None:
-                waiter.on_records(some_records, some_summaries)
+            if kind == _pump.RECORD_SUMMARY:
+                batch[1].append(item)
+                for n, count in enumerate(item[0]):
+                    if count:
+                        status_class = f"{n}xx"
+                        relayed[status_class] = relayed.get(status_class, 0) + count
+            else:
+                batch[0].append(item)
+                status_class = f"{item[0] // 100}xx"
+                relayed[status_class] = relayed.get(status_class, 0) + 1
+        for handle, batch in batches.items():
+            self._hand_records(handle, batch)
+
+    def _hand_records(
+        self, handle: int, batch: tuple[list[Record], list[Summary]] | None
+    ) -> None:
+        waiter = self._waiters.get(handle)
+        if batch is not None and waiter is not None and waiter.on_records is not None:
+            waiter.on_records(*batch)
+
+    def _offer(self, handle: int, end: End | None, add: bytes, notify_first: bool) -> bool:
+        try:
+            taken: bool = self._engine.relay_next(handle, end, add=add, notify_first=notify_first)
+        except (RuntimeError, TypeError, ValueError, OSError) as exc:
+            log_refusal("the relay's next upstream is not taken", str(exc))
+            return False
+        return taken
 
     def _finished(
         self,
@@ -388,6 +444,7 @@ class NativePump:
         max_seconds: float = 0,
         on_first_read: Callable[[], None] | None = None,
         summary: tuple[float, ...] | None = None,
+        renewal: Renewal | None = None,
     ) -> RelayEnd:
         """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
         (``initial``: downstream bytes already read), until the engine gives both back
@@ -406,6 +463,9 @@ class NativePump:
             max_requests: end (``RENEW``) after this many exchanges (0: no limit).
             max_seconds: end (``RENEW``) at the first boundary this long after the start
                 (0: no limit).
+            renewal: instead of ending at ``max_requests`` or ``max_seconds``, go on
+                with the next upstream it offers (see ``Renewal``); then those bound a
+                block of requests to one upstream, from the switch.
             on_first_read: called once, when the first bytes came from ``up`` (a TLS
                 client: a TLS 1.3 session ticket comes with them), as for ``splice``.
             hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
@@ -424,15 +484,37 @@ class NativePump:
                 head_seconds, drop=drop, add=add, initial=initial, refuse=refuse,
                 gen_ids=gen_ids, max_requests=max_requests, max_seconds=max_seconds,
                 notify_first=on_first_read is not None, summary=summary,
+                renew_ahead=renewal is not None,
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = await self._wait(handle, _Waiter(on_first_read, on_records), stop_when)
+        waiter = _Waiter(on_first_read, on_records)
+        if renewal is not None:
+            waiter.renewal = renewal
+            waiter.offer = functools.partial(self._offer, handle)
+        waiter = await self._wait(handle, waiter, stop_when)
         if waiter.relay_end is None or waiter.expired:
             raise trio.BrokenResourceError(
                 f"no byte moved for {idle_seconds:g}s in the middle of an HTTP exchange"
             )
         return waiter.relay_end
+
+    @staticmethod
+    async def _until_done(waiter: _Waiter) -> None:
+        """Wait for the end, doing a relay's renewal work on the way."""
+        while True:
+            await waiter.event.wait()
+            if waiter.done:
+                return
+            waiter.event = trio.Event()
+            renewal = waiter.renewal
+            assert renewal is not None and waiter.offer is not None
+            if waiter.settle:
+                waiter.settle = False
+                await renewal.settle()
+            if waiter.due:
+                waiter.due = False
+                await renewal.renew(waiter.offer)
 
     async def _run(
         self,
@@ -466,13 +548,13 @@ class NativePump:
         self._waiters[handle] = waiter
         try:
             if stop_when is None:
-                await waiter.event.wait()
+                await self._until_done(waiter)
             else:
                 with trio.CancelScope() as stop, stop_when(stop):
-                    await waiter.event.wait()
+                    await self._until_done(waiter)
                 if not waiter.done:  # asked to stop: at the next boundary
                     self._engine.relay_stop(handle)
-                    await waiter.event.wait()
+                    await self._until_done(waiter)
         finally:
             if not waiter.done:
                 del self._waiters[handle]

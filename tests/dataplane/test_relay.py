@@ -23,6 +23,7 @@ from meshagent.dataplane.nativepump import (
     ENV_SWITCH,
     NativePump,
     NativeRefused,
+    Offer,
     Record,
     RelayEnd,
     RelayOutcome,
@@ -441,6 +442,173 @@ async def test_an_outbound_relay_adds_ids_and_forwarded_for_then_renews(
         with trio.fail_after(5):
             end = await r.relay(pump, initial=outcome[0].downstream, **outbound)
         assert end.outcome is RelayOutcome.REQUEST and end.downstream == third
+
+
+@dataclass
+class Renewals:
+    """A ``Renewal`` for tests: offers the given upstreams in turn (None: end), and
+    notes what the relay did with them."""
+
+    upstreams: list[PlainSocketStream | None]
+    rig: Rig
+    offered: list[bool] = field(default_factory=list)  # what offer answered
+    switched_after: list[int] = field(default_factory=list)  # records seen at each switch
+    reusable: list[bool] = field(default_factory=list)
+    settled: int = 0
+
+    async def renew(self, offer: Offer) -> None:
+        if not self.upstreams:
+            return  # nothing to offer: the relay goes on as it is
+        upstream = self.upstreams.pop(0)
+        end = None if upstream is None else stream_end(upstream)
+        self.offered.append(offer(end, NEXT_ADD if end is not None else b"", False))
+
+    def switched(self, reusable: bool) -> None:
+        self.switched_after.append(len(self.rig.records))
+        self.reusable.append(reusable)
+
+    async def settle(self) -> None:
+        self.settled += 1
+
+
+NEXT_ADD = b"x-meshagent-source: next\r\n"
+
+
+async def exchange(caller: trio.abc.Stream, app: trio.abc.Stream, path: bytes, add: bytes) -> None:
+    """One request from the caller, seen by ``app`` with ``add``, and its answer."""
+    request = b"GET %s HTTP/1.1\r\nHost: h\r\n" % path
+    await caller.send_all(request + b"\r\n")
+    assert await read_until(app, b"\r\n\r\n") == request + add + b"\r\n"
+    await app.send_all(ok(path))
+    assert await read_until(caller, path) == ok(path)
+
+
+async def wait_for(check: Any) -> None:
+    with trio.fail_after(5):
+        while not check():
+            await trio.sleep(0.005)
+
+
+async def test_renewing_ahead_it_switches_upstreams_at_a_boundary_without_stopping(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    next_app, next_tcp = await tcp_pair()
+    next_up = PlainSocketStream.wrap(next_tcp)
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        renewals = Renewals([next_up], r)
+        outcome: list[RelayEnd] = []
+
+        async def run() -> None:
+            outcome.append(await r.relay(pump, max_requests=2, renewal=renewals))
+
+        nursery.start_soon(run)
+        await exchange(r.caller, r.app, b"/1", ADD)
+        await exchange(r.caller, r.app, b"/2", ADD)  # the block is over: Python chooses
+        await wait_for(lambda: renewals.offered == [True])
+        await exchange(r.caller, next_app, b"/3", NEXT_ADD)  # the next upstream, its lines
+        await exchange(r.caller, next_app, b"/4", NEXT_ADD)
+        await r.caller.aclose()
+    # the relay never stopped; the first upstream came back, reusable, after its two
+    # exchanges were recorded; the next block's due came after two more (nothing offered)
+    assert outcome[0].outcome is RelayOutcome.CLOSED and outcome[0].upstream_reusable
+    assert renewals.switched_after == [2] and renewals.reusable == [True]
+    assert renewals.upstreams == []
+    assert [record[5] for record in r.records] == ["/1", "/2", "/3", "/4"]
+    await trio.aclose_forcefully(next_app)
+    await trio.aclose_forcefully(next_up)
+
+
+async def test_renewing_ahead_none_offered_ends_it_at_the_next_boundary(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        renewals = Renewals([None], r)
+        outcome: list[RelayEnd] = []
+
+        async def run() -> None:
+            outcome.append(await r.relay(pump, max_requests=1, renewal=renewals))
+
+        nursery.start_soon(run)
+        await exchange(r.caller, r.app, b"/1", ADD)
+        await wait_for(lambda: outcome)
+    assert outcome[0].outcome is RelayOutcome.RENEW and outcome[0].upstream_reusable
+    assert renewals.offered == [True] and renewals.switched_after == []
+
+
+async def test_renewing_ahead_an_upstream_offered_and_not_used_stays_the_caller_s(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    next_app, next_tcp = await tcp_pair()
+    next_up = PlainSocketStream.wrap(next_tcp)
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        renewals = Renewals([next_up], r)
+        outcome: list[RelayEnd] = []
+
+        async def run() -> None:
+            outcome.append(await r.relay(pump, max_requests=1, renewal=renewals))
+
+        nursery.start_soon(run)
+        await exchange(r.caller, r.app, b"/1", ADD)
+        await wait_for(lambda: renewals.offered == [True])
+        await r.caller.aclose()  # before another request: no switch
+    assert outcome[0].outcome is RelayOutcome.CLOSED and renewals.switched_after == []
+    await next_up.send_all(b"still mine")  # the engine let it go untouched
+    assert await read_until(next_app, b"still mine") == b"still mine"
+    await trio.aclose_forcefully(next_app)
+    await trio.aclose_forcefully(next_up)
+
+
+async def test_renewing_ahead_the_block_s_time_is_said_while_it_waits_for_a_request(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    next_app, next_tcp = await tcp_pair()
+    next_up = PlainSocketStream.wrap(next_tcp)
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        renewals = Renewals([next_up], r)
+        nursery.start_soon(
+            functools.partial(r.relay, pump, max_seconds=0.2, hold=5, renewal=renewals)
+        )
+        await exchange(r.caller, r.app, b"/1", ADD)
+        # no request comes: the relay wakes at the block's end for Python to choose,
+        # so the next request goes to the next upstream, with no wait
+        await wait_for(lambda: renewals.offered == [True])
+        await exchange(r.caller, next_app, b"/2", NEXT_ADD)
+        await wait_for(lambda: renewals.switched_after == [1])
+        await wait_for(lambda: renewals.settled == 1)  # the relay's task gives it back
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(next_app)
+    await trio.aclose_forcefully(next_up)
+
+
+async def test_relay_next_takes_one_next_upstream_and_only_renewing_ahead(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    next_app, next_tcp = await tcp_pair()
+    next_up = PlainSocketStream.wrap(next_tcp)
+    engine = pump._engine
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(r.relay, pump))
+        await wait_for(lambda: pump._waiters)
+        (plain,) = pump._waiters
+        with pytest.raises(ValueError, match="not started with renew_ahead"):
+            engine.relay_next(plain, None)
+        nursery.cancel_scope.cancel()
+    assert engine.relay_next(plain, None) is False  # ended: nothing taken
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        renewals = Renewals([], r)
+        nursery.start_soon(functools.partial(r.relay, pump, max_requests=5, renewal=renewals))
+        await wait_for(lambda: pump._waiters)
+        (ahead,) = pump._waiters
+        with pytest.raises(ValueError, match="a descriptor of its own"):
+            engine.relay_next(ahead, stream_end(r.up))
+        with pytest.raises(ValueError, match="field lines"):
+            engine.relay_next(ahead, stream_end(next_up), add=b"no crlf")
+        assert engine.relay_next(ahead, stream_end(next_up)) is True
+        with pytest.raises(ValueError, match="already"):
+            engine.relay_next(ahead, None)
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(next_app)
+    await trio.aclose_forcefully(next_up)
 
 
 async def test_its_buffers_grow_to_a_request_of_64_kib_and_a_head_of_16(
