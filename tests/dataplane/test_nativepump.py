@@ -520,6 +520,12 @@ async def test_a_copy_from_plain_to_tls_reads_no_byte_past_its_size(
             await pump.copy(_end(ln.plain.stream), _end(ln.tls), len(body), idle_seconds=5)
             assert await ln.plain.stream.receive_some(100) == b"tail"
         assert received == [body]
+        # its writes of several records were corked, and the socket is uncorked again
+        tls_socket = socket.socket(fileno=os.dup(ln.tls.fileno()))
+        try:
+            assert tls_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        finally:
+            tls_socket.close()
 
 
 async def test_a_copy_whose_source_ends_early_fails_with_the_count(
