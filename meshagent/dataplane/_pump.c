@@ -1301,10 +1301,10 @@ static void queue_record(Engine *eng, conn_t *c, int status) {
 static void renew_due(Engine *eng, conn_t *c) {
     relay_t *r = c->relay;
     if (r->due_said) return;
-    record_t *rec = new_record(eng, c, 0);
-    if (rec == NULL) return; /* out of memory: said at the next boundary */
-    rec->kind = RECORD_RENEW_DUE;
     r->due_said = 1;
+    record_t *rec = new_record(eng, c, 0);
+    if (rec == NULL) return; /* out of memory: the block goes on until the relay ends */
+    rec->kind = RECORD_RENEW_DUE;
     signal_fd(eng->donefd); /* now, not with the next batch: Python reads records then */
 }
 

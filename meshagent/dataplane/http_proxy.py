@@ -470,7 +470,9 @@ class _Relaying:
             gen_ids=relay.gen_ids,
             max_requests=relay.max_requests,
             max_seconds=relay.max_seconds,
-            on_first_read=sessions.first_read if _first_read(first) is not None else None,
+            # an upstream offered later may need it where the first does not
+            on_first_read=sessions.first_read,
+            notify_first=_first_read(first) is not None,
             # one by one only for the access log (read at each run's start)
             summary=None if access_log.enabled("info") else LATENCY_BUCKETS_SECONDS,
             renewal=sessions if renews else None,

@@ -445,6 +445,7 @@ class NativePump:
         on_first_read: Callable[[], None] | None = None,
         summary: tuple[float, ...] | None = None,
         renewal: Renewal | None = None,
+        notify_first: bool | None = None,
     ) -> RelayEnd:
         """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
         (``initial``: downstream bytes already read), until the engine gives both back
@@ -467,7 +468,10 @@ class NativePump:
                 with the next upstream it offers (see ``Renewal``); then those bound a
                 block of requests to one upstream, from the switch.
             on_first_read: called once, when the first bytes came from ``up`` (a TLS
-                client: a TLS 1.3 session ticket comes with them), as for ``splice``.
+                client: a TLS 1.3 session ticket comes with them), as for ``splice``;
+                with ``renewal``, also for each upstream offered with ``notify_first``.
+            notify_first: whether ``up``'s first bytes are reported (default: when
+                ``on_first_read`` is given).
             hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
             head_seconds: a request head's time, from its first byte (``RELAY_HEAD_TIMEOUT``).
             stop_when: registers a cancel scope (``Drain.idle``): when it is cancelled, the
@@ -483,7 +487,8 @@ class NativePump:
                 down[0], down[1], down[2], up[0], up[1], up[2], idle_seconds, hold_seconds,
                 head_seconds, drop=drop, add=add, initial=initial, refuse=refuse,
                 gen_ids=gen_ids, max_requests=max_requests, max_seconds=max_seconds,
-                notify_first=on_first_read is not None, summary=summary,
+                notify_first=on_first_read is not None if notify_first is None else notify_first,
+                summary=summary,
                 renew_ahead=renewal is not None,
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
