@@ -449,8 +449,9 @@ class Renewals:
     """A ``Renewal`` for tests: offers the given upstreams in turn (None: end), and
     notes what the relay did with them."""
 
-    upstreams: list[PlainSocketStream | None]
+    upstreams: list[PlainSocketStream | SslSocketStream | None]
     rig: Rig
+    notify_first: bool = False
     offered: list[bool] = field(default_factory=list)  # what offer answered
     switched_after: list[int] = field(default_factory=list)  # records seen at each switch
     reusable: list[bool] = field(default_factory=list)
@@ -461,7 +462,8 @@ class Renewals:
             return  # nothing to offer: the relay goes on as it is
         upstream = self.upstreams.pop(0)
         end = None if upstream is None else stream_end(upstream)
-        self.offered.append(offer(end, NEXT_ADD if end is not None else b"", False))
+        add = NEXT_ADD if end is not None else b""
+        self.offered.append(offer(end, add, self.notify_first))
 
     def switched(self, reusable: bool) -> None:
         self.switched_after.append(len(self.rig.records))
@@ -575,6 +577,35 @@ async def test_renewing_ahead_the_block_s_time_is_said_while_it_waits_for_a_requ
         await exchange(r.caller, next_app, b"/2", NEXT_ADD)
         await wait_for(lambda: renewals.switched_after == [1])
         await wait_for(lambda: renewals.settled == 1)  # the relay's task gives it back
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(next_app)
+    await trio.aclose_forcefully(next_up)
+
+
+async def test_renewing_ahead_a_new_tls_upstream_s_first_read_is_reported(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    """The first upstream needs no first read (pooled), the next one does (a new TLS
+    connection: its session ticket comes with its first bytes)."""
+    server_tcp, client_tcp = await tcp_pair()
+    next_app = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
+    next_up = SslSocketStream.wrap(client_tcp, contexts.client, server_side=False)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as handshakes:
+            handshakes.start_soon(next_app.do_handshake)
+            handshakes.start_soon(next_up.do_handshake)
+    first_reads: list[int] = []
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        renewals = Renewals([next_up], r, notify_first=True)
+        nursery.start_soon(functools.partial(
+            r.relay, pump, max_requests=1, renewal=renewals, notify_first=False,
+            on_first_read=lambda: first_reads.append(len(r.records)),
+        ))
+        await exchange(r.caller, r.app, b"/1", ADD)  # no report: not asked for
+        await wait_for(lambda: renewals.offered == [True])
+        await exchange(r.caller, next_app, b"/2", NEXT_ADD)
+        await wait_for(lambda: first_reads)
+        assert first_reads == [1] and renewals.switched_after == [1]
         nursery.cancel_scope.cancel()
     await trio.aclose_forcefully(next_app)
     await trio.aclose_forcefully(next_up)
