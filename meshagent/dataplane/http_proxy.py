@@ -511,8 +511,10 @@ class _Sessions:
         else:
             self.offered = session
             if not offer(end, session.add, _first_read(session.upstream) is not None):
-                self.offered = None  # the relay ended meanwhile
+                # ended meanwhile, or refused (then end at a boundary, and choose again)
+                self.offered = None
                 self.retired.append((session.release, True))
+                offer(None, b"", False)
         await self.settle()
 
     def switched(self, reusable: bool) -> None:

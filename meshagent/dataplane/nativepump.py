@@ -65,6 +65,9 @@ ENV_SWITCH: Final = "MESHAGENT_NATIVE_PUMP"
 # Relayed exchanges reach the metrics and the access log in batches: the engine's thread
 # wakes trio at most this often for them (ends of connections wake it at once).
 RECORDS_SECONDS: Final = 0.02
+NEXT_REFUSED: Final = (
+    "l4 pump refused the next upstream of an HTTP relay; choosing again (logged once)"
+)
 
 log = get_logger("dataplane")
 _refusals_logged: set[str] = set()
@@ -167,7 +170,7 @@ Record = tuple[int, int, int, float, str, str, bytes | None]
 # +Inf; count; seconds in all).
 Summary = tuple[tuple[int, int, int, int, int, int], tuple[int, ...], int, float]
 OnRecords = Callable[[list[Record], list[Summary]], None]
-# offer(upstream end or None, add, notify_first) -> taken: see Renewal.due
+# offer(upstream end or None, add, notify_first) -> taken: see Renewal.renew
 Offer = Callable[[End | None, bytes, bool], bool]
 
 
@@ -322,7 +325,7 @@ class NativePump:
         try:
             taken: bool = self._engine.relay_next(handle, end, add=add, notify_first=notify_first)
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
-            log_refusal("the relay's next upstream is not taken", str(exc))
+            log_refusal(NEXT_REFUSED, str(exc))
             return False
         return taken
 

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from meshagent.dataplane.connection import Drain
+from meshagent.dataplane.http_proxy import Relay, RelaySession, _Sessions
 from meshagent.dataplane.nativepump import (
     ENV_SWITCH,
     NativePump,
@@ -609,6 +610,38 @@ async def test_renewing_ahead_a_new_tls_upstream_s_first_read_is_reported(
         nursery.cancel_scope.cancel()
     await trio.aclose_forcefully(next_app)
     await trio.aclose_forcefully(next_up)
+
+
+async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_refused(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    """http_proxy's side of renewing (``_Sessions``): a next upstream the engine will not
+    take (here the one in use) goes back to its pool, and the relay ends at the next
+    boundary (RENEW) so that the connection chooses again."""
+    released: list[tuple[str, bool]] = []
+
+    def session(name: str, upstream: PlainSocketStream) -> RelaySession:
+        async def release(reusable: bool) -> None:
+            released.append((name, reusable))
+
+        return RelaySession(upstream, release, {"endpoint": name}, ADD)
+
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+
+        async def start() -> RelaySession:
+            return session("again", r.up)  # its descriptor is the current upstream's
+
+        sessions = _Sessions(Relay(start, max_requests=1), session("first", r.up))
+        outcome: list[RelayEnd] = []
+
+        async def run() -> None:
+            outcome.append(await r.relay(pump, max_requests=1, renewal=sessions))
+
+        nursery.start_soon(run)
+        await exchange(r.caller, r.app, b"/1", ADD)
+        await wait_for(lambda: outcome)
+    assert outcome[0].outcome is RelayOutcome.RENEW
+    assert released == [("again", True)] and sessions.current.labels == {"endpoint": "first"}
 
 
 async def test_relay_next_takes_one_next_upstream_and_only_renewing_ahead(
