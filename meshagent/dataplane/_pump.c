@@ -2166,13 +2166,8 @@ static void edits_free(edits_t *e) {
     free(e->add);
 }
 
-/* A relay's edits from Python's arguments. -1 with an exception set (free with
- * edits_free either way). */
-static int edits_config(edits_t *e, PyObject *drop, PyObject *refuse, const char *add,
-                        Py_ssize_t add_len, int gen_ids) {
-    e->gen_ids = gen_ids;
-    if (names_config(&e->drop, drop, "drop") < 0 || names_config(&e->refuse, refuse, "refuse") < 0)
-        return -1;
+/* The field lines a relay adds (Engine.relay's add): -1 with an exception set. */
+static int check_add(const char *add, Py_ssize_t add_len) {
     if (add_len > 4096) {
         PyErr_SetString(PyExc_ValueError, "add holds at most 4096 bytes");
         return -1;
@@ -2182,6 +2177,17 @@ static int edits_config(edits_t *e, PyObject *drop, PyObject *refuse, const char
         PyErr_SetString(PyExc_ValueError, "add must be field lines, each ending with CRLF");
         return -1;
     }
+    return 0;
+}
+
+/* A relay's edits from Python's arguments. -1 with an exception set (free with
+ * edits_free either way). */
+static int edits_config(edits_t *e, PyObject *drop, PyObject *refuse, const char *add,
+                        Py_ssize_t add_len, int gen_ids) {
+    e->gen_ids = gen_ids;
+    if (names_config(&e->drop, drop, "drop") < 0 || names_config(&e->refuse, refuse, "refuse") < 0)
+        return -1;
+    if (check_add(add, add_len) < 0) return -1;
     e->add = malloc((size_t)add_len + 1);
     if (e->add == NULL) {
         PyErr_NoMemory();
@@ -2306,20 +2312,6 @@ static PyObject *Engine_relay_stop(Engine *self, PyObject *arg) {
     pthread_mutex_unlock(&self->lock);
     if (PyErr_Occurred()) return NULL;
     Py_RETURN_NONE;
-}
-
-/* The field lines a relay adds (Engine.relay's add): -1 with an exception set. */
-static int check_add(const char *add, Py_ssize_t add_len) {
-    if (add_len > 4096) {
-        PyErr_SetString(PyExc_ValueError, "add holds at most 4096 bytes");
-        return -1;
-    }
-    if (memchr(add, '\0', (size_t)add_len) != NULL ||
-        (add_len > 0 && (add_len < 2 || memcmp(add + add_len - 2, "\r\n", 2) != 0))) {
-        PyErr_SetString(PyExc_ValueError, "add must be field lines, each ending with CRLF");
-        return -1;
-    }
-    return 0;
 }
 
 static PyObject *Engine_relay_next(Engine *self, PyObject *args, PyObject *kwds) {

@@ -492,23 +492,45 @@ async def wait_for(check: Any) -> None:
             await trio.sleep(0.005)
 
 
+def start_relay(
+    nursery: trio.Nursery, r: Rig, pump: NativePump, **options: Any
+) -> list[RelayEnd]:
+    """Run the rig's relay in ``nursery``; its end lands in the list returned."""
+    outcome: list[RelayEnd] = []
+
+    async def run() -> None:
+        outcome.append(await r.relay(pump, **options))
+
+    nursery.start_soon(run)
+    return outcome
+
+
+@asynccontextmanager
+async def plain_upstream() -> AsyncIterator[tuple[trio.SocketStream, PlainSocketStream]]:
+    """Another app connection: (the app's end, the upstream to offer)."""
+    app, tcp = await tcp_pair()
+    upstream = PlainSocketStream.wrap(tcp)
+    try:
+        yield app, upstream
+    finally:
+        await trio.aclose_forcefully(app)
+        await trio.aclose_forcefully(upstream)
+
+
 async def test_renewing_ahead_it_switches_upstreams_at_a_boundary_without_stopping(
     contexts: Contexts, pump: NativePump
 ) -> None:
-    next_app, next_tcp = await tcp_pair()
-    next_up = PlainSocketStream.wrap(next_tcp)
-    async with rig(contexts) as r, trio.open_nursery() as nursery:
+    async with (
+        plain_upstream() as (next_app, next_up),
+        rig(contexts) as r,
+        trio.open_nursery() as nursery,
+    ):
         renewals = Renewals([next_up], r)
-        outcome: list[RelayEnd] = []
-
-        async def run() -> None:
-            outcome.append(await r.relay(pump, max_requests=2, renewal=renewals))
-
-        nursery.start_soon(run)
+        outcome = start_relay(nursery, r, pump, max_requests=2, renewal=renewals)
         await exchange(r.caller, r.app, b"/1", ADD)
         await exchange(r.caller, r.app, b"/2", ADD)  # the block is over: Python chooses
         await wait_for(lambda: renewals.offered == [True])
-        await exchange(r.caller, next_app, b"/3", NEXT_ADD)  # the next upstream, its lines
+        await exchange(r.caller, next_app, b"/3", NEXT_ADD)  # the next one, its lines
         await exchange(r.caller, next_app, b"/4", NEXT_ADD)
         await r.caller.aclose()
     # the relay never stopped; the first upstream came back, reusable, after its two
@@ -517,8 +539,6 @@ async def test_renewing_ahead_it_switches_upstreams_at_a_boundary_without_stoppi
     assert renewals.switched_after == [2] and renewals.reusable == [True]
     assert renewals.upstreams == []
     assert [record[5] for record in r.records] == ["/1", "/2", "/3", "/4"]
-    await trio.aclose_forcefully(next_app)
-    await trio.aclose_forcefully(next_up)
 
 
 async def test_renewing_ahead_none_offered_ends_it_at_the_next_boundary(
@@ -526,12 +546,7 @@ async def test_renewing_ahead_none_offered_ends_it_at_the_next_boundary(
 ) -> None:
     async with rig(contexts) as r, trio.open_nursery() as nursery:
         renewals = Renewals([None], r)
-        outcome: list[RelayEnd] = []
-
-        async def run() -> None:
-            outcome.append(await r.relay(pump, max_requests=1, renewal=renewals))
-
-        nursery.start_soon(run)
+        outcome = start_relay(nursery, r, pump, max_requests=1, renewal=renewals)
         await exchange(r.caller, r.app, b"/1", ADD)
         await wait_for(lambda: outcome)
     assert outcome[0].outcome is RelayOutcome.RENEW and outcome[0].upstream_reusable
@@ -541,36 +556,28 @@ async def test_renewing_ahead_none_offered_ends_it_at_the_next_boundary(
 async def test_renewing_ahead_an_upstream_offered_and_not_used_stays_the_caller_s(
     contexts: Contexts, pump: NativePump
 ) -> None:
-    next_app, next_tcp = await tcp_pair()
-    next_up = PlainSocketStream.wrap(next_tcp)
-    async with rig(contexts) as r, trio.open_nursery() as nursery:
-        renewals = Renewals([next_up], r)
-        outcome: list[RelayEnd] = []
-
-        async def run() -> None:
-            outcome.append(await r.relay(pump, max_requests=1, renewal=renewals))
-
-        nursery.start_soon(run)
-        await exchange(r.caller, r.app, b"/1", ADD)
-        await wait_for(lambda: renewals.offered == [True])
-        await r.caller.aclose()  # before another request: no switch
-    assert outcome[0].outcome is RelayOutcome.CLOSED and renewals.switched_after == []
-    await next_up.send_all(b"still mine")  # the engine let it go untouched
-    assert await read_until(next_app, b"still mine") == b"still mine"
-    await trio.aclose_forcefully(next_app)
-    await trio.aclose_forcefully(next_up)
+    async with plain_upstream() as (next_app, next_up):
+        async with rig(contexts) as r, trio.open_nursery() as nursery:
+            renewals = Renewals([next_up], r)
+            outcome = start_relay(nursery, r, pump, max_requests=1, renewal=renewals)
+            await exchange(r.caller, r.app, b"/1", ADD)
+            await wait_for(lambda: renewals.offered == [True])
+            await r.caller.aclose()  # before another request: no switch
+        assert outcome[0].outcome is RelayOutcome.CLOSED and renewals.switched_after == []
+        await next_up.send_all(b"still mine")  # the engine let it go untouched
+        assert await read_until(next_app, b"still mine") == b"still mine"
 
 
 async def test_renewing_ahead_the_block_s_time_is_said_while_it_waits_for_a_request(
     contexts: Contexts, pump: NativePump
 ) -> None:
-    next_app, next_tcp = await tcp_pair()
-    next_up = PlainSocketStream.wrap(next_tcp)
-    async with rig(contexts) as r, trio.open_nursery() as nursery:
+    async with (
+        plain_upstream() as (next_app, next_up),
+        rig(contexts) as r,
+        trio.open_nursery() as nursery,
+    ):
         renewals = Renewals([next_up], r)
-        nursery.start_soon(
-            functools.partial(r.relay, pump, max_seconds=0.2, hold=5, renewal=renewals)
-        )
+        start_relay(nursery, r, pump, max_seconds=0.2, hold=5, renewal=renewals)
         await exchange(r.caller, r.app, b"/1", ADD)
         # no request comes: the relay wakes at the block's end for Python to choose,
         # so the next request goes to the next upstream, with no wait
@@ -579,8 +586,6 @@ async def test_renewing_ahead_the_block_s_time_is_said_while_it_waits_for_a_requ
         await wait_for(lambda: renewals.switched_after == [1])
         await wait_for(lambda: renewals.settled == 1)  # the relay's task gives it back
         nursery.cancel_scope.cancel()
-    await trio.aclose_forcefully(next_app)
-    await trio.aclose_forcefully(next_up)
 
 
 async def test_renewing_ahead_a_new_tls_upstream_s_first_read_is_reported(
@@ -632,12 +637,7 @@ async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_re
             return session("again", r.up)  # its descriptor is the current upstream's
 
         sessions = _Sessions(Relay(start, max_requests=1), session("first", r.up))
-        outcome: list[RelayEnd] = []
-
-        async def run() -> None:
-            outcome.append(await r.relay(pump, max_requests=1, renewal=sessions))
-
-        nursery.start_soon(run)
+        outcome = start_relay(nursery, r, pump, max_requests=1, renewal=sessions)
         await exchange(r.caller, r.app, b"/1", ADD)
         await wait_for(lambda: outcome)
     assert outcome[0].outcome is RelayOutcome.RENEW
