@@ -351,7 +351,7 @@ typedef struct {
 static void arm(Engine *eng);
 static void relay_free(struct relay *r);
 static void relay_drop_next(struct relay *r);
-static uint64_t key_of(struct conn *c, int side);
+static int watch(Engine *eng, struct conn *c, int side, int fd);
 
 /* epoll data: (generation << 32) | (slot << 1) | side for a connection's socket, so an
  * event that raced with remove() finds a freed slot or a newer generation, never a
@@ -1335,10 +1335,7 @@ static int switch_upstream(Engine *eng, conn_t *c, error_t_ *err) {
     r->served = 0;
     r->due_said = 0;
     r->renew_at = r->max_seconds > 0 ? now_seconds() + r->max_seconds : 0;
-    struct epoll_event ev;
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u64 = key_of(c, 1);
-    if (epoll_ctl(eng->epfd, EPOLL_CTL_ADD, c->b.fd, &ev) != 0) {
+    if (watch(eng, c, 1, c->b.fd) != 0) {
         io_error(err, errno);
         r->up_keep = 0;
         return -1;
@@ -1751,6 +1748,14 @@ static uint64_t key_of(conn_t *c, int side) {
     return ((uint64_t)c->gen << 32) | ((uint64_t)c->slot << 1) | (uint64_t)side;
 }
 
+/* Watch a side's socket (edge-triggered, both ways): epoll_ctl's result. */
+static int watch(Engine *eng, conn_t *c, int side, int fd) {
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = key_of(c, side);
+    return epoll_ctl(eng->epfd, EPOLL_CTL_ADD, fd, &ev);
+}
+
 static side_t *side_of(Engine *eng, uint64_t key) {
     uint32_t gen = (uint32_t)(key >> 32), slot = (uint32_t)(key & 0xFFFFFFFFu) >> 1;
     if (gen == 0 || slot >= eng->nslots) return NULL;
@@ -1808,8 +1813,8 @@ static void process(Engine *eng, struct epoll_event *events, int n) {
             if (now >= due) {
                 if (c->relay != NULL) relay_expired(eng, c);
                 else finish(eng, c, DONE_IDLE, NULL);
-                if (c->relay != NULL && !c->finished && relay_deadline(c) < next)
-                    next = relay_deadline(c);
+                due = c->relay != NULL && !c->finished ? relay_deadline(c) : next;
+                if (due < next) next = due; /* a relay woken for its block's end waits on */
             } else if (due < next) {
                 next = due;
             }
@@ -1989,13 +1994,9 @@ static PyObject *enlist(Engine *self, conn_t *c, int afd, int bfd) {
     }
     c->slot = self->free_slots[--self->nfree];
     c->gen = self->gens[c->slot];
-    struct epoll_event ev;
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u64 = key_of(c, 0);
-    int failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, afd, &ev) != 0;
+    int failed = watch(self, c, 0, afd) != 0;
     if (!failed) {
-        ev.data.u64 = key_of(c, 1);
-        failed = epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) != 0;
+        failed = watch(self, c, 1, bfd) != 0;
         if (failed) {
             int saved = errno;
             epoll_ctl(self->epfd, EPOLL_CTL_DEL, afd, NULL);
@@ -2404,14 +2405,12 @@ static PyObject *Engine_records(Engine *self, PyObject *unused) {
                 }
                 PyTuple_SET_ITEM(first, j, count);
             }
-            item = Py_BuildValue("(Ki((KKKKKK)NKd))", rec->handle, rec->kind, s->classes[0],
-                                 s->classes[1],
-                                 s->classes[2], s->classes[3], s->classes[4], s->classes[5],
-                                 first, s->count, s->total);
+            item = Py_BuildValue("(Ki((KKKKKK)NKd))", rec->handle, rec->kind,
+                                 s->classes[0], s->classes[1], s->classes[2], s->classes[3],
+                                 s->classes[4], s->classes[5], first, s->count, s->total);
         } else {
             item = Py_BuildValue("(Ki(iKKdssy))", rec->handle, rec->kind, rec->status,
-                                 rec->bytes_in,
-                                 rec->bytes_out, rec->seconds, rec->method,
+                                 rec->bytes_in, rec->bytes_out, rec->seconds, rec->method,
                                  rec->path != NULL ? rec->path : "", rec->request_id);
         }
         if (item == NULL) goto fail;
