@@ -406,12 +406,10 @@ class _Relaying:
             if down_end is None or session is None:
                 return _Reader(downstream, RequestParser(), initial), None
             up_end = stream_end(session.upstream)
-            if up_end is None:
-                log_refusal(_RELAY_REFUSED, "the upstream cannot be pumped")
-                await session.release(True)
-                return _Reader(downstream, RequestParser(), initial), None
             sessions = _Sessions(relay, session)
             try:
+                if up_end is None:
+                    raise NativeRefused("the upstream cannot be pumped")
                 end = await self._relay(down_end, up_end, sessions, initial)
             except NativeRefused as exc:  # nothing moved, no switch
                 log_refusal(_RELAY_REFUSED, str(exc))
