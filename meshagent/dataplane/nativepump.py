@@ -239,6 +239,12 @@ class NativePump:
         """Connections the engine pumps now."""
         return len(self._waiters)
 
+    @property
+    def held(self) -> int:
+        """Bytes the engine read and could not write on yet, over all connections: at
+        most about one CHUNK per direction whose destination does not take them."""
+        return int(self._engine.held())
+
     async def run(
         self, *, task_status: trio.TaskStatus[NativePump] = trio.TASK_STATUS_IGNORED
     ) -> None:

@@ -11,7 +11,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -352,7 +352,7 @@ async def test_cancelling_takes_the_connection_back(contexts: Contexts, pump: Na
 
 async def test_a_slow_reader_holds_the_writer_back(contexts: Contexts, pump: NativePump) -> None:
     # The app never reads: what the agent end can send is bounded by the socket buffers
-    # on the way plus one chunk in the pump, not by the 64 MiB it tries to send.
+    # on the way plus one read in the pump, not by the 64 MiB it tries to send.
     sent = 0
     async with spliced(contexts, pump) as (ln, _outcome, nursery):
         frame = encode_data(b"z" * 65536)
@@ -361,6 +361,107 @@ async def test_a_slow_reader_holds_the_writer_back(contexts: Contexts, pump: Nat
                 await ln.agent.send_all(frame)
                 sent += 65536
         assert sent < 40 << 20, f"the pump took {sent} bytes from a peer nobody reads"
+        nursery.cancel_scope.cancel()
+
+
+async def test_records_that_came_with_their_end_go_on_whole(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    # Many records and the END frame wait in the socket before the pump starts: the
+    # engine reads on from the first record into the same chunk, and stops at the end.
+    payload = os.urandom(40_000)
+    async with link(contexts) as ln:
+        for i in range(0, len(payload), 1000):  # a TLS record per frame
+            await ln.agent.send_all(encode_data(payload[i : i + 1000]))
+        await ln.agent.send_all(END_FRAME)
+        outcome = Outcome()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+                assert await _read_all(ln.app) == payload
+                await ln.app.send_eof()
+                assert await _read_frames(ln.agent) == (b"", True)
+    assert outcome.error is None
+    assert outcome.counts == (0, len(payload))
+
+
+async def test_bytes_before_an_eof_without_close_notify_still_go_on(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    # Records, then a FIN with no close_notify, all waiting before the pump starts: the
+    # read that finds the bad end comes after bytes read in the same pass, which go on
+    # to the app first; then the connection fails. (The agent end is the TLS server:
+    # it has no unread session ticket that would make its close a reset.)
+    payload = os.urandom(40_000)
+    async with link(contexts, tls_is_client=True) as ln:
+        for i in range(0, len(payload), 1000):
+            await ln.agent.send_all(encode_data(payload[i : i + 1000]))
+        os.close(ln.agent.ssl_object.detach())
+        outcome = Outcome()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_splice, outcome, ln.plain, FramedSide(ln.tls), pump)
+                got = bytearray()
+                while len(got) < len(payload):
+                    data = await ln.app.receive_some(65536)
+                    assert data, f"the app got {len(got)} of {len(payload)} bytes, then EOF"
+                    got += data
+                await outcome.done.wait()
+    assert bytes(got) == payload
+    assert isinstance(outcome.error, trio.BrokenResourceError)
+    assert "without close_notify" in str(outcome.error)
+
+
+async def _until_blocked(send: Callable[[], Awaitable[object]], quiet: float = 0.5) -> None:
+    """Send until one send has waited ``quiet`` seconds: every buffer on the way is
+    full, the pump's included, and nothing moves any more."""
+    while True:
+        with trio.move_on_after(quiet) as scope:
+            await send()
+        if scope.cancelled_caught:
+            return
+
+
+@pytest.mark.parametrize("towards", ["app", "agent"])
+async def test_a_reader_that_stops_leaves_at_most_a_chunk_in_the_pump(
+    contexts: Contexts, pump: NativePump, towards: str
+) -> None:
+    # Read fast first, so the pump reads in bulk (up to BIG_CHUNK at once), then stop:
+    # the pump stops reading (it holds what the reader did not take) and holds no more
+    # than one bulk read.
+    from meshagent.dataplane._pump import BIG_CHUNK
+
+    fast = 16 << 20
+    block = os.urandom(256 << 10)
+    async with spliced(contexts, pump) as (ln, _outcome, nursery):
+        if towards == "app":
+            frame = encode_data(block)
+
+            async def send() -> None:
+                await ln.agent.send_all(frame)
+
+            async def read_fast() -> None:
+                seen = 0
+                while seen < fast:
+                    seen += len(await ln.app.receive_some(1 << 20))
+        else:
+
+            async def send() -> None:
+                await ln.app.send_all(block)
+
+            async def read_fast() -> None:
+                decoder, seen = FrameDecoder(), 0
+                while seen < fast:
+                    for payload in decoder.feed(await ln.agent.receive_some(1 << 20)):
+                        seen += len(payload)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as readers:
+                readers.start_soon(read_fast)
+                for _ in range(fast // len(block) + 1):
+                    await send()
+            await _until_blocked(send)
+        assert 0 < pump.held <= BIG_CHUNK
         nursery.cancel_scope.cancel()
 
 
