@@ -256,6 +256,7 @@ typedef struct side {
     int hup;    /* the peer shut down or the socket failed (EPOLLRDHUP/HUP/ERR seen) */
     BIO *probed;   /* TLS: the socket BIO whose reads read_probe watches, while pumped */
     int bio_short; /* its last read returned less than asked: the socket was emptied */
+    int lowat;     /* SO_RCVLOWAT set while waiting for the rest of a big frame (0: none) */
 } side_t;
 
 typedef struct dir {
@@ -457,6 +458,11 @@ static long read_probe(BIO *b, int oper, const char *argp, size_t len, int argi,
 /* The side's BIO gets its callback back (none: Python's _ssl sets none on socket
  * BIOs). Before the engine gives the SSL object back, or frees the side. */
 static void side_release(side_t *s) {
+    if (s->lowat > 1) {
+        int one = 1;
+        setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
+        s->lowat = 0;
+    }
     if (s->probed == NULL) return;
     p_BIO_set_callback_ex(s->probed, NULL);
     p_BIO_set_callback_arg(s->probed, NULL);
@@ -668,6 +674,24 @@ static size_t bulk_size(side_t *dst) {
     return room < CHUNK ? CHUNK : room;
 }
 
+/* A framed source waits for the rest of a frame: the peer wrote the frame whole, so
+ * its bytes are on the way. Tell the kernel to wake us once most of them are here
+ * (SO_RCVLOWAT), not at each 64 KiB segment: a quarter of the wake-ups when the
+ * peer sends BIG_CHUNK frames. What OpenSSL holds of the frame (a record at most)
+ * and the frame's last bytes are left out, so the wait always ends. */
+#define LOWAT_SLACK (32 * 1024)
+static void frame_lowat(dir_t *d) {
+    side_t *s = d->src;
+    if (s->kind != KIND_FRAMED) return;
+    int want = 1;
+    if (d->payload_left > LOWAT_SLACK + CHUNK) {
+        size_t rest = d->payload_left - LOWAT_SLACK;
+        want = (int)(rest > BIG_CHUNK ? BIG_CHUNK : rest);
+    }
+    if (want == (s->lowat ? s->lowat : 1)) return;
+    if (setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0) s->lowat = want;
+}
+
 /* A TLS source gave *got bytes, one record's worth (SSL_read returns one record at a
  * time): read on into p[*got:room] while OpenSSL holds more or the socket may, so a
  * chunk goes on in one write, not one per record (a quarter of the sends and of the
@@ -730,7 +754,10 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             *err = *d->late;
             return -1;
         }
-        if (!d->src->rd) return block(d, d->src, 1); /* known empty: short read or want-read */
+        if (!d->src->rd) { /* known empty: short read or want-read */
+            frame_lowat(d);
+            return block(d, d->src, 1);
+        }
         char *base = eng->scratch;
         size_t got = 0;
         size_t size = d->bulk ? bulk_size(d->dst) : CHUNK;
@@ -741,6 +768,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         /* A copy reads no byte past its limit: what follows belongs to Python. */
         if (d->limit != 0 && d->limit - d->taken < room) room = (size_t)(d->limit - d->taken);
         int r = side_read(d, d->src, base + HEADER, room, &got, err);
+        if (r == 0 && d->wait_side == d->src) frame_lowat(d);
         if (r <= 0) return r;
         if (got > 0 && d->src->ssl != NULL && gather(d, base + HEADER, room, &got, err) < 0)
             return -1;
