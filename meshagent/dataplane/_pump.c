@@ -96,6 +96,9 @@
 #define BIG_CHUNK (256 * 1024) /* a bulk read, bounded by the room the destination has */
 #define TLS_RECORD (16 * 1024) /* the most plaintext one TLS record holds */
 #define HEADER 4
+#define LOWATS 64         /* sides with a raised SO_RCVLOWAT at once, per engine */
+#define LOWAT_WAIT 0.001  /* seconds such a side waits at most for its mark */
+#define LOWAT_SLACK (32 * 1024)
 #define BUDGET 16
 #define MAX_EVENTS 256
 #define FRAME_DATA 0x01
@@ -256,7 +259,7 @@ typedef struct side {
     int hup;    /* the peer shut down or the socket failed (EPOLLRDHUP/HUP/ERR seen) */
     BIO *probed;   /* TLS: the socket BIO whose reads read_probe watches, while pumped */
     int bio_short; /* its last read returned less than asked: the socket was emptied */
-    int lowat;     /* SO_RCVLOWAT set while waiting for the rest of a big frame (0: none) */
+    int lowat;     /* SO_RCVLOWAT raised by lowat_wait (0 or 1: not raised) */
 } side_t;
 
 typedef struct dir {
@@ -345,6 +348,13 @@ typedef struct {
     double next_scan;
     size_t max_payload;
     char *scratch;
+    /* sides waiting with SO_RCVLOWAT raised (lowat_wait), by epoll key, each with the
+     * time its raised mark is dropped: a wake-up waits at most LOWAT_WAIT */
+    struct {
+        uint64_t key;
+        double until;
+    } lowats[LOWATS];
+    int nlowats;
     /* finished relay exchanges not yet taken by records(); recfd is readable meanwhile */
     record_t *records;
     size_t nrecords, records_cap;
@@ -674,22 +684,73 @@ static size_t bulk_size(side_t *dst) {
     return room < CHUNK ? CHUNK : room;
 }
 
-/* A framed source waits for the rest of a frame: the peer wrote the frame whole, so
- * its bytes are on the way. Tell the kernel to wake us once most of them are here
- * (SO_RCVLOWAT), not at each 64 KiB segment: a quarter of the wake-ups when the
- * peer sends BIG_CHUNK frames. What OpenSSL holds of the frame (a record at most)
- * and the frame's last bytes are left out, so the wait always ends. */
-#define LOWAT_SLACK (32 * 1024)
-static void frame_lowat(dir_t *d) {
+/* A source waits while more of a known length is on its way: the rest of a DATA frame
+ * (its sender writes it whole) or of a copy (an HTTP body). Tell the kernel to wake
+ * the engine once most of it is here (SO_RCVLOWAT: the rest less LOWAT_SLACK, for
+ * what OpenSSL may hold of it, between CHUNK and BIG_CHUNK), not at each 64 KiB
+ * segment, and for no longer than LOWAT_WAIT (lowat_expire drops the mark; the
+ * kernel then reports what is there). A slow sender costs at most that much latency
+ * per wait; a fast one a quarter of the wake-ups. Short rests, and a copy that is
+ * done, put the mark back to 1. */
+static uint64_t key_of(conn_t *c, int side);
+static side_t *side_of(Engine *eng, uint64_t key);
+
+static void lowat_drop(Engine *eng, int i) {
+    eng->lowats[i] = eng->lowats[--eng->nlowats];
+}
+
+static void lowat_wait(Engine *eng, dir_t *d) {
     side_t *s = d->src;
-    if (s->kind != KIND_FRAMED) return;
+    unsigned long long rest = 0;
+    if (!d->done) {
+        if (s->kind == KIND_FRAMED) rest = d->payload_left;
+        else if (d->limit != 0) rest = d->limit - d->taken;
+    }
     int want = 1;
-    if (d->payload_left > LOWAT_SLACK + CHUNK) {
-        size_t rest = d->payload_left - LOWAT_SLACK;
+    if (rest > LOWAT_SLACK + CHUNK) {
+        rest -= LOWAT_SLACK;
         want = (int)(rest > BIG_CHUNK ? BIG_CHUNK : rest);
     }
-    if (want == (s->lowat ? s->lowat : 1)) return;
+    if (want == 1 && s->lowat <= 1) return; /* the common case: nothing to do */
+    conn_t *c = s->conn;
+    uint64_t key = key_of(c, s == &c->b);
+    int i = 0;
+    while (i < eng->nlowats && eng->lowats[i].key != key) i++;
+    if (want > 1 && i == eng->nlowats) {
+        if (eng->nlowats == LOWATS) want = 1; /* full: this one wakes per segment */
+        else eng->lowats[eng->nlowats++].key = key;
+    }
+    if (want > 1) eng->lowats[i].until = now_seconds() + LOWAT_WAIT;
+    else if (i < eng->nlowats) lowat_drop(eng, i);
+    if (want == (s->lowat > 1 ? s->lowat : 1)) return;
     if (setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0) s->lowat = want;
+}
+
+/* Drop the marks whose wait is over (the kernel then reports the bytes there), and
+ * the entries of sides that are gone or back to 1. Returns the milliseconds until
+ * the next one is due, or -1 for none. With the lock held. */
+static int lowat_expire(Engine *eng) {
+    if (eng->nlowats == 0) return -1;
+    double now = now_seconds(), next = 0;
+    for (int i = 0; i < eng->nlowats;) {
+        side_t *s = side_of(eng, eng->lowats[i].key);
+        if (s == NULL || s->lowat <= 1) {
+            lowat_drop(eng, i);
+            continue;
+        }
+        if (eng->lowats[i].until <= now) {
+            int one = 1;
+            setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
+            s->lowat = 0;
+            lowat_drop(eng, i);
+            continue;
+        }
+        if (next == 0 || eng->lowats[i].until < next) next = eng->lowats[i].until;
+        i++;
+    }
+    if (next == 0) return -1;
+    int ms = (int)((next - now) * 1000.0) + 1;
+    return ms < 1 ? 1 : ms;
 }
 
 /* A TLS source gave *got bytes, one record's worth (SSL_read returns one record at a
@@ -740,6 +801,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             /* The copy is complete, or its destination spoke (an early answer): stop
              * with nothing half-written and no EOF; the count says which. */
             d->done = 1;
+            lowat_wait(eng, d); /* its source's next reader expects every byte */
             return 0;
         }
         if (d->eof_in) {
@@ -755,7 +817,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             return -1;
         }
         if (!d->src->rd) { /* known empty: short read or want-read */
-            frame_lowat(d);
+            lowat_wait(eng, d);
             return block(d, d->src, 1);
         }
         char *base = eng->scratch;
@@ -768,7 +830,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         /* A copy reads no byte past its limit: what follows belongs to Python. */
         if (d->limit != 0 && d->limit - d->taken < room) room = (size_t)(d->limit - d->taken);
         int r = side_read(d, d->src, base + HEADER, room, &got, err);
-        if (r == 0 && d->wait_side == d->src) frame_lowat(d);
+        if (r == 0 && d->wait_side == d->src) lowat_wait(eng, d);
         if (r <= 0) return r;
         if (got > 0 && d->src->ssl != NULL && gather(d, base + HEADER, room, &got, err) < 0)
             return -1;
@@ -2622,7 +2684,8 @@ static PyObject *Engine_serve(Engine *self, PyObject *unused) {
         process(self, events, n < 0 ? 0 : n);
         /* Work left over (a budget spent, a connection just added): go again at once,
          * after whatever else epoll has; otherwise sleep until something happens. */
-        timeout = self->ready_head != NULL ? 0 : -1;
+        timeout = lowat_expire(self);
+        if (self->ready_head != NULL) timeout = 0;
         pthread_mutex_unlock(&self->lock);
     }
     Py_END_ALLOW_THREADS

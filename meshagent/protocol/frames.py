@@ -17,7 +17,7 @@ Frame layout (4-byte header, network byte order)::
 * ``DATA`` (0x01): 1..max_payload bytes of the stream. A sender writes a frame whole,
   waiting on nothing but its socket: a receiver may wait for most of a big frame's
   bytes before it reads (the C pump sets ``SO_RCVLOWAT`` to a frame's remaining bytes,
-  less 32 KiB), so a frame left half-written would stall its direction.
+  less 32 KiB, for at most a millisecond), so a frame left half-written costs latency.
 * ``END`` (0x02): length 0; the sender will send nothing more in this direction.
 * ``OPEN`` (0x03, ``meshagent/2`` only): length 0; the caller starts a stream. The
   connection carries one stream at a time: the first after the handshake, the next

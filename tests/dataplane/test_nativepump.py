@@ -615,6 +615,37 @@ async def test_a_copy_from_tls_moves_its_bytes_and_leaves_the_next_to_python(
         assert pump.active == 0
 
 
+async def test_a_copy_whose_sender_pauses_still_moves_what_came(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    # The engine asks the kernel to wake it only once most of a long rest has come
+    # (SO_RCVLOWAT), for at most LOWAT_WAIT: a sender that sends a little at a time,
+    # each time waiting until the app has it, is not left waiting for bytes that will
+    # not come.
+    body = os.urandom(2 << 20)
+    piece = 100 << 10
+    half = 5 * piece
+    rest: list[bytes] = []
+    async with link(contexts) as ln:
+        async with trio.open_nursery() as nursery:
+
+            async def sender() -> None:
+                for at in range(0, half, piece):
+                    await ln.agent.send_all(body[at : at + piece])
+                    with trio.fail_after(5):
+                        assert await _read_exactly(ln.app, piece) == body[at : at + piece]
+                nursery.start_soon(ln.agent.send_all, body[half:])
+                rest.append(await _read_exactly(ln.app, len(body) - half))
+
+            nursery.start_soon(sender)
+            with trio.fail_after(10):
+                await pump.copy(_end(ln.tls), _end(ln.plain.stream), len(body), idle_seconds=5)
+        assert rest == [body[half:]]
+        assert pump.active == 0
+        # the copy is done: the TLS side reads any byte again, as Python expects
+        assert ln.tls.ssl_object.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+
+
 async def test_a_copy_from_plain_to_tls_reads_no_byte_past_its_size(
     contexts: Contexts, pump: NativePump
 ) -> None:
