@@ -2523,6 +2523,31 @@ static PyObject *Engine_relay_next(Engine *self, PyObject *args, PyObject *kwds)
     return PyBool_FromLong(taken);
 }
 
+static PyObject *Engine_relay_keep(Engine *self, PyObject *handle) {
+    unsigned long long h;
+    int kept = 0;
+    pthread_mutex_lock(&self->lock);
+    conn_t *c = lookup(self, handle, &h);
+    relay_t *r = c != NULL ? c->relay : NULL;
+    if (r == NULL || c->finished) {
+        /* ended (or not a relay) */
+    } else if (!r->ahead) {
+        PyErr_SetString(PyExc_ValueError, "the relay was not started with renew_ahead");
+    } else if (r->next_ready || r->renew_now) {
+        PyErr_SetString(PyExc_ValueError, "the relay has its next upstream already");
+    } else {
+        /* a new block on the same upstream, counted from now */
+        r->served = 0;
+        r->due_said = 0;
+        r->renew_at = r->max_seconds > 0 ? now_seconds() + r->max_seconds : 0;
+        if (r->state == R_REQUEST && r->in_len == 0) due_soon(self, relay_deadline(c));
+        kept = 1;
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(kept);
+}
+
 static PyObject *Engine_records_fileno(Engine *self, PyObject *unused) {
     (void)unused;
     return PyLong_FromLong(self->recfd);
@@ -2833,6 +2858,11 @@ static PyMethodDef Engine_methods[] = {
      "(with its add lines and notify_first) at the next request boundary, when the "
      "previous one comes back (RECORD_SWITCHED); b = None ends the relay (RENEW) at the "
      "next boundary. False when the relay has ended (b stays the caller's)."},
+    {"relay_keep", (PyCFunction)Engine_relay_keep, METH_O,
+     "relay_keep(handle) -> bool\n\n"
+     "For a relay with renew_ahead, at a block's end (RECORD_RENEW_DUE), instead of "
+     "relay_next: the same upstream serves another block, counted from now. False when "
+     "the relay has ended."},
     {"relay_stop", (PyCFunction)Engine_relay_stop, METH_O,
      "relay_stop(handle): end the relay at its next request boundary (now if it waits)"},
     {"records_fileno", (PyCFunction)Engine_records_fileno, METH_NOARGS,

@@ -241,10 +241,11 @@ async def handle_http_outbound(
             503, f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}", labels
         )
 
-    async def start() -> RelaySession | None:
+    async def start(current: RelaySession | None) -> RelaySession | None:
         """Where the C relay sends the next block of requests (RELAY_REQUESTS,
-        RELAY_SECONDS): what decide would choose for every one of them, or None when
-        that depends on the request or needs Python (retries, timeouts, no endpoint, a
+        RELAY_SECONDS): what decide would choose for every one of them (``current``
+        itself when that is where it goes now: one endpoint, say), or None when that
+        depends on the request or needs Python (retries, timeouts, no endpoint, a
         failed connect)."""
         snapshot = ctx.source.current
         rule = state.relay_rule(snapshot)
@@ -262,9 +263,6 @@ async def handle_http_outbound(
         endpoint = state.balancer.pick(endpoints, trio.current_time()) if endpoints else None
         if endpoint is None:
             return None  # decide answers 503, saying why
-        upstream = await state.connect(endpoint, fields)
-        if isinstance(upstream, DataplaneError):
-            return None  # decide tries the other endpoints
         labels = {
             "mesh": snapshot.mesh,
             "destination": listener.service,
@@ -273,8 +271,13 @@ async def handle_http_outbound(
             "endpoint": endpoint.address,
         }
         forwarded_for = FORWARDED_FOR + b": " + client_ip + b"\r\n"
+        if current is not None and current.same(endpoint, labels, forwarded_for):
+            return current  # the relay keeps its upstream: no pool round trip
+        upstream = await state.connect(endpoint, fields)
+        if isinstance(upstream, DataplaneError):
+            return None  # decide tries the other endpoints
         return RelaySession(
-            upstream, _releaser(state.pool, endpoint, upstream), labels, forwarded_for
+            upstream, _releaser(state.pool, endpoint, upstream), labels, forwarded_for, endpoint
         )
 
     # The C relay makes of a plain request what decide does: _mesh_headers, then

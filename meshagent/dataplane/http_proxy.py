@@ -48,6 +48,7 @@ import trio
 
 from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
 from meshagent.dataplane.nativepump import (
+    KEEP,
     End,
     NativePump,
     NativeRefused,
@@ -226,13 +227,19 @@ Release = Callable[[bool], Awaitable[None]]
 @dataclass(frozen=True, slots=True)
 class RelaySession:
     """Where the C relay sends requests until it ends: an upstream (``release`` hands
-    it back), the labels its requests are counted and logged with, and the field lines
-    added to each."""
+    it back), the labels its requests are counted and logged with, the field lines
+    added to each, and what was chosen (``choice``: an outbound's endpoint), which
+    tells a renewal that chose the same (``Relay``)."""
 
     upstream: Stream
     release: Release
     labels: dict[str, str]
     add: bytes = b""
+    choice: Hashable | None = None
+
+    def same(self, choice: Hashable, labels: dict[str, str], add: bytes) -> bool:
+        """Whether a new choice would send requests where this session does."""
+        return self.choice == choice and self.labels == labels and self.add == add
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,10 +255,12 @@ class Relay:
     bound a block of requests on one session: at a block's end the relay goes on while
     ``start`` is asked again, and switches to the new session at the next request (see
     ``nativepump.Renewal``), so a per-request choice (weights, balancing, the snapshot
-    in force) is made again that often; ``on_records`` is told how many requests the
-    relay served, batch by batch."""
+    in force) is made again that often. ``start`` is given the session in use (None at
+    first): returning it means the choice came out the same, and the relay keeps it
+    for the next block, with nothing to switch or give back; ``on_records`` is told
+    how many requests the relay served, batch by batch."""
 
-    start: Callable[[], Awaitable[RelaySession | None]]
+    start: Callable[[RelaySession | None], Awaitable[RelaySession | None]]
     drop: tuple[bytes, ...] = ()
     refuse: tuple[bytes, ...] = ()
     gen_ids: bool = False
@@ -402,7 +411,7 @@ class _Relaying:
         relay, initial = self.relay, b""
         while True:
             down_end = stream_end(downstream)
-            session = None if down_end is None else await relay.start()
+            session = None if down_end is None else await relay.start(None)
             if down_end is None or session is None:
                 return _Reader(downstream, RequestParser(), initial), None
             up_end = stream_end(session.upstream)
@@ -499,7 +508,11 @@ class _Sessions:
         self.retired: list[tuple[Release, bool]] = []
 
     async def renew(self, offer: Offer) -> None:
-        session = await self.relay.start()
+        session = await self.relay.start(self.current)
+        if session is self.current:  # the same choice: no switch, nothing to give back
+            if not offer(KEEP, b"", False):
+                offer(None, b"", False)  # refused, or ended meanwhile (then a no-op)
+            return
         end = None if session is None else stream_end(session.upstream)
         if session is not None and end is None:
             self.retired.append((session.release, True))

@@ -156,7 +156,7 @@ async def _serve_app_http(
     # The C relay makes of a plain request what decide does: mesh_request_headers.
     add = b"" if source is None else SOURCE_HEADER + b": " + source.encode() + b"\r\n"
 
-    async def start() -> RelaySession | None:
+    async def start(current: RelaySession | None) -> RelaySession | None:
         try:
             upstream, _ = await app.pool.acquire("app")
         except DataplaneError:

@@ -170,8 +170,17 @@ Record = tuple[int, int, int, float, str, str, bytes | None]
 # +Inf; count; seconds in all).
 Summary = tuple[tuple[int, int, int, int, int, int], tuple[int, ...], int, float]
 OnRecords = Callable[[list[Record], list[Summary]], None]
-# offer(upstream end or None, add, notify_first) -> taken: see Renewal.renew
-Offer = Callable[[End | None, bytes, bool], bool]
+
+
+class Keep(enum.Enum):
+    """Offered instead of an upstream: the current one serves the next block too."""
+
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+# offer(upstream end, KEEP or None, add, notify_first) -> taken: see Renewal.renew
+Offer = Callable[[End | Keep | None, bytes, bool], bool]
 
 
 class Renewal(Protocol):
@@ -185,8 +194,9 @@ class Renewal(Protocol):
     async def renew(self, offer: Offer) -> None:
         """The block is over. ``offer(end, add, notify_first)``: the next upstream (its
         end, the field lines added to its requests, whether its first bytes are to be
-        reported), or None; False when the relay has ended meanwhile (the upstream
-        stays the caller's)."""
+        reported), ``KEEP`` (the current one serves the next block: nothing switches),
+        or None; False when the relay has ended meanwhile (the upstream stays the
+        caller's)."""
 
     def switched(self, reusable: bool) -> None:
         """The relay sends to the offered upstream now; the previous one is the caller's
@@ -327,8 +337,13 @@ class NativePump:
         if batch is not None and waiter is not None and waiter.on_records is not None:
             waiter.on_records(*batch)
 
-    def _offer(self, handle: int, end: End | None, add: bytes, notify_first: bool) -> bool:
+    def _offer(
+        self, handle: int, end: End | Keep | None, add: bytes, notify_first: bool
+    ) -> bool:
         try:
+            if end is KEEP:
+                kept: bool = self._engine.relay_keep(handle)
+                return kept
             taken: bool = self._engine.relay_next(handle, end, add=add, notify_first=notify_first)
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             log_refusal(NEXT_REFUSED, str(exc))

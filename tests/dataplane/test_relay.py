@@ -633,7 +633,7 @@ async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_re
 
     async with rig(contexts) as r, trio.open_nursery() as nursery:
 
-        async def start() -> RelaySession:
+        async def start(current: RelaySession | None) -> RelaySession:
             return session("again", r.up)  # its descriptor is the current upstream's
 
         sessions = _Sessions(Relay(start, max_requests=1), session("first", r.up))
@@ -642,6 +642,37 @@ async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_re
         await wait_for(lambda: outcome)
     assert outcome[0].outcome is RelayOutcome.RENEW
     assert released == [("again", True)] and sessions.current.labels == {"endpoint": "first"}
+
+
+async def test_an_outbound_s_sessions_keep_an_upstream_chosen_again(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    """A renewal that comes to the choice in use (``start`` returns the current
+    session) keeps it: block after block on the same upstream (each block ends and is
+    renewed again), nothing switched, nothing handed back."""
+    released: list[tuple[str, bool]] = []
+    asked: list[RelaySession | None] = []
+
+    async def release(reusable: bool) -> None:
+        released.append(("first", reusable))
+
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        first = RelaySession(r.up, release, {"endpoint": "first"}, ADD)
+
+        async def start(current: RelaySession | None) -> RelaySession | None:
+            asked.append(current)
+            return current
+
+        sessions = _Sessions(Relay(start, max_requests=1), first)
+        outcome = start_relay(nursery, r, pump, max_requests=1, renewal=sessions)
+        for n in range(4):
+            await exchange(r.caller, r.app, b"/%d" % n, ADD)
+            await wait_for(lambda n=n: len(asked) > n)  # the block is over: chosen again
+        assert sessions.current is first and sessions.offered is None
+        assert not outcome  # still relaying
+        nursery.cancel_scope.cancel()
+    assert asked == [first] * 4
+    assert released == []
 
 
 async def test_relay_next_takes_one_next_upstream_and_only_renewing_ahead(
@@ -656,8 +687,11 @@ async def test_relay_next_takes_one_next_upstream_and_only_renewing_ahead(
         (plain,) = pump._waiters
         with pytest.raises(ValueError, match="not started with renew_ahead"):
             engine.relay_next(plain, None)
+        with pytest.raises(ValueError, match="not started with renew_ahead"):
+            engine.relay_keep(plain)
         nursery.cancel_scope.cancel()
     assert engine.relay_next(plain, None) is False  # ended: nothing taken
+    assert engine.relay_keep(plain) is False
     async with rig(contexts) as r, trio.open_nursery() as nursery:
         renewals = Renewals([], r)
         nursery.start_soon(functools.partial(r.relay, pump, max_requests=5, renewal=renewals))
