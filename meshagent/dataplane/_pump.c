@@ -2472,6 +2472,25 @@ static PyObject *Engine_relay_stop(Engine *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The relay `handle` names, when it may be told what its next block does (relay_next,
+ * relay_keep); NULL when it has ended (no error) or may not (a ValueError set). With
+ * the lock held. */
+static conn_t *renewing(Engine *self, PyObject *handle) {
+    unsigned long long h;
+    conn_t *c = lookup(self, handle, &h);
+    relay_t *r = c != NULL ? c->relay : NULL;
+    if (r == NULL || c->finished) return NULL; /* ended (or not a relay) */
+    if (!r->ahead) {
+        PyErr_SetString(PyExc_ValueError, "the relay was not started with renew_ahead");
+        return NULL;
+    }
+    if (r->next_ready || r->renew_now) {
+        PyErr_SetString(PyExc_ValueError, "the relay has its next upstream already");
+        return NULL;
+    }
+    return c;
+}
+
 static PyObject *Engine_relay_next(Engine *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"handle", "b", "add", "notify_first", NULL};
     PyObject *handle, *b, *bssl = Py_None;
@@ -2490,17 +2509,12 @@ static PyObject *Engine_relay_next(Engine *self, PyObject *args, PyObject *kwds)
     char *copy = malloc((size_t)add_len + 1);
     if (copy == NULL) return PyErr_NoMemory();
     memcpy(copy, add, (size_t)add_len);
-    unsigned long long h;
     int taken = 0;
     pthread_mutex_lock(&self->lock);
-    conn_t *c = lookup(self, handle, &h);
+    conn_t *c = renewing(self, handle);
     relay_t *r = c != NULL ? c->relay : NULL;
-    if (r == NULL || c->finished) {
-        /* ended (or not a relay): the upstream stays the caller's */
-    } else if (!r->ahead) {
-        PyErr_SetString(PyExc_ValueError, "the relay was not started with renew_ahead");
-    } else if (r->next_ready || r->renew_now) {
-        PyErr_SetString(PyExc_ValueError, "the relay has its next upstream already");
+    if (r == NULL) {
+        /* ended (the upstream stays the caller's), or refused (the error is set) */
     } else if (b == Py_None) {
         r->renew_now = 1;
         taken = 1;
@@ -2524,18 +2538,11 @@ static PyObject *Engine_relay_next(Engine *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *Engine_relay_keep(Engine *self, PyObject *handle) {
-    unsigned long long h;
     int kept = 0;
     pthread_mutex_lock(&self->lock);
-    conn_t *c = lookup(self, handle, &h);
+    conn_t *c = renewing(self, handle);
     relay_t *r = c != NULL ? c->relay : NULL;
-    if (r == NULL || c->finished) {
-        /* ended (or not a relay) */
-    } else if (!r->ahead) {
-        PyErr_SetString(PyExc_ValueError, "the relay was not started with renew_ahead");
-    } else if (r->next_ready || r->renew_now) {
-        PyErr_SetString(PyExc_ValueError, "the relay has its next upstream already");
-    } else {
+    if (r != NULL) {
         /* a new block on the same upstream, counted from now */
         r->served = 0;
         r->due_said = 0;
