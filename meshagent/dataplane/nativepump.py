@@ -252,7 +252,8 @@ class NativePump:
     @property
     def held(self) -> int:
         """Bytes the engine read and could not write on yet, over all connections: at
-        most about one CHUNK per direction whose destination does not take them."""
+        most one read (64 KiB, or up to 256 KiB in bulk) per direction whose destination
+        does not take them."""
         return int(self._engine.held())
 
     async def run(
