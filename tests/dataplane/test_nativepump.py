@@ -29,7 +29,7 @@ from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
 from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
-from tests.support.tls import Contexts, tcp_pair
+from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
     pytest.skip(f"the C pump is turned off by {ENV_SWITCH}=0", allow_module_level=True)
@@ -51,23 +51,16 @@ async def link(
     contexts: Contexts, *, tls_is_client: bool = False, on_session: object = None
 ) -> AsyncIterator[Link]:
     app, proxy_plain = await tcp_pair()
-    server_tcp, client_tcp = await tcp_pair()
-    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
-    client = SslSocketStream.wrap(
-        client_tcp, contexts.client, server_side=False,
-        on_session=on_session,  # type: ignore[arg-type]
-    )
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.do_handshake)
-            nursery.start_soon(client.do_handshake)
-    pumped, agent = (client, server) if tls_is_client else (server, client)
-    plain = PlainSide(proxy_plain)
-    try:
-        yield Link(app, plain, pumped, agent)
-    finally:
-        for stream in (app, plain.stream, pumped, agent):
-            await trio.aclose_forcefully(stream)
+    async with tls_pair(
+        contexts, on_session=on_session  # type: ignore[arg-type]
+    ) as (server, client):
+        pumped, agent = (client, server) if tls_is_client else (server, client)
+        plain = PlainSide(proxy_plain)
+        try:
+            yield Link(app, plain, pumped, agent)
+        finally:
+            for stream in (app, plain.stream):
+                await trio.aclose_forcefully(stream)
 
 
 async def _read_frames(agent: SslSocketStream) -> tuple[bytes, bool]:

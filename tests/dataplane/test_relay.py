@@ -33,7 +33,7 @@ from meshagent.dataplane.nativepump import (
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
-from tests.support.tls import Contexts, tcp_pair
+from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
     pytest.skip(f"the C pump is turned off by {ENV_SWITCH}=0", allow_module_level=True)
@@ -75,20 +75,14 @@ class Rig:
 
 @asynccontextmanager
 async def rig(contexts: Contexts) -> AsyncIterator[Rig]:
-    server_tcp, client_tcp = await tcp_pair()
-    down = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
-    caller = SslSocketStream.wrap(client_tcp, contexts.client, server_side=False)
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(down.do_handshake)
-            nursery.start_soon(caller.do_handshake)
-    app, up_tcp = await tcp_pair()
-    up = PlainSocketStream.wrap(up_tcp)
-    try:
-        yield Rig(caller, down, up, app)
-    finally:
-        for stream in (caller, down, up, app):
-            await trio.aclose_forcefully(stream)
+    async with tls_pair(contexts) as (down, caller):
+        app, up_tcp = await tcp_pair()
+        up = PlainSocketStream.wrap(up_tcp)
+        try:
+            yield Rig(caller, down, up, app)
+        finally:
+            for stream in (up, app):
+                await trio.aclose_forcefully(stream)
 
 
 async def read_until(stream: trio.abc.ReceiveStream, end: bytes, *, have: bytes = b"") -> bytes:
@@ -593,15 +587,12 @@ async def test_renewing_ahead_a_new_tls_upstream_s_first_read_is_reported(
 ) -> None:
     """The first upstream needs no first read (pooled), the next one does (a new TLS
     connection: its session ticket comes with its first bytes)."""
-    server_tcp, client_tcp = await tcp_pair()
-    next_app = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
-    next_up = SslSocketStream.wrap(client_tcp, contexts.client, server_side=False)
-    with trio.fail_after(5):
-        async with trio.open_nursery() as handshakes:
-            handshakes.start_soon(next_app.do_handshake)
-            handshakes.start_soon(next_up.do_handshake)
     first_reads: list[int] = []
-    async with rig(contexts) as r, trio.open_nursery() as nursery:
+    async with (
+        tls_pair(contexts) as (next_app, next_up),
+        rig(contexts) as r,
+        trio.open_nursery() as nursery,
+    ):
         renewals = Renewals([next_up], r, notify_first=True)
         nursery.start_soon(functools.partial(
             r.relay, pump, max_requests=1, renewal=renewals, notify_first=False,
@@ -613,8 +604,6 @@ async def test_renewing_ahead_a_new_tls_upstream_s_first_read_is_reported(
         await wait_for(lambda: first_reads)
         assert first_reads == [1] and renewals.switched_after == [1]
         nursery.cancel_scope.cancel()
-    await trio.aclose_forcefully(next_app)
-    await trio.aclose_forcefully(next_up)
 
 
 async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_refused(

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -19,31 +17,7 @@ from meshagent.dataplane.pool import is_stale
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tls import client_context
 from tests.support.pki import make_ca
-from tests.support.tls import Contexts, tcp_pair
-
-
-@asynccontextmanager
-async def tls_pair(
-    contexts: Contexts,
-    *,
-    client: ssl.SSLContext | None = None,
-    session: ssl.SSLSession | None = None,
-) -> AsyncIterator[tuple[SslSocketStream, SslSocketStream]]:
-    """(server, client), handshaken; both closed at the end."""
-    server_tcp, client_tcp = await tcp_pair()
-    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
-    tls = SslSocketStream.wrap(
-        client_tcp, client or contexts.client, server_side=False, session=session
-    )
-    try:
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.do_handshake)
-                nursery.start_soon(tls.do_handshake)
-        yield server, tls
-    finally:
-        await trio.aclose_forcefully(server)
-        await trio.aclose_forcefully(tls)
+from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 
 async def _receive_exactly(stream: SslSocketStream, size: int, chunk: int = 65536) -> bytes:

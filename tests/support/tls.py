@@ -1,13 +1,17 @@
-"""Loopback TLS helpers: a mesh CA's server and client contexts, a connected TCP pair."""
+"""Loopback TLS helpers: a mesh CA's server and client contexts, a connected TCP pair,
+and a handshaken TLS pair over one."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tls import client_context, server_context
 from tests.support.pki import MeshCa, make_ca
 
@@ -35,3 +39,29 @@ async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     finally:
         await listeners[0].aclose()
     return server, client
+
+
+@asynccontextmanager
+async def tls_pair(
+    contexts: Contexts,
+    *,
+    client: ssl.SSLContext | None = None,
+    session: ssl.SSLSession | None = None,
+    on_session: Callable[[ssl.SSLSession], None] | None = None,
+) -> AsyncIterator[tuple[SslSocketStream, SslSocketStream]]:
+    """(server, client), handshaken; both closed at the end."""
+    server_tcp, client_tcp = await tcp_pair()
+    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
+    tls = SslSocketStream.wrap(
+        client_tcp, client or contexts.client, server_side=False, session=session,
+        on_session=on_session,
+    )
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.do_handshake)
+                nursery.start_soon(tls.do_handshake)
+        yield server, tls
+    finally:
+        await trio.aclose_forcefully(server)
+        await trio.aclose_forcefully(tls)
