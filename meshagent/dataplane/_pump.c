@@ -467,12 +467,14 @@ static long read_probe(BIO *b, int oper, const char *argp, size_t len, int argi,
 
 /* The side's BIO gets its callback back (none: Python's _ssl sets none on socket
  * BIOs). Before the engine gives the SSL object back, or frees the side. */
+/* The side's SO_RCVLOWAT to `want` (1: the kernel's default), and s->lowat with it. */
+static void set_lowat(side_t *s, int want) {
+    if (setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0 || want == 1)
+        s->lowat = want > 1 ? want : 0;
+}
+
 static void side_release(side_t *s) {
-    if (s->lowat > 1) {
-        int one = 1;
-        setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-        s->lowat = 0;
-    }
+    if (s->lowat > 1) set_lowat(s, 1);
     if (s->probed == NULL) return;
     p_BIO_set_callback_ex(s->probed, NULL);
     p_BIO_set_callback_arg(s->probed, NULL);
@@ -722,8 +724,7 @@ static void lowat_wait(Engine *eng, dir_t *d) {
     }
     if (want > 1) eng->lowats[i].until = now_seconds() + LOWAT_WAIT;
     else if (i < eng->nlowats) lowat_drop(eng, i);
-    if (want == (s->lowat > 1 ? s->lowat : 1)) return;
-    if (setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0) s->lowat = want;
+    if (want != (s->lowat > 1 ? s->lowat : 1)) set_lowat(s, want);
 }
 
 /* Drop the marks whose wait is over (the kernel then reports the bytes there), and
@@ -739,9 +740,7 @@ static int lowat_expire(Engine *eng) {
             continue;
         }
         if (eng->lowats[i].until <= now) {
-            int one = 1;
-            setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-            s->lowat = 0;
+            set_lowat(s, 1);
             lowat_drop(eng, i);
             continue;
         }
@@ -1465,6 +1464,13 @@ static void renew_due(Engine *eng, conn_t *c) {
     signal_fd(eng->donefd); /* now, not with the next batch: Python reads records then */
 }
 
+/* A renewing relay's block starts over: counted from now, its end not said yet. */
+static void new_block(relay_t *r) {
+    r->served = 0;
+    r->due_said = 0;
+    r->renew_at = r->max_seconds > 0 ? now_seconds() + r->max_seconds : 0;
+}
+
 /* At a request boundary: the upstream relay_next() gave replaces the current one,
  * which goes back to Python (RECORD_SWITCHED, after the exchanges it served), and a
  * new block begins. 0 when it could not be reported (out of memory: the next boundary
@@ -1489,9 +1495,7 @@ static int switch_upstream(Engine *eng, conn_t *c, error_t_ *err) {
     r->next_add = NULL;
     c->notify_first = r->next_notify;
     r->up_keep = 1;
-    r->served = 0;
-    r->due_said = 0;
-    r->renew_at = r->max_seconds > 0 ? now_seconds() + r->max_seconds : 0;
+    new_block(r);
     if (watch(eng, c, 1, c->b.fd) != 0) {
         io_error(err, errno);
         r->up_keep = 0;
@@ -2543,10 +2547,7 @@ static PyObject *Engine_relay_keep(Engine *self, PyObject *handle) {
     conn_t *c = renewing(self, handle);
     relay_t *r = c != NULL ? c->relay : NULL;
     if (r != NULL) {
-        /* a new block on the same upstream, counted from now */
-        r->served = 0;
-        r->due_said = 0;
-        r->renew_at = r->max_seconds > 0 ? now_seconds() + r->max_seconds : 0;
+        new_block(r); /* on the same upstream */
         if (r->state == R_REQUEST && r->in_len == 0) due_soon(self, relay_deadline(c));
         kept = 1;
     }
