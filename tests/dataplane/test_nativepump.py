@@ -11,7 +11,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -410,16 +410,6 @@ async def test_bytes_before_an_eof_without_close_notify_still_go_on(
     assert "without close_notify" in str(outcome.error)
 
 
-async def _until_blocked(send: Callable[[], Awaitable[object]], quiet: float = 0.5) -> None:
-    """Send until one send has waited ``quiet`` seconds: every buffer on the way is
-    full, the pump's included, and nothing moves any more."""
-    while True:
-        with trio.move_on_after(quiet) as scope:
-            await send()
-        if scope.cancelled_caught:
-            return
-
-
 @pytest.mark.parametrize("towards", ["app", "agent"])
 async def test_a_reader_that_stops_leaves_at_most_a_chunk_in_the_pump(
     contexts: Contexts, pump: NativePump, towards: str
@@ -453,13 +443,19 @@ async def test_a_reader_that_stops_leaves_at_most_a_chunk_in_the_pump(
                     for payload in decoder.feed(await ln.agent.receive_some(1 << 20)):
                         seen += len(payload)
 
+        async def send_on() -> None:
+            while True:
+                await send()
+
         with trio.fail_after(30):
             async with trio.open_nursery() as readers:
                 readers.start_soon(read_fast)
                 for _ in range(fast // len(block) + 1):
                     await send()
-            await _until_blocked(send)
-        assert 0 < pump.held <= BIG_CHUNK
+            nursery.start_soon(send_on)  # the reader has stopped
+            while pump.held == 0:  # until the pump holds what nobody takes
+                await trio.sleep(0.005)
+        assert pump.held <= BIG_CHUNK
         nursery.cancel_scope.cancel()
 
 
