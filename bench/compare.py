@@ -1,7 +1,7 @@
 """The meshagent pair against HAProxy and Consul's built-in proxy, side by side, on the
 work issue 5 sets: CPU of the proxy pair per unit of work, latency, memory.
 
-    python bench/compare.py            # full run, about 5 minutes
+    python bench/compare.py            # full run, about 4-5 minutes
     python bench/compare.py --smoke    # seconds; installs nothing; for CI
     python bench/compare.py --profile http   # py-spy on the HTTP pair under keep-alive
 
@@ -20,8 +20,11 @@ path in turn:
 
 The load generator is wrk, or ``bench/loadgen.py`` when wrk is not installed. CPU
 (user + system, with psutil) of the proxy processes is read before and after each
-run, and divided by the work done: µs per request, CPU-s per GiB. The table gives the
-ratios to the direct path and to each peer from the same run.
+run, and divided by the work done: µs per request, CPU-s per GiB. Each load scenario
+runs in rounds (``--rounds``, default 3): every path once per round, each round in
+another order, so that a slow spell of the shared host falls on different paths. The
+table gives the median over the rounds, and ratios to the direct path and to each peer
+as the median of the rounds' ratios (each between measurements seconds apart).
 
 Without ``--smoke`` missing Debian packages (nginx-light, haproxy, wrk) are installed
 with apt-get (``--no-install`` to skip); Consul always comes from
@@ -82,7 +85,7 @@ GIB = 1 << 30
 BULK_BYTES = 100 * MIB
 HOLD = 10_000
 PATH_NAMES = ("direct", "meshagent L4", "meshagent HTTP", "haproxy pair", "consul pair")
-PEERS = ("haproxy pair", "consul pair")
+PEERS = ("haproxy pair", "consul pair")  # the ratios' references, beside direct
 
 WRK_SCRIPT = """
 done = function(summary, latency, requests)
@@ -206,6 +209,7 @@ class Measured:
     scenario: str
     path: str
     not_run: str | None = None
+    round: int = 1
     load: LoadResult | None = None
     proxy_cpu: dict[str, float] = field(default_factory=dict)  # seconds, per process
     control_cpu: dict[str, float] = field(default_factory=dict)
@@ -251,9 +255,10 @@ class Measured:
 
 
 def measure_load(
-    tools: Tools, tmp: Path, path: PathUnderTest, scenario: Scenario, seconds: float
+    tools: Tools, tmp: Path, path: PathUnderTest, scenario: Scenario, seconds: float,
+    round_: int = 1,
 ) -> Measured:
-    m = Measured(scenario.name, path.name)
+    m = Measured(scenario.name, path.name, round=round_)
     before, before_ctl = cpu_of(path.proxies), cpu_of(path.control)
     try:
         m.load = run_load(tools, tmp, path.port, scenario, seconds)
@@ -324,10 +329,58 @@ def _lat(us: float | None) -> str:
     return f"{fmt(us)} µs"
 
 
-def _x(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "-"
-    return f"{fmt(a / b)}x"
+def _xm(ratios: list[float]) -> str:
+    """The median of per-round ratios."""
+    value = median(ratios)
+    return "-" if value is None else f"{fmt(value)}x"
+
+
+def median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _median_of(rounds: list[Measured], value: Callable[[Measured], float | None]) -> float | None:
+    return median([v for v in map(value, rounds) if v is not None])
+
+
+def paired(
+    mine: list[Measured], theirs: list[Measured], value: Callable[[Measured], float | None]
+) -> list[float]:
+    """value(mine) / value(theirs) for each round both ran in, in round order: two
+    measurements seconds apart, which a slow spell of the host moves alike."""
+    by_round = {t.round: t for t in theirs if t.not_run is None}
+    ratios = []
+    for m in sorted(mine, key=lambda m: m.round):
+        t = by_round.get(m.round)
+        a, b = value(m), (value(t) if t is not None else None)
+        if a is not None and b:
+            ratios.append(a / b)
+    return ratios
+
+
+def _throughput(m: Measured) -> float | None:
+    return m.mb_per_s() if m.scenario == BULK.name else m.rate()
+
+
+def _p50(m: Measured) -> float | None:
+    return m.load.p50_us if m.load is not None else None
+
+
+def _p99(m: Measured) -> float | None:
+    return m.load.p99_us if m.load is not None else None
+
+
+def grouped(results: list[Measured], scenario: str) -> dict[str, list[Measured]]:
+    """The rounds of each path in a scenario, by path name."""
+    out: dict[str, list[Measured]] = {}
+    for m in results:
+        if m.scenario == scenario:
+            out.setdefault(m.path, []).append(m)
+    return out
 
 
 def render(results: list[Measured], scenarios: list[str]) -> list[str]:
@@ -338,42 +391,31 @@ def render(results: list[Measured], scenarios: list[str]) -> list[str]:
     rows: list[list[str]] = [header]
     skipped: dict[int, str] = {}
     for scenario in scenarios:
-        mine = {m.path: m for m in results if m.scenario == scenario}
-        direct = mine.get("direct")
-        peers = {p: mine.get(p) for p in PEERS}
+        mine = grouped(results, scenario)
         rate_unit, cost_unit = unit(scenario)
         for name in PATH_NAMES:
-            m = mine.get(name)
-            if m is None:
+            rounds = mine.get(name)
+            if not rounds:
                 continue
-            if m.not_run is not None:
-                skipped[len(rows)] = m.not_run
+            if rounds[0].not_run is not None:
+                skipped[len(rows)] = rounds[0].not_run
                 rows.append([scenario, name] + [""] * (len(header) - 2))
                 continue
-            load = m.load
             is_memory = scenario == MEMORY
-            peer_cost = {
-                p: (pm.cost() if pm is not None and pm.not_run is None else None)
-                for p, pm in peers.items()
-            }
-            haproxy = peers["haproxy pair"]
+            rate = _median_of(rounds, Measured.rate)
+            cost = _median_of(rounds, Measured.cost)
             rows.append([
                 scenario,
                 name,
-                f"{fmt(m.rate())} {rate_unit}" if m.rate() is not None else "-",
-                "-" if is_memory else fmt(m.mb_per_s()),
-                "-" if load is None else _lat(load.p50_us),
-                "-" if load is None else _lat(load.p99_us),
-                f"{fmt(m.cost())} {cost_unit}" if m.cost() is not None else "-",
-                "-" if is_memory or direct is None else _x(
-                    m.mb_per_s() if scenario == BULK.name else m.rate(),
-                    direct.mb_per_s() if scenario == BULK.name else direct.rate(),
-                ),
-                _x(m.cost(), peer_cost["haproxy pair"]),
-                _x(m.cost(), peer_cost["consul pair"]),
-                "-" if load is None or haproxy is None or haproxy.load is None
-                else _x(load.p99_us, haproxy.load.p99_us),
-                str(sum(m.errors.values())),
+                f"{fmt(rate)} {rate_unit}" if rate is not None else "-",
+                "-" if is_memory else fmt(_median_of(rounds, Measured.mb_per_s)),
+                _lat(_median_of(rounds, _p50)),
+                _lat(_median_of(rounds, _p99)),
+                f"{fmt(cost)} {cost_unit}" if cost is not None else "-",
+                "-" if is_memory else _xm(paired(rounds, mine.get("direct", []), _throughput)),
+                *(_xm(paired(rounds, mine.get(peer, []), Measured.cost)) for peer in PEERS),
+                _xm(paired(rounds, mine.get("haproxy pair", []), _p99)),
+                str(sum(sum(m.errors.values()) for m in rounds)),
             ])
     lines = render_table(rows, left=2)
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
@@ -384,11 +426,37 @@ def render(results: list[Measured], scenarios: list[str]) -> list[str]:
     return lines
 
 
-def details(results: list[Measured]) -> list[str]:
+def details(results: list[Measured], scenarios: list[str]) -> list[str]:
     out = []
-    for m in results:
-        if m.not_run is not None:
-            continue
+    for scenario in scenarios:
+        mine = grouped(results, scenario)
+        for name in PATH_NAMES:
+            rounds = [m for m in mine.get(name, []) if m.not_run is None]
+            if rounds:
+                out.extend(_details_of(rounds, mine))
+    return out
+
+
+def _by_round(values: list[float]) -> str:
+    return " ".join(fmt(v) for v in values)
+
+
+def _details_of(rounds: list[Measured], mine: dict[str, list[Measured]]) -> list[str]:
+    out = []
+    first = rounds[0]
+    if len(rounds) > 1:
+        costs = [c for m in rounds if (c := m.cost()) is not None]
+        parts = [f"cost {_by_round(costs)}"] if costs else []
+        for peer in PEERS:
+            ratios = paired(rounds, mine.get(peer, []), Measured.cost)
+            if ratios and first.path != peer:
+                parts.append(f"x {peer.split()[0]} {_by_round(ratios)}")
+        p99 = paired(rounds, mine.get("haproxy pair", []), _p99)
+        if p99 and first.path != "haproxy pair":
+            parts.append(f"p99 x haproxy {_by_round(p99)}")
+        if parts:
+            out.append(f"  {first.scenario:10} {first.path:14} by round: " + "; ".join(parts))
+    for m in rounds:
         parts = []
         if m.proxy_cpu:
             parts.append("CPU s " + ", ".join(f"{n} {v:.2f}" for n, v in m.proxy_cpu.items()))
@@ -406,7 +474,8 @@ def details(results: list[Measured]) -> list[str]:
         if m.errors:
             parts.append(f"errors {m.errors}")
         if parts:
-            out.append(f"  {m.scenario:10} {m.path:14} " + "; ".join(parts))
+            label = f"round {m.round}: " if len(rounds) > 1 else ""
+            out.append(f"  {m.scenario:10} {m.path:14} {label}" + "; ".join(parts))
     return out
 
 
@@ -550,14 +619,14 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"keep-alive: {KEEPALIVE.connections} connections; new conn: "
         f"{NEW_CONNECTION.connections} connections, Connection: close; bulk: "
-        f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each; "
-        f"memory: {hold_note}"
+        f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each, "
+        f"{args.rounds} round{'s' if args.rounds > 1 else ''} (medians); memory: {hold_note}"
     )
     print()
     for line in render(results, scenarios):
         print(line)
     print()
-    for line in details(results):
+    for line in details(results, scenarios):
         print(line)
     print()
     print(f"total run time {time.monotonic() - began:.0f} s")
@@ -587,16 +656,22 @@ def measure_all(
         for path in paths:
             if path.not_run is not None:
                 results.append(Measured(scenario.name, path.name, not_run=path.not_run))
-                continue
-            m = measure_load(tools, tmp, path, scenario, args.seconds)
-            results.append(m)
-            print(
-                f"  {scenario.name:10} {path.name:14} "
-                + (f"{fmt(m.rate())} req/s, {fmt(m.mb_per_s())} MB/s" if m.load else "failed")
-                + (f", pair {fmt(m.cost())} {unit(scenario.name)[1]}" if m.cost() else "")
-                + (f", errors {m.errors}" if m.errors else ""),
-                flush=True,
-            )
+        for round_ in range(1, args.rounds + 1):
+            # each round in another order: a path is not always measured right after
+            # the same neighbour, nor always first
+            shift = (round_ - 1) % len(live) if live else 0
+            for path in live[shift:] + live[:shift]:
+                m = measure_load(tools, tmp, path, scenario, args.seconds, round_)
+                results.append(m)
+                label = f"round {round_}: " if args.rounds > 1 else ""
+                print(
+                    f"  {scenario.name:10} {path.name:14} {label}"
+                    + (f"{fmt(m.rate())} req/s, {fmt(m.mb_per_s())} MB/s" if m.load
+                       else "failed")
+                    + (f", pair {fmt(m.cost())} {unit(scenario.name)[1]}" if m.cost() else "")
+                    + (f", errors {m.errors}" if m.errors else ""),
+                    flush=True,
+                )
     if MEMORY in args.scenarios:
         for path in paths:
             if path.not_run is not None:
@@ -626,7 +701,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     install.add_argument("--install", action="store_true", default=None,
                          help="apt-get install missing packages (default unless --smoke)")
     install.add_argument("--no-install", dest="install", action="store_false")
-    parser.add_argument("--seconds", type=float, help="per measurement (default 8, smoke 1)")
+    parser.add_argument("--seconds", type=float, help="per measurement (default 4, smoke 1)")
+    parser.add_argument("--rounds", type=int, help="measurements of each load scenario on "
+                        "each path, in turn (default 3, smoke 1); the table gives medians")
     parser.add_argument("--hold", type=int, help=f"memory: connections (default {HOLD:,}, "
                         "smoke 100)")
     parser.add_argument("--deadline", type=float, help="for the whole run, seconds "
@@ -651,7 +728,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.install is None:
         args.install = not args.smoke
     if args.seconds is None:
-        args.seconds = 1.0 if args.smoke else 8.0
+        args.seconds = 1.0 if args.smoke else 4.0
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 3
     if args.hold is None:
         args.hold = 100 if args.smoke else HOLD
     if args.deadline is None:
@@ -668,6 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--scenarios: unknown scenario {s!r}")
     if not 0 < args.seconds <= 120:
         parser.error("--seconds must be in (0, 120]")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be 1..20")
     if not 1 <= args.hold <= 100_000:
         parser.error("--hold must be 1..100000")
     return args

@@ -1,0 +1,68 @@
+"""bench/compare.py's rounds: the table gives medians, and each ratio is the median of
+the ratios of measurements taken in the same round (seconds apart), not a ratio of
+medians taken minutes apart."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def compare(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module("compare")
+    yield module
+    for name in ("compare", "common", "peers"):
+        sys.modules.pop(name, None)
+
+
+def bulk(compare: ModuleType, path: str, round_: int, cpu: float, p99_ms: float) -> object:
+    """One bulk measurement: 1 GiB moved in 1 s, the pair spending ``cpu`` seconds."""
+    load = compare.LoadResult(
+        requests=10, seconds=1.0, bytes=compare.GIB, p50_us=1000.0, p99_us=p99_ms * 1000,
+        errors={},
+    )
+    return compare.Measured(
+        "bulk", path, load=load, proxy_cpu={"a": cpu / 2, "b": cpu / 2}, round=round_
+    )
+
+
+def test_median(compare: ModuleType) -> None:
+    assert compare.median([]) is None
+    assert compare.median([3.0]) == 3.0
+    assert compare.median([5.0, 1.0, 3.0]) == 3.0
+    assert compare.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+
+
+def test_ratios_pair_measurements_of_the_same_round(compare: ModuleType) -> None:
+    # HAProxy's cost drifts up over the run (a busier host); the pair's moves with it
+    mine = [bulk(compare, "meshagent L4", r, c, 1.0) for r, c in ((1, 1.0), (2, 5.0), (3, 2.1))]
+    theirs = [bulk(compare, "haproxy pair", r, c, 2.0) for r, c in ((1, 2.0), (2, 4.0), (3, 6.0))]
+    assert compare.paired(mine, theirs, compare.Measured.cost) == pytest.approx(
+        [0.5, 1.25, 0.35]
+    )
+    rows = compare.render(mine + theirs, ["bulk"])
+    row = next(line for line in rows if line.startswith("bulk") and "meshagent L4" in line)
+    # median of the rounds' ratios (0.50x), not the ratio of the medians (2.1 / 4.0)
+    assert "2.10 CPU-s/GiB" in row
+    assert "0.50x" in row and "0.53x" not in row
+    details = compare.details(mine + theirs, ["bulk"])
+    assert any("by round: cost 1.00 5.00 2.10; x haproxy 0.50 1.25 0.35" in d for d in details)
+
+
+def test_a_round_a_path_missed_is_left_out_of_its_ratios(compare: ModuleType) -> None:
+    mine = [bulk(compare, "meshagent HTTP", r, 1.0, 1.0) for r in (1, 2, 3)]
+    theirs = [bulk(compare, "haproxy pair", r, c, 2.0) for r, c in ((1, 2.0), (3, 4.0))]
+    failed = compare.Measured("bulk", "haproxy pair", round=2)  # its load generator failed
+    assert compare.paired(mine, [*theirs, failed], compare.Measured.cost) == pytest.approx(
+        [0.5, 0.25]
+    )
+    assert compare.paired(mine, [], compare.Measured.cost) == []
