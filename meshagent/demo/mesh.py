@@ -360,13 +360,16 @@ def run_demo(*, duration: float, keep_running: bool, use_consul: bool, say: Say)
 
 def _stop_on_signals() -> None:
     """SIGTERM and SIGHUP (a closed terminal) stop the demo as Ctrl-C does: every
-    process it started is stopped, none is left behind."""
+    process it started is stopped, none is left behind. SIGINT is set too: a shell
+    starts a background job (`meshagent demo --keep-running &`) with SIGINT ignored,
+    and Python then leaves it ignored; `kill -INT` must still stop the demo."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _keep_running(mesh: MigrationMesh, say: Say) -> None:

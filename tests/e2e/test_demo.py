@@ -35,19 +35,28 @@ def test_demo_meets_every_step_and_cleans_up(consul: str) -> None:
     assert not Path(workdir.group(1)).exists()
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGINT, ignored when started"])
 def test_keep_running_stays_up_until_stopped_and_then_cleans_up(how: str) -> None:
+    """Ctrl-C or SIGTERM stops the demo and every process it started; SIGINT too when
+    it was started ignoring SIGINT (as a shell starts a background job: `demo &`)."""
+    import os
     import signal
     import time
 
     import httpx
 
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshagent", "demo", "--duration", "2", "--no-consul",
          "--keep-running"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: a failure below stops it all
+        preexec_fn=ignore_sigint if "ignored" in how else None,
     )
     lines: list[str] = []
+    out = ""
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 90
@@ -60,12 +69,12 @@ def test_keep_running_stays_up_until_stopped_and_then_cleans_up(how: str) -> Non
         assert front is not None, "".join(lines)
         answer = httpx.get(f"http://{front.group(1)}/orders/7", trust_env=False, timeout=10)
         assert answer.json()["version"] == "v2"  # the canary reached 100 %
-        proc.send_signal(getattr(signal, how))
+        proc.send_signal(getattr(signal, how.split(",")[0]))
         out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if proc.poll() is None:  # the demo did not stop: its processes must not outlive it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
     text = "".join(lines) + out
     assert proc.returncode == 130, text
     assert "stopping every process of the demo" in text
