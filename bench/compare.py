@@ -14,6 +14,8 @@ path in turn:
 
     keep-alive  wrk -t1 -c32, GET /small on kept-alive connections
     new conn    wrk -t1 -c16 with Connection: close: a new connection per request
+    paced conn  the same, each connection waiting 25 ms after each response: about
+                600 connections/s on every path, for latency at one load
     bulk        wrk -t1 -c1, GET /bulk (100 MiB bodies)
     memory      10,000 connections (fewer if RLIMIT_NOFILE is lower; smoke: 100),
                 each after one GET /small, held idle; RSS per connection per proxy
@@ -111,12 +113,17 @@ class Scenario:
     target: str  # URL path
     connections: int
     close: bool = False
+    delay_ms: int = 0  # between a response and the connection's next request
 
 
 KEEPALIVE = Scenario("keep-alive", "/small", 32)
 NEW_CONNECTION = Scenario("new conn", "/small", 16, close=True)
+# wrk keeps its connections busy whatever the rate, so a faster path works under more
+# load; with a think time each path is offered about the same rate (16 / 25 ms, less
+# its latency), below what the slowest peer sustains
+PACED_CONNECTION = Scenario("paced conn", "/small", 16, close=True, delay_ms=25)
 BULK = Scenario("bulk", "/bulk", 1)
-LOAD_SCENARIOS = (KEEPALIVE, NEW_CONNECTION, BULK)
+LOAD_SCENARIOS = (KEEPALIVE, NEW_CONNECTION, PACED_CONNECTION, BULK)
 MEMORY = "memory"
 
 
@@ -140,9 +147,12 @@ def run_load(
     """One run of wrk (or bench/loadgen.py) against 127.0.0.1:``port``."""
     url = f"http://127.0.0.1:{port}{scenario.target}"
     if "wrk" in tools.paths:
-        script = tmp / "report.lua"
+        script = tmp / f"report-{scenario.delay_ms}.lua"
         if not script.exists():
-            script.write_text(WRK_SCRIPT)
+            script.write_text(WRK_SCRIPT + (
+                f"delay = function() return {scenario.delay_ms} end\n"
+                if scenario.delay_ms else ""
+            ))
         args = [
             tools.paths["wrk"], "-t1", f"-c{scenario.connections}",
             f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
@@ -164,6 +174,8 @@ def run_load(
         ]
         if scenario.close:
             args.append("--close")
+        if scenario.delay_ms:
+            args += ["--delay-ms", str(scenario.delay_ms)]
         done = subprocess.run(
             args, capture_output=True, text=True, timeout=seconds + 60, check=False
         )
@@ -618,7 +630,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"keep-alive: {KEEPALIVE.connections} connections; new conn: "
-        f"{NEW_CONNECTION.connections} connections, Connection: close; bulk: "
+        f"{NEW_CONNECTION.connections} connections, Connection: close; paced conn: the "
+        f"same, {PACED_CONNECTION.delay_ms} ms after each response; bulk: "
         f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each, "
         f"{args.rounds} round{'s' if args.rounds > 1 else ''} (medians); memory: {hold_note}"
     )
@@ -710,8 +723,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 900, smoke 240)")
     parser.add_argument("--paths", default=",".join(PATH_NAMES),
                         help="comma-separated subset of: " + ", ".join(PATH_NAMES))
-    parser.add_argument("--scenarios", default="keep-alive,new conn,bulk,memory",
-                        help="comma-separated subset of: keep-alive, new conn, bulk, memory")
+    parser.add_argument("--scenarios", default="keep-alive,new conn,paced conn,bulk,memory",
+                        help="comma-separated subset of: keep-alive, new conn, paced conn, "
+                        "bulk, memory")
     parser.add_argument("--profile", choices=("l4", "http"),
                         help="instead of the comparison: py-spy on that meshagent pair under "
                         "the keep-alive load (see profile.py)")
@@ -743,7 +757,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if p not in PATH_NAMES:
             parser.error(f"--paths: unknown path {p!r}")
     for s in args.scenarios:
-        if s not in ("keep-alive", "new conn", "bulk", MEMORY):
+        if s not in (*(x.name for x in LOAD_SCENARIOS), MEMORY):
             parser.error(f"--scenarios: unknown scenario {s!r}")
     if not 0 < args.seconds <= 120:
         parser.error("--seconds must be in (0, 120]")

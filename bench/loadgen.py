@@ -2,11 +2,14 @@
 holder of its memory scenario (wrk cannot hold idle connections).
 
     python bench/loadgen.py run  --port P --path /small --connections 32 --seconds 10 [--close]
+                                 [--delay-ms D]
     python bench/loadgen.py hold --port P --path /small --connections 10000 --seconds 60
 
 ``run``: one thread, non-blocking sockets and ``selectors``; each connection sends
 ``GET <path>`` and reads the whole response (Content-Length; bodies are counted, not
-kept) before the next request: no pipelining, no think time. With ``--close`` every
+kept) before the next request: no pipelining, and no think time unless ``--delay-ms``
+(as wrk's ``delay()``: that long between a response and the connection's next
+request). With ``--close`` every
 request says ``Connection: close`` and goes on a new connection (the connect is part
 of its latency). Requests in flight when the time is up are allowed to finish. Prints
 one JSON line with the figures ``compare.py`` reads from wrk: requests, duration_us,
@@ -112,8 +115,11 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def run(port: int, path: str, connections: int, seconds: float, close: bool) -> int:
+def run(
+    port: int, path: str, connections: int, seconds: float, close: bool, delay: float = 0.0
+) -> int:
     request = request_bytes(path, close)
+    due = [0.0] * connections  # a paced slot's next request, once its think time is over
     sel = selectors.DefaultSelector()
     errors: Counter[str] = Counter()
     latencies: list[float] = []
@@ -162,6 +168,11 @@ def run(port: int, path: str, connections: int, seconds: float, close: bool) -> 
         start_request(n)
     while True:
         now = time.perf_counter()
+        for n, at in enumerate(due):
+            if at and now >= at:
+                due[n] = 0.0
+                if now < stop_at:
+                    start_request(n)
         busy = any(c is not None and c.sent_at for c in slots)
         if now >= stop_at and not busy:
             break
@@ -176,9 +187,10 @@ def run(port: int, path: str, connections: int, seconds: float, close: bool) -> 
             if give_up:
                 break
             for n, conn in enumerate(slots):
-                if conn is None and now < stop_at and now >= retry_at[n]:
+                if conn is None and not due[n] and now < stop_at and now >= retry_at[n]:
                     start_request(n)
-        for key, _events in sel.select(0.05):
+        wait = min([0.05, *(at - now for at in due if at)])
+        for key, _events in sel.select(max(0.0, wait)):
             n, conn = key.data
             try:
                 got = conn.sock.recv_into(buffer)
@@ -210,7 +222,9 @@ def run(port: int, path: str, connections: int, seconds: float, close: bool) -> 
             conn.reset()
             if again:
                 drop(n, conn, None)
-            if done < stop_at:
+            if delay and done < stop_at:
+                due[n] = done + delay
+            elif done < stop_at:
                 start_request(n)
     for conn in slots:
         if conn is not None:
@@ -298,10 +312,14 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--close", action="store_true")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="run: wait this long between a response and the next request")
     args = parser.parse_args()
     if args.mode == "hold":
         return hold(args.port, args.path, args.connections, args.seconds)
-    return run(args.port, args.path, args.connections, args.seconds, args.close)
+    return run(
+        args.port, args.path, args.connections, args.seconds, args.close, args.delay_ms / 1000
+    )
 
 
 if __name__ == "__main__":
