@@ -9,11 +9,10 @@ holder of its memory scenario (wrk cannot hold idle connections).
 ``GET <path>`` and reads the whole response (Content-Length; bodies are counted, not
 kept) before the next request: no pipelining, and no think time unless ``--delay-ms``
 (as wrk's ``delay()``: that long between a response and the connection's next
-request). With ``--close`` every
-request says ``Connection: close`` and goes on a new connection (the connect is part
-of its latency). Requests in flight when the time is up are allowed to finish. Prints
-one JSON line with the figures ``compare.py`` reads from wrk: requests, duration_us,
-bytes, p50_us, p99_us and errors by kind.
+request). With ``--close`` every request says ``Connection: close`` and goes on a new
+connection (the connect is part of its latency). Requests in flight when the time is
+up are allowed to finish. Prints one JSON line with the figures ``compare.py`` reads
+from wrk: requests, duration_us, bytes, p50_us, p99_us and errors by kind.
 
 ``hold``: opens ``--connections`` connections (at most 128 unanswered at a time), one
 ``GET <path>`` each, keeps each open once its response arrived, prints ``HELD <n>
