@@ -58,12 +58,14 @@ from common import (
     environment,
     fmt,
     raise_open_files_limit,
+    ratio,
     read_line,
     render_table,
     rounded,
     stop_all,
     stop_process,
     tail,
+    times,
     tree_cpu_seconds,
     tree_rss,
     work_in,
@@ -125,6 +127,7 @@ PACED_CONNECTION = Scenario("paced conn", "/small", 16, close=True, delay_ms=25)
 BULK = Scenario("bulk", "/bulk", 1)
 LOAD_SCENARIOS = (KEEPALIVE, NEW_CONNECTION, PACED_CONNECTION, BULK)
 MEMORY = "memory"
+SCENARIO_NAMES = (*(s.name for s in LOAD_SCENARIOS), MEMORY)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +346,7 @@ def _lat(us: float | None) -> str:
 
 def _xm(ratios: list[float]) -> str:
     """The median of per-round ratios."""
-    value = median(ratios)
-    return "-" if value is None else f"{fmt(value)}x"
+    return times(median(ratios))
 
 
 def median(values: list[float]) -> float | None:
@@ -368,9 +370,9 @@ def paired(
     ratios = []
     for m in sorted(mine, key=lambda m: m.round):
         t = by_round.get(m.round)
-        a, b = value(m), (value(t) if t is not None else None)
-        if a is not None and b:
-            ratios.append(a / b)
+        r = ratio(value(m), value(t) if t is not None else None)
+        if r is not None:
+            ratios.append(r)
     return ratios
 
 
@@ -723,9 +725,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 900, smoke 240)")
     parser.add_argument("--paths", default=",".join(PATH_NAMES),
                         help="comma-separated subset of: " + ", ".join(PATH_NAMES))
-    parser.add_argument("--scenarios", default="keep-alive,new conn,paced conn,bulk,memory",
-                        help="comma-separated subset of: keep-alive, new conn, paced conn, "
-                        "bulk, memory")
+    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES),
+                        help="comma-separated subset of: " + ", ".join(SCENARIO_NAMES))
     parser.add_argument("--profile", choices=("l4", "http"),
                         help="instead of the comparison: py-spy on that meshagent pair under "
                         "the keep-alive load (see profile.py)")
@@ -757,7 +758,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if p not in PATH_NAMES:
             parser.error(f"--paths: unknown path {p!r}")
     for s in args.scenarios:
-        if s not in (*(x.name for x in LOAD_SCENARIOS), MEMORY):
+        if s not in SCENARIO_NAMES:
             parser.error(f"--scenarios: unknown scenario {s!r}")
     if not 0 < args.seconds <= 120:
         parser.error("--seconds must be in (0, 120]")
