@@ -465,14 +465,15 @@ static long read_probe(BIO *b, int oper, const char *argp, size_t len, int argi,
     return ret;
 }
 
-/* The side's BIO gets its callback back (none: Python's _ssl sets none on socket
- * BIOs). Before the engine gives the SSL object back, or frees the side. */
 /* The side's SO_RCVLOWAT to `want` (1: the kernel's default), and s->lowat with it. */
 static void set_lowat(side_t *s, int want) {
     if (setsockopt(s->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0 || want == 1)
         s->lowat = want > 1 ? want : 0;
 }
 
+/* The side's mark goes back to 1 and its BIO gets its callback back (none: Python's
+ * _ssl sets none on socket BIOs). Before the engine gives the SSL object back, or frees
+ * the side. */
 static void side_release(side_t *s) {
     if (s->lowat > 1) set_lowat(s, 1);
     if (s->probed == NULL) return;
