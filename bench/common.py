@@ -470,4 +470,15 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "commit": commit(),
         "openssl": __import__("ssl").OPENSSL_VERSION,
+        "tcp_congestion_control": congestion_control(),
     }
+
+
+def congestion_control() -> str:
+    """The host's default TCP congestion control, which every path's sockets get: with
+    bbr each sender paces, a timer per segment even on loopback (docs/performance.md)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"

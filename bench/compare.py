@@ -620,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(
         f"{time.strftime('%Y-%m-%d')}, {env['cpus']} CPUs, python {env['python']}, "
-        f"{env['openssl']}, commit {env['commit']}"
+        f"{env['openssl']}, TCP {env['tcp_congestion_control']}, commit {env['commit']}"
     )
     print(
         "upstream: " + (upstream.kind if upstream else "none")

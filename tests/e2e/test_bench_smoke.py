@@ -47,3 +47,6 @@ def test_compare_benchmark_smoke_run() -> None:
             assert row, f"no {scenario} row for {path}:\n{done.stdout[-3000:]}"
             if path.startswith("meshagent") or path == "direct":
                 assert "not run" not in row[0], row[0]
+    # What every path's sockets ran with: bbr paces each segment, which moves costs.
+    header = next(line for line in lines if " CPUs, python " in line)
+    assert ", TCP " in header, header
