@@ -57,7 +57,7 @@ from meshagent.log import get_logger
 from meshagent.protocol.frames import DEFAULT_MAX_PAYLOAD, FrameError
 
 try:
-    from meshagent.dataplane import _pump  # type: ignore[attr-defined]
+    from meshagent.dataplane import _pump
 except ImportError:  # built without a C compiler: the Python pump serves
     _pump = None
 

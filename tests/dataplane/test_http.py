@@ -124,7 +124,7 @@ async def test_bodies_stream_both_ways(nursery: trio.Nursery, ca: MeshCa) -> Non
         big = b"z" * (8 * 1024 * 1024)
         assert (await http.post("/upload", content=big)).json()["received"] == len(big)
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             for _ in range(10):
                 yield b"c" * 100_000
 

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -115,7 +116,7 @@ async def start_pair(
     app_port: int,
     *,
     tls_class: type[TlsContexts] = TlsContexts,
-    **outbound_kw: object,
+    **outbound_kw: Any,
 ) -> Pair:
     ca = make_ca(tmp_path / "ca", MESH)
     inbound_port, outbound_port = free_port("127.0.0.2"), free_port()

@@ -397,7 +397,7 @@ async def test_an_outbound_relay_adds_ids_and_forwarded_for_then_renews(
     contexts: Contexts, pump: NativePump
 ) -> None:
     xff = b"X-Forwarded-For: 10.0.0.1\r\n"
-    outbound = {
+    outbound: dict[str, Any] = {
         "drop": (), "add": xff, "refuse": (b"x-forwarded-for", b"forwarded"), "gen_ids": True,
         "max_requests": 2,
     }

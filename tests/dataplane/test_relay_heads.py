@@ -32,7 +32,7 @@ from meshagent.protocol.http1 import (
 )
 
 try:
-    from meshagent.dataplane import _pump  # type: ignore[attr-defined]
+    from meshagent.dataplane import _pump
 except ImportError:  # the C pump is not built: nothing to compare
     _pump = None
 

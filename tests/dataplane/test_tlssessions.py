@@ -13,8 +13,7 @@ import trio
 
 from meshagent.dataplane import nativepump, tlssessions
 from meshagent.dataplane.tls import client_context, server_context, ticket_keys
-from tests.dataplane.test_sslsocket import tls_pair
-from tests.support.tls import Contexts
+from tests.support.tls import Contexts, tls_pair
 
 pytestmark = pytest.mark.skipif(
     nativepump.native_problem() is not None, reason=f"no C helpers: {nativepump.native_problem()}"

@@ -27,7 +27,10 @@ def source_strings() -> list[str]:
             if isinstance(node, ast.JoinedStr):
                 found.append(
                     "".join(
-                        v.value if isinstance(v, ast.Constant) else HOLE for v in node.values
+                        v.value
+                        if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                        else HOLE
+                        for v in node.values
                     )
                 )
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):

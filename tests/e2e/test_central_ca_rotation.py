@@ -13,6 +13,7 @@ the old CA is refused by the inbound."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -37,6 +38,11 @@ SPREAD_SECONDS = 3.0
 # Agents see the rotation at once (long poll), renew within the spread and report
 # within a heartbeat (1 s); the rest is slack for a loaded machine.
 MOVE_WITHIN_SECONDS = SPREAD_SECONDS + 12.0
+
+
+
+def _certificates_in(bundle: Path, count: int) -> bool:
+    return bundle.read_text().count("BEGIN CERTIFICATE") == count
 
 
 def cli(central: CentralProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -304,7 +310,7 @@ def test_ca_rotation_under_traffic(tmp_path: Path) -> None:
                 for config in (orders_config, web_config):
                     bundle = Path(config["state_dir"]) / "central" / "ca.pem"
                     eventually(
-                        lambda b=bundle: b.read_text().count("BEGIN CERTIFICATE") == 1,
+                        functools.partial(_certificates_in, bundle, 1),
                         within=10, what="the old CA leaves the trust bundle",
                     )
                 rounds_at_finish = traffic.rounds

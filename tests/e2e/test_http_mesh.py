@@ -5,6 +5,7 @@ off the monolith with a 90/10 canary. Clients are real (httpx)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -111,7 +112,7 @@ def test_a_256_mib_upload_streams_with_bounded_agent_memory(tmp_path: Path) -> N
             size = 256 * 1024 * 1024
             chunk = b"u" * (1 << 20)
 
-            def body():  # type: ignore[no-untyped-def]
+            def body() -> Iterator[bytes]:
                 for _ in range(size // len(chunk)):
                     yield chunk
 
