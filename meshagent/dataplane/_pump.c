@@ -758,13 +758,21 @@ static int lowat_expire(Engine *eng) {
  * chunk goes on in one write, not one per record (a quarter of the sends and of the
  * peer's wake-ups in bulk). An end of stream stops it and is read again by the next
  * read (OpenSSL says close_notify on every SSL_read after one); an error after some
- * bytes is kept in d->late, reported once those went on. -1 only when out of memory. */
-static int gather(dir_t *d, char *p, size_t room, size_t *got, error_t_ *err) {
+ * bytes is kept in d->late, reported once those went on. -1 only when out of memory
+ * or on bad framing.
+ *
+ * A framed source (payload != NULL: the payload the first record held, already at the
+ * front of p) has each record unframed as it comes, the next one read in after the
+ * payload so far, and stops at the END frame: the record after it is the caller's next
+ * stream (meshagent/2 sends OPEN once both directions ended), Python's to read. */
+static int gather(Engine *eng, dir_t *d, char *p, size_t room, size_t *got, size_t *payload,
+                  error_t_ *err) {
     side_t *s = d->src;
-    while (*got < room && (s->rd || p_SSL_has_pending(s->ssl))) {
+    size_t at = payload != NULL ? *payload : *got; /* where the next record goes */
+    while (at < room && !d->ended && (s->rd || p_SSL_has_pending(s->ssl))) {
         size_t more = 0;
         error_t_ failed = {0, ""};
-        int r = side_read(d, s, p + *got, room - *got, &more, &failed);
+        int r = side_read(d, s, p + at, room - at, &more, &failed);
         if (r == 0) break; /* blocked: d->wait_* says on what, as for any read */
         if (r < 0) {
             d->late = malloc(sizeof *d->late);
@@ -777,6 +785,14 @@ static int gather(dir_t *d, char *p, size_t room, size_t *got, error_t_ *err) {
         }
         if (more == 0) break; /* close_notify: the next read says it again */
         *got += more;
+        if (payload == NULL) {
+            at = *got;
+            continue;
+        }
+        Py_ssize_t n = unframe(d, p + at, more, eng->max_payload, err);
+        if (n < 0) return -1;
+        *payload += (size_t)n;
+        at = *payload;
     }
     return 1;
 }
@@ -832,9 +848,18 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         int r = side_read(d, d->src, base + HEADER, room, &got, err);
         if (r == 0 && d->wait_side == d->src) lowat_wait(eng, d);
         if (r <= 0) return r;
-        if (got > 0 && d->src->ssl != NULL && gather(d, base + HEADER, room, &got, err) < 0)
+        /* A framed source's payload (frames are taken record by record, see gather). */
+        size_t payload = 0;
+        int framed = d->src->kind == KIND_FRAMED;
+        if (got > 0 && framed) {
+            Py_ssize_t n = unframe(d, base + HEADER, got, eng->max_payload, err);
+            if (n < 0) return -1;
+            payload = (size_t)n;
+        }
+        if (got > 0 && d->src->ssl != NULL &&
+            gather(eng, d, base + HEADER, room, &got, framed ? &payload : NULL, err) < 0)
             return -1;
-        d->bulk = got == room; /* unless the write below blocks */
+        d->bulk = got >= room; /* unless the write below blocks (framed: headers too) */
         d->taken += got;
         if (got == 0 && d->limit != 0) {
             snprintf(err->text, sizeof err->text,
@@ -851,10 +876,8 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             continue;
         }
         if (d->src->ssl != NULL && c->notify_first) *first_read = 1;
-        if (d->src->kind == KIND_FRAMED) {
-            Py_ssize_t n = unframe(d, base + HEADER, got, eng->max_payload, err);
-            if (n < 0) return -1;
-            got = (size_t)n;
+        if (framed) {
+            got = payload;
             if (d->ended) d->eof_in = 1;
         }
         if (got == 0) continue;

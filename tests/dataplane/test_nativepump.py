@@ -27,8 +27,22 @@ from meshagent.dataplane.nativepump import (
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
-from meshagent.dataplane.tcp_proxy import FramedSide, PlainSide, RawTlsSide, Side, splice
-from meshagent.protocol.frames import END_FRAME, FrameDecoder, FrameError, encode_data
+from meshagent.dataplane.tcp_proxy import (
+    FramedSide,
+    PlainSide,
+    RawTlsSide,
+    Side,
+    receive_control,
+    splice,
+)
+from meshagent.protocol.frames import (
+    END_FRAME,
+    OPEN,
+    OPEN_FRAME,
+    FrameDecoder,
+    FrameError,
+    encode_data,
+)
 from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
@@ -90,7 +104,9 @@ class Outcome:
         self.done = trio.Event()
 
 
-async def _splice(outcome: Outcome, a: Side, b: Side, pump: NativePump, idle: float = 30) -> None:
+async def _splice(
+    outcome: Outcome, a: Side, b: Side, pump: NativePump | None, idle: float = 30
+) -> None:
     try:
         outcome.counts = await splice(a, b, idle_seconds=idle, pump=pump)
     except (trio.BrokenResourceError, FrameError) as exc:
@@ -381,6 +397,45 @@ async def test_records_that_came_with_their_end_go_on_whole(
                 assert await _read_frames(ln.agent) == (b"", True)
     assert outcome.error is None
     assert outcome.counts == (0, len(payload))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-pump", "python-pumps"])
+@pytest.mark.parametrize("app_first", [True, False], ids=["app-closes-first", "caller-first"])
+async def test_the_next_streams_open_after_an_end_is_left_for_python(
+    contexts: Contexts, pump: NativePump, app_first: bool, native: bool
+) -> None:
+    # meshagent/2: a caller sends OPEN for its next stream as soon as both directions of
+    # the last one ended. When the app closed first (an HTTP server answering
+    # `Connection: close`), the caller's END and that OPEN can wait in the socket
+    # together: the engine must stop at the END (the stream is over) and leave the OPEN,
+    # a record of its own, to Python's next receive_control; reading on would take it
+    # for bytes after END and fail the connection.
+    async with link(contexts) as ln:
+        if app_first:
+            await ln.app.send_all(b"answer")
+            await ln.app.send_eof()
+        await ln.agent.send_all(encode_data(b"question"))
+        await ln.agent.send_all(END_FRAME)
+        if app_first:
+            await ln.agent.send_all(OPEN_FRAME)  # the caller saw the answer's END first
+        outcome = Outcome()
+        mesh_side = FramedSide(ln.tls, keep=True)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    _splice, outcome, mesh_side, ln.plain, pump if native else None
+                )
+                assert await _read_all(ln.app) == b"question"
+                if not app_first:
+                    await ln.app.send_all(b"answer")
+                    await ln.app.send_eof()
+                assert await _read_frames(ln.agent) == (b"answer", True)
+                if not app_first:
+                    await ln.agent.send_all(OPEN_FRAME)
+            assert outcome.error is None, outcome.error
+            assert mesh_side.reusable
+            assert await receive_control(ln.tls, OPEN)
+    assert outcome.counts == (8, 6)
 
 
 async def test_bytes_before_an_eof_without_close_notify_still_go_on(
