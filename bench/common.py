@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import resource
 import selectors
 import signal
@@ -377,6 +378,24 @@ def agent_warnings(setup: Setup) -> dict[str, tuple[int, list[str]]]:
         )
         for a in setup.agents
     }
+
+
+_LOG_FIELD = re.compile(r'(event|error)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def log_summary(path: Path, top: int = 2) -> tuple[int, list[tuple[int, str]]]:
+    """An agent's log (the benchmarks run agents at ``warning``): how many lines, and
+    the ``top`` most frequent kinds (event and error), each with its count."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0, []
+    kinds: Counter[str] = Counter()
+    for line in lines:
+        fields = dict(_LOG_FIELD.findall(line))
+        kind = ": ".join(v.strip('"') for v in (fields.get("event"), fields.get("error")) if v)
+        kinds[kind or line[:120]] += 1
+    return len(lines), [(n, kind) for kind, n in kinds.most_common(top)]
 
 
 def print_agent_warnings(warnings: dict[str, tuple[int, list[str]]]) -> None:

@@ -57,6 +57,7 @@ from common import (
     SetupError,
     environment,
     fmt,
+    log_summary,
     raise_open_files_limit,
     ratio,
     read_line,
@@ -497,6 +498,22 @@ def _details_of(rounds: list[Measured], mine: dict[str, list[Measured]]) -> list
 # The run
 
 
+def agent_logs(paths: list[PathUnderTest]) -> list[str]:
+    """What the meshagent pairs' agents logged (at warning and above: the level the
+    benchmark runs them at), by kind: a path that logged errors under load has a bug
+    or a peer that misbehaved, whatever its figures say."""
+    lines = []
+    for path in paths:
+        for agent, log in path.logs.items():
+            count, kinds = log_summary(log)
+            what = "; ".join(f"{n:,}x {kind[:160]}" for n, kind in kinds)
+            lines.append(
+                f"  {'log':10} {path.name:14} {agent}: {count:,} line(s) at warning or above"
+                + (f", most: {what}" if what else "")
+            )
+    return lines
+
+
 @contextmanager
 def signals_as_exceptions(deadline: float) -> Iterator[None]:
     """SIGTERM becomes KeyboardInterrupt and the deadline (SIGALRM) DeadlineReached, so
@@ -582,6 +599,7 @@ def run(args: argparse.Namespace) -> int:
     tools = Tools()
     upstream: Upstream | None = None
     status = 0
+    logs: list[str] = []
     try:
         with signals_as_exceptions(args.deadline):
             tools = find_tools(args.install, tmp)
@@ -595,6 +613,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"upstream: {upstream.kind}; load generator: {loadgen}", flush=True)
             paths = start_paths(args, tools, tmp, upstream, nofile, stops)
             status = measure_all(args, tools, tmp, paths, results)
+            logs = agent_logs(paths)
     except DeadlineReached:
         print(f"deadline of {args.deadline:g} s reached: stopping; the table shows what "
               "was measured", file=sys.stderr, flush=True)
@@ -642,6 +661,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print()
     for line in details(results, scenarios):
+        print(line)
+    for line in logs:
         print(line)
     print()
     print(f"total run time {time.monotonic() - began:.0f} s")

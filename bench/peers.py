@@ -314,6 +314,7 @@ class PathUnderTest:
     control: dict[str, int] = field(default_factory=dict)
     not_run: str | None = None
     notes: list[str] = field(default_factory=list)
+    logs: dict[str, Path] = field(default_factory=dict)  # a meshagent pair's agent logs
 
 
 def start_meshagent_pair(
@@ -337,7 +338,8 @@ def start_meshagent_pair(
     start_agents(setup, {f"{prefix}-{k}": v for k, v in configs.items()})
     wait_get_small(outbound_port, name, [a.log_path for a in setup.agents], 10)
     pids = {a.name: a.pid for a in setup.agents}
-    return PathUnderTest(name, outbound_port, proxies=pids)
+    logs = {a.name: a.log_path for a in setup.agents}
+    return PathUnderTest(name, outbound_port, proxies=pids, logs=logs)
 
 
 def _pem_bundle(tls: dict[str, str], out: Path) -> Path:

@@ -66,3 +66,27 @@ def test_a_round_a_path_missed_is_left_out_of_its_ratios(compare: ModuleType) ->
         [0.5, 0.25]
     )
     assert compare.paired(mine, [], compare.Measured.cost) == []
+
+
+def test_agent_logs_are_counted_by_kind(compare: ModuleType, tmp_path: Path) -> None:
+    """Under the table, what each agent logged: a pair whose figures look fine while
+    its agents log errors has a bug (one was found this way)."""
+    log = tmp_path / "l4-orders.log"
+    reset = 'error="BrokenResourceError: socket connection broken: [Errno 104] reset"'
+    log.write_text(
+        'ts=1 level=error logger=inbound event="connection failed" error="data after END'
+        ' frame" conn=1\n' * 3
+        + f'ts=2 level=error logger=outbound event="connection failed" {reset} conn=2\n'
+        + 'ts=3 level=warning logger=agent event=renewed conn=3\n'
+    )
+    quiet = tmp_path / "l4-web.log"
+    quiet.write_text("")
+    path = compare.PathUnderTest(
+        "meshagent L4", 1, logs={"l4-orders": log, "l4-web": quiet, "gone": tmp_path / "x"}
+    )
+    lines = compare.agent_logs([path, compare.PathUnderTest("haproxy pair", 2)])
+    assert len(lines) == 3, lines
+    assert "l4-orders: 5 line(s) at warning or above, most: 3x connection failed: data after" \
+        " END frame; 1x connection failed: BrokenResourceError" in lines[0]
+    assert lines[1].endswith("l4-web: 0 line(s) at warning or above")
+    assert lines[2].endswith("gone: 0 line(s) at warning or above")

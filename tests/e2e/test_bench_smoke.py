@@ -50,3 +50,6 @@ def test_compare_benchmark_smoke_run() -> None:
     # What every path's sockets ran with: bbr paces each segment, which moves costs.
     header = next(line for line in lines if " CPUs, python " in line)
     assert ", TCP " in header, header
+    # What each agent logged, under the table (errors there mean a bug, whatever the figures).
+    for agent in ("l4-orders", "l4-web", "http-orders", "http-web"):
+        assert any(f" {agent}: " in line and "at warning or above" in line for line in lines), agent
