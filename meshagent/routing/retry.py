@@ -37,7 +37,8 @@ class RetryRule:
 
 def backoff_seconds(rule: RetryRule, retry: int, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(max, base * 2**(retry-1))] for the n-th retry."""
-    ceiling = min(rule.backoff_max_seconds, rule.backoff_base_seconds * 2.0 ** (retry - 1))
+    doublings = min(retry - 1, 64)  # past that the max holds anyway; 2.0 ** 1024 overflows
+    ceiling = min(rule.backoff_max_seconds, rule.backoff_base_seconds * 2.0 ** doublings)
     return rng.uniform(0, ceiling)
 
 

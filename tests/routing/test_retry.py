@@ -37,7 +37,7 @@ def test_budget_window_slides() -> None:
 def test_backoff_is_jittered_and_capped() -> None:
     rule = RetryRule(backoff_base_seconds=0.1, backoff_max_seconds=0.3)
     rng = random.Random(1)
-    for retry, ceiling in ((1, 0.1), (2, 0.2), (3, 0.3), (6, 0.3)):
+    for retry, ceiling in ((1, 0.1), (2, 0.2), (3, 0.3), (6, 0.3), (5000, 0.3)):  # no overflow
         samples = [backoff_seconds(rule, retry, rng) for _ in range(200)]
         assert all(0 <= s <= ceiling for s in samples)
         assert max(samples) > ceiling * 0.8  # really spread over the range

@@ -71,3 +71,15 @@ def test_round_robin_survives_a_shrinking_list() -> None:
     balancer = EndpointBalancer()
     picks(balancer, [A, B, C], 2)
     assert picks(balancer, [A], 3) == [1, 1, 1]
+
+
+def test_thousands_of_failures_stay_at_the_cap() -> None:
+    # A burst of handshake timeouts failed one endpoint 1,024 times in the benchmark:
+    # the next doubling was 2.0 ** 1024, an OverflowError for every later connection.
+    b = EndpointBalancer(base_ejection_seconds=1.0, max_ejection_seconds=30.0)
+    ejected_for = [b.report_failure(A, now=float(n)) - n for n in range(5000)]
+    assert ejected_for[:6] == [1, 2, 4, 8, 16, 30]
+    assert set(ejected_for[5:]) == {30.0}
+    assert b.is_ejected(A, now=5000.0)
+    b.report_success(A)
+    assert b.report_failure(A, now=0.0) == 1.0  # a success starts the doubling again
