@@ -599,6 +599,7 @@ def run(args: argparse.Namespace) -> int:
     tools = Tools()
     upstream: Upstream | None = None
     status = 0
+    paths: list[PathUnderTest] = []
     logs: list[str] = []
     try:
         with signals_as_exceptions(args.deadline):
@@ -613,7 +614,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"upstream: {upstream.kind}; load generator: {loadgen}", flush=True)
             paths = start_paths(args, tools, tmp, upstream, nofile, stops)
             status = measure_all(args, tools, tmp, paths, results)
-            logs = agent_logs(paths)
     except DeadlineReached:
         print(f"deadline of {args.deadline:g} s reached: stopping; the table shows what "
               "was measured", file=sys.stderr, flush=True)
@@ -628,6 +628,7 @@ def run(args: argparse.Namespace) -> int:
         status = 2
     finally:
         stop_all(stops)
+        logs = agent_logs(paths)  # also when the deadline or a signal cut the run short
         if args.keep:
             print(f"kept {tmp}")
         else:
