@@ -74,7 +74,13 @@ def _humanize(message: str) -> str:
             text = ours + text.removeprefix(theirs)
             if ours == "unknown key ":
                 text += " (check the spelling; every key is listed in examples/)"
-    return f"{key}: {text}" if key else text
+    return _one_line(f"{key}: {text}" if key else text)
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a key named "\\n" in a JSON body) escaped as Python writes
+    them, so an error stays one line in a log or an API answer."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 _PHRASES = (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshagent.config.agent import AgentConfig, initial_snapshot, load_agent_config, validate_agent
-from meshagent.config.load import ConfigError, load_toml
+from meshagent.config.load import ConfigError, convert, load_toml
 
 GOOD = """
 mesh = "shop"
@@ -219,3 +219,13 @@ def test_bad_central_configs_name_the_key(
     with pytest.raises(ConfigError) as info:
         load_agent_config(write(tmp_path, CENTRAL.replace(old, new, 1)))
     assert message in str(info.value)
+
+
+def test_a_key_with_control_characters_is_named_on_one_line() -> None:
+    # Found by the central API's fuzz test: a JSON body {"\n": null} was answered
+    # "unknown key `<newline>`", an error of two lines.
+    with pytest.raises(ConfigError) as caught:
+        convert({"\n\t": None}, AgentConfig, source="request body")
+    message = str(caught.value)
+    assert "\n" not in message and "\t" not in message
+    assert "unknown key `\\n\\t`" in message, message
