@@ -19,10 +19,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from meshagent.routing.retry import doubling
 from meshagent.snapshot.model import Endpoint
-
-# More doublings than any cap needs (2**64 times the base); past it the cap holds anyway.
-_MAX_DOUBLINGS = 64
 
 
 @dataclass(slots=True)
@@ -69,9 +67,7 @@ class EndpointBalancer:
         key = (endpoint.host, endpoint.port)
         ejection = self._ejections.get(key)
         failures = 1 if ejection is None else ejection.failures + 1
-        # The doubling stops at the cap; the exponent too (2.0 ** 1024 overflows a float,
-        # and an endpoint can fail a thousand times in a burst of handshakes).
-        until = now + min(self._cap, self._base * 2.0 ** min(failures - 1, _MAX_DOUBLINGS))
+        until = now + doubling(self._base, failures, self._cap)
         self._ejections[key] = _Ejection(failures, until)
         return until
 

@@ -35,11 +35,22 @@ class RetryRule:
         return not self.idempotent_only or method in IDEMPOTENT
 
 
+# More doublings than any cap needs (2**64 times the base); past it the cap holds anyway.
+_MAX_DOUBLINGS = 64
+
+
+def doubling(base: float, step: int, cap: float) -> float:
+    """``base * 2**(step-1)``, at most ``cap``: the n-th wait of an exponential backoff.
+    The exponent stops too (2.0 ** 1024 overflows a float, and an endpoint can fail a
+    thousand times in a burst of handshakes)."""
+    return min(cap, base * 2.0 ** min(step - 1, _MAX_DOUBLINGS))
+
+
 def backoff_seconds(rule: RetryRule, retry: int, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(max, base * 2**(retry-1))] for the n-th retry."""
-    doublings = min(retry - 1, 64)  # past that the max holds anyway; 2.0 ** 1024 overflows
-    ceiling = min(rule.backoff_max_seconds, rule.backoff_base_seconds * 2.0 ** doublings)
-    return rng.uniform(0, ceiling)
+    return rng.uniform(
+        0, doubling(rule.backoff_base_seconds, retry, rule.backoff_max_seconds)
+    )
 
 
 class RetryBudget:
