@@ -761,13 +761,18 @@ static int lowat_expire(Engine *eng) {
  * bytes is kept in d->late, reported once those went on. -1 only when out of memory
  * or on bad framing.
  *
- * A framed source (payload != NULL: the payload the first record held, already at the
- * front of p) has each record unframed as it comes, the next one read in after the
- * payload so far, and stops at the END frame: the record after it is the caller's next
+ * A framed source (payload != NULL) has each record unframed as it comes, the first
+ * one included (*payload: the payload so far, at the front of p), the next one read in
+ * after it, and stops at the END frame: the record after it is the caller's next
  * stream (meshagent/2 sends OPEN once both directions ended), Python's to read. */
 static int gather(Engine *eng, dir_t *d, char *p, size_t room, size_t *got, size_t *payload,
                   error_t_ *err) {
     side_t *s = d->src;
+    if (payload != NULL) {
+        Py_ssize_t n = unframe(d, p, *got, eng->max_payload, err);
+        if (n < 0) return -1;
+        *payload = (size_t)n;
+    }
     size_t at = payload != NULL ? *payload : *got; /* where the next record goes */
     while (at < room && !d->ended && (s->rd || p_SSL_has_pending(s->ssl))) {
         size_t more = 0;
@@ -851,11 +856,6 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         /* A framed source's payload (frames are taken record by record, see gather). */
         size_t payload = 0;
         int framed = d->src->kind == KIND_FRAMED;
-        if (got > 0 && framed) {
-            Py_ssize_t n = unframe(d, base + HEADER, got, eng->max_payload, err);
-            if (n < 0) return -1;
-            payload = (size_t)n;
-        }
         if (got > 0 && d->src->ssl != NULL &&
             gather(eng, d, base + HEADER, room, &got, framed ? &payload : NULL, err) < 0)
             return -1;
