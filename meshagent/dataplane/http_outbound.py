@@ -17,7 +17,7 @@ from meshagent.dataplane.errors import DataplaneError
 from meshagent.dataplane.http_proxy import Forward, Relay, RelaySession, Respond, serve_http
 from meshagent.dataplane.outbound import CONNECT_ATTEMPTS, connect_endpoint
 from meshagent.dataplane.plainsocket import PlainSocketStream
-from meshagent.dataplane.pool import ConnectionPool, Upstream
+from meshagent.dataplane.pool import ConnectionPool, PoolTimeout, Upstream
 from meshagent.log import get_logger
 from meshagent.protocol.headers import (
     FORWARDED,
@@ -98,8 +98,12 @@ class HttpOutbound:
     ) -> Upstream | DataplaneError:
         """A connection to ``endpoint`` from the pool, or why there is none; the
         balancer hears which (a failure ejects the endpoint for a while)."""
+        wait = self.ctx.source.current.connect_seconds(endpoint.service)
         try:
-            upstream, _ = await self.pool.acquire(endpoint)
+            upstream, _ = await self.pool.acquire(endpoint, wait_seconds=wait)
+        except PoolTimeout as exc:  # busy, not failed: the connects in progress tell
+            log.warning("endpoint busy", endpoint=endpoint.address, error=str(exc), **fields)
+            return exc
         except DataplaneError as exc:
             self.balancer.report_failure(endpoint, trio.current_time())
             log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)

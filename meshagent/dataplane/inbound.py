@@ -46,7 +46,7 @@ from meshagent.dataplane.http_proxy import (
     serve_http,
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream, open_tcp
-from meshagent.dataplane.pool import ConnectionPool, Upstream
+from meshagent.dataplane.pool import ConnectionPool, PoolTimeout, Upstream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import (
     FramedSide,
@@ -110,6 +110,12 @@ class AppPool:
         seconds = self.ctx.source.current.timeouts.connect_seconds
         return PlainSocketStream.wrap(await _connect_app(self.listener, seconds))
 
+    async def acquire(self) -> tuple[Upstream, bool]:
+        """A connection to the app, waiting at most the connect timeout for one when
+        the pool's connect slots are all taken. Raises DataplaneError."""
+        wait = self.ctx.source.current.timeouts.connect_seconds
+        return await self.pool.acquire("app", wait_seconds=wait)
+
     def releaser(self, upstream: Upstream) -> Release:
         """What gives ``upstream`` back after a request: to the pool, or closed."""
 
@@ -142,7 +148,9 @@ async def _serve_app_http(
         if request_id is not None:
             labels["request_id"] = request_id.decode("latin-1")
         try:
-            upstream, _ = await app.pool.acquire("app")
+            upstream, _ = await app.acquire()
+        except PoolTimeout as exc:  # the app is slow to accept: busy, not broken
+            return Respond(503, f"{listener.service}: {exc}", labels)
         except DataplaneError as exc:
             return Respond(502, f"{listener.service}: {exc}", labels)
         return Forward(
@@ -158,7 +166,7 @@ async def _serve_app_http(
 
     async def start(current: RelaySession | None) -> RelaySession | None:
         try:
-            upstream, _ = await app.pool.acquire("app")
+            upstream, _ = await app.acquire()
         except DataplaneError:
             return None  # decide answers the request with why
         return RelaySession(upstream, app.releaser(upstream), base_labels(), add)

@@ -12,6 +12,16 @@ timed the connection out while it sat in the pool.
 nursery) closes the expired and stale ones of every key, including keys nobody asks
 for any more (an endpoint gone from the catalog, a client context replaced by a
 certificate renewal): without it they would hold their descriptors until evicted.
+
+Connects are bounded too: at most ``max_connecting_per_key`` at once per endpoint. A
+burst of first requests (ten thousand clients that each send one) would otherwise start
+a TCP connect and TLS handshake for every request at once; the called side then shares
+its CPU among all of them, every handshake takes as long as all of them together, and
+most time out. Past the bound a request waits, in arrival order, for whichever comes
+first: a connection another request gives back (handed over directly, never idling in
+between) or a connect slot another connect frees; it waits at most ``wait_seconds``
+(``PoolTimeout``). The endpoint then handshakes at the pace it can bear, not all at
+once, and connections that requests give back early serve the requests still in line.
 """
 
 from __future__ import annotations
@@ -22,11 +32,16 @@ from dataclasses import dataclass
 
 import trio
 
+from meshagent.dataplane.errors import UpstreamTimeout
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream, is_fd_readable
 
 Upstream = SslSocketStream | PlainSocketStream
 SWEEP_SECONDS = 5.0
+# Connects at once per key. Enough to keep a TLS handshake in flight on each core of the
+# called side, with the round trips of the others overlapping; few enough that a burst
+# does not drown it (see the module's docstring).
+MAX_CONNECTING_PER_KEY = 64
 
 
 def is_stale(stream: Upstream) -> bool:
@@ -40,10 +55,25 @@ def is_stale(stream: Upstream) -> bool:
         return True
 
 
+class PoolTimeout(UpstreamTimeout):
+    """A request waited its deadline for a connection while the endpoint's connect slots
+    were all taken. Not the endpoint's failure: the connects in progress report theirs."""
+
+
 @dataclass(slots=True)
 class _Idle:
     stream: Upstream
     since: float
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A request waiting for a connection or a connect slot. ``woken`` is set when one
+    is handed over: ``stream`` then holds the connection, or None for a slot (counted
+    in the key's connects already, on the waiter's behalf)."""
+
+    woken: trio.Event
+    stream: Upstream | None = None
 
 
 class ConnectionPool:
@@ -59,29 +89,107 @@ class ConnectionPool:
         max_idle_per_key: int = 256,
         max_idle: int = 2048,
         idle_seconds: float = 60.0,
+        max_connecting_per_key: int = MAX_CONNECTING_PER_KEY,
     ) -> None:
         self._connect = connect
         self._max_per_key = max_idle_per_key
         self._max_idle = max_idle
         self._idle_seconds = idle_seconds
+        self._max_connecting = max_connecting_per_key
         self._idle: OrderedDict[Hashable, deque[_Idle]] = OrderedDict()
         self._count = 0
+        self._connecting: dict[Hashable, int] = {}
+        # Per key, in arrival order; a dict so that a waiter that gives up leaves in O(1).
+        self._waiters: dict[Hashable, dict[_Waiter, None]] = {}
         self._closing = False
         self.reused = 0
         self.opened = 0
 
-    async def acquire(self, key: Hashable) -> tuple[Upstream, bool]:
+    async def acquire(self, key: Hashable, *, wait_seconds: float) -> tuple[Upstream, bool]:
         """A connection to ``key`` and whether it was reused. A cancel point.
 
-        Raises whatever ``connect`` raises.
+        ``wait_seconds``: how long to wait, when the key's connect slots are all taken,
+        for a connection given back or a slot (then ``PoolTimeout``); the connect itself
+        keeps its own deadlines. Raises whatever ``connect`` raises, or ``PoolTimeout``.
         """
         stream = await self.take(key)
         if stream is not None:
             return stream, True
         assert self._connect is not None, "a pool without connect only lends (take)"
-        stream = await self._connect(key)
+        if self._connecting.get(key, 0) >= self._max_connecting:
+            stream = await self._wait(key, wait_seconds)
+            if stream is not None:
+                return stream, True
+        else:
+            self._connecting[key] = self._connecting.get(key, 0) + 1
+        try:  # the slot is ours: taken just now, or handed over by _wait
+            stream = await self._connect(key)
+        finally:
+            self._free_slot(key)
         self.opened += 1
         return stream, False
+
+    def connecting(self, key: Hashable) -> int:
+        """Connects to ``key`` in progress (or handed over to a waiter about to start)."""
+        return self._connecting.get(key, 0)
+
+    def waiting(self, key: Hashable) -> int:
+        """Requests waiting for a connection to ``key``."""
+        return len(self._waiters.get(key, ()))
+
+    async def _wait(self, key: Hashable, seconds: float) -> Upstream | None:
+        """Wait in line for a connection (returned) or a connect slot (None)."""
+        waiter = _Waiter(trio.Event())
+        line = self._waiters.setdefault(key, {})
+        line[waiter] = None
+        try:
+            with trio.move_on_after(seconds):
+                await waiter.woken.wait()
+        except BaseException:  # cancelled: what was handed over goes to the next in line
+            if waiter.woken.is_set():
+                await self._pass_on(key, waiter)
+            raise
+        finally:
+            line.pop(waiter, None)
+            if not line and self._waiters.get(key) is line:
+                del self._waiters[key]
+        if not waiter.woken.is_set():
+            raise PoolTimeout(
+                f"no connection within {seconds:g}s: "
+                f"{self._connecting.get(key, 0)} connects already in progress"
+            )
+        if waiter.stream is not None:
+            self.reused += 1
+        return waiter.stream
+
+    async def _pass_on(self, key: Hashable, waiter: _Waiter) -> None:
+        if waiter.stream is None:
+            self._free_slot(key)
+        else:
+            await self.release(key, waiter.stream)
+
+    def _next_waiter(self, key: Hashable) -> _Waiter | None:
+        """Take the first in line for ``key`` out of the line."""
+        line = self._waiters.get(key)
+        if not line:
+            return None
+        waiter = next(iter(line))
+        del line[waiter]
+        if not line:
+            del self._waiters[key]
+        return waiter
+
+    def _free_slot(self, key: Hashable) -> None:
+        """A connect to ``key`` ended: its slot goes to the first in line, if any."""
+        waiter = self._next_waiter(key)
+        if waiter is not None:
+            waiter.woken.set()  # the slot stays counted, now on the waiter's behalf
+            return
+        left = self._connecting[key] - 1
+        if left:
+            self._connecting[key] = left
+        else:
+            del self._connecting[key]
 
     async def take(self, key: Hashable) -> Upstream | None:
         """An idle connection to ``key`` that still looks usable, or None. A cancel point
@@ -98,10 +206,15 @@ class ConnectionPool:
         return None
 
     async def release(self, key: Hashable, stream: Upstream) -> None:
-        """Keep ``stream`` for reuse, or close it when the pool is full or closing. A
-        cancel point."""
+        """Hand ``stream`` to the first request waiting for one, else keep it for reuse,
+        or close it when the pool is full or closing. A cancel point."""
         if self._closing:
             await trio.aclose_forcefully(stream)
+            return
+        waiter = self._next_waiter(key)
+        if waiter is not None:
+            waiter.stream = stream
+            waiter.woken.set()
             return
         idle = self._idle.setdefault(key, deque())
         self._idle.move_to_end(key)

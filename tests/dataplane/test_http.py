@@ -20,6 +20,7 @@ from meshagent import log
 from meshagent.dataplane import http_outbound
 from meshagent.dataplane.connection import HttpStats
 from meshagent.dataplane.nativepump import ENV_SWITCH
+from meshagent.dataplane.pool import MAX_CONNECTING_PER_KEY
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.snapshot.model import (
@@ -64,11 +65,11 @@ async def start_app_agent(
 async def start_web(
     nursery: trio.Nursery, ca: MeshCa, endpoints: list[Endpoint], routes: OutboundRoutes | None = None,
     service: str = "orders", policies: dict[str, RequestPolicy] | None = None,
-    max_connections: int = 10_000,
+    max_connections: int = 10_000, timeouts: Timeouts = TIMEOUTS,
 ) -> tuple[int, DataplaneHandle]:
     port = free_port()
     snapshot = Snapshot(
-        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        version=1, mesh=MESH, timeouts=timeouts,
         outbounds=(OutboundListener(name="outbound:http", service=service, source="web",
                                     bind="127.0.0.1", port=port, protocol="http",
                                     max_connections=max_connections),),
@@ -649,3 +650,44 @@ async def test_a_listener_at_its_limit_closes_an_idle_keep_alive_connection_for_
             # the first, idle the longest, was closed; its client reconnects by itself
             assert (await first.get("/d")).status_code == 200
     assert web.context.counters.accepted == 4
+
+
+async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_endpoint(
+    nursery: trio.Nursery, ca: MeshCa
+) -> None:
+    """An endpoint that accepts and never handshakes: 70 requests at once start 64
+    connects; the other 6 wait in line for their connect timeout, then get 503."""
+    assert MAX_CONNECTING_PER_KEY == 64
+    accepted = 0
+
+    async def silent(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await trio.sleep_forever()
+
+    silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
+    web_port, _ = await start_web(
+        nursery, ca, [ep(silent_port)],
+        timeouts=Timeouts(connect_seconds=0.5, handshake_seconds=60),
+    )
+    answers: list[httpx.Response] = []
+    limits = httpx.Limits(max_connections=70)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=30, limits=limits
+    ) as http, trio.open_nursery() as requests:
+
+        async def get(n: int) -> None:
+            answers.append(await http.get(f"/{n}"))
+
+        for n in range(70):
+            requests.start_soon(get, n)
+        with trio.fail_after(20):
+            while len(answers) < 6:
+                await trio.sleep(0.05)
+        requests.cancel_scope.cancel()  # the 64 would wait out their handshake timeout
+    assert len(answers) == 6 and accepted == 64
+    assert {r.status_code for r in answers} == {503}
+    assert {r.text.rstrip() for r in answers} == {
+        "orders: 1 endpoint(s) failed, last: no connection within 0.5s: "
+        "64 connects already in progress"
+    }

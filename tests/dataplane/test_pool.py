@@ -3,13 +3,14 @@ expiry, stale connections, bounds, and the sweep that closes what nobody takes."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Hashable
 
 import pytest
 import trio
 
+from meshagent.dataplane.errors import DataplaneError, UpstreamConnectError, UpstreamTimeout
 from meshagent.dataplane.plainsocket import PlainSocketStream
-from meshagent.dataplane.pool import ConnectionPool, sweep_forever
+from meshagent.dataplane.pool import ConnectionPool, PoolTimeout, Upstream, sweep_forever
 from tests.support.tls import tcp_pair
 
 
@@ -93,3 +94,146 @@ async def test_the_sweeper_runs_until_cancelled(peers: Peers) -> None:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     assert closed(stream) and pool.idle_count() == 0
+
+
+
+class Gate:
+    """A connect that waits until the test lets it finish or fail (``finish``), so that
+    the test sees connects in progress."""
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+        self.go: list[trio.Event] = []
+        self.failing: set[int] = set()
+
+    async def connect(self, key: Hashable) -> Upstream:
+        n = len(self.go)
+        self.go.append(trio.Event())
+        await self.go[n].wait()
+        if n in self.failing:
+            raise UpstreamConnectError(f"connect {key}: refused")
+        return await self.peers.new()
+
+    def finish(self, n: int, *, fail: bool = False) -> None:
+        if fail:
+            self.failing.add(n)
+        self.go[n].set()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(5):
+        while not condition():
+            await trio.lowlevel.checkpoint()
+
+
+class Requests:
+    """Requests for a connection to key "a", each in its own task: what each got."""
+
+    def __init__(self, pool: ConnectionPool, nursery: trio.Nursery) -> None:
+        self.pool = pool
+        self.nursery = nursery
+        self.got: dict[int, tuple[Upstream, bool] | DataplaneError] = {}
+
+    async def start(self, n: int, wait_seconds: float = 10) -> None:
+        """Request ``n``; returns once it is connecting or waiting in line."""
+        before = self.pool.connecting("a") + self.pool.waiting("a")
+        self.nursery.start_soon(self._request, n, wait_seconds)
+        await until(lambda: self.pool.connecting("a") + self.pool.waiting("a") > before)
+
+    async def _request(self, n: int, wait_seconds: float) -> None:
+        try:
+            self.got[n] = await self.pool.acquire("a", wait_seconds=wait_seconds)
+        except DataplaneError as exc:
+            self.got[n] = exc
+
+    def stream(self, n: int) -> Upstream:
+        got = self.got[n]
+        assert isinstance(got, tuple)
+        return got[0]
+
+
+async def test_connects_past_the_bound_wait_in_line_for_a_connection_or_a_slot(
+    peers: Peers,
+) -> None:
+    gate = Gate(peers)
+    pool = ConnectionPool(gate.connect, max_connecting_per_key=2)
+    async with trio.open_nursery() as nursery:
+        requests = Requests(pool, nursery)
+        for n in range(5):
+            await requests.start(n)
+        assert pool.connecting("a") == 2 and pool.waiting("a") == 3
+        assert len(gate.go) == 2  # requests 2, 3 and 4 started no connect
+        gate.finish(0)
+        await until(lambda: 0 in requests.got and len(gate.go) == 3)
+        assert requests.got[0] == (requests.stream(0), False)
+        # request 0's slot went to request 2, the first in line
+        assert pool.connecting("a") == 2 and pool.waiting("a") == 2
+        await pool.release("a", requests.stream(0))  # handed to request 3, never idle
+        await until(lambda: 3 in requests.got)
+        assert requests.got[3] == (requests.stream(0), True) and pool.idle_count() == 0
+        gate.finish(1, fail=True)  # a failed connect frees its slot too: for request 4
+        await until(lambda: len(gate.go) == 4)
+        gate.finish(2)
+        gate.finish(3)
+    assert isinstance(requests.got[1], UpstreamConnectError)
+    assert requests.got[2] == (requests.stream(2), False)
+    assert requests.got[4] == (requests.stream(4), False)
+    assert pool.connecting("a") == 0 and pool.waiting("a") == 0
+    assert pool.opened == 3 and pool.reused == 1
+
+
+async def test_a_request_waits_its_deadline_then_leaves_the_line(peers: Peers) -> None:
+    gate = Gate(peers)
+    pool = ConnectionPool(gate.connect, max_connecting_per_key=1)
+    async with trio.open_nursery() as nursery:
+        requests = Requests(pool, nursery)
+        await requests.start(0)
+        await requests.start(1, wait_seconds=0.05)
+        await requests.start(2)
+        await until(lambda: 1 in requests.got)
+        got = requests.got[1]
+        assert isinstance(got, PoolTimeout) and isinstance(got, UpstreamTimeout)
+        assert str(got) == "no connection within 0.05s: 1 connects already in progress"
+        assert pool.connecting("a") == 1 and pool.waiting("a") == 1  # request 2 waits on
+        gate.finish(0)
+        await until(lambda: len(gate.go) == 2)
+        gate.finish(1)
+    assert len(requests.got) == 3 and pool.waiting("a") == 0 and pool.connecting("a") == 0
+
+
+async def test_a_cancelled_request_passes_on_what_it_was_handed(peers: Peers) -> None:
+    gate = Gate(peers)
+    pool = ConnectionPool(gate.connect, max_connecting_per_key=1)
+    spare = await peers.new()
+    async with trio.open_nursery() as nursery:
+        requests = Requests(pool, nursery)
+        await requests.start(0)
+        doomed = trio.CancelScope()
+
+        async def cancelled_in_line() -> None:
+            with doomed:
+                await pool.acquire("a", wait_seconds=10)
+                raise AssertionError("cancelled before it resumed")
+
+        nursery.start_soon(cancelled_in_line)
+        await until(lambda: pool.waiting("a") == 1)
+        await requests.start(1)
+        # Cancelled, then handed a connection before it runs again (release hands over
+        # without a checkpoint): the connection goes on to the next in line.
+        doomed.cancel()
+        await pool.release("a", spare)
+        await until(lambda: 1 in requests.got)
+        assert requests.got[1] == (spare, True) and pool.idle_count() == 0
+        # The same with a slot: whichever runs first, the slot is not lost.
+        doomed = trio.CancelScope()
+        nursery.start_soon(cancelled_in_line)
+        await until(lambda: pool.waiting("a") == 1)
+        await requests.start(2)
+        assert pool.waiting("a") == 2
+        doomed.cancel()
+        gate.finish(0)
+        await until(lambda: len(gate.go) == 2)
+        gate.finish(1)
+        await until(lambda: 2 in requests.got)
+    assert requests.got[2] == (requests.stream(2), False)
+    assert len(gate.go) == 2 and pool.connecting("a") == 0 and pool.waiting("a") == 0
