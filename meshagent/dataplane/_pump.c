@@ -109,6 +109,8 @@ enum { DONE_OK = 0, DONE_IDLE = 1, DONE_ERROR = 2, FIRST_READ = 3 };
 /* add() flags: a copy that stops when b speaks; a splice that ends with either way */
 enum { FLAG_UNTIL_REPLY = 1, FLAG_EITHER_END = 2 };
 enum { ERR_IO = 0, ERR_FRAME = 1 };
+/* added to a reported error kind: the end that failed (neither: the engine itself) */
+enum { ERR_AT_A = 16, ERR_AT_B = 32 };
 
 /* ---- OpenSSL, from the copy the _ssl module loaded -------------------------------- */
 
@@ -382,18 +384,22 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Why a connection failed, for its log line: ERR_IO or ERR_FRAME, and a message. */
+/* Why a connection failed, for its log line: ERR_IO or ERR_FRAME, and a message; at:
+ * the end whose socket, TLS or framing failed (NULL: the engine, out of memory). */
 typedef struct late_error {
     int kind;
     char text[240];
+    side_t *at;
 } error_t_;
 
+/* The text is strerror's, lower case ("connection reset by peer"), as Python's pumps
+ * say it (errors.describe_failure). */
 static void io_error(error_t_ *err, int code) {
     char buf[128];
     const char *text = strerror_r(code, buf, sizeof buf); /* GNU: thread-safe */
     err->kind = ERR_IO;
-    snprintf(err->text, sizeof err->text, "socket connection broken: [Errno %d] %s", code,
-             text);
+    snprintf(err->text, sizeof err->text, "%s", text);
+    err->text[0] = (char)tolower((unsigned char)err->text[0]);
 }
 
 static void frame_error(error_t_ *err, const char *text) {
@@ -412,10 +418,13 @@ static void ssl_error(error_t_ *err, SSL *ssl, int ret, int saved_errno) {
             snprintf(err->text, sizeof err->text, "the peer closed without close_notify");
         else
             snprintf(err->text, sizeof err->text, "TLS error: %s", text);
-    } else if (code == SSL_ERROR_SYSCALL && saved_errno != 0) {
+    } else if ((code == SSL_ERROR_SYSCALL || code == SSL_ERROR_ZERO_RETURN) &&
+               saved_errno != 0) {
         io_error(err, saved_errno);
     } else if (code == SSL_ERROR_SYSCALL) {
         snprintf(err->text, sizeof err->text, "the peer closed without close_notify");
+    } else if (code == SSL_ERROR_ZERO_RETURN) { /* a write after the peer's close_notify */
+        snprintf(err->text, sizeof err->text, "the peer closed (after its close_notify)");
     } else {
         snprintf(err->text, sizeof err->text, "TLS error (SSL_get_error %d)", code);
     }
@@ -434,6 +443,7 @@ static int block(dir_t *d, side_t *s, int in) {
 static int plain_failed(dir_t *d, side_t *s, int in, error_t_ *err) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return block(d, s, in);
     io_error(err, errno);
+    err->at = s;
     return -1;
 }
 
@@ -446,6 +456,7 @@ static int ssl_failed(dir_t *d, side_t *s, int ret, int code, int saved_errno,
         return block(d, s, code == SSL_ERROR_WANT_READ);
     }
     ssl_error(err, s->ssl, ret, saved_errno);
+    err->at = s;
     return -1;
 }
 
@@ -594,9 +605,18 @@ static int flush(dir_t *d, const char *p, size_t n, error_t_ *err) {
     return 1;
 }
 
+static Py_ssize_t unframe_(dir_t *d, char *p, size_t n, size_t max_payload, error_t_ *err);
+
 /* Decode frames in place: p[0:n] holds TLS plaintext; payload bytes are moved to the
- * front. Returns the payload length, or -1 (err set). Sets d->ended on END. */
+ * front. Returns the payload length, or -1 (err set, at the source). Sets d->ended on
+ * END. */
 static Py_ssize_t unframe(dir_t *d, char *p, size_t n, size_t max_payload, error_t_ *err) {
+    Py_ssize_t out = unframe_(d, p, n, max_payload, err);
+    if (out < 0) err->at = d->src;
+    return out;
+}
+
+static Py_ssize_t unframe_(dir_t *d, char *p, size_t n, size_t max_payload, error_t_ *err) {
     size_t i = 0, out = 0;
     while (i < n) {
         if (d->ended) {
@@ -649,6 +669,7 @@ static int send_eof(dir_t *d, error_t_ *err) {
     if (dst->kind == KIND_PLAIN) {
         if (shutdown(dst->fd, SHUT_WR) != 0 && errno != ENOTCONN) {
             io_error(err, errno);
+            err->at = dst;
             return -1;
         }
         return 1;
@@ -776,7 +797,7 @@ static int gather(Engine *eng, dir_t *d, char *p, size_t room, size_t *got, size
     size_t at = payload != NULL ? *payload : *got; /* where the next record goes */
     while (at < room && !d->ended && (s->rd || p_SSL_has_pending(s->ssl))) {
         size_t more = 0;
-        error_t_ failed = {0, ""};
+        error_t_ failed = {0, "", NULL};
         int r = side_read(d, s, p + at, room - at, &more, &failed);
         if (r == 0) break; /* blocked: d->wait_* says on what, as for any read */
         if (r < 0) {
@@ -865,11 +886,13 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
             snprintf(err->text, sizeof err->text,
                      "the peer closed after %llu of %llu bytes", d->taken, d->limit);
             err->kind = ERR_IO;
+            err->at = d->src;
             return -1;
         }
         if (got == 0) { /* end of stream: a FIN, or a TLS close_notify */
             if (d->src->kind == KIND_FRAMED && (d->hdr_have > 0 || d->payload_left > 0)) {
                 frame_error(err, "connection closed inside a frame");
+                err->at = d->src;
                 return -1;
             }
             d->eof_in = 1;
@@ -959,7 +982,8 @@ static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
     c->finished = 1;
     c->status = status;
     if (err != NULL) {
-        c->error_kind = err->kind;
+        int at = err->at == &c->a ? ERR_AT_A : err->at == &c->b ? ERR_AT_B : 0;
+        c->error_kind = err->kind | at;
         c->error = strdup(err->text); /* NULL when out of memory: reported without text */
     }
     queue_done(eng, c);
@@ -1786,7 +1810,7 @@ static int relay_body(Engine *eng, conn_t *c, error_t_ *err) {
     int p = d->done ? 0 : pump(eng, c, d, &first, err);
     r->bytes_out += d->taken - before;
     if (p < 0 && strncmp(err->text, "the peer closed after", 21) == 0)
-        snprintf(err->text, sizeof err->text, "the upstream closed after %llu of %llu body bytes",
+        snprintf(err->text, sizeof err->text, "closed after %llu of %llu body bytes",
                  r->bytes_out, r->body_total);
     if (p < 0) return relay_fail(eng, c, err);
     if (d->done) return relay_done(eng, c);
@@ -1794,7 +1818,7 @@ static int relay_body(Engine *eng, conn_t *c, error_t_ *err) {
 }
 
 static void relay_step(Engine *eng, conn_t *c) {
-    error_t_ err = {0, ""};
+    error_t_ err = {0, "", NULL};
     for (int budget = BUDGET; budget > 0; budget--) {
         int res;
         switch (c->relay->state) {
@@ -1895,7 +1919,7 @@ static void step(Engine *eng, conn_t *c) {
         relay_step(eng, c);
         return;
     }
-    error_t_ err = {0, ""};
+    error_t_ err = {0, "", NULL};
     int more = 0, first = 0;
     /* A copy whose destination spoke ends now, unless a write is half done (it ends
      * once that went: pump() checks again after every write). */
@@ -3137,6 +3161,8 @@ PyMODINIT_FUNC PyInit__pump(void) {
     PyModule_AddIntConstant(m, "FIRST_READ", FIRST_READ);
     PyModule_AddIntConstant(m, "ERROR_IO", ERR_IO);
     PyModule_AddIntConstant(m, "ERROR_FRAME", ERR_FRAME);
+    PyModule_AddIntConstant(m, "ERROR_AT_A", ERR_AT_A);
+    PyModule_AddIntConstant(m, "ERROR_AT_B", ERR_AT_B);
     PyModule_AddIntConstant(m, "CHUNK", CHUNK);
     PyModule_AddIntConstant(m, "BIG_CHUNK", BIG_CHUNK);
     PyModule_AddIntConstant(m, "RELAY_CLOSED", RELAY_CLOSED);

@@ -13,6 +13,7 @@ from typing import Protocol
 import trio
 
 from meshagent.dataplane.errors import (
+    ConnectionBroken,
     DataplaneError,
     HandshakeError,
     NoEndpoints,
@@ -20,6 +21,7 @@ from meshagent.dataplane.errors import (
     Unauthorized,
     UpstreamConnectError,
     UpstreamTimeout,
+    describe_failure,
 )
 from meshagent.dataplane.nativepump import NativePump
 from meshagent.dataplane.tls import TlsContexts
@@ -46,7 +48,8 @@ class ConnectionCounters:
     # skip the mesh. A mesh can go strict once this stops growing.
     plaintext: int = 0
     # Failed connections by reason: handshake, unauthorized, upstream-connect,
-    # upstream-timeout, no-endpoints, protocol, error (anything unexpected).
+    # upstream-timeout, no-endpoints, protocol, downstream-broken, upstream-broken (an
+    # end failed while bytes moved), error (anything unexpected).
     failures: dict[str, int] = field(default_factory=dict)
     # Failed TLS handshakes by why (errors.HANDSHAKE_REASONS): no-certificate, unknown-ca,
     # expired, not-tls, ...
@@ -231,13 +234,7 @@ def describe(exc: BaseException) -> str:
     """One short line for a connection failure, flattening exception groups."""
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(describe(e) for e in exc.exceptions)
-    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
-        return describe(exc.__cause__)
-    if isinstance(exc, (DataplaneError, FrameError)):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return describe_failure(exc)
 
 
 @contextmanager
@@ -264,8 +261,13 @@ def connection_boundary(
         if reason == "handshake":
             tls = _tls_reason(group)
             counters.tls_failures[tls] = counters.tls_failures.get(tls, 0) + 1
-        ours = all(isinstance(e, DataplaneError) for e in _leaves(group))
-        level = log.warning if ours else log.error
+        leaves = list(_leaves(group))
+        if all(_client_gone(e) for e in leaves):
+            level = log.info  # a client that reset or vanished: its own business
+        elif all(isinstance(e, DataplaneError) for e in leaves):
+            level = log.warning
+        else:
+            level = log.error  # not one of ours: a bug to report
         level("connection failed", error=describe(group), listener=listener, **fields)
     finally:
         counters.active -= 1
@@ -282,9 +284,22 @@ _REASONS: dict[type[BaseException], str] = {
 }
 
 
+def _client_gone(exc: BaseException) -> bool:
+    """The downstream end's socket or TLS failed (not its framing: a broken peer agent)."""
+    return (
+        isinstance(exc, ConnectionBroken)
+        and exc.end == "downstream"
+        and not isinstance(exc.__cause__, FrameError)
+    )
+
+
 def failure_reason(exc: BaseException) -> str:
     """A short, bounded label for why a connection failed (for metrics)."""
     for leaf in _leaves(exc):
+        if isinstance(leaf, ConnectionBroken):
+            if isinstance(leaf.__cause__, FrameError):
+                return "protocol"
+            return f"{leaf.end}-broken" if leaf.end is not None else "error"
         for kind, reason in _REASONS.items():
             if isinstance(leaf, kind):
                 return reason

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import trio
 
+from meshagent.protocol.frames import FrameError
+
 
 class DataplaneError(Exception):
     """Base class: a problem with one connection; never fatal to the agent."""
@@ -46,6 +48,37 @@ class Unauthorized(DataplaneError):
 
 class PeerProtocolError(DataplaneError):
     """The peer broke the agent-to-agent framing."""
+
+
+class ConnectionBroken(DataplaneError, trio.BrokenResourceError):
+    """One end of a proxied connection failed while bytes moved: reset, closed without
+    close_notify, bad framing, nothing moved for too long. ``end``: "downstream" (the
+    side that connected to this agent), "upstream" (the side this agent connected to),
+    or None (neither, or the engine itself: out of memory, idle expiry). The original
+    error, when there is one, is the ``__cause__``. A trio.BrokenResourceError too, as
+    what a broken stream raises."""
+
+    def __init__(self, text: str, end: str | None) -> None:
+        super().__init__(text if end is None else f"{end}: {text}")
+        self.end = end
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One short line for one error (``connection.describe`` flattens groups)."""
+    if isinstance(exc, (DataplaneError, FrameError)):
+        return str(exc)
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return describe_failure(exc.__cause__)
+    if isinstance(exc, ssl.SSLEOFError) or getattr(exc, "reason", None) == _EOF_REASON:
+        return "the peer closed without close_notify"  # as the C pump says it
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"TLS error: {exc.reason.lower().replace('_', ' ')}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+_EOF_REASON = "UNEXPECTED_EOF_WHILE_READING"  # OpenSSL 3: a TCP FIN without close_notify
 
 
 @contextmanager

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import trio
 
 from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
+from meshagent.dataplane.errors import ConnectionBroken
 from meshagent.dataplane.nativepump import (
     KEEP,
     End,
@@ -1098,7 +1099,7 @@ async def _tunnel_natively(downstream: Stream, upstream: Stream, native: _Native
     except NativeRefused as exc:
         log_refusal(_TUNNEL_REFUSED, str(exc))
         return False
-    except trio.BrokenResourceError:
+    except ConnectionBroken:
         pass  # as in Python: a tunnel ends when either side fails
     return True
 

@@ -21,7 +21,8 @@ Theory of operation::
   back with ``Engine.remove``). The pump nursery outlives the connections nursery.
 * Same behaviour as ``tcp_proxy.splice`` (which stays the fallback): half-close,
   framing and its checks, backpressure (one chunk per direction), idle expiry, errors as
-  ``trio.BrokenResourceError`` / ``FrameError``, byte counts.
+  ``ConnectionBroken`` naming the end that failed (the engine says which side's
+  socket, TLS or framing it was), byte counts.
 * A TLS 1.3 client's session is offered to ``TlsContexts`` after its first bytes: the
   engine pauses that connection and reports ``FIRST_READ``; ``_finished`` calls the
   stream's ``first_read`` in the trio thread (the engine does not touch that SSL object
@@ -51,6 +52,7 @@ from typing import Final, Protocol
 
 import trio
 
+from meshagent.dataplane.errors import ConnectionBroken
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.log import get_logger
@@ -208,17 +210,37 @@ class Renewal(Protocol):
         after; the caller once more after the relay's end)."""
 
 
+def _error(ends: tuple[str, str] | None, kind: int, text: str) -> Exception:
+    """What a connection the engine ended with ``kind`` (ERROR_* and ERROR_AT_*) and
+    ``text`` raises: FrameError or trio.BrokenResourceError, inside a ConnectionBroken
+    naming the end that failed when the caller named them (``ends``)."""
+    assert _pump is not None
+    base: Exception = (
+        FrameError(text)
+        if kind & ~(_pump.ERROR_AT_A | _pump.ERROR_AT_B) == _pump.ERROR_FRAME
+        else trio.BrokenResourceError(text)
+    )
+    if ends is None:
+        return base
+    end = ends[0] if kind & _pump.ERROR_AT_A else ends[1] if kind & _pump.ERROR_AT_B else None
+    broken = ConnectionBroken(text, end)
+    broken.__cause__ = base
+    return broken
+
+
 class _Waiter:
     __slots__ = (
-        "counts", "done", "due", "error", "event", "expired", "offer", "on_first_read",
-        "on_records", "relay_end", "renewal", "settle",
+        "counts", "done", "due", "ends", "error", "event", "expired", "offer",
+        "on_first_read", "on_records", "relay_end", "renewal", "settle",
     )
 
     def __init__(
         self,
         on_first_read: Callable[[], None] | None,
         on_records: OnRecords | None = None,
+        ends: tuple[str, str] | None = None,
     ) -> None:
+        self.ends = ends  # names of a and b: an error is a ConnectionBroken naming its end
         self.event = trio.Event()
         self.done = False
         self.expired = False
@@ -382,10 +404,7 @@ class NativePump:
                 request_id,
             )
         if status == _pump.DONE_ERROR:
-            waiter.error = (
-                FrameError(error) if error_kind == _pump.ERROR_FRAME
-                else trio.BrokenResourceError(error)
-            )
+            waiter.error = _error(waiter.ends, error_kind, error)
         waiter.event.set()
 
     async def splice(
@@ -408,12 +427,15 @@ class NativePump:
         Returns:
             (bytes a→b, bytes b→a, whether it ended by idle expiry).
         Raises:
-            trio.BrokenResourceError, FrameError: as ``tcp_proxy.splice``.
+            ConnectionBroken: an end failed; ``a`` is called downstream, ``b`` upstream;
+                its cause is a trio.BrokenResourceError or FrameError.
             NativeRefused: the engine would not take an end (before any byte moved).
         """
         assert _pump is not None
         flags = _pump.EITHER_END if either_end else 0
-        waiter = await self._run(a, b, idle_seconds, on_first_read, 0, flags)
+        waiter = await self._run(
+            a, b, idle_seconds, on_first_read, 0, flags, ends=("downstream", "upstream")
+        )
         return waiter.counts[0], waiter.counts[1], waiter.expired
 
     async def copy(
@@ -503,8 +525,9 @@ class NativePump:
                 relay ends at its next request boundary (at once if it waits for one).
 
         Raises:
-            trio.BrokenResourceError: a side failed once the response head went down, or
-                no byte moved for ``idle_seconds`` inside an exchange.
+            ConnectionBroken: a side failed once the response head went down (``down``
+                is called downstream, ``up`` upstream), or no byte moved for
+                ``idle_seconds`` inside an exchange (no end).
             NativeRefused: the engine would not take an end (nothing moved).
         """
         try:
@@ -518,14 +541,14 @@ class NativePump:
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = _Waiter(on_first_read, on_records)
+        waiter = _Waiter(on_first_read, on_records, ends=("downstream", "upstream"))
         if renewal is not None:
             waiter.renewal = renewal
             waiter.offer = functools.partial(self._offer, handle)
         waiter = await self._wait(handle, waiter, stop_when)
         if waiter.relay_end is None or waiter.expired:
-            raise trio.BrokenResourceError(
-                f"no byte moved for {idle_seconds:g}s in the middle of an HTTP exchange"
+            raise ConnectionBroken(
+                f"no byte moved for {idle_seconds:g}s in the middle of an HTTP exchange", None
             )
         return waiter.relay_end
 
@@ -554,8 +577,10 @@ class NativePump:
         on_first_read: Callable[[], None] | None,
         limit: int,
         flags: int,
+        ends: tuple[str, str] | None = None,
     ) -> _Waiter:
-        """Hand a and b to the engine and wait for the end; raise what it failed with."""
+        """Hand a and b to the engine and wait for the end; raise what it failed with
+        (with ``ends``, the names of a and b: a ConnectionBroken naming the end)."""
         try:
             handle = self._engine.add(
                 a[0], a[1], a[2], b[0], b[1], b[2], idle_seconds, on_first_read is not None,
@@ -563,7 +588,7 @@ class NativePump:
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        return await self._wait(handle, _Waiter(on_first_read))
+        return await self._wait(handle, _Waiter(on_first_read, ends=ends))
 
     async def _wait(
         self,

@@ -16,12 +16,14 @@ which keeps these rules in C; the Python pumps here are the reference and the fa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import trio
 
 from meshagent.dataplane import nativepump
+from meshagent.dataplane.errors import ConnectionBroken, describe_failure
 from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
@@ -177,11 +179,14 @@ async def splice(
     With ``pump`` (the C pump, see nativepump.py), the bytes move in C when both sides
     allow it; the behaviour is the same.
 
+    ``a`` is the downstream end (the connection made to this agent), ``b`` the upstream.
+
     Returns:
         (bytes a→b, bytes b→a).
     Raises:
-        whatever a side raises (OSError, trio.BrokenResourceError, FrameError); both
-        sides are closed either way. Idle expiry is not an error: it returns.
+        ConnectionBroken: a side failed (its ``end`` says which; the cause is what it
+            raised: OSError, trio.BrokenResourceError or FrameError). Both sides are
+            closed either way. Idle expiry is not an error: it returns.
     """
     try:
         if pump is not None:
@@ -226,12 +231,15 @@ async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int,
         idle.deadline = trio.current_time() + idle_seconds
 
         async def move(src: Side, dst: Side, slot: int) -> None:
+            ends = ("downstream", "upstream") if slot == 0 else ("upstream", "downstream")
             while True:
-                data = await src.receive()
-                if not data:
-                    await dst.send_eof()
-                    return
-                await dst.send(data)
+                with _broken(ends[0]):
+                    data = await src.receive()
+                with _broken(ends[1]):
+                    if not data:
+                        await dst.send_eof()
+                        return
+                    await dst.send(data)
                 counts[slot] += len(data)
                 idle.deadline = trio.current_time() + idle_seconds
 
@@ -240,6 +248,15 @@ async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int,
             pumps.start_soon(move, b, a, 1)
             await move(a, b, 0)
     return counts[0], counts[1]
+
+
+@contextmanager
+def _broken(end: str) -> Iterator[None]:
+    """A side's failure inside, as a ConnectionBroken naming its ``end``."""
+    try:
+        yield
+    except (OSError, trio.BrokenResourceError, FrameError) as exc:
+        raise ConnectionBroken(describe_failure(exc), end) from exc
 
 
 def _first_read(a: Side, b: Side) -> Callable[[], None] | None:

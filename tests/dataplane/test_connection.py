@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import trio
 
 from meshagent import log
 from meshagent.dataplane.connection import DataplaneContext, Drain, connection_boundary
-from meshagent.dataplane.errors import NoEndpoints
+from meshagent.dataplane.errors import ConnectionBroken, NoEndpoints
 from meshagent.dataplane.tls import TlsContexts
+from meshagent.protocol.frames import FrameError
 
 
 def _fail(exc: Exception) -> None:
@@ -38,6 +40,42 @@ async def test_errors_are_logged_and_swallowed() -> None:
     assert ctx.counters.failed == 1 and ctx.counters.active == 0
     line = out.getvalue()
     assert "level=warning" in line and "conn=7" in line and "no healthy endpoint" in line
+
+
+def _broken(end: str | None, cause: Exception) -> ConnectionBroken:
+    broken = ConnectionBroken(str(cause), end)
+    broken.__cause__ = cause
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("error", "level", "reason"),
+    [
+        # A client that reset or went away is its own business: info, not a warning.
+        (_broken("downstream", trio.BrokenResourceError("connection reset by peer")),
+         "info", "downstream-broken"),
+        (_broken("upstream", trio.BrokenResourceError("connection reset by peer")),
+         "warning", "upstream-broken"),
+        # Broken framing is a broken peer agent, whichever end it came from.
+        (_broken("downstream", FrameError("data after END frame")), "warning", "protocol"),
+        (_broken(None, trio.BrokenResourceError("cannot allocate memory")), "warning", "error"),
+        (ValueError("a bug"), "error", "error"),  # not one of ours: a bug to report
+    ],
+    ids=["downstream", "upstream", "framing", "engine", "bug"],
+)
+def test_the_level_and_reason_say_whose_failure_it_was(
+    error: Exception, level: str, reason: str
+) -> None:
+    ctx = _context()
+    out = io.StringIO()
+    log._Settings.stream = out
+    try:
+        with connection_boundary(ctx, log.get_logger("test"), "l", conn=3):
+            _fail(error)
+    finally:
+        log._Settings.stream = None
+    assert f"level={level} " in out.getvalue() and str(error) in out.getvalue()
+    assert ctx.counters.failures == {reason: 1}
 
 
 async def test_an_error_racing_a_cancellation_is_logged_and_the_cancellation_goes_on() -> None:

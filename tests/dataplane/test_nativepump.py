@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
+from meshagent.dataplane.errors import ConnectionBroken
 from meshagent.dataplane.nativepump import (
     ENV_SWITCH,
     End,
@@ -109,16 +110,30 @@ async def _splice(
 ) -> None:
     try:
         outcome.counts = await splice(a, b, idle_seconds=idle, pump=pump)
-    except (trio.BrokenResourceError, FrameError) as exc:
-        outcome.error = exc
+    except* ConnectionBroken as group:  # the Python pumps' nursery groups it
+        (outcome.error,) = group.exceptions
     finally:
         outcome.done.set()
+
+
+def failed(outcome: Outcome, end: str, cause: type[Exception], text: str) -> None:
+    """The splice failed at ``end`` with ``cause``, and says so."""
+    error = outcome.error
+    assert isinstance(error, ConnectionBroken), error
+    assert error.end == end and isinstance(error.__cause__, cause), (error, error.__cause__)
+    assert str(error).startswith(f"{end}: ") and text in str(error)
+
+
+@pytest.fixture(params=["c", "python"])
+async def either(request: pytest.FixtureRequest, pump: NativePump) -> NativePump | None:
+    """The C pump, or None: the Python pumps (the reference, with the same errors)."""
+    return pump if request.param == "c" else None
 
 
 @asynccontextmanager
 async def spliced(
     contexts: Contexts,
-    pump: NativePump,
+    pump: NativePump | None,
     *,
     side: Callable[[SslSocketStream], Side] = FramedSide,
     idle: float = 30,
@@ -224,32 +239,34 @@ async def test_a_fin_that_came_while_the_pump_waited_is_not_lost(
     ],
 )
 async def test_bad_framing_fails_the_connection(
-    contexts: Contexts, pump: NativePump, wire: bytes, message: str
+    contexts: Contexts, pump: NativePump, either: NativePump | None, wire: bytes, message: str
 ) -> None:
-    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+    async with spliced(contexts, either) as (ln, outcome, _nursery):
         with trio.fail_after(5):
             await ln.agent.send_all(encode_data(b"fine"))
             assert await ln.app.receive_some(100) == b"fine"
             await ln.agent.send_all(wire)
             await outcome.done.wait()
             assert await _read_all(ln.app) == b""  # closed
-    assert isinstance(outcome.error, FrameError)
-    assert message in str(outcome.error)
+    failed(outcome, "upstream", FrameError, message)
     assert pump.active == 0
 
 
-async def test_close_notify_inside_a_frame_is_an_error(contexts: Contexts, pump: NativePump) -> None:
-    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+async def test_close_notify_inside_a_frame_is_an_error(
+    contexts: Contexts, either: NativePump | None
+) -> None:
+    async with spliced(contexts, either) as (ln, outcome, _nursery):
         with trio.fail_after(5):
             await ln.agent.send_all(b"\x01\x00\x00\x0aabc")  # 3 of 10 bytes
             await ln.agent.aclose()  # sends close_notify
             await outcome.done.wait()
-    assert isinstance(outcome.error, FrameError)
-    assert "connection closed inside a frame" in str(outcome.error)
+    failed(outcome, "upstream", FrameError, "connection closed inside a frame")
 
 
-async def test_eof_without_close_notify_is_an_error(contexts: Contexts, pump: NativePump) -> None:
-    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+async def test_eof_without_close_notify_is_an_error(
+    contexts: Contexts, either: NativePump | None
+) -> None:
+    async with spliced(contexts, either) as (ln, outcome, _nursery):
         with trio.fail_after(5):
             await ln.agent.send_all(encode_data(b"x"))
             await ln.app.send_all(b"y")  # read all the agent end was sent (tickets
@@ -257,12 +274,13 @@ async def test_eof_without_close_notify_is_an_error(contexts: Contexts, pump: Na
             # the peer dies: TCP FIN, no close_notify
             os.close(ln.agent.ssl_object.detach())
             await outcome.done.wait()
-    assert isinstance(outcome.error, trio.BrokenResourceError)
-    assert "without close_notify" in str(outcome.error)
+    failed(outcome, "upstream", trio.BrokenResourceError, "without close_notify")
 
 
-async def test_a_reset_from_the_app_is_an_error(contexts: Contexts, pump: NativePump) -> None:
-    async with spliced(contexts, pump) as (ln, outcome, _nursery):
+async def test_a_reset_from_the_app_is_an_error(
+    contexts: Contexts, either: NativePump | None
+) -> None:
+    async with spliced(contexts, either) as (ln, outcome, _nursery):
         with trio.fail_after(5):
             await ln.app.send_all(b"x")
             assert await ln.agent.receive_some(100)
@@ -271,8 +289,7 @@ async def test_a_reset_from_the_app_is_an_error(contexts: Contexts, pump: Native
             )
             await ln.app.aclose()  # RST
             await outcome.done.wait()
-    assert isinstance(outcome.error, trio.BrokenResourceError)
-    assert "socket connection broken" in str(outcome.error)
+    failed(outcome, "downstream", trio.BrokenResourceError, "connection reset by peer")
 
 
 async def test_idle_connections_end_without_error(contexts: Contexts, pump: NativePump) -> None:
@@ -461,8 +478,7 @@ async def test_bytes_before_an_eof_without_close_notify_still_go_on(
                     got += data
                 await outcome.done.wait()
     assert bytes(got) == payload
-    assert isinstance(outcome.error, trio.BrokenResourceError)
-    assert "without close_notify" in str(outcome.error)
+    failed(outcome, "upstream", trio.BrokenResourceError, "without close_notify")
 
 
 @pytest.mark.parametrize("towards", ["app", "agent"])

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import random
+import socket
 import ssl
+import struct
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import msgspec
 import pytest
 import trio
 
+from meshagent import log
 from meshagent.dataplane import tls as meshagent_tls
 from meshagent.dataplane.errors import Unauthorized
 from meshagent.dataplane.nativepump import ENV_SWITCH, native_problem
@@ -191,6 +195,30 @@ async def test_half_close_keeps_the_other_direction(nursery: trio.Nursery, tmp_p
     # The app answers only after it saw EOF: our FIN must cross both agents, and the
     # answer must still come back on the half-closed connection.
     assert await round_trip("127.0.0.1", pair.outbound_port, b"x" * 100_000) == b"got 100000"
+
+
+async def test_a_client_reset_is_logged_at_info_as_the_downstream_end(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    context = pair.outbound.context
+    out = io.StringIO()
+    log._Settings.stream = out
+    try:
+        with trio.fail_after(10):
+            client = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+            await client.send_all(b"ping")
+            assert await client.receive_some(100) == b"ping"  # pumped both ways
+            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.aclose()  # RST
+            while context.counters.failed == 0:
+                await trio.sleep(0.01)
+    finally:
+        log._Settings.stream = None
+    assert context.counters.failures == {"downstream-broken": 1}
+    (line,) = [line for line in out.getvalue().splitlines() if "connection failed" in line]
+    assert "level=info " in line and 'error="downstream: connection reset by peer"' in line
 
 
 async def test_many_concurrent_connections_are_independent(

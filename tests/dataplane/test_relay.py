@@ -321,7 +321,7 @@ async def test_a_body_cut_short_fails_and_counts_as_502(
 
             nursery.start_soon(cut)
             with trio.fail_after(5), pytest.raises(
-                trio.BrokenResourceError, match="upstream closed after 70000 of 100000 body bytes"
+                trio.BrokenResourceError, match="upstream: closed after 70000 of 100000 body bytes"
             ):
                 await r.relay(pump)
         # its record came before the end (NativePump hands records over first)
