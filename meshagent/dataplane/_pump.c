@@ -884,7 +884,7 @@ static int pump(Engine *eng, conn_t *c, dir_t *d, int *first_read, error_t_ *err
         d->taken += got;
         if (got == 0 && d->limit != 0) {
             snprintf(err->text, sizeof err->text,
-                     "the peer closed after %llu of %llu bytes", d->taken, d->limit);
+                     "closed after %llu of %llu bytes", d->taken, d->limit);
             err->kind = ERR_IO;
             err->at = d->src;
             return -1;
@@ -1809,7 +1809,7 @@ static int relay_body(Engine *eng, conn_t *c, error_t_ *err) {
     unsigned long long before = d->taken;
     int p = d->done ? 0 : pump(eng, c, d, &first, err);
     r->bytes_out += d->taken - before;
-    if (p < 0 && strncmp(err->text, "the peer closed after", 21) == 0)
+    if (p < 0 && strncmp(err->text, "closed after", 12) == 0)
         snprintf(err->text, sizeof err->text, "closed after %llu of %llu body bytes",
                  r->bytes_out, r->body_total);
     if (p < 0) return relay_fail(eng, c, err);

@@ -63,6 +63,18 @@ class ConnectionBroken(DataplaneError, trio.BrokenResourceError):
         self.end = end
 
 
+@contextmanager
+def broken_at(end: str) -> Iterator[None]:
+    """A stream's failure inside (OSError, trio.BrokenResourceError, FrameError) as a
+    ConnectionBroken naming its ``end``; one that names its end already goes as it is."""
+    try:
+        yield
+    except ConnectionBroken:
+        raise
+    except (OSError, trio.BrokenResourceError, FrameError) as exc:
+        raise ConnectionBroken(describe_failure(exc), end) from exc
+
+
 def describe_failure(exc: BaseException) -> str:
     """One short line for one error (``connection.describe`` flattens groups)."""
     if isinstance(exc, (DataplaneError, FrameError)):

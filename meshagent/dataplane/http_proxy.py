@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import trio
 
 from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
-from meshagent.dataplane.errors import ConnectionBroken
+from meshagent.dataplane.errors import ConnectionBroken, broken_at
 from meshagent.dataplane.nativepump import (
     KEEP,
     End,
@@ -93,6 +93,8 @@ log = get_logger("http")
 access_log = get_logger("access")
 
 CHUNK = 64 * 1024
+# The ends of a proxied exchange, as ConnectionBroken names them.
+DOWNSTREAM, UPSTREAM = "downstream", "upstream"
 _RNG = random.Random()
 HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 408)
 # A request body up to this size is read whole before the first try when the request may
@@ -116,12 +118,17 @@ Stream = trio.abc.Stream
 class _Reader:
     """Events from one stream through one parser, read on demand."""
 
-    __slots__ = ("_parser", "_pending", "eof", "stream")
+    __slots__ = ("_parser", "_pending", "end", "eof", "stream")
 
     def __init__(
-        self, stream: Stream, parser: RequestParser | ResponseParser, prefix: bytes = b""
+        self,
+        stream: Stream,
+        parser: RequestParser | ResponseParser,
+        prefix: bytes = b"",
+        end: str | None = None,
     ) -> None:
         self.stream = stream
+        self.end = end  # given: a failed read is a ConnectionBroken naming this end
         self._parser = parser
         self._pending: deque[Event] = deque()
         self.eof = False
@@ -166,7 +173,13 @@ class _Reader:
         """Read once from the stream into the parser (events may or may not result)."""
         if isinstance(self._parser, _Failed):  # the bytes so far broke HTTP already
             raise self._parser.error
-        self._feed(await self.stream.receive_some(CHUNK))
+        try:
+            data = await self.stream.receive_some(CHUNK)
+        except (trio.BrokenResourceError, OSError) as exc:
+            if self.end is None or isinstance(exc, ConnectionBroken):
+                raise
+            raise ConnectionBroken(describe(exc), self.end) from exc
+        self._feed(data)
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Bytes read (``b""``: the end of the stream) into the parser."""
@@ -310,7 +323,7 @@ async def serve_http(
     connection limit, closes it then. With ``pump``, big bodies move in C, and with
     ``relay`` too, plain requests are served by the C relay (see the module
     docstring)."""
-    reader = _Reader(downstream, RequestParser(), prefix)
+    reader = _Reader(downstream, RequestParser(), prefix, DOWNSTREAM)
     native = None if pump is None else _Native(pump, idle_seconds)
     drain = drain or Drain()
     relaying = None
@@ -414,7 +427,7 @@ class _Relaying:
             down_end = stream_end(downstream)
             session = None if down_end is None else await relay.start(None)
             if down_end is None or session is None:
-                return _Reader(downstream, RequestParser(), initial), None
+                return _Reader(downstream, RequestParser(), initial, DOWNSTREAM), None
             up_end = stream_end(session.upstream)
             sessions = _Sessions(relay, session)
             try:
@@ -424,7 +437,7 @@ class _Relaying:
             except NativeRefused as exc:  # nothing moved, no switch
                 log_refusal(_RELAY_REFUSED, str(exc))
                 await session.release(True)
-                return _Reader(downstream, RequestParser(), initial), None
+                return _Reader(downstream, RequestParser(), initial, DOWNSTREAM), None
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await sessions.current.release(False)
@@ -438,11 +451,11 @@ class _Relaying:
                 resumed = Forward(
                     upstream, release, b"", (), labels=session.labels, resumed=end
                 )
-                return _Reader(downstream, RequestParser(), end.downstream), resumed
+                return _Reader(downstream, RequestParser(), end.downstream, DOWNSTREAM), resumed
             with trio.CancelScope(shield=True):
                 await release(end.upstream_reusable)
             if outcome is RelayOutcome.REQUEST:  # one the relay does not take
-                return _Reader(downstream, RequestParser(), end.downstream), None
+                return _Reader(downstream, RequestParser(), end.downstream, DOWNSTREAM), None
             if outcome in (RelayOutcome.UPSTREAM_SPENT, RelayOutcome.RENEW):
                 initial = end.downstream  # the next request: another upstream, or decision
                 continue
@@ -624,7 +637,10 @@ async def _one_request(
     if isinstance(decision, Respond):
         keep = head.keep_alive and bodyless and not head.may_switch_protocols
         keep = keep and not decision.close
-        await downstream.send_all(error_response(decision.status, decision.text, close=not keep))
+        with broken_at(DOWNSTREAM):
+            await downstream.send_all(
+                error_response(decision.status, decision.text, close=not keep)
+            )
         seconds = time.monotonic() - started
         _access(method, path, decision.status, 0, 0, seconds, decision.labels, log_fields)
         if stats is not None:
@@ -698,7 +714,9 @@ async def _one_request(
             status = 502
             await _send_quietly(downstream, error_response(502, exc.reason))
             return False
-        raise
+        # Too late to answer: the response (502: the upstream's parser's error) or the
+        # request (the client's) broke inside its body.
+        raise ConnectionBroken(exc.reason, UPSTREAM if exc.status == 502 else DOWNSTREAM) from exc
     finally:
         if overall.cancelled_caught and not progress.head_down:
             status = 504
@@ -823,7 +841,8 @@ async def _first_final_event(up: _Reader, downstream: Stream, progress: _Progres
         if event is None:
             raise UpstreamBroke("connection closed before a response")
         if isinstance(event, ResponseHead) and event.is_informational and event.status != 101:
-            await downstream.send_all(serialize_response_head(event, headers=event.headers))
+            with broken_at(DOWNSTREAM):
+                await downstream.send_all(serialize_response_head(event, headers=event.headers))
             progress.head_down = True
             continue
         return event
@@ -852,10 +871,12 @@ async def _exchange(
             if isinstance(event, Body):
                 progress.bytes_up += len(event.data)
                 data = serialize_chunk(event.data) if chunked_up else event.data
-                await fwd.upstream.send_all(data)
+                with broken_at(UPSTREAM):
+                    await fwd.upstream.send_all(data)
             elif isinstance(event, EndOfMessage):
                 if chunked_up:
-                    await fwd.upstream.send_all(serialize_last_chunk(event.trailers))
+                    with broken_at(UPSTREAM):
+                        await fwd.upstream.send_all(serialize_last_chunk(event.trailers))
                 request_done.set()
                 return
 
@@ -940,14 +961,17 @@ async def _relay_response(
         except (trio.BrokenResourceError, OSError) as exc:
             if head is None:
                 raise UpstreamBroke(describe(exc)) from None
-            raise
+            raise ConnectionBroken(describe(exc), UPSTREAM) from exc
         if event is None:
             if head is None:
                 raise UpstreamBroke("connection closed before a response")
-            raise trio.BrokenResourceError("upstream closed inside a response")
+            raise ConnectionBroken("closed inside a response", UPSTREAM)
         if isinstance(event, ResponseHead):
             if event.is_informational and event.status != 101:
-                await downstream.send_all(serialize_response_head(event, headers=event.headers))
+                with broken_at(DOWNSTREAM):
+                    await downstream.send_all(
+                        serialize_response_head(event, headers=event.headers)
+                    )
                 progress.head_down = True
                 continue
             head = event
@@ -961,24 +985,27 @@ async def _relay_response(
             )
             if close_down and event.status != 101:
                 headers = (*headers, (b"Connection", b"close"))
-            await downstream.send_all(
-                serialize_response_head(
-                    ResponseHead(status=event.status, reason=event.reason), headers=headers
+            with broken_at(DOWNSTREAM):
+                await downstream.send_all(
+                    serialize_response_head(
+                        ResponseHead(status=event.status, reason=event.reason), headers=headers
+                    )
                 )
-            )
             progress.head_down = True
         elif isinstance(event, Body):
             assert head is not None
             progress.bytes_down += len(event.data)
-            await downstream.send_all(
-                serialize_chunk(event.data) if _chunk_down(head, request) else event.data
-            )
+            with broken_at(DOWNSTREAM):
+                await downstream.send_all(
+                    serialize_chunk(event.data) if _chunk_down(head, request) else event.data
+                )
             if native is not None and (sent is None or sent.is_set()):
                 progress.bytes_down += await _copy_body(up, downstream, native)
         elif isinstance(event, EndOfMessage):
             assert head is not None
             if _chunk_down(head, request):
-                await downstream.send_all(serialize_last_chunk(event.trailers))
+                with broken_at(DOWNSTREAM):
+                    await downstream.send_all(serialize_last_chunk(event.trailers))
             keep_down = request.keep_alive and (head.keep_alive or _chunk_down(head, request))
             return head.status, keep_down, head.keep_alive
         elif isinstance(event, Upgraded):
@@ -993,14 +1020,17 @@ async def _copy_body(up: _Reader, downstream: Stream, native: _Native) -> int:
     the C pump (see ``_copy_rest``); the bytes moved, 0 when it did not."""
     if not isinstance(up.parser, ResponseParser) or up.has_pending():
         return 0  # a failed parser's stand-in, or events to relay first
-    return await _copy_rest(up, downstream, native, until_reply=False)
+    return await _copy_rest(up, downstream, native, until_reply=False, ends=(UPSTREAM, DOWNSTREAM))
 
 
-async def _copy_rest(reader: _Reader, dst: Stream, native: _Native, *, until_reply: bool) -> int:
+async def _copy_rest(
+    reader: _Reader, dst: Stream, native: _Native, *, until_reply: bool, ends: tuple[str, str]
+) -> int:
     """The C pump's copy of the rest of the Content-Length body ``reader`` is in (when
     NATIVE_BODY_BYTES or more are to come) to ``dst``; the parser counts what moved, and
     the reader has the body's end when all of it did. Returns the bytes moved: 0 when
-    the pump cannot take it, and the caller goes on in Python."""
+    the pump cannot take it, and the caller goes on in Python. ``ends``: the names of
+    the reader's end and of ``dst``'s (a failure is a ConnectionBroken naming one)."""
     parser = reader.parser
     size = parser.body_remaining
     if size < NATIVE_BODY_BYTES:
@@ -1010,7 +1040,8 @@ async def _copy_rest(reader: _Reader, dst: Stream, native: _Native, *, until_rep
         return 0
     try:
         moved = await native.pump.copy(
-            src_end, dst_end, size, idle_seconds=native.idle_seconds, until_reply=until_reply
+            src_end, dst_end, size, idle_seconds=native.idle_seconds, until_reply=until_reply,
+            ends=ends,
         )
     except NativeRefused as exc:
         log_refusal(_BODY_REFUSED, str(exc))
@@ -1037,8 +1068,11 @@ async def _send_body_natively(
             reader.push_front([event])  # the body's end: the caller's loop sees it
             return
         progress.bytes_up += len(event.data)
-        await upstream.send_all(event.data)
-    progress.bytes_up += await _copy_rest(reader, upstream, native, until_reply=True)
+        with broken_at(UPSTREAM):
+            await upstream.send_all(event.data)
+    progress.bytes_up += await _copy_rest(
+        reader, upstream, native, until_reply=True, ends=(DOWNSTREAM, UPSTREAM)
+    )
 
 
 async def _end_of_bodyless(reader: _Reader) -> None:
@@ -1070,9 +1104,11 @@ async def _tunnel(
     assert isinstance(parser, RequestParser)
     early = parser.accept_upgrade().leftover
     if leftover:
-        await downstream.send_all(leftover)
+        with broken_at(DOWNSTREAM):
+            await downstream.send_all(leftover)
     if early:
-        await upstream.send_all(early)
+        with broken_at(UPSTREAM):
+            await upstream.send_all(early)
     if native is not None and await _tunnel_natively(downstream, upstream, native):
         return
 

@@ -439,7 +439,14 @@ class NativePump:
         return waiter.counts[0], waiter.counts[1], waiter.expired
 
     async def copy(
-        self, src: End, dst: End, size: int, *, idle_seconds: float, until_reply: bool = False
+        self,
+        src: End,
+        dst: End,
+        size: int,
+        *,
+        idle_seconds: float,
+        until_reply: bool = False,
+        ends: tuple[str, str] | None = None,
     ) -> int:
         """Move exactly ``size`` bytes from ``src`` to ``dst`` (an HTTP body of known
         length), then give both ends back as they were: no end of stream is sent, and
@@ -454,21 +461,26 @@ class NativePump:
         Returns:
             the bytes moved: ``size``, or fewer after an early reply.
 
+        ``ends``: the names of ``src`` and ``dst`` ("downstream", "upstream"): a failure
+        is then a ConnectionBroken naming the end.
+
         Raises:
             trio.BrokenResourceError: an end failed, ``src`` ended before ``size``
-                bytes, or no byte moved for ``idle_seconds``.
+                bytes, or no byte moved for ``idle_seconds`` (a ConnectionBroken, with
+                ``ends``; no end for the idle expiry).
             NativeRefused: the engine would not take an end (nothing moved).
         """
         assert _pump is not None
         if size < 1:
             raise ValueError("a copy moves at least one byte")
         flags = _pump.UNTIL_REPLY if until_reply else 0
-        waiter = await self._run(src, dst, idle_seconds, None, size, flags)
+        waiter = await self._run(src, dst, idle_seconds, None, size, flags, ends=ends)
         if waiter.expired:
             moved = waiter.counts[0]
-            raise trio.BrokenResourceError(
-                f"no byte moved for {idle_seconds:g}s ({moved} of {size} bytes copied)"
-            )
+            text = f"no byte moved for {idle_seconds:g}s ({moved} of {size} bytes copied)"
+            if ends is not None:
+                raise ConnectionBroken(text, None)
+            raise trio.BrokenResourceError(text)
         self.copies += 1
         return waiter.counts[0]
 

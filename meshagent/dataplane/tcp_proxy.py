@@ -16,14 +16,13 @@ which keeps these rules in C; the Python pumps here are the reference and the fa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
 from meshagent.dataplane import nativepump
-from meshagent.dataplane.errors import ConnectionBroken, describe_failure
+from meshagent.dataplane.errors import broken_at
 from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
@@ -233,9 +232,9 @@ async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int,
         async def move(src: Side, dst: Side, slot: int) -> None:
             ends = ("downstream", "upstream") if slot == 0 else ("upstream", "downstream")
             while True:
-                with _broken(ends[0]):
+                with broken_at(ends[0]):
                     data = await src.receive()
-                with _broken(ends[1]):
+                with broken_at(ends[1]):
                     if not data:
                         await dst.send_eof()
                         return
@@ -248,15 +247,6 @@ async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int,
             pumps.start_soon(move, b, a, 1)
             await move(a, b, 0)
     return counts[0], counts[1]
-
-
-@contextmanager
-def _broken(end: str) -> Iterator[None]:
-    """A side's failure inside, as a ConnectionBroken naming its ``end``."""
-    try:
-        yield
-    except (OSError, trio.BrokenResourceError, FrameError) as exc:
-        raise ConnectionBroken(describe_failure(exc), end) from exc
 
 
 def _first_read(a: Side, b: Side) -> Callable[[], None] | None:

@@ -3,11 +3,15 @@ app (h11), two agents' data paths with real mTLS between them."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import itertools
 import os
 import random
+import socket
+import struct
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -421,7 +425,13 @@ def pattern(size: int) -> bytes:
 async def raw_bodies_app(stream: trio.SocketStream) -> None:
     """``GET /big/N`` answers N bytes (keep-alive); ``GET /cut`` promises 2 MiB, sends
     512 KiB and closes; ``POST /hash`` answers the body's SHA-256; ``POST /early``
-    answers 413 at once, then reads the body to its end."""
+    answers 413 at once, then reads the body to its end. A caller that hangs up ends
+    the connection, as with any server."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        await _serve_raw_bodies(stream)
+
+
+async def _serve_raw_bodies(stream: trio.SocketStream) -> None:
     buffered = b""
     async with stream:
         while True:
@@ -691,3 +701,38 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
         "orders: 1 endpoint(s) failed, last: no connection within 0.5s: "
         "64 connects already in progress"
     }
+
+
+@pytest.mark.parametrize("routes", [ROUTED, None], ids=["python outbound", "relayed outbound"])
+async def test_a_cut_names_the_end_that_failed_and_a_client_hang_up_is_info(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, routes: OutboundRoutes | None
+) -> None:
+    web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca, routes)
+    out = io.StringIO()
+    log._Settings.stream = out
+    try:
+        async with client(web_port) as http:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.get("/cut")  # the app closes inside the body: upstream
+        with trio.fail_after(10):
+            while web.context.counters.failed + inbound.context.counters.failed < 2:
+                await trio.sleep(0.01)
+        # The client reads the head, then hangs up with a reset: downstream.
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(b"GET /big/30000000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 200 OK")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        with trio.fail_after(10):
+            while web.context.counters.failed < 2:
+                await trio.sleep(0.01)
+    finally:
+        log._Settings.stream = None
+    assert web.context.counters.failures == {"upstream-broken": 1, "downstream-broken": 1}
+    assert inbound.context.counters.failures["upstream-broken"] == 1  # its app cut it
+    lines = [line for line in out.getvalue().splitlines() if "connection failed" in line]
+    web_lines = [line for line in lines if "logger=outbound" in line]
+    assert len(web_lines) == 2 and not any("level=error" in line for line in lines)
+    cut, hang_up = web_lines
+    assert "level=warning " in cut and 'error="upstream: ' in cut
+    assert "level=info " in hang_up and 'error="downstream: ' in hang_up  # reset, or EPIPE

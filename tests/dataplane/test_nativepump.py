@@ -732,7 +732,7 @@ async def test_a_copy_whose_source_ends_early_fails_with_the_count(
         await ln.agent.send_all(b"x" * 1000)
         await ln.agent.aclose()  # close_notify after 1,000 bytes
         with trio.fail_after(5), pytest.raises(
-            trio.BrokenResourceError, match="the peer closed after 1000 of 5000 bytes"
+            trio.BrokenResourceError, match="closed after 1000 of 5000 bytes"
         ):
             await pump.copy(_end(ln.tls), _end(ln.plain.stream), 5000, idle_seconds=5)
         assert await _read_exactly(ln.app, 1000) == b"x" * 1000
