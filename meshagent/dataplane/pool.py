@@ -206,15 +206,16 @@ class ConnectionPool:
         return None
 
     async def release(self, key: Hashable, stream: Upstream) -> None:
-        """Hand ``stream`` to the first request waiting for one, else keep it for reuse,
-        or close it when the pool is full or closing. A cancel point."""
-        if self._closing:
-            await trio.aclose_forcefully(stream)
-            return
+        """Hand ``stream`` to the first request waiting for one (also while the agent
+        drains: that request would open a connection otherwise), else keep it for
+        reuse, or close it when the pool is full or closing. A cancel point."""
         waiter = self._next_waiter(key)
         if waiter is not None:
             waiter.stream = stream
             waiter.woken.set()
+            return
+        if self._closing:
+            await trio.aclose_forcefully(stream)
             return
         idle = self._idle.setdefault(key, deque())
         self._idle.move_to_end(key)

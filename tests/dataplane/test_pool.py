@@ -237,3 +237,22 @@ async def test_a_cancelled_request_passes_on_what_it_was_handed(peers: Peers) ->
         await until(lambda: 2 in requests.got)
     assert requests.got[2] == (requests.stream(2), False)
     assert len(gate.go) == 2 and pool.connecting("a") == 0 and pool.waiting("a") == 0
+
+
+async def test_a_draining_pool_still_hands_a_connection_to_a_waiting_request(
+    peers: Peers,
+) -> None:
+    gate = Gate(peers)
+    pool = ConnectionPool(gate.connect, max_connecting_per_key=1)
+    first, second = await peers.new(), await peers.new()
+    async with trio.open_nursery() as nursery:
+        requests = Requests(pool, nursery)
+        await requests.start(0)
+        await requests.start(1)
+        await pool.close_idle()  # the agent drains; request 1 is still in line
+        await pool.release("a", first)
+        await until(lambda: 1 in requests.got)
+        assert requests.got[1] == (first, True)
+        await pool.release("a", second)  # nobody waits: closed, not kept
+        assert closed(second) and pool.idle_count() == 0
+        gate.finish(0)
