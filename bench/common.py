@@ -369,17 +369,6 @@ def start_agents(setup: Setup, configs: dict[str, dict[str, Any]]) -> None:
             ) from None
 
 
-def agent_warnings(setup: Setup) -> dict[str, tuple[int, list[str]]]:
-    """Per agent: how many lines it logged (all at warning or above) and the last 5."""
-    return {
-        a.name: (
-            len(a.log_path.read_text(errors="replace").splitlines()),
-            tail(a.log_path, 5),
-        )
-        for a in setup.agents
-    }
-
-
 _LOG_FIELD = re.compile(r'(event|error)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
@@ -398,12 +387,23 @@ def log_summary(path: Path, top: int = 2) -> tuple[int, list[tuple[int, str]]]:
     return len(lines), [(n, kind) for kind, n in kinds.most_common(top)]
 
 
-def print_agent_warnings(warnings: dict[str, tuple[int, list[str]]]) -> None:
-    for name, (count, last) in warnings.items():
-        if count:
-            print(f"  agent {name} logged {count} line(s) at warning or above, last:")
-            for line in last:
-                print(f"    | {line[:200]}")
+def describe_log(path: Path) -> str:
+    """``log_summary`` of an agent's log as one line's end: "N line(s) at warning or
+    above, most: Nx kind; ..."."""
+    count, kinds = log_summary(path)
+    what = "; ".join(f"{n:,}x {kind[:160]}" for n, kind in kinds)
+    return f"{count:,} line(s) at warning or above" + (f", most: {what}" if what else "")
+
+
+def agent_warnings(setup: Setup) -> dict[str, str]:
+    """Per agent of ``setup`` that logged anything (at warning or above, the level the
+    benchmarks run agents at): ``describe_log``. Read before ``setup.stop``."""
+    return {a.name: describe_log(a.log_path) for a in setup.agents if log_summary(a.log_path)[0]}
+
+
+def print_agent_warnings(warnings: dict[str, str]) -> None:
+    for name, described in warnings.items():
+        print(f"  agent {name} logged {described}")
 
 
 # --------------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ from types import FrameType
 import psutil
 from common import (
     SetupError,
+    describe_log,
     environment,
     fmt,
-    log_summary,
     raise_open_files_limit,
     ratio,
     read_line,
@@ -505,12 +505,7 @@ def agent_logs(paths: list[PathUnderTest]) -> list[str]:
     lines = []
     for path in paths:
         for agent, log in path.logs.items():
-            count, kinds = log_summary(log)
-            what = "; ".join(f"{n:,}x {kind[:160]}" for n, kind in kinds)
-            lines.append(
-                f"  {'log':10} {path.name:14} {agent}: {count:,} line(s) at warning or above"
-                + (f", most: {what}" if what else "")
-            )
+            lines.append(f"  {'log':10} {path.name:14} {agent}: {describe_log(log)}")
     return lines
 
 
