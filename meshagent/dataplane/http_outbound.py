@@ -98,7 +98,9 @@ class HttpOutbound:
     ) -> Upstream | DataplaneError:
         """A connection to ``endpoint`` from the pool, or why there is none; the
         balancer hears which (a failure ejects the endpoint for a while)."""
-        wait = self.ctx.source.current.connect_seconds(endpoint.service)
+        # In line no longer than a connect of its own could take (TCP, then TLS).
+        snapshot = self.ctx.source.current
+        wait = snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
         try:
             upstream, _ = await self.pool.acquire(endpoint, wait_seconds=wait)
         except PoolTimeout as exc:  # busy, not failed: the connects in progress tell

@@ -111,8 +111,9 @@ class AppPool:
         return PlainSocketStream.wrap(await _connect_app(self.listener, seconds))
 
     async def acquire(self) -> tuple[Upstream, bool]:
-        """A connection to the app, waiting at most the connect timeout for one when
-        the pool's connect slots are all taken. Raises DataplaneError."""
+        """A connection to the app, waiting at most the connect timeout (as long as a
+        connect of its own could take) for one when the pool's connect slots are all
+        taken. Raises DataplaneError."""
         wait = self.ctx.source.current.timeouts.connect_seconds
         return await self.pool.acquire("app", wait_seconds=wait)
 

@@ -665,20 +665,19 @@ async def test_a_listener_at_its_limit_closes_an_idle_keep_alive_connection_for_
 async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_endpoint(
     nursery: trio.Nursery, ca: MeshCa
 ) -> None:
-    """An endpoint that accepts and never handshakes: 70 requests at once start 64
-    connects; the other 6 wait in line for their connect timeout, then get 503."""
+    """An endpoint that accepts and never handshakes: of 70 requests at once, 64
+    connect; the other 6 wait in line, and connect only once one of the 64 gave up
+    (its handshake timeout): 1 s after the first connection at the earliest."""
     assert MAX_CONNECTING_PER_KEY == 64
-    accepted = 0
+    accepted_at: list[float] = []
 
     async def silent(stream: trio.SocketStream) -> None:
-        nonlocal accepted
-        accepted += 1
+        accepted_at.append(trio.current_time())
         await trio.sleep_forever()
 
     silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
     web_port, _ = await start_web(
-        nursery, ca, [ep(silent_port)],
-        timeouts=Timeouts(connect_seconds=0.5, handshake_seconds=60),
+        nursery, ca, [ep(silent_port)], timeouts=Timeouts(connect_seconds=1, handshake_seconds=1)
     )
     answers: list[httpx.Response] = []
     limits = httpx.Limits(max_connections=70)
@@ -691,16 +690,11 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
 
         for n in range(70):
             requests.start_soon(get, n)
-        with trio.fail_after(20):
-            while len(answers) < 6:
-                await trio.sleep(0.05)
-        requests.cancel_scope.cancel()  # the 64 would wait out their handshake timeout
-    assert len(answers) == 6 and accepted == 64
-    assert {r.status_code for r in answers} == {503}
-    assert {r.text.rstrip() for r in answers} == {
-        "orders: 1 endpoint(s) failed, last: no connection within 0.5s: "
-        "64 connects already in progress"
-    }
+    assert len(answers) == 70 and {r.status_code for r in answers} == {503}
+    accepted_at.sort()
+    assert len(accepted_at) >= 70
+    # The 65th connection came after one of the first 64 timed out: not in the burst.
+    assert accepted_at[64] - accepted_at[0] >= 0.8, accepted_at[60:70]
 
 
 @pytest.mark.parametrize("routes", [ROUTED, None], ids=["python outbound", "relayed outbound"])
