@@ -458,11 +458,11 @@ class NativePump:
         ``dst`` has something to read (an upstream answering before the request body
         ended); the caller goes on from the count.
 
-        Returns:
-            the bytes moved: ``size``, or fewer after an early reply.
-
         ``ends``: the names of ``src`` and ``dst`` ("downstream", "upstream"): a failure
         is then a ConnectionBroken naming the end.
+
+        Returns:
+            the bytes moved: ``size``, or fewer after an early reply.
 
         Raises:
             trio.BrokenResourceError: an end failed, ``src`` ended before ``size``
