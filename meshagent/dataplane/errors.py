@@ -63,15 +63,19 @@ class ConnectionBroken(DataplaneError, trio.BrokenResourceError):
         self.end = end
 
 
+# What a stream raises when it fails (``broken_at`` names the end).
+STREAM_ERRORS = (OSError, trio.BrokenResourceError, FrameError)
+
+
 @contextmanager
 def broken_at(end: str) -> Iterator[None]:
-    """A stream's failure inside (OSError, trio.BrokenResourceError, FrameError) as a
-    ConnectionBroken naming its ``end``; one that names its end already goes as it is."""
+    """A stream's failure inside (STREAM_ERRORS) as a ConnectionBroken naming its
+    ``end``; one that names its end already goes as it is."""
     try:
         yield
     except ConnectionBroken:
         raise
-    except (OSError, trio.BrokenResourceError, FrameError) as exc:
+    except STREAM_ERRORS as exc:
         raise ConnectionBroken(describe_failure(exc), end) from exc
 
 

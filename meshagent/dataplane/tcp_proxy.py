@@ -22,7 +22,7 @@ from typing import Protocol
 import trio
 
 from meshagent.dataplane import nativepump
-from meshagent.dataplane.errors import broken_at
+from meshagent.dataplane.errors import STREAM_ERRORS, ConnectionBroken, describe_failure
 from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
@@ -231,14 +231,18 @@ async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int,
 
         async def move(src: Side, dst: Side, slot: int) -> None:
             ends = ("downstream", "upstream") if slot == 0 else ("upstream", "downstream")
-            while True:
-                with broken_at(ends[0]):
+            while True:  # as broken_at does, without a context manager per chunk
+                try:
                     data = await src.receive()
-                with broken_at(ends[1]):
+                except STREAM_ERRORS as exc:
+                    raise ConnectionBroken(describe_failure(exc), ends[0]) from exc
+                try:
                     if not data:
                         await dst.send_eof()
                         return
                     await dst.send(data)
+                except STREAM_ERRORS as exc:
+                    raise ConnectionBroken(describe_failure(exc), ends[1]) from exc
                 counts[slot] += len(data)
                 idle.deadline = trio.current_time() + idle_seconds
 
