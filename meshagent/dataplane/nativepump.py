@@ -465,9 +465,9 @@ class NativePump:
             the bytes moved: ``size``, or fewer after an early reply.
 
         Raises:
-            trio.BrokenResourceError: an end failed, ``src`` ended before ``size``
-                bytes, or no byte moved for ``idle_seconds`` (a ConnectionBroken, with
-                ``ends``; no end for the idle expiry).
+            trio.BrokenResourceError: an end failed, or ``src`` ended before ``size``
+                bytes (a ConnectionBroken, with ``ends``); ConnectionBroken without an
+                end: no byte moved for ``idle_seconds``.
             NativeRefused: the engine would not take an end (nothing moved).
         """
         assert _pump is not None
@@ -477,10 +477,9 @@ class NativePump:
         waiter = await self._run(src, dst, idle_seconds, None, size, flags, ends=ends)
         if waiter.expired:
             moved = waiter.counts[0]
-            text = f"no byte moved for {idle_seconds:g}s ({moved} of {size} bytes copied)"
-            if ends is not None:
-                raise ConnectionBroken(text, None)
-            raise trio.BrokenResourceError(text)
+            raise ConnectionBroken(
+                f"no byte moved for {idle_seconds:g}s ({moved} of {size} bytes copied)", None
+            )
         self.copies += 1
         return waiter.counts[0]
 
