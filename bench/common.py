@@ -387,10 +387,10 @@ def log_summary(path: Path, top: int = 2) -> tuple[int, list[tuple[int, str]]]:
     return len(lines), [(n, kind) for kind, n in kinds.most_common(top)]
 
 
-def describe_log(path: Path) -> str:
-    """``log_summary`` of an agent's log as one line's end: "N line(s) at warning or
-    above, most: Nx kind; ..."."""
-    count, kinds = log_summary(path)
+def describe_log(summary: tuple[int, list[tuple[int, str]]]) -> str:
+    """A ``log_summary`` as one line's end: "N line(s) at warning or above, most: Nx
+    kind; ..."."""
+    count, kinds = summary
     what = "; ".join(f"{n:,}x {kind[:160]}" for n, kind in kinds)
     return f"{count:,} line(s) at warning or above" + (f", most: {what}" if what else "")
 
@@ -398,7 +398,8 @@ def describe_log(path: Path) -> str:
 def agent_warnings(setup: Setup) -> dict[str, str]:
     """Per agent of ``setup`` that logged anything (at warning or above, the level the
     benchmarks run agents at): ``describe_log``. Read before ``setup.stop``."""
-    return {a.name: describe_log(a.log_path) for a in setup.agents if log_summary(a.log_path)[0]}
+    summaries = {a.name: log_summary(a.log_path) for a in setup.agents}
+    return {name: describe_log(summary) for name, summary in summaries.items() if summary[0]}
 
 
 def print_agent_warnings(warnings: dict[str, str]) -> None:

@@ -58,6 +58,7 @@ from common import (
     describe_log,
     environment,
     fmt,
+    log_summary,
     raise_open_files_limit,
     ratio,
     read_line,
@@ -505,7 +506,7 @@ def agent_logs(paths: list[PathUnderTest]) -> list[str]:
     lines = []
     for path in paths:
         for agent, log in path.logs.items():
-            lines.append(f"  {'log':10} {path.name:14} {agent}: {describe_log(log)}")
+            lines.append(f"  {'log':10} {path.name:14} {agent}: {describe_log(log_summary(log))}")
     return lines
 
 
