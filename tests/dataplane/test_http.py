@@ -667,12 +667,16 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
 ) -> None:
     """An endpoint that accepts and never handshakes: of 70 requests at once, 64
     connect; the other 6 wait in line, and connect only once one of the 64 gave up
-    (its handshake timeout): 1 s after the first connection at the earliest."""
+    (its handshake timeout). The agent logs that failure before the slot's next
+    connect can start (no checkpoint between them), so each accepted connection
+    records how many failures the log held by then (in any order: a slower host
+    only makes fewer of them come before the first failure)."""
     assert MAX_CONNECTING_PER_KEY == 64
-    accepted_at: list[float] = []
+    out = io.StringIO()
+    failures_before: list[int] = []  # per accepted connection, in accept order
 
     async def silent(stream: trio.SocketStream) -> None:
-        accepted_at.append(trio.current_time())
+        failures_before.append(out.getvalue().count('event="endpoint failed"'))
         await trio.sleep_forever()
 
     silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
@@ -681,20 +685,23 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
     )
     answers: list[httpx.Response] = []
     limits = httpx.Limits(max_connections=70)
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=30, limits=limits
-    ) as http, trio.open_nursery() as requests:
+    log._Settings.stream = out
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=30, limits=limits
+        ) as http, trio.open_nursery() as requests:
 
-        async def get(n: int) -> None:
-            answers.append(await http.get(f"/{n}"))
+            async def get(n: int) -> None:
+                answers.append(await http.get(f"/{n}"))
 
-        for n in range(70):
-            requests.start_soon(get, n)
+            for n in range(70):
+                requests.start_soon(get, n)
+    finally:
+        log._Settings.stream = None
     assert len(answers) == 70 and {r.status_code for r in answers} == {503}
-    accepted_at.sort()
-    assert len(accepted_at) >= 70
-    # The 65th connection came after one of the first 64 timed out: not in the burst.
-    assert accepted_at[64] - accepted_at[0] >= 0.8, accepted_at[60:70]
+    assert len(failures_before) >= 70
+    # At most 64 came before any failure (in the burst); the rest only after one.
+    assert failures_before.count(0) <= 64, failures_before
 
 
 @pytest.mark.parametrize("routes", [ROUTED, None], ids=["python outbound", "relayed outbound"])
