@@ -309,20 +309,22 @@ def agent_configs(
     app_port: int,
     protocol: str | None = None,
     max_connections: int | None = None,
+    workers: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """The orders agent (an inbound to the app on 127.0.0.3) and the web agent (an
     outbound on 127.0.0.1 with the orders inbound as its fixed endpoint): warning-level
     log, no admin endpoint, no Consul. ``protocol`` is set on both listeners when given
     (else the default, tcp); ``max_connections`` per listener when given (else the
-    agent's default). One process per agent (``workers = 1``), like the one-thread
-    HAProxy and Consul sides it is compared with: the figure is CPU per unit of work."""
+    agent's default). One process per agent (``workers = 1``) unless told otherwise,
+    like the one-thread HAProxy and Consul sides it is compared with: the figure is CPU
+    per unit of work."""
     limits: dict[str, Any] = {"drain_timeout": "2s"}
     if max_connections is not None:
         limits["max_connections"] = max_connections
     common: dict[str, Any] = {
         "log": {"level": "warning"},
         "admin": "",
-        "workers": 1,
+        "workers": workers,
         "limits": limits,
     }
     listener = {} if protocol is None else {"protocol": protocol}

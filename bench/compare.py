@@ -17,8 +17,10 @@ path in turn:
     paced conn  the same, each connection waiting 25 ms after each response: about
                 600 connections/s on every path, for latency at one load
     bulk        wrk -t1 -c1, GET /bulk (100 MiB bodies)
-    memory      10,000 connections (fewer if RLIMIT_NOFILE is lower; smoke: 100),
-                each after one GET /small, held idle; RSS per connection per proxy
+    memory      10,000 connections (smoke: 100), each after one GET /small, held
+                idle; RSS per connection per proxy. Fewer through a single-process
+                peer when RLIMIT_NOFILE cannot give it two sockets per connection; a
+                meshagent pair then runs more processes per agent (plan_memory)
 
 The load generator is wrk, or ``bench/loadgen.py`` when wrk is not installed. CPU
 (user + system, with psutil) of the proxy processes is read before and after each
@@ -538,12 +540,13 @@ def start_paths(
 ) -> list[PathUnderTest]:
     tls = write_identities(tmp)
     hold = args.hold
+    mesh_hold = args.hold_mesh
     starters: dict[str, Callable[[], PathUnderTest]] = {
         "direct": lambda: PathUnderTest("direct", upstream.port),
         "meshagent L4": lambda: start_meshagent_pair(
-            "meshagent L4", None, tls, tmp, upstream, hold + 100, stops),
+            "meshagent L4", None, tls, tmp, upstream, mesh_hold + 100, stops),
         "meshagent HTTP": lambda: start_meshagent_pair(
-            "meshagent HTTP", "http", tls, tmp, upstream, hold + 100, stops),
+            "meshagent HTTP", "http", tls, tmp, upstream, mesh_hold + 100, stops),
         "haproxy pair": lambda: start_haproxy_pair(
             tools, tls, tmp, upstream, max(256, min(hold + 100, (nofile - 100) // 2)), stops),
         "consul pair": lambda: start_consul_pair(tools, tmp, upstream, stops),
@@ -572,16 +575,33 @@ def start_paths(
     return paths
 
 
+def plan_memory(args: argparse.Namespace, nofile: int) -> str:
+    """How many connections the memory scenario holds on each path, within RLIMIT_NOFILE
+    (``nofile``): a proxy process needs two sockets per connection, the holder and the
+    upstream one. A single-process proxy holds what one process can; a meshagent pair
+    holds them all, with as many processes per agent (workers, sharing the listeners
+    the way an agent on a host with that many cores does) as the descriptors need.
+    Sets ``args.hold`` (single-process paths), ``args.hold_mesh`` and
+    ``args.mesh_workers``; returns the line that says so."""
+    wanted = args.hold
+    per_process = max(10, (nofile - 200) // 2)
+    args.hold = min(wanted, per_process)
+    args.hold_mesh = min(wanted, max(10, nofile - 200))
+    args.mesh_workers = -(-args.hold_mesh // per_process)
+    if args.hold == wanted:
+        return f"{wanted:,} connections"
+    return (
+        f"{args.hold_mesh:,} connections through the meshagent pairs ({args.mesh_workers} "
+        f"processes per agent), {args.hold:,} through the others (RLIMIT_NOFILE {nofile:,} "
+        "allows two sockets per connection in one proxy process)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
     env = environment()
     nofile = raise_open_files_limit()
-    hold = min(args.hold, max(10, (nofile - 200) // 2))
-    hold_note = (
-        f"{hold:,} connections (RLIMIT_NOFILE {nofile:,} allows two sockets per connection "
-        f"in one proxy process)" if hold < args.hold else f"{hold:,} connections"
-    )
-    args.hold = hold
+    hold_note = plan_memory(args, nofile)
     print(
         f"meshagent compare: python {env['python']}, {env['cpus']} CPUs, commit "
         f"{env['commit']}, {env['openssl']}; {'smoke' if args.smoke else 'full'} run, "
@@ -706,18 +726,35 @@ def measure_all(
                     flush=True,
                 )
     if MEMORY in args.scenarios:
-        for path in paths:
+        started: list[PathUnderTest] = []
+        for path in list(paths):
             if path.not_run is not None:
                 results.append(Measured(MEMORY, path.name, not_run=path.not_run))
                 continue
-            m = measure_memory(tmp, path, args.hold, args.hold_seconds)
+            hold, label = args.hold, ""
+            if path.with_workers is not None:
+                hold = args.hold_mesh
+                if args.mesh_workers != path.workers:
+                    # one process per agent cannot hold them all: a pair with more
+                    try:
+                        path = path.with_workers(args.mesh_workers)
+                    except (SetupError, RuntimeError, OSError, ValueError) as exc:
+                        why = exc.args[0] if exc.args else type(exc).__name__
+                        results.append(Measured(MEMORY, path.name, errors={
+                            f"{args.mesh_workers} processes per agent: {why}"[:160]: 1}))
+                        continue
+                    started.append(path)
+                    label = f" ({path.workers} processes per agent)"
+                    measure_load(tools, tmp, path, KEEPALIVE, args.warmup)  # as the others were
+            m = measure_memory(tmp, path, hold, args.hold_seconds)
             results.append(m)
             print(
-                f"  {MEMORY:10} {path.name:14} {m.held:,} held"
+                f"  {MEMORY:10} {path.name:14} {m.held:,} held{label}"
                 + (f", {fmt(m.cost())} KiB/conn (larger proxy)" if m.cost() is not None else "")
                 + (f", errors {m.errors}" if m.errors else ""),
                 flush=True,
             )
+        paths.extend(started)  # their agents' logs are read at the end, too
     failed = [m for m in results if m.not_run is None and (m.errors or (
         m.load is None and m.scenario != MEMORY))]
     return 1 if failed else 0

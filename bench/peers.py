@@ -315,6 +315,9 @@ class PathUnderTest:
     not_run: str | None = None
     notes: list[str] = field(default_factory=list)
     logs: dict[str, Path] = field(default_factory=dict)  # a meshagent pair's agent logs
+    # a meshagent pair: the same pair started again with this many processes per agent
+    with_workers: Callable[[int], PathUnderTest] | None = None
+    workers: int = 1  # processes per agent (a meshagent pair)
 
 
 def start_meshagent_pair(
@@ -325,21 +328,28 @@ def start_meshagent_pair(
     upstream: Upstream,
     max_connections: int,
     stops: list[Stopper],
+    workers: int = 1,
 ) -> PathUnderTest:
+    """Start a pair; ``workers``: processes per agent (each holds its share of the
+    connections, and of the descriptors they need)."""
     setup = Setup(tmp)
     stops.append(setup.stop)
     inbound_port = free_port(ORDERS_ADDRESS)
     outbound_port = free_port(LOOPBACK)
     configs = agent_configs(
         tls, inbound_port=inbound_port, outbound_port=outbound_port, app_port=upstream.port,
-        protocol=protocol, max_connections=max_connections,
+        protocol=protocol, max_connections=max_connections, workers=workers,
     )
-    prefix = "l4" if protocol is None else "http"
+    prefix = ("l4" if protocol is None else "http") + ("" if workers == 1 else f"-w{workers}")
     start_agents(setup, {f"{prefix}-{k}": v for k, v in configs.items()})
     wait_get_small(outbound_port, name, [a.log_path for a in setup.agents], 10)
     pids = {a.name: a.pid for a in setup.agents}
     logs = {a.name: a.log_path for a in setup.agents}
-    return PathUnderTest(name, outbound_port, proxies=pids, logs=logs)
+    return PathUnderTest(
+        name, outbound_port, proxies=pids, logs=logs, workers=workers,
+        with_workers=lambda count: start_meshagent_pair(
+            name, protocol, tls, tmp, upstream, max_connections, stops, count),
+    )
 
 
 def _pem_bundle(tls: dict[str, str], out: Path) -> Path:

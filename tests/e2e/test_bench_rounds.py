@@ -90,3 +90,28 @@ def test_agent_logs_are_counted_by_kind(compare: ModuleType, tmp_path: Path) -> 
         " END frame; 1x connection failed: BrokenResourceError" in lines[0]
     assert lines[1].endswith("l4-web: 0 line(s) at warning or above")
     assert lines[2].endswith("gone: 0 line(s) at warning or above")
+
+
+@pytest.mark.parametrize(
+    ("wanted", "nofile", "single", "mesh", "workers"),
+    [
+        (10_000, 1_048_576, 10_000, 10_000, 1),  # room for all in one process
+        (10_000, 20_000, 9_900, 10_000, 2),  # this container's hard limit
+        (10_000, 4_096, 1_948, 3_896, 2),  # the upstream bounds the meshagent pair too
+        (10_000, 1_024, 412, 824, 2),
+        (100, 20_000, 100, 100, 1),  # smoke
+    ],
+)
+def test_the_memory_scenario_holds_what_descriptors_allow(
+    compare: ModuleType, wanted: int, nofile: int, single: int, mesh: int, workers: int
+) -> None:
+    args = compare.parse_args(["--hold", str(wanted)])
+    note = compare.plan_memory(args, nofile)
+    assert (args.hold, args.hold_mesh, args.mesh_workers) == (single, mesh, workers)
+    # a proxy process needs two descriptors per connection, the holder and upstream one
+    assert 2 * -(-mesh // workers) <= nofile - 200
+    if single == wanted:
+        assert note == f"{wanted:,} connections"
+    else:
+        assert f"{mesh:,} connections through the meshagent pairs ({workers} processes" in note
+        assert f"{single:,} through the others (RLIMIT_NOFILE {nofile:,}" in note
