@@ -14,7 +14,14 @@ import trio
 
 from meshagent.dataplane.connection import DataplaneContext, connection_boundary, peer_address
 from meshagent.dataplane.errors import DataplaneError
-from meshagent.dataplane.http_proxy import Forward, Relay, RelaySession, Respond, serve_http
+from meshagent.dataplane.http_proxy import (
+    Forward,
+    Relay,
+    RelaySession,
+    Respond,
+    StartFailure,
+    serve_http,
+)
 from meshagent.dataplane.outbound import CONNECT_ATTEMPTS, connect_endpoint
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import ConnectionPool, PoolTimeout, Upstream
@@ -94,17 +101,24 @@ class HttpOutbound:
         return await connect_endpoint(key, self.listener, self.ctx.source.current, self.ctx)
 
     async def connect(
-        self, endpoint: Endpoint, fields: dict[str, object]
+        self, endpoint: Endpoint, fields: dict[str, object], *, wait: bool = True
     ) -> Upstream | DataplaneError:
         """A connection to ``endpoint`` from the pool, or why there is none; the
-        balancer hears which (a failure ejects the endpoint for a while)."""
+        balancer hears which (a failure ejects the endpoint for a while). With ``wait``
+        False, an endpoint whose connect slots are all taken is a PoolTimeout at once,
+        not logged (the request then waits in line in decide)."""
         # In line no longer than a connect of its own could take (TCP, then TLS).
         snapshot = self.ctx.source.current
-        wait = snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
+        seconds = (
+            snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
+            if wait
+            else 0.0
+        )
         try:
-            upstream, _ = await self.pool.acquire(endpoint, wait_seconds=wait)
+            upstream, _ = await self.pool.acquire(endpoint, wait_seconds=seconds)
         except PoolTimeout as exc:  # busy, not failed: the connects in progress tell
-            log.warning("endpoint busy", endpoint=endpoint.address, error=str(exc), **fields)
+            if wait:
+                log.warning("endpoint busy", endpoint=endpoint.address, error=str(exc), **fields)
             return exc
         except DataplaneError as exc:
             self.balancer.report_failure(endpoint, trio.current_time())
@@ -174,6 +188,7 @@ async def handle_http_outbound(
     client = peer_address(stream)
     client_ip = client.rpartition(":")[0].encode()
     fields: dict[str, object] = {"conn": conn, "listener": listener.name, "client": client}
+    start_failure = StartFailure()
 
     async def decide(head: RequestHead, earlier: tuple[Hashable, ...]) -> Forward | Respond:
         snapshot = ctx.source.current
@@ -212,11 +227,18 @@ async def handle_http_outbound(
             )
         tried: list[Endpoint] = []
         last: DataplaneError | None = None
+        attempts = CONNECT_ATTEMPTS
+        failed = start_failure.take()
+        if failed is not None:  # the relay's start tried once already, for this request
+            endpoint, last = failed
+            assert isinstance(endpoint, Endpoint)
+            tried.append(endpoint)
+            attempts -= 1
         # A retry prefers endpoints earlier tries did not use, if there are any.
         avoid = [e for e in endpoints if e in earlier]
         if len(avoid) < len(endpoints):
             tried += avoid
-        for _ in range(CONNECT_ATTEMPTS):
+        for _ in range(attempts):
             endpoint = state.balancer.pick(endpoints, trio.current_time(), exclude=tried)
             if endpoint is None:
                 break
@@ -252,7 +274,8 @@ async def handle_http_outbound(
         RELAY_SECONDS): what decide would choose for every one of them (``current``
         itself when that is where it goes now: one endpoint, say), or None when that
         depends on the request or needs Python (retries, timeouts, no endpoint, a
-        failed connect)."""
+        failed connect, which decide then counts as its first try)."""
+        start_failure.clear()
         snapshot = ctx.source.current
         rule = state.relay_rule(snapshot)
         if rule is None:
@@ -279,8 +302,12 @@ async def handle_http_outbound(
         forwarded_for = FORWARDED_FOR + b": " + client_ip + b"\r\n"
         if current is not None and current.same(endpoint, labels, forwarded_for):
             return current  # the relay keeps its upstream: no pool round trip
-        upstream = await state.connect(endpoint, fields)
+        # Not in line: when the endpoint is busy the request waits in decide, once.
+        upstream = await state.connect(endpoint, fields, wait=False)
+        if isinstance(upstream, PoolTimeout):
+            return None  # decide waits in line
         if isinstance(upstream, DataplaneError):
+            start_failure.record(endpoint, upstream)
             return None  # decide tries the other endpoints
         return RelaySession(
             upstream, _releaser(state.pool, endpoint, upstream), labels, forwarded_for, endpoint

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import trio
 
 from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
-from meshagent.dataplane.errors import ConnectionBroken, broken_at
+from meshagent.dataplane.errors import ConnectionBroken, DataplaneError, broken_at
 from meshagent.dataplane.nativepump import (
     KEEP,
     End,
@@ -281,6 +281,39 @@ class Relay:
     max_requests: int = 0
     max_seconds: float = 0
     on_records: Callable[[int], None] | None = None
+
+
+# A connect of the relay's ``start`` that failed is the first try of the request
+# ``decide`` is given next if decide comes this soon after: the request was there
+# already (reading and parsing it takes far less). Later, it came after the failure,
+# and decide tries afresh. Without this a request could connect twice to an endpoint
+# that times out (once in start, once in decide) before its answer.
+START_FAILURE_FRESH_SECONDS = 0.1
+
+
+class StartFailure:
+    """What the relay's ``start`` of one connection found when its own connect failed:
+    recorded by start, taken by the next ``decide``."""
+
+    __slots__ = ("_at", "_error", "_key")
+
+    def __init__(self) -> None:
+        self._at = -math.inf
+        self._key: Hashable = None
+        self._error: DataplaneError | None = None
+
+    def record(self, key: Hashable, error: DataplaneError) -> None:
+        self._at, self._key, self._error = trio.current_time(), key, error
+
+    def clear(self) -> None:
+        self._error = None
+
+    def take(self) -> tuple[Hashable, DataplaneError] | None:
+        """The failure recorded, if it is fresh; forgotten either way."""
+        error, self._error = self._error, None
+        if error is None or trio.current_time() - self._at > START_FAILURE_FRESH_SECONDS:
+            return None
+        return self._key, error
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ from meshagent.dataplane.http_proxy import (
     RelaySession,
     Release,
     Respond,
+    StartFailure,
     Stream,
     mesh_request_headers,
     serve_http,
@@ -110,12 +111,12 @@ class AppPool:
         seconds = self.ctx.source.current.timeouts.connect_seconds
         return PlainSocketStream.wrap(await _connect_app(self.listener, seconds))
 
-    async def acquire(self) -> tuple[Upstream, bool]:
+    async def acquire(self, *, wait: bool = True) -> tuple[Upstream, bool]:
         """A connection to the app, waiting at most the connect timeout (as long as a
         connect of its own could take) for one when the pool's connect slots are all
-        taken. Raises DataplaneError."""
-        wait = self.ctx.source.current.timeouts.connect_seconds
-        return await self.pool.acquire("app", wait_seconds=wait)
+        taken; with ``wait`` False, PoolTimeout at once then. Raises DataplaneError."""
+        seconds = self.ctx.source.current.timeouts.connect_seconds if wait else 0.0
+        return await self.pool.acquire("app", wait_seconds=seconds)
 
     def releaser(self, upstream: Upstream) -> Release:
         """What gives ``upstream`` back after a request: to the pool, or closed."""
@@ -136,6 +137,7 @@ async def _serve_app_http(
     fields: dict[str, object],
 ) -> None:
     listener = app.listener
+    start_failure = StartFailure()
 
     def base_labels() -> dict[str, str]:
         labels = {"mesh": app.ctx.source.current.mesh, "destination": listener.service}
@@ -148,6 +150,9 @@ async def _serve_app_http(
         request_id = get_header(head.headers, b"x-request-id")
         if request_id is not None:
             labels["request_id"] = request_id.decode("latin-1")
+        failed = start_failure.take()
+        if failed is not None:  # the relay's start just failed to connect, for this request
+            return Respond(502, f"{listener.service}: {failed[1]}", labels)
         try:
             upstream, _ = await app.acquire()
         except PoolTimeout as exc:  # the app is slow to accept: busy, not broken
@@ -166,9 +171,14 @@ async def _serve_app_http(
     add = b"" if source is None else SOURCE_HEADER + b": " + source.encode() + b"\r\n"
 
     async def start(current: RelaySession | None) -> RelaySession | None:
+        start_failure.clear()
         try:
-            upstream, _ = await app.acquire()
-        except DataplaneError:
+            # Not in line: when the app is busy the request waits in decide, once.
+            upstream, _ = await app.acquire(wait=False)
+        except PoolTimeout:
+            return None  # decide waits in line
+        except DataplaneError as exc:
+            start_failure.record("app", exc)
             return None  # decide answers the request with why
         return RelaySession(upstream, app.releaser(upstream), base_labels(), add)
 

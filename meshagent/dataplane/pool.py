@@ -89,13 +89,15 @@ class ConnectionPool:
         max_idle_per_key: int = 256,
         max_idle: int = 2048,
         idle_seconds: float = 60.0,
-        max_connecting_per_key: int = MAX_CONNECTING_PER_KEY,
+        max_connecting_per_key: int | None = None,  # None: MAX_CONNECTING_PER_KEY, now
     ) -> None:
         self._connect = connect
         self._max_per_key = max_idle_per_key
         self._max_idle = max_idle
         self._idle_seconds = idle_seconds
-        self._max_connecting = max_connecting_per_key
+        self._max_connecting = (
+            MAX_CONNECTING_PER_KEY if max_connecting_per_key is None else max_connecting_per_key
+        )
         self._idle: OrderedDict[Hashable, deque[_Idle]] = OrderedDict()
         self._count = 0
         self._connecting: dict[Hashable, int] = {}
@@ -109,14 +111,17 @@ class ConnectionPool:
         """A connection to ``key`` and whether it was reused. A cancel point.
 
         ``wait_seconds``: how long to wait, when the key's connect slots are all taken,
-        for a connection given back or a slot (then ``PoolTimeout``); the connect itself
-        keeps its own deadlines. Raises whatever ``connect`` raises, or ``PoolTimeout``.
+        for a connection given back or a slot (then ``PoolTimeout``; at once when 0,
+        without a place in line); the connect itself keeps its own deadlines. Raises
+        whatever ``connect`` raises, or ``PoolTimeout``.
         """
         stream = await self.take(key)
         if stream is not None:
             return stream, True
         assert self._connect is not None, "a pool without connect only lends (take)"
         if self._connecting.get(key, 0) >= self._max_connecting:
+            if wait_seconds <= 0:
+                raise PoolTimeout(f"{self._connecting[key]} connects already in progress")
             stream = await self._wait(key, wait_seconds)
             if stream is not None:
                 return stream, True

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from meshagent import log
-from meshagent.dataplane import http_outbound
+from meshagent.dataplane import http_outbound, pool
 from meshagent.dataplane.connection import HttpStats
 from meshagent.dataplane.nativepump import ENV_SWITCH
 from meshagent.dataplane.pool import MAX_CONNECTING_PER_KEY
@@ -41,7 +41,7 @@ from meshagent.snapshot.model import (
 )
 from tests.dataplane.test_proxy import StaticSource
 from tests.support.http_app import serve_http_app
-from tests.support.net import free_port, serve_app, wait_until
+from tests.support.net import free_port, full_backlog, serve_app, wait_until
 from tests.support.pki import MeshCa, make_ca
 
 MESH = "shop"
@@ -50,7 +50,7 @@ TIMEOUTS = Timeouts(connect_seconds=2, handshake_seconds=2)
 
 async def start_app_agent(
     nursery: trio.Nursery, ca: MeshCa, name: str, service: str = "orders",
-    app_port: int | None = None,
+    app_port: int | None = None, timeouts: Timeouts = TIMEOUTS,
 ) -> tuple[int, DataplaneHandle]:
     """An HTTP app (the demo's, unless ``app_port`` has one) behind an HTTP inbound on
     127.0.0.2; returns the inbound port."""
@@ -58,7 +58,7 @@ async def start_app_agent(
         app_port = await nursery.start(serve_http_app, name)
     port = free_port("127.0.0.2")
     snapshot = Snapshot(
-        version=1, mesh=MESH, timeouts=TIMEOUTS,
+        version=1, mesh=MESH, timeouts=timeouts,
         inbounds=(InboundListener(name=f"inbound:{name}", service=service, bind="127.0.0.2",
                                   port=port, app_port=app_port, protocol="http"),),
     )
@@ -702,6 +702,79 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
     assert len(failures_before) >= 70
     # At most 64 came before any failure (in the burst); the rest only after one.
     assert failures_before.count(0) <= 64, failures_before
+
+
+async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One connect to the app at a time (the bound lowered to 1), and an app that never
+    accepts: a connect fails at the connect timeout, 1 s. Of three requests at once,
+    one connects (502 at 1 s, not a second connect) and one waits in line and gets the
+    slot then (502 at 2 s). The third's wait in line, as long as a connect, runs out
+    first: 503, before the second's answer. Had the C relay's start waited and then the
+    request's own decide waited again, it would have got the slot at 2 s and answered
+    502 at 3 s."""
+    monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
+    async with full_backlog() as app_port:
+        inbound_port, _ = await start_app_agent(
+            nursery, ca, "orders-a", app_port=app_port,
+            timeouts=Timeouts(connect_seconds=1, handshake_seconds=2),
+        )
+        web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+        answered: list[int] = []  # in the order the answers came
+        limits = httpx.Limits(max_connections=3)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=10, limits=limits
+        ) as http, trio.open_nursery() as requests:
+
+            async def get(n: int) -> None:
+                answered.append((await http.get(f"/{n}")).status_code)
+
+            for n in range(3):
+                requests.start_soon(get, n)
+    assert sorted(answered) == [502, 502, 503], answered
+    assert answered[-1] == 502, answered
+
+
+async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbound's side of the test above: one connect to the endpoint at a time and
+    an endpoint that accepts and never handshakes (timeout 2 s; a wait in line is
+    connect + handshake, 3 s). Of three requests at once, the first's handshake fails
+    at 2 s, the second takes the slot then; the third, in line behind both, gives up at
+    3 s (503, busy), before the second's handshake fails (4 s): when it is answered
+    the agent has logged one failure. Had it waited twice (the C relay's start, then
+    decide), it would have been answered at 6 s, after the second failure."""
+    monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
+    out = io.StringIO()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
+    web_port, _ = await start_web(
+        nursery, ca, [ep(silent_port)], timeouts=Timeouts(connect_seconds=1, handshake_seconds=2)
+    )
+    busy: list[int] = []  # per busy answer: the failures logged by then
+    limits = httpx.Limits(max_connections=3)
+    log._Settings.stream = out
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=20, limits=limits
+        ) as http, trio.open_nursery() as requests:
+
+            async def get(n: int) -> None:
+                response = await http.get(f"/{n}")
+                assert response.status_code == 503
+                if "connects already in progress" in response.text:
+                    busy.append(out.getvalue().count('event="endpoint failed"'))
+
+            for n in range(3):
+                requests.start_soon(get, n)
+    finally:
+        log._Settings.stream = None
+    assert busy == [1], busy
 
 
 @pytest.mark.parametrize("routes", [ROUTED, None], ids=["python outbound", "relayed outbound"])

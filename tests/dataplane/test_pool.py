@@ -201,6 +201,23 @@ async def test_a_request_waits_its_deadline_then_leaves_the_line(peers: Peers) -
     assert len(requests.got) == 3 and pool.waiting("a") == 0 and pool.connecting("a") == 0
 
 
+async def test_a_request_that_will_not_wait_takes_no_place_in_line(peers: Peers) -> None:
+    gate = Gate(peers)
+    pool = ConnectionPool(gate.connect, max_connecting_per_key=1)
+    async with trio.open_nursery() as nursery:
+        requests = Requests(pool, nursery)
+        await requests.start(0)
+        with pytest.raises(PoolTimeout, match=r"^1 connects already in progress$"):
+            await pool.acquire("a", wait_seconds=0)
+        assert pool.connecting("a") == 1 and pool.waiting("a") == 0
+        gate.finish(0)
+        await until(lambda: 0 in requests.got)
+        await pool.release("a", requests.stream(0))
+        # a free slot or an idle connection: no wait needed, none taken
+        assert await pool.acquire("a", wait_seconds=0) == (requests.stream(0), True)
+    assert len(gate.go) == 1
+
+
 async def test_a_cancelled_request_passes_on_what_it_was_handed(peers: Peers) -> None:
     gate = Gate(peers)
     pool = ConnectionPool(gate.connect, max_connecting_per_key=1)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
 from meshagent.demo.ports import free_port
 
-__all__ = ["free_port", "round_trip", "serve_app", "serve_echo", "wait_until"]
+__all__ = ["free_port", "full_backlog", "round_trip", "serve_app", "serve_echo", "wait_until"]
 
 
 async def serve_app(
@@ -40,6 +42,29 @@ async def serve_echo(
             pass
 
     await serve_app(echo, host, task_status=task_status)
+
+
+@asynccontextmanager
+async def full_backlog(host: str = "127.0.0.1") -> AsyncIterator[int]:
+    """The port of a listener that never accepts, its backlog full: the kernel drops
+    the SYNs of the next connects, which wait until their own timeout."""
+    with socket.socket() as listener:
+        listener.bind((host, 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        held: list[trio.SocketStream] = []
+        try:
+            for _ in range(16):  # the first one or two fill the queue
+                with trio.move_on_after(0.3) as scope:
+                    held.append(await trio.open_tcp_stream(host, port))
+                if scope.cancelled_caught:
+                    break
+            else:
+                raise AssertionError("every connect was taken: the backlog never filled")
+            yield port
+        finally:
+            for stream in held:
+                await stream.aclose()
 
 
 async def wait_until(
