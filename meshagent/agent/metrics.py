@@ -71,6 +71,12 @@ class AgentCollector(Collector):
             "Inbound TLS handshakes done, by whether they resumed a session (yes: cheap)",
             labels=["mesh", "listener", "resumed"],
         )
+        busy = CounterMetricFamily(
+            "meshagent_http_busy",
+            "HTTP requests answered 503 because every connect slot to the endpoint "
+            "(outbound) or the app (inbound) stayed taken as long as a connect could take",
+            labels=["mesh", "listener"],
+        )
         plaintext = CounterMetricFamily(
             "meshagent_inbound_plaintext_connections",
             "Inbound connections without TLS (permissive/off): callers that skip the mesh",
@@ -85,12 +91,15 @@ class AgentCollector(Collector):
                 reasons.add_metric([mesh, name, reason], count)
             for reason, count in sorted(dict(c.tls_failures).items()):
                 tls.add_metric([mesh, name, reason], count)
+            busy.add_metric([mesh, name], c.busy)
             accepted.add_metric([mesh, name], c.accepted)
             failed.add_metric([mesh, name], c.failed)
             active.add_metric([mesh, name], c.active)
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
-        yield from (accepted, failed, reasons, tls, handshakes, active, bytes_total, plaintext)
+        yield from (
+            accepted, failed, reasons, tls, handshakes, active, bytes_total, plaintext, busy
+        )
         yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(
             "meshagent_snapshot_version", "Version of the snapshot in force", labels=["mesh"]

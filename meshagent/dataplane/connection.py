@@ -58,6 +58,9 @@ class ConnectionCounters:
     # skip both certificate signatures: a low share costs CPU on both agents).
     tls_full: int = 0
     tls_resumed: int = 0
+    # HTTP requests answered 503 because every connect slot to the endpoint (outbound)
+    # or the app (inbound) stayed taken for as long as a connect could take.
+    busy: int = 0
 
     def add(self, other: ConnectionCounters) -> None:
         """Add ``other``'s counts to these (summing listeners, or processes)."""
@@ -69,6 +72,7 @@ class ConnectionCounters:
         self.plaintext += other.plaintext
         self.tls_full += other.tls_full
         self.tls_resumed += other.tls_resumed
+        self.busy += other.busy
         for reason, count in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + count
         for reason, count in other.tls_failures.items():

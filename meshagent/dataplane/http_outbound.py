@@ -118,6 +118,7 @@ class HttpOutbound:
             upstream, _ = await self.pool.acquire(endpoint, wait_seconds=seconds)
         except PoolTimeout as exc:  # busy, not failed: the connects in progress tell
             if wait:
+                self.ctx.listener_counters(self.listener.name).busy += 1
                 log.warning("endpoint busy", endpoint=endpoint.address, error=str(exc), **fields)
             return exc
         except DataplaneError as exc:

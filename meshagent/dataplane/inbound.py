@@ -156,6 +156,7 @@ async def _serve_app_http(
         try:
             upstream, _ = await app.acquire()
         except PoolTimeout as exc:  # the app is slow to accept: busy, not broken
+            app.ctx.listener_counters(listener.name).busy += 1
             return Respond(503, f"{listener.service}: {exc}", labels)
         except DataplaneError as exc:
             return Respond(502, f"{listener.service}: {exc}", labels)

@@ -38,3 +38,19 @@ def test_processes_and_worker_restarts_are_exposed() -> None:
         dict, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {}))).decode()
     assert 'meshagent_processes{mesh="shop"} 1.0' in single
     assert 'meshagent_worker_restarts_total{mesh="shop"} 0.0' in single
+
+
+def test_http_requests_turned_away_by_a_busy_endpoint_are_counted() -> None:
+    counters = {
+        "outbound:orders:16001": ConnectionCounters(accepted=9, busy=3),
+        "inbound:users:15443": ConnectionCounters(accepted=2),
+    }
+    registry = new_registry(
+        AgentCollector(lambda: counters, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {})
+    )
+    text = generate_latest(registry).decode()
+    assert 'meshagent_http_busy_total{listener="outbound:orders:16001",mesh="shop"} 3.0' in text
+    assert 'meshagent_http_busy_total{listener="inbound:users:15443",mesh="shop"} 0.0' in text
+    summed = ConnectionCounters(busy=1)
+    summed.add(counters["outbound:orders:16001"])  # across workers
+    assert summed.busy == 4

@@ -716,7 +716,7 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     502 at 3 s."""
     monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
     async with full_backlog() as app_port:
-        inbound_port, _ = await start_app_agent(
+        inbound_port, inbound = await start_app_agent(
             nursery, ca, "orders-a", app_port=app_port,
             timeouts=Timeouts(connect_seconds=1, handshake_seconds=2),
         )
@@ -734,6 +734,7 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
                 requests.start_soon(get, n)
     assert sorted(answered) == [502, 502, 503], answered
     assert answered[-1] == 502, answered
+    assert inbound.context.counters.busy == 1
 
 
 async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
@@ -753,7 +754,7 @@ async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
         await trio.sleep_forever()
 
     silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
-    web_port, _ = await start_web(
+    web_port, web = await start_web(
         nursery, ca, [ep(silent_port)], timeouts=Timeouts(connect_seconds=1, handshake_seconds=2)
     )
     busy: list[int] = []  # per busy answer: the failures logged by then
@@ -775,6 +776,7 @@ async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
     finally:
         log._Settings.stream = None
     assert busy == [1], busy
+    assert web.context.counters.busy == 1
 
 
 @pytest.mark.parametrize("routes", [ROUTED, None], ids=["python outbound", "relayed outbound"])
