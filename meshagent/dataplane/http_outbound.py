@@ -230,10 +230,10 @@ async def handle_http_outbound(
         last: DataplaneError | None = None
         attempts = CONNECT_ATTEMPTS
         failed = start_failure.take()
-        if failed is not None:  # the relay's start tried once already, for this request
-            endpoint, last = failed
-            assert isinstance(endpoint, Endpoint)
-            tried.append(endpoint)
+        if failed is not None and failed[0] in endpoints:  # start tried one, for this request
+            assert isinstance(failed[0], Endpoint)
+            tried.append(failed[0])
+            last = failed[1]
             attempts -= 1
         # A retry prefers endpoints earlier tries did not use, if there are any.
         avoid = [e for e in endpoints if e in earlier]
