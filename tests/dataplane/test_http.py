@@ -13,7 +13,7 @@ import random
 import socket
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -662,6 +662,48 @@ async def test_a_listener_at_its_limit_closes_an_idle_keep_alive_connection_for_
     assert web.context.counters.accepted == 4
 
 
+@contextlib.contextmanager
+def captured_log() -> Iterator[io.StringIO]:
+    """The agents' log lines while the block runs."""
+    out = io.StringIO()
+    log._Settings.stream = out
+    try:
+        yield out
+    finally:
+        log._Settings.stream = None
+
+
+async def get_at_once(
+    port: int, count: int, answered: Callable[[httpx.Response], None], *, timeout: float = 30
+) -> None:
+    """``count`` GETs (/0, /1, ...) to the outbound on ``port`` at once, each on a
+    connection of its own; ``answered`` hears each response as it comes."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=timeout, limits=limits
+    ) as http, trio.open_nursery() as requests:
+
+        async def get(n: int) -> None:
+            answered(await http.get(f"/{n}"))
+
+        for n in range(count):
+            requests.start_soon(get, n)
+
+
+async def start_silent_endpoint(
+    nursery: trio.Nursery, accepted: Callable[[], None] = lambda: None
+) -> int:
+    """An endpoint on 127.0.0.2 that accepts (``accepted`` hears each) and never says a
+    word, so a handshake with it times out; returns its port."""
+
+    async def silent(stream: trio.SocketStream) -> None:
+        accepted()
+        await trio.sleep_forever()
+
+    port: int = await nursery.start(serve_app, silent, "127.0.0.2")
+    return port
+
+
 async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_endpoint(
     nursery: trio.Nursery, ca: MeshCa
 ) -> None:
@@ -672,32 +714,18 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
     records how many failures the log held by then (in any order: a slower host
     only makes fewer of them come before the first failure)."""
     assert MAX_CONNECTING_PER_KEY == 64
-    out = io.StringIO()
     failures_before: list[int] = []  # per accepted connection, in accept order
-
-    async def silent(stream: trio.SocketStream) -> None:
-        failures_before.append(out.getvalue().count('event="endpoint failed"'))
-        await trio.sleep_forever()
-
-    silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
-    web_port, _ = await start_web(
-        nursery, ca, [ep(silent_port)], timeouts=Timeouts(connect_seconds=1, handshake_seconds=1)
-    )
     answers: list[httpx.Response] = []
-    limits = httpx.Limits(max_connections=70)
-    log._Settings.stream = out
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=30, limits=limits
-        ) as http, trio.open_nursery() as requests:
-
-            async def get(n: int) -> None:
-                answers.append(await http.get(f"/{n}"))
-
-            for n in range(70):
-                requests.start_soon(get, n)
-    finally:
-        log._Settings.stream = None
+    with captured_log() as out:
+        silent_port = await start_silent_endpoint(
+            nursery,
+            lambda: failures_before.append(out.getvalue().count('event="endpoint failed"')),
+        )
+        web_port, _ = await start_web(
+            nursery, ca, [ep(silent_port)],
+            timeouts=Timeouts(connect_seconds=1, handshake_seconds=1),
+        )
+        await get_at_once(web_port, 70, answers.append)
     assert len(answers) == 70 and {r.status_code for r in answers} == {503}
     assert len(failures_before) >= 70
     # At most 64 came before any failure (in the burst); the rest only after one.
@@ -722,16 +750,7 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
         )
         web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
         answered: list[int] = []  # in the order the answers came
-        limits = httpx.Limits(max_connections=3)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=10, limits=limits
-        ) as http, trio.open_nursery() as requests:
-
-            async def get(n: int) -> None:
-                answered.append((await http.get(f"/{n}")).status_code)
-
-            for n in range(3):
-                requests.start_soon(get, n)
+        await get_at_once(web_port, 3, lambda response: answered.append(response.status_code))
     assert sorted(answered) == [502, 502, 503], answered
     assert answered[-1] == 502, answered
     assert inbound.context.counters.busy == 1
@@ -748,33 +767,21 @@ async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
     the agent has logged one failure. Had it waited twice (the C relay's start, then
     decide), it would have been answered at 6 s, after the second failure."""
     monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
-    out = io.StringIO()
-
-    async def silent(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()
-
-    silent_port = await nursery.start(serve_app, silent, "127.0.0.2")
+    silent_port = await start_silent_endpoint(nursery)
     web_port, web = await start_web(
         nursery, ca, [ep(silent_port)], timeouts=Timeouts(connect_seconds=1, handshake_seconds=2)
     )
+    statuses: list[int] = []
     busy: list[int] = []  # per busy answer: the failures logged by then
-    limits = httpx.Limits(max_connections=3)
-    log._Settings.stream = out
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{web_port}", trust_env=False, timeout=20, limits=limits
-        ) as http, trio.open_nursery() as requests:
+    with captured_log() as out:
 
-            async def get(n: int) -> None:
-                response = await http.get(f"/{n}")
-                assert response.status_code == 503
-                if "connects already in progress" in response.text:
-                    busy.append(out.getvalue().count('event="endpoint failed"'))
+        def answered(response: httpx.Response) -> None:
+            statuses.append(response.status_code)
+            if "connects already in progress" in response.text:
+                busy.append(out.getvalue().count('event="endpoint failed"'))
 
-            for n in range(3):
-                requests.start_soon(get, n)
-    finally:
-        log._Settings.stream = None
+        await get_at_once(web_port, 3, answered)
+    assert statuses == [503, 503, 503]
     assert busy == [1], busy
     assert web.context.counters.busy == 1
 
@@ -784,9 +791,7 @@ async def test_a_cut_names_the_end_that_failed_and_a_client_hang_up_is_info(
     nursery: trio.Nursery, ca: MeshCa, pump: str, routes: OutboundRoutes | None
 ) -> None:
     web_port, web, inbound = await start_raw_bodies_mesh(nursery, ca, routes)
-    out = io.StringIO()
-    log._Settings.stream = out
-    try:
+    with captured_log() as out:
         async with client(web_port) as http:
             with pytest.raises(httpx.RemoteProtocolError):
                 await http.get("/cut")  # the app closes inside the body: upstream
@@ -802,8 +807,6 @@ async def test_a_cut_names_the_end_that_failed_and_a_client_hang_up_is_info(
         with trio.fail_after(10):
             while web.context.counters.failed < 2:
                 await trio.sleep(0.01)
-    finally:
-        log._Settings.stream = None
     assert web.context.counters.failures == {"upstream-broken": 1, "downstream-broken": 1}
     assert inbound.context.counters.failures["upstream-broken"] == 1  # its app cut it
     lines = [line for line in out.getvalue().splitlines() if "connection failed" in line]
