@@ -13,6 +13,7 @@ from typing import Protocol
 import trio
 
 from meshagent.dataplane.errors import (
+    DOWNSTREAM,
     ConnectionBroken,
     DataplaneError,
     HandshakeError,
@@ -292,7 +293,7 @@ def _client_gone(exc: BaseException) -> bool:
     """The downstream end's socket or TLS failed (not its framing: a broken peer agent)."""
     return (
         isinstance(exc, ConnectionBroken)
-        and exc.end == "downstream"
+        and exc.end == DOWNSTREAM
         and not isinstance(exc.__cause__, FrameError)
     )
 

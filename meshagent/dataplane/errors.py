@@ -50,6 +50,10 @@ class PeerProtocolError(DataplaneError):
     """The peer broke the agent-to-agent framing."""
 
 
+# The ends of a proxied connection, as ConnectionBroken names them.
+DOWNSTREAM, UPSTREAM = "downstream", "upstream"
+
+
 class ConnectionBroken(DataplaneError, trio.BrokenResourceError):
     """One end of a proxied connection failed while bytes moved: reset, closed without
     close_notify, bad framing, nothing moved for too long. ``end``: "downstream" (the

@@ -47,7 +47,13 @@ from dataclasses import dataclass, field
 import trio
 
 from meshagent.dataplane.connection import LATENCY_BUCKETS_SECONDS, Drain, HttpStats, describe
-from meshagent.dataplane.errors import ConnectionBroken, DataplaneError, broken_at
+from meshagent.dataplane.errors import (
+    DOWNSTREAM,
+    UPSTREAM,
+    ConnectionBroken,
+    DataplaneError,
+    broken_at,
+)
 from meshagent.dataplane.nativepump import (
     KEEP,
     End,
@@ -93,8 +99,6 @@ log = get_logger("http")
 access_log = get_logger("access")
 
 CHUNK = 64 * 1024
-# The ends of a proxied exchange, as ConnectionBroken names them.
-DOWNSTREAM, UPSTREAM = "downstream", "upstream"
 _RNG = random.Random()
 HEAD_SECONDS = 30.0  # from a request's first byte to the end of its head (else 408)
 # A request body up to this size is read whole before the first try when the request may
@@ -137,6 +141,11 @@ class _Reader:
                 self._feed(prefix)
             except HttpError as exc:  # raised by the next read, with nothing read
                 self._parser = _Failed(exc)  # type: ignore[assignment]
+
+    @classmethod
+    def requests(cls, downstream: Stream, prefix: bytes = b"") -> _Reader:
+        """A reader of the requests a client sends (``prefix``: read already)."""
+        return cls(downstream, RequestParser(), prefix, DOWNSTREAM)
 
     def has_pending(self) -> bool:
         return bool(self._pending)
@@ -356,7 +365,7 @@ async def serve_http(
     connection limit, closes it then. With ``pump``, big bodies move in C, and with
     ``relay`` too, plain requests are served by the C relay (see the module
     docstring)."""
-    reader = _Reader(downstream, RequestParser(), prefix, DOWNSTREAM)
+    reader = _Reader.requests(downstream, prefix)
     native = None if pump is None else _Native(pump, idle_seconds)
     drain = drain or Drain()
     relaying = None
@@ -460,7 +469,7 @@ class _Relaying:
             down_end = stream_end(downstream)
             session = None if down_end is None else await relay.start(None)
             if down_end is None or session is None:
-                return _Reader(downstream, RequestParser(), initial, DOWNSTREAM), None
+                return _Reader.requests(downstream, initial), None
             up_end = stream_end(session.upstream)
             sessions = _Sessions(relay, session)
             try:
@@ -470,7 +479,7 @@ class _Relaying:
             except NativeRefused as exc:  # nothing moved, no switch
                 log_refusal(_RELAY_REFUSED, str(exc))
                 await session.release(True)
-                return _Reader(downstream, RequestParser(), initial, DOWNSTREAM), None
+                return _Reader.requests(downstream, initial), None
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await sessions.current.release(False)
@@ -484,11 +493,11 @@ class _Relaying:
                 resumed = Forward(
                     upstream, release, b"", (), labels=session.labels, resumed=end
                 )
-                return _Reader(downstream, RequestParser(), end.downstream, DOWNSTREAM), resumed
+                return _Reader.requests(downstream, end.downstream), resumed
             with trio.CancelScope(shield=True):
                 await release(end.upstream_reusable)
             if outcome is RelayOutcome.REQUEST:  # one the relay does not take
-                return _Reader(downstream, RequestParser(), end.downstream, DOWNSTREAM), None
+                return _Reader.requests(downstream, end.downstream), None
             if outcome in (RelayOutcome.UPSTREAM_SPENT, RelayOutcome.RENEW):
                 initial = end.downstream  # the next request: another upstream, or decision
                 continue

@@ -52,7 +52,7 @@ from typing import Final, Protocol
 
 import trio
 
-from meshagent.dataplane.errors import ConnectionBroken
+from meshagent.dataplane.errors import DOWNSTREAM, UPSTREAM, ConnectionBroken
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.log import get_logger
@@ -434,7 +434,7 @@ class NativePump:
         assert _pump is not None
         flags = _pump.EITHER_END if either_end else 0
         waiter = await self._run(
-            a, b, idle_seconds, on_first_read, 0, flags, ends=("downstream", "upstream")
+            a, b, idle_seconds, on_first_read, 0, flags, ends=(DOWNSTREAM, UPSTREAM)
         )
         return waiter.counts[0], waiter.counts[1], waiter.expired
 
@@ -552,7 +552,7 @@ class NativePump:
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        waiter = _Waiter(on_first_read, on_records, ends=("downstream", "upstream"))
+        waiter = _Waiter(on_first_read, on_records, ends=(DOWNSTREAM, UPSTREAM))
         if renewal is not None:
             waiter.renewal = renewal
             waiter.offer = functools.partial(self._offer, handle)

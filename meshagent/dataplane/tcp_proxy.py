@@ -22,7 +22,13 @@ from typing import Protocol
 import trio
 
 from meshagent.dataplane import nativepump
-from meshagent.dataplane.errors import STREAM_ERRORS, ConnectionBroken, describe_failure
+from meshagent.dataplane.errors import (
+    DOWNSTREAM,
+    STREAM_ERRORS,
+    UPSTREAM,
+    ConnectionBroken,
+    describe_failure,
+)
 from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
@@ -230,7 +236,7 @@ async def _splice_in_python(a: Side, b: Side, idle_seconds: float) -> tuple[int,
         idle.deadline = trio.current_time() + idle_seconds
 
         async def move(src: Side, dst: Side, slot: int) -> None:
-            ends = ("downstream", "upstream") if slot == 0 else ("upstream", "downstream")
+            ends = (DOWNSTREAM, UPSTREAM) if slot == 0 else (UPSTREAM, DOWNSTREAM)
             while True:  # as broken_at does, without a context manager per chunk
                 try:
                     data = await src.receive()

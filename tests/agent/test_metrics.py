@@ -9,15 +9,19 @@ from meshagent.dataplane.connection import ConnectionCounters
 from meshagent.snapshot.model import Snapshot
 
 
-def test_plaintext_callers_of_inbounds_are_counted_for_the_strict_switch() -> None:
-    counters = {
-        "inbound:orders:15443": ConnectionCounters(accepted=5, plaintext=2),
-        "outbound:users:16001": ConnectionCounters(accepted=7),
-    }
+def scrape(counters: dict[str, ConnectionCounters]) -> str:
+    """The exposition of an agent with these per-listener counters, in mesh "shop"."""
     registry = new_registry(
         AgentCollector(lambda: counters, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {})
     )
-    text = generate_latest(registry).decode()
+    return generate_latest(registry).decode()
+
+
+def test_plaintext_callers_of_inbounds_are_counted_for_the_strict_switch() -> None:
+    text = scrape({
+        "inbound:orders:15443": ConnectionCounters(accepted=5, plaintext=2),
+        "outbound:users:16001": ConnectionCounters(accepted=7),
+    })
     assert (
         'meshagent_inbound_plaintext_connections_total{listener="inbound:orders:15443",'
         'mesh="shop"} 2.0'
@@ -45,10 +49,7 @@ def test_http_requests_turned_away_by_a_busy_endpoint_are_counted() -> None:
         "outbound:orders:16001": ConnectionCounters(accepted=9, busy=3),
         "inbound:users:15443": ConnectionCounters(accepted=2),
     }
-    registry = new_registry(
-        AgentCollector(lambda: counters, lambda: None, lambda: Snapshot(version=1, mesh="shop"), {})
-    )
-    text = generate_latest(registry).decode()
+    text = scrape(counters)
     assert 'meshagent_http_busy_total{listener="outbound:orders:16001",mesh="shop"} 3.0' in text
     assert 'meshagent_http_busy_total{listener="inbound:users:15443",mesh="shop"} 0.0' in text
     summed = ConnectionCounters(busy=1)
