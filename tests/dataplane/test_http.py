@@ -765,7 +765,8 @@ async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
     at 2 s, the second takes the slot then; the third, in line behind both, gives up at
     3 s (503, busy), before the second's handshake fails (4 s): when it is answered
     the agent has logged one failure. Had it waited twice (the C relay's start, then
-    decide), it would have been answered at 6 s, after the second failure."""
+    decide), it would have been answered at 6 s, after the second failure. Two
+    failures in all: a connect that failed in start is not made again in decide."""
     monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
     silent_port = await start_silent_endpoint(nursery)
     web_port, web = await start_web(
@@ -783,6 +784,9 @@ async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
         await get_at_once(web_port, 3, answered)
     assert statuses == [503, 503, 503]
     assert busy == [1], busy
+    # one connect per request that got a slot: the first request's failed connect in
+    # the C relay's start is its one try (decide does not connect again)
+    assert out.getvalue().count('event="endpoint failed"') == 2
     assert web.context.counters.busy == 1
 
 
