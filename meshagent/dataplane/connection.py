@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -227,9 +228,10 @@ class DataplaneContext:
         return total
 
 
-def peer_address(stream: trio.SocketStream) -> str:
+def peer_address(sock: socket.socket) -> str:
+    """``host:port`` of the other end of an accepted connection ("?" when gone)."""
     try:
-        host, port, *_ = stream.socket.getpeername()
+        host, port, *_ = sock.getpeername()
     except OSError:
         return "?"
     return f"{host}:{port}"

@@ -8,6 +8,7 @@ is the request, so a canary weight change reaches keep-alive clients at once).
 from __future__ import annotations
 
 import secrets
+import socket
 from collections.abc import Awaitable, Callable, Hashable
 
 import trio
@@ -179,14 +180,14 @@ def _mesh_headers(head: RequestHead) -> tuple[tuple[bytes, bytes], ...]:
 
 
 async def handle_http_outbound(
-    stream: trio.SocketStream,
+    sock: socket.socket,
     listener: OutboundListener,
     ctx: DataplaneContext,
     state: HttpOutbound,
 ) -> None:
     """Serve one HTTP connection from the local app. Never raises; a cancel point."""
     conn = next(ctx.ids)
-    client = peer_address(stream)
+    client = peer_address(sock)
     client_ip = client.rpartition(":")[0].encode()
     fields: dict[str, object] = {"conn": conn, "listener": listener.name, "client": client}
     start_failure = StartFailure()
@@ -326,7 +327,7 @@ async def handle_http_outbound(
     )
 
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client):
-        downstream = PlainSocketStream.wrap(stream)
+        downstream = PlainSocketStream(sock)
         try:
             current = ctx.source.current
             timeouts = current.timeouts

@@ -79,15 +79,23 @@ _DETECT_BYTES = 2  # detect() decides on the first two bytes (a TLS record heade
 _PEEK_RETRY_SECONDS = 0.005
 
 
-async def _detect(stream: trio.SocketStream) -> Detected:
+async def _detect(sock: socket.socket) -> Detected:
     """What the caller speaks, from its first bytes, looked at with ``MSG_PEEK``: they
     stay in the socket, so the TLS layer (which reads the descriptor itself) or the app
-    still gets them. A cancel point."""
-    sock = stream.socket
+    still gets them. A cancel point.
+
+    Raises:
+        OSError: the socket failed.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
     seen = 0
     with trio.move_on_after(DETECT_SECONDS):
         while True:
-            prefix = await sock.recv(_DETECT_BYTES, socket.MSG_PEEK)
+            try:
+                prefix = sock.recv(_DETECT_BYTES, socket.MSG_PEEK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
             kind = detect(prefix)
             if kind is not Detected.NEED_MORE or not prefix:
                 return kind  # NEED_MORE with nothing: the caller closed; plaintext
@@ -109,7 +117,7 @@ class AppPool:
 
     async def _connect(self, key: Hashable) -> Upstream:
         seconds = self.ctx.source.current.timeouts.connect_seconds
-        return PlainSocketStream.wrap(await _connect_app(self.listener, seconds))
+        return await _connect_app(self.listener, seconds)
 
     async def acquire(self, *, wait: bool = True) -> tuple[Upstream, bool]:
         """A connection to the app, waiting at most the connect timeout (as long as a
@@ -218,7 +226,7 @@ async def _deny_http(
 
 
 async def handle_inbound(
-    stream: trio.SocketStream,
+    sock: socket.socket,
     listener: InboundListener,
     ctx: DataplaneContext,
     app: AppPool | None = None,
@@ -227,20 +235,18 @@ async def handle_inbound(
     Never raises (error boundary); a cancel point."""
     snapshot = ctx.source.current  # pinned for the life of this connection
     conn = next(ctx.ids)
-    fields = {"conn": conn, "peer": peer_address(stream)}
+    fields = {"conn": conn, "peer": peer_address(sock)}
     timeouts = snapshot.timeouts
     with connection_boundary(ctx, log, listener.name, **fields) as counters:
         kind = Detected.TLS
         if snapshot.mtls != "strict":
             with map_errors(timeout=HandshakeError, failure=HandshakeError, what="detect"):
-                kind = await _detect(stream)
+                kind = await _detect(sock)
         mesh_side: Side
         if kind is Detected.TLS:
             with map_errors(timeout=HandshakeError, failure=HandshakeError, what="handshake"):
-                # Takes the descriptor: ``stream`` owns none from here on.
-                tls = SslSocketStream.wrap(
-                    stream, ctx.tls.server(listener.service), server_side=True
-                )
+                # Takes the descriptor: ``sock`` owns none from here on.
+                tls = SslSocketStream.wrap(sock, ctx.tls.server(listener.service), server_side=True)
             try:
                 with (
                     map_errors(timeout=HandshakeError, failure=HandshakeError, what="handshake"),
@@ -276,13 +282,13 @@ async def handle_inbound(
             caller = "plaintext"
             counters.plaintext += 1
             if app is not None:
-                plain = PlainSocketStream.wrap(stream)
+                plain = PlainSocketStream(sock)
                 try:
                     await _serve_app_http(plain, None, app, fields)
                 finally:
                     await trio.aclose_forcefully(plain)
                 return
-            mesh_side = PlainSide(stream)
+            mesh_side = PlainSide(PlainSocketStream(sock))
         try:
             app_stream = await _connect_app(listener, timeouts.connect_seconds)
         except BaseException:
@@ -304,7 +310,7 @@ def _refusal(snapshot: Snapshot, source: str, service: str) -> Unauthorized | No
     return Unauthorized(f"{source} may not call {service}: no TrafficPermission allows it")
 
 
-async def _connect_app(listener: InboundListener, seconds: float) -> trio.SocketStream:
+async def _connect_app(listener: InboundListener, seconds: float) -> PlainSocketStream:
     """Connect to the app behind ``listener``. A cancel point.
 
     Raises:
@@ -316,7 +322,7 @@ async def _connect_app(listener: InboundListener, seconds: float) -> trio.Socket
         what=f"connect app {listener.app_host}:{listener.app_port}",
     ):
         with trio.fail_after(seconds):
-            return await open_tcp(listener.app_host, listener.app_port)
+            return PlainSocketStream(await open_tcp(listener.app_host, listener.app_port))
 
 
 async def _serve_streams(

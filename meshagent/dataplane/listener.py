@@ -12,17 +12,21 @@ connections never lock out new ones.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from meshagent.dataplane.errors import BindError
+from meshagent.dataplane.plainsocket import tune
 from meshagent.log import get_logger
 
 log = get_logger("listener")
 
-Handler = Callable[[trio.SocketStream], Awaitable[None]]
+# A handler takes over an accepted connection: a non-blocking socket (plainsocket.tune),
+# which it closes.
+Handler = Callable[[socket.socket], Awaitable[None]]
 
 # Errors accept() raises when the process or the system runs out of something; trio's
 # serve_listeners sleeps and retries on the same set.
@@ -33,37 +37,61 @@ _BACKLOG = 1024
 
 async def open_listener(
     name: str, host: str, port: int, *, reuse_port: bool = False
-) -> trio.SocketListener:
-    """Bind ``host:port``. Raises BindError with one line naming the listener and address.
+) -> socket.socket:
+    """Bind ``host:port`` (an IP address) and listen: a non-blocking socket, which
+    ``serve_listener`` closes. Raises BindError with one line naming the listener and
+    address. A cancel point.
 
     ``reuse_port``: set SO_REUSEPORT, so that the agent's worker processes each bind the
     same address and the kernel spreads new connections among them.
     """
-    if reuse_port:
-        return await _open_reuse_port_listener(name, host, port)
+    await trio.lowlevel.checkpoint()
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=_BACKLOG)
-    except OSError as exc:
-        raise BindError(f"{name}: cannot listen on {host}:{port}: {_reason(exc)}") from None
-    if len(listeners) != 1:  # host is an IP address, so exactly one
-        for extra in listeners:
-            await extra.aclose()
-        raise BindError(f"{name}: {host} resolved to {len(listeners)} addresses; use one IP")
-    return listeners[0]
-
-
-async def _open_reuse_port_listener(name: str, host: str, port: int) -> trio.SocketListener:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        raise BindError(f"{name}: cannot listen on {host}:{port}: not an IP address") from None
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        await sock.bind((host, port))
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # this address only, as trio's listeners
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
         raise BindError(f"{name}: cannot listen on {host}:{port}: {_reason(exc)}") from None
-    return trio.SocketListener(sock)
+    return sock
+
+
+async def accept(listener: socket.socket) -> socket.socket:
+    """The next connection waiting on ``listener``: non-blocking, ``tune``-d, owned by
+    the caller. A cancel point (also when one was waiting already).
+
+    Raises:
+        OSError: accept(2) failed.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
+    while True:
+        try:
+            conn, _ = listener.accept()
+            break
+        except BlockingIOError:
+            waited = True
+            await trio.lowlevel.wait_readable(listener)
+    try:
+        conn.setblocking(False)
+        tune(conn)
+    except BaseException:
+        conn.close()
+        raise
+    if not waited:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return conn
 
 
 def _reason(exc: OSError) -> str:
@@ -72,7 +100,7 @@ def _reason(exc: OSError) -> str:
 
 async def serve_listener(
     name: str,
-    listener: trio.SocketListener,
+    listener: socket.socket,
     handler: Handler,
     handler_nursery: trio.Nursery,
     *,
@@ -87,18 +115,19 @@ async def serve_listener(
     limit = trio.Semaphore(max_connections)
     warned = False
 
-    async def run(stream: trio.SocketStream) -> None:
+    async def run(conn: socket.socket) -> None:
         try:
-            await handler(stream)
+            await handler(conn)
         finally:
+            conn.close()  # a no-op once the handler's stream closed or took it over
             limit.release()
 
-    async with listener:
+    with listener:
         task_status.started()
         while True:
             reclaimed = False
             if limit.value == 0 and reclaim is not None:
-                await trio.lowlevel.wait_readable(listener.socket)  # a client waits
+                await trio.lowlevel.wait_readable(listener)  # a client waits
                 reclaimed = limit.value == 0 and reclaim()
                 if reclaimed:
                     log.debug("closed an idle connection for a new one", listener=name)
@@ -108,7 +137,7 @@ async def serve_listener(
             await limit.acquire()
             warned = warned and limit.value == 0
             try:
-                stream = await listener.accept()
+                conn = await accept(listener)
             except OSError as exc:
                 limit.release()
                 if exc.errno in _RESOURCE_ERRNOS:
@@ -119,4 +148,4 @@ async def serve_listener(
             except BaseException:
                 limit.release()
                 raise
-            handler_nursery.start_soon(run, stream)
+            handler_nursery.start_soon(run, conn)

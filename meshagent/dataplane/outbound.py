@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import random
+import socket
 from collections.abc import Hashable
 
 import trio
@@ -85,15 +86,11 @@ async def connect_endpoint(
         with trio.fail_after(snapshot.connect_seconds(endpoint.service)):
             tcp = await open_tcp(endpoint.host, endpoint.port)
     if snapshot.mtls == "off":
-        return PlainSocketStream.wrap(tcp)
+        return PlainSocketStream(tcp)
     context = ctx.tls.client(listener.source)
     peer = endpoint.address
     offered = ctx.tls.session(context, listener.source, peer)
-    try:
-        tls = SslSocketStream.wrap(tcp, context, server_side=False, session=offered)
-    except BaseException:
-        await trio.aclose_forcefully(tcp)
-        raise
+    tls = SslSocketStream.wrap(tcp, context, server_side=False, session=offered)
     try:
         with map_errors(timeout=UpstreamTimeout, failure=HandshakeError, what=f"handshake {where}"):
             with trio.fail_after(timeouts.handshake_seconds):
@@ -112,7 +109,7 @@ async def connect_endpoint(
 
 
 async def handle_outbound(
-    stream: trio.SocketStream,
+    sock: socket.socket,
     listener: OutboundListener,
     ctx: DataplaneContext,
     balancer: EndpointBalancer,
@@ -123,7 +120,7 @@ async def handle_outbound(
     ``pool``: the listener's idle ``meshagent/2`` connections (None: none kept)."""
     snapshot = ctx.source.current  # pinned for the life of this connection
     conn = next(ctx.ids)
-    client = peer_address(stream)
+    client = peer_address(sock)
     fields = {"conn": conn, "listener": listener.name, "client": client}
     with connection_boundary(ctx, log, listener.name, conn=conn, client=client) as counters:
         try:
@@ -131,7 +128,7 @@ async def handle_outbound(
                 listener, snapshot, ctx, balancer, fields, pool
             )
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            sock.close()
             raise
         mesh_side: Side
         if isinstance(upstream, PlainSocketStream):
@@ -144,7 +141,7 @@ async def handle_outbound(
         kept = False
         try:
             sent, received = await splice(
-                PlainSide(stream), mesh_side,
+                PlainSide(PlainSocketStream(sock)), mesh_side,
                 idle_seconds=snapshot.idle_seconds(endpoint.service), pump=ctx.pump,
             )
             if pool is not None and isinstance(mesh_side, FramedSide) and mesh_side.keep:

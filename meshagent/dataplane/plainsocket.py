@@ -14,13 +14,15 @@ trio's readiness waits, as ``SslSocketStream`` does for TLS:
   going up while its response comes down); trio allows one waiter per direction.
 * Errors are those of ``trio.SocketStream``: ``trio.BrokenResourceError`` from an
   ``OSError``, ``trio.ClosedResourceError`` once closed.
-* The descriptor moves here from the ``trio.SocketStream`` (``wrap`` detaches it; the
-  old stream owns none afterwards and closing it is harmless); ``aclose`` closes it,
-  once.
+* No ``trio.SocketStream`` is made at all: the listener accepts, and ``open_tcp``
+  connects, plain sockets (``tune``), which this takes over; ``aclose`` closes the
+  socket, once. An idle proxied connection then holds no trio stream, socket wrapper
+  or conflict detector per end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -30,14 +32,27 @@ from collections.abc import Awaitable, Callable
 import trio
 
 DEFAULT_RECEIVE = 64 * 1024
+_NOTSENT_LOWAT = 16 * 1024  # trio.SocketStream's
 
 
-async def open_tcp(host: str, port: int) -> trio.SocketStream:
-    """Connect to ``host:port``. For an IP literal (an app's 127.0.0.1, a catalog's
-    endpoint) this is one non-blocking ``connect`` and a wait, without
-    ``trio.open_tcp_stream``'s resolver call and happy-eyeballs nursery, which cost a
-    tenth of an agent's CPU per new L4 stream; a name goes through
-    ``trio.open_tcp_stream``. A cancel point.
+def tune(sock: socket.socket) -> socket.socket:
+    """Set a connected, non-blocking TCP socket's options for the data path, those
+    ``trio.SocketStream`` sets: ``TCP_NODELAY`` (a small message goes at once) and
+    ``TCP_NOTSENT_LOWAT`` 16 KiB (writable only while little waits unsent). Returns it."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+    return sock
+
+
+async def open_tcp(host: str, port: int) -> socket.socket:
+    """Connect to ``host:port``: a connected socket, ``tune``-d, that the caller owns
+    (``PlainSocketStream(sock)`` or ``SslSocketStream.wrap(sock, ...)`` take it over).
+    For an IP literal (an app's 127.0.0.1, a catalog's endpoint) this is one
+    non-blocking ``connect`` and a wait, without ``trio.open_tcp_stream``'s resolver
+    call and happy-eyeballs nursery, which cost a tenth of an agent's CPU per new L4
+    stream; a name goes through ``trio.open_tcp_stream``. A cancel point.
 
     Raises:
         OSError: the connect failed (refused, unreachable, ...).
@@ -45,7 +60,10 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
+        stream = await trio.open_tcp_stream(host, port)
+        named = socket.socket(fileno=stream.socket.detach())
+        named.setblocking(False)
+        return tune(named)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -57,26 +75,21 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
             await trio.lowlevel.checkpoint()
         if code:
             raise OSError(code, os.strerror(code))
-        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return tune(sock)
     except BaseException:
         sock.close()
         raise
 
 
 class PlainSocketStream(trio.abc.HalfCloseableStream):
-    """A TCP connection over a non-blocking socket, called directly. Build with ``wrap``."""
+    """A TCP connection over a non-blocking socket, called directly."""
 
     __slots__ = ("_sock",)
 
     def __init__(self, sock: socket.socket) -> None:
-        """Take ``sock`` (made non-blocking here); prefer ``wrap``."""
-        sock.setblocking(False)
+        """Take ``sock``: a connected, non-blocking socket (``open_tcp``'s, an accepted
+        one), closed by ``aclose``."""
         self._sock = sock
-
-    @classmethod
-    def wrap(cls, stream: trio.SocketStream) -> PlainSocketStream:
-        """The connection of ``stream``, whose descriptor this takes. Not async."""
-        return cls(socket.socket(fileno=stream.socket.detach()))
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 once closed)."""

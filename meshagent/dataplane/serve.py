@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import random
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -58,11 +59,8 @@ def _inbound_handler(
     app = AppPool(spec, ctx) if spec.protocol == "http" else None
     if app is not None:
         pools.append(app.pool)
-
-    async def handle(stream: trio.SocketStream) -> None:
-        await handle_inbound(stream, spec, ctx, app)
-
-    return handle
+    # A partial, not a closure: no coroutine frame of its own held per connection.
+    return functools.partial(handle_inbound, listener=spec, ctx=ctx, app=app)
 
 
 def _outbound_handler(
@@ -71,23 +69,19 @@ def _outbound_handler(
     if spec.protocol == "http":
         http = HttpOutbound(spec, ctx)
         pools.append(http.pool)
-
-        async def handle_http(stream: trio.SocketStream) -> None:
-            await handle_http_outbound(stream, spec, ctx, http)
-
-        return handle_http
+        return functools.partial(handle_http_outbound, listener=spec, ctx=ctx, state=http)
     balancer = EndpointBalancer()
     seen_version = -1
     pool = stream_pool()
     pools.append(pool)
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(sock: socket.socket) -> None:
         nonlocal seen_version
         snapshot = ctx.source.current
         if snapshot.version != seen_version:  # the catalog changed: drop stale ejections
             balancer.forget([e for eps in snapshot.endpoints.values() for e in eps])
             seen_version = snapshot.version
-        await handle_outbound(stream, spec, ctx, balancer, pool)
+        await handle_outbound(sock, spec, ctx, balancer, pool)
 
     return handle
 
@@ -115,7 +109,7 @@ async def serve_dataplane(
         (spec, _inbound_handler(spec, ctx, pools)) for spec in snapshot.inbounds
     ]
     specs += [(spec, _outbound_handler(spec, ctx, pools)) for spec in snapshot.outbounds]
-    bound: list[trio.SocketListener] = []
+    bound: list[socket.socket] = []
     try:
         for spec, _ in specs:
             bound.append(
@@ -123,7 +117,7 @@ async def serve_dataplane(
             )
     except BaseException:
         for listener in bound:
-            await listener.aclose()
+            listener.close()
         raise
     try:
         async with trio.open_nursery() as pump_nursery:  # outlives every connection
@@ -143,7 +137,7 @@ async def serve_dataplane(
 
 async def _serve(
     specs: list[tuple[InboundListener | OutboundListener, Handler]],
-    bound: list[trio.SocketListener],
+    bound: list[socket.socket],
     ctx: DataplaneContext,
     pools: list[ConnectionPool],
     task_status: trio.TaskStatus[DataplaneHandle],

@@ -113,15 +113,16 @@ class SslSocketStream(trio.abc.Stream):
     @classmethod
     def wrap(
         cls,
-        stream: trio.SocketStream,
+        plain: socket.socket,
         context: ssl.SSLContext,
         *,
         server_side: bool,
         session: ssl.SSLSession | None = None,
         on_session: Callable[[ssl.SSLSession], None] | None = None,
     ) -> SslSocketStream:
-        """TLS over the connection of ``stream``, whose descriptor this takes: ``stream``
-        owns none afterwards (closing it is harmless). Not async; no handshake yet.
+        """TLS over ``plain``, a connected non-blocking socket (``open_tcp``'s, an
+        accepted one), which this takes over: ``plain`` owns no descriptor afterwards,
+        even when this fails (closing it is harmless). Not async; no handshake yet.
 
         Args:
             session: a client's earlier session with the same peer, made with this very
@@ -133,9 +134,7 @@ class SslSocketStream(trio.abc.Stream):
             OSError: the socket is closed.
             ValueError: ``session`` belongs to another context.
         """
-        plain = socket.socket(fileno=stream.socket.detach())
         try:
-            plain.setblocking(False)
             # wrap_socket takes the descriptor over, and closes it if it fails.
             sock = context.wrap_socket(
                 plain,
@@ -464,17 +463,20 @@ class SslSocketStream(trio.abc.Stream):
 class _OneWaiter:
     """One direction's readiness wait on a socket, shared by the stream's tasks: trio
     lets only one task wait for one direction of one descriptor, so a second task parks
-    until the first one's wait ended, then retries its call."""
+    until the first one's wait ended, then retries its call. The parking lot is made
+    only when a second task comes (rare): an idle connection holds none."""
 
     __slots__ = ("_busy", "_lot", "_wait")
 
     def __init__(self, wait: Callable[[ssl.SSLSocket], Awaitable[None]]) -> None:
         self._wait = wait
         self._busy = False
-        self._lot = trio.lowlevel.ParkingLot()
+        self._lot: trio.lowlevel.ParkingLot | None = None
 
     async def wait(self, sock: ssl.SSLSocket) -> None:
         if self._busy:
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
             return
         self._busy = True
@@ -484,4 +486,5 @@ class _OneWaiter:
             raise trio.ClosedResourceError("the TLS stream was closed") from None
         finally:
             self._busy = False
-            self._lot.unpark_all()
+            if self._lot is not None:
+                self._lot.unpark_all()

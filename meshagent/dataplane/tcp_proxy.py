@@ -88,16 +88,12 @@ class _StreamSide:
 
 
 class PlainSide(_StreamSide):
-    """A TCP connection to or from a local app; half-close is a FIN. The socket is
-    called directly (``PlainSocketStream``), which takes the descriptor over from the
-    ``trio.SocketStream``."""
+    """A TCP connection to or from a local app; half-close is a FIN."""
 
     __slots__ = ()
 
-    def __init__(self, stream: trio.SocketStream | PlainSocketStream) -> None:
-        super().__init__(
-            stream if isinstance(stream, PlainSocketStream) else PlainSocketStream.wrap(stream)
-        )
+    def __init__(self, stream: PlainSocketStream) -> None:
+        super().__init__(stream)
 
     async def send_eof(self) -> None:
         stream = self.stream

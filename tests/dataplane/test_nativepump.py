@@ -26,7 +26,6 @@ from meshagent.dataplane.nativepump import (
     NativeRefused,
     stream_end,
 )
-from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import (
     FramedSide,
@@ -44,6 +43,7 @@ from meshagent.protocol.frames import (
     FrameError,
     encode_data,
 )
+from tests.support.net import plain_stream
 from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
@@ -70,7 +70,7 @@ async def link(
         contexts, on_session=on_session  # type: ignore[arg-type]
     ) as (server, client):
         pumped, agent = (client, server) if tls_is_client else (server, client)
-        plain = PlainSide(proxy_plain)
+        plain = PlainSide(plain_stream(proxy_plain))
         try:
             yield Link(app, plain, pumped, agent)
         finally:
@@ -312,14 +312,14 @@ async def test_a_shorter_idle_added_later_still_expires_on_time(pump: NativePump
     async with trio.open_nursery() as nursery:
         long_a, long_pa = await tcp_pair()
         long_pb, long_b = await tcp_pair()
-        nursery.start_soon(_splice, Outcome(), PlainSide(long_pa), PlainSide(long_pb), pump, 30)
+        nursery.start_soon(_splice, Outcome(), PlainSide(plain_stream(long_pa)), PlainSide(plain_stream(long_pb)), pump, 30)
         with trio.fail_after(3):
             while pump.active < 1:  # the 30 s connection is in the engine first
                 await trio.sleep(0.01)
         a, pa = await tcp_pair()
         pb, b = await tcp_pair()
         short = Outcome()
-        nursery.start_soon(_splice, short, PlainSide(pa), PlainSide(pb), pump, 0.3)
+        nursery.start_soon(_splice, short, PlainSide(plain_stream(pa)), PlainSide(plain_stream(pb)), pump, 0.3)
         with trio.fail_after(3):
             await short.done.wait()
         assert short.counts == (0, 0) and short.error is None
@@ -336,7 +336,7 @@ async def test_bytes_flow_while_the_trio_loop_is_busy(pump: NativePump) -> None:
     pb, b = await tcp_pair()
     outcome = Outcome()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_splice, outcome, PlainSide(pa), PlainSide(pb), pump)
+        nursery.start_soon(_splice, outcome, PlainSide(plain_stream(pa)), PlainSide(plain_stream(pb)), pump)
         await trio.sleep(0.2)
         near = socket.socket(fileno=os.dup(a.socket.fileno()))
         far = socket.socket(fileno=os.dup(b.socket.fileno()))
@@ -550,7 +550,7 @@ async def test_plain_to_plain(pump: NativePump) -> None:
     proxy_b, far = await tcp_pair()
     outcome = Outcome()
     async with app, far, trio.open_nursery() as nursery:
-        nursery.start_soon(_splice, outcome, PlainSide(proxy_a), PlainSide(proxy_b), pump)
+        nursery.start_soon(_splice, outcome, PlainSide(plain_stream(proxy_a)), PlainSide(plain_stream(proxy_b)), pump)
         with trio.fail_after(5):
             await app.send_all(b"ping")
             await app.send_eof()
@@ -565,7 +565,7 @@ async def test_plain_to_plain(pump: NativePump) -> None:
 async def test_a_tunnel_ends_with_either_direction(pump: NativePump) -> None:
     app, proxy_a = await tcp_pair()
     proxy_b, far = await tcp_pair()
-    side_a, side_b = PlainSide(proxy_a), PlainSide(proxy_b)
+    side_a, side_b = PlainSide(plain_stream(proxy_a)), PlainSide(plain_stream(proxy_b))
     async with app, far, side_a.stream, side_b.stream:
         a, b = _end(side_a.stream), _end(side_b.stream)
         with trio.fail_after(5):
@@ -814,8 +814,8 @@ async def test_many_connections_on_one_engine(contexts: Contexts, pump: NativePu
         proxy_b, b = await tcp_pair()
         async with a, b, trio.open_nursery() as n:
             outcome = Outcome()
-            n.start_soon(_splice, outcome, PlainSide(proxy_a),
-                         PlainSide(PlainSocketStream.wrap(proxy_b)), pump)
+            n.start_soon(_splice, outcome, PlainSide(plain_stream(proxy_a)),
+                         PlainSide(plain_stream(proxy_b)), pump)
             payload = f"connection {i} ".encode() * (i + 1)
             await a.send_all(payload)
             await a.send_eof()

@@ -9,7 +9,7 @@ import socket
 import pytest
 import trio
 
-from meshagent.dataplane.plainsocket import open_tcp
+from meshagent.dataplane.plainsocket import PlainSocketStream, open_tcp
 from tests.support.net import free_port
 
 
@@ -23,11 +23,14 @@ async def test_connects_to_an_address_or_a_name(host: str) -> None:
     port = listener.socket.getsockname()[1]
     async with listener:
         with trio.fail_after(5):
-            stream = await open_tcp(host, port)
-            async with stream, await listener.accept() as server:
+            sock = await open_tcp(host, port)
+            async with PlainSocketStream(sock) as stream, await listener.accept() as server:
                 await stream.send_all(b"ping")
                 assert await server.receive_some(10) == b"ping"
-                assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert not sock.getblocking()
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                assert lowat == 16 * 1024  # as a trio.SocketStream's
 
 
 async def test_ipv6_literal() -> None:
@@ -38,9 +41,8 @@ async def test_ipv6_literal() -> None:
     except OSError:
         pytest.skip("no IPv6 loopback here")
     async with listener:
-        stream = await open_tcp("::1", listener.socket.getsockname()[1])
-        async with stream:
-            assert stream.socket.family == socket.AF_INET6
+        with await open_tcp("::1", listener.socket.getsockname()[1]) as sock:
+            assert sock.family == socket.AF_INET6
 
 
 async def test_a_refused_connect_says_so_and_leaves_no_descriptor() -> None:
@@ -59,7 +61,7 @@ async def test_a_cancelled_connect_leaves_no_descriptor() -> None:
         full.bind(("127.0.0.1", 0))
         full.listen(0)
         port = full.getsockname()[1]
-        held: list[trio.SocketStream] = []
+        held: list[socket.socket] = []
         try:
             for _ in range(8):  # the first few fill the queue
                 before = len(os.listdir("/proc/self/fd"))
@@ -70,5 +72,5 @@ async def test_a_cancelled_connect_leaves_no_descriptor() -> None:
             assert scope.cancelled_caught, "every connect was taken: the backlog never filled"
             assert len(os.listdir("/proc/self/fd")) == before
         finally:
-            for stream in held:
-                await stream.aclose()
+            for sock in held:
+                sock.close()

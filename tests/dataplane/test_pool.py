@@ -11,6 +11,7 @@ import trio
 from meshagent.dataplane.errors import DataplaneError, UpstreamConnectError, UpstreamTimeout
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import ConnectionPool, PoolTimeout, Upstream, sweep_forever
+from tests.support.net import plain_stream
 from tests.support.tls import tcp_pair
 
 
@@ -24,7 +25,7 @@ class Peers:
     async def new(self) -> PlainSocketStream:
         near, far = await tcp_pair()
         self.far.append(far)
-        self.near.append(PlainSocketStream.wrap(near))
+        self.near.append(plain_stream(near))
         return self.near[-1]
 
 

@@ -16,6 +16,7 @@ from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import is_stale
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tls import client_context
+from tests.support.net import take_socket
 from tests.support.pki import make_ca
 from tests.support.tls import Contexts, tcp_pair, tls_pair
 
@@ -213,7 +214,7 @@ async def test_closing_wakes_a_task_blocked_in_receive(contexts: Contexts) -> No
 async def test_the_descriptor_moves_to_the_tls_stream_and_closes_once(contexts: Contexts) -> None:
     server_tcp, client_tcp = await tcp_pair()
     fd = client_tcp.socket.fileno()
-    tls = SslSocketStream.wrap(client_tcp, contexts.client, server_side=False)
+    tls = SslSocketStream.wrap(take_socket(client_tcp), contexts.client, server_side=False)
     assert client_tcp.socket.fileno() == -1
     assert tls.fileno() == fd
     await client_tcp.aclose()  # owns nothing any more
@@ -231,8 +232,8 @@ async def test_a_failed_handshake_is_a_broken_resource(contexts: Contexts, tmp_p
     stranger = make_ca(tmp_path / "other", "shop")
     client = client_context(stranger.issue("web"))
     server_tcp, client_tcp = await tcp_pair()
-    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
-    tls = SslSocketStream.wrap(client_tcp, client, server_side=False)
+    server = SslSocketStream.wrap(take_socket(server_tcp), contexts.server, server_side=True)
+    tls = SslSocketStream.wrap(take_socket(client_tcp), client, server_side=False)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
 
@@ -250,7 +251,7 @@ async def test_a_failed_handshake_is_a_broken_resource(contexts: Contexts, tmp_p
 
 async def test_plaintext_into_a_tls_server_fails_the_handshake(contexts: Contexts) -> None:
     server_tcp, client_tcp = await tcp_pair()
-    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
+    server = SslSocketStream.wrap(take_socket(server_tcp), contexts.server, server_side=True)
     await client_tcp.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     with trio.fail_after(2), pytest.raises(trio.BrokenResourceError):
         await server.do_handshake()

@@ -8,9 +8,26 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.demo.ports import free_port
 
-__all__ = ["free_port", "full_backlog", "round_trip", "serve_app", "serve_echo", "wait_until"]
+__all__ = [
+    "free_port", "full_backlog", "plain_stream", "round_trip", "serve_app", "serve_echo",
+    "take_socket", "wait_until",
+]
+
+
+def take_socket(stream: trio.SocketStream) -> socket.socket:
+    """The connection of a test's ``trio.SocketStream`` as the non-blocking socket the
+    data path takes (the descriptor moves: the stream owns none afterwards)."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    return sock
+
+
+def plain_stream(stream: trio.SocketStream) -> PlainSocketStream:
+    """The connection of ``stream`` as a ``PlainSocketStream`` (see ``take_socket``)."""
+    return PlainSocketStream(take_socket(stream))
 
 
 async def serve_app(

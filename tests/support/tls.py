@@ -13,6 +13,7 @@ import trio
 
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tls import client_context, server_context
+from tests.support.net import take_socket
 from tests.support.pki import MeshCa, make_ca
 
 
@@ -51,9 +52,9 @@ async def tls_pair(
 ) -> AsyncIterator[tuple[SslSocketStream, SslSocketStream]]:
     """(server, client), handshaken; both closed at the end."""
     server_tcp, client_tcp = await tcp_pair()
-    server = SslSocketStream.wrap(server_tcp, contexts.server, server_side=True)
+    server = SslSocketStream.wrap(take_socket(server_tcp), contexts.server, server_side=True)
     tls = SslSocketStream.wrap(
-        client_tcp, client or contexts.client, server_side=False, session=session,
+        take_socket(client_tcp), client or contexts.client, server_side=False, session=session,
         on_session=on_session,
     )
     try:
