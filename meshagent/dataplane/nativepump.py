@@ -229,9 +229,13 @@ def _error(ends: tuple[str, str] | None, kind: int, text: str) -> Exception:
 
 
 class _Waiter:
+    """What one connection's task waits for in the engine, and how the loop wakes it:
+    with ``trio.lowlevel`` directly rather than a ``trio.Event`` (a set, a frame and a
+    closure more per idle connection)."""
+
     __slots__ = (
-        "counts", "done", "due", "ends", "error", "event", "expired", "offer",
-        "on_first_read", "on_records", "relay_end", "renewal", "settle",
+        "counts", "done", "due", "ends", "error", "expired", "offer", "on_first_read",
+        "on_records", "relay_end", "renewal", "settle", "task", "woken",
     )
 
     def __init__(
@@ -241,7 +245,8 @@ class _Waiter:
         ends: tuple[str, str] | None = None,
     ) -> None:
         self.ends = ends  # names of a and b: an error is a ConnectionBroken naming its end
-        self.event = trio.Event()
+        self.task: trio.lowlevel.Task | None = None  # asleep in sleep()
+        self.woken = False  # woken while not asleep: the next sleep() returns at once
         self.done = False
         self.expired = False
         self.counts = (0, 0)
@@ -252,6 +257,28 @@ class _Waiter:
         self.renewal: Renewal | None = None
         self.offer: Offer | None = None
         self.due = self.settle = False  # renewal work for the relay's task
+
+    def wake(self) -> None:
+        """End the task's sleep (it ended, or has renewal work); not async."""
+        task = self.task
+        if task is None:
+            self.woken = True
+        else:
+            self.task = None
+            trio.lowlevel.reschedule(task)
+
+    async def sleep(self) -> None:
+        """Until ``wake`` (at once if it came since the last sleep). A cancel point."""
+        if self.woken:
+            self.woken = False
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class NativePump:
@@ -335,7 +362,7 @@ class NativePump:
                 else:
                     waiter.renewal.switched(bool(item))
                     waiter.settle = True
-                waiter.event.set()  # the relay's task does the rest
+                waiter.wake()  # the relay's task does the rest
                 continue
             batch = batches.get(handle)
             if batch is None:
@@ -405,7 +432,7 @@ class NativePump:
             )
         if status == _pump.DONE_ERROR:
             waiter.error = _error(waiter.ends, error_kind, error)
-        waiter.event.set()
+        waiter.wake()
 
     async def splice(
         self,
@@ -433,9 +460,8 @@ class NativePump:
         """
         assert _pump is not None
         flags = _pump.EITHER_END if either_end else 0
-        waiter = await self._run(
-            a, b, idle_seconds, on_first_read, 0, flags, ends=(DOWNSTREAM, UPSTREAM)
-        )
+        handle = self._add(a, b, idle_seconds, on_first_read is not None, 0, flags)
+        waiter = await self._wait(handle, _Waiter(on_first_read, ends=(DOWNSTREAM, UPSTREAM)))
         return waiter.counts[0], waiter.counts[1], waiter.expired
 
     async def copy(
@@ -474,7 +500,8 @@ class NativePump:
         if size < 1:
             raise ValueError("a copy moves at least one byte")
         flags = _pump.UNTIL_REPLY if until_reply else 0
-        waiter = await self._run(src, dst, idle_seconds, None, size, flags, ends=ends)
+        handle = self._add(src, dst, idle_seconds, False, size, flags)
+        waiter = await self._wait(handle, _Waiter(None, ends=ends))
         if waiter.expired:
             moved = waiter.counts[0]
             raise ConnectionBroken(
@@ -567,10 +594,9 @@ class NativePump:
     async def _until_done(waiter: _Waiter) -> None:
         """Wait for the end, doing a relay's renewal work on the way."""
         while True:
-            await waiter.event.wait()
+            await waiter.sleep()
             if waiter.done:
                 return
-            waiter.event = trio.Event()
             renewal = waiter.renewal
             assert renewal is not None and waiter.offer is not None
             if waiter.settle:
@@ -580,26 +606,17 @@ class NativePump:
                 waiter.due = False
                 await renewal.renew(waiter.offer)
 
-    async def _run(
-        self,
-        a: End,
-        b: End,
-        idle_seconds: float,
-        on_first_read: Callable[[], None] | None,
-        limit: int,
-        flags: int,
-        ends: tuple[str, str] | None = None,
-    ) -> _Waiter:
-        """Hand a and b to the engine and wait for the end; raise what it failed with
-        (with ``ends``, the names of a and b: a ConnectionBroken naming the end)."""
+    def _add(
+        self, a: End, b: End, idle_seconds: float, first_read: bool, limit: int, flags: int
+    ) -> int:
+        """Hand a and b to the engine (a splice, or a copy with ``limit``): its handle."""
         try:
-            handle = self._engine.add(
-                a[0], a[1], a[2], b[0], b[1], b[2], idle_seconds, on_first_read is not None,
-                limit, flags,
+            handle: int = self._engine.add(
+                a[0], a[1], a[2], b[0], b[1], b[2], idle_seconds, first_read, limit, flags
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc
-        return await self._wait(handle, _Waiter(on_first_read, ends=ends))
+        return handle
 
     async def _wait(
         self,
@@ -608,7 +625,8 @@ class NativePump:
         stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]] | None = None,
     ) -> _Waiter:
         """Wait for the end of what the engine runs as ``handle``; raise what it failed
-        with. Cancelled, it is taken back from the engine. ``stop_when`` (a relay): once
+        with (with the waiter's ``ends``, the names of a and b: a ConnectionBroken naming
+        the end). Cancelled, it is taken back from the engine. ``stop_when`` (a relay): once
         the scope it registers is cancelled, the relay stops at its next boundary, and
         this waits for that."""
         self._waiters[handle] = waiter
