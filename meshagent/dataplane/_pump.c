@@ -1050,7 +1050,8 @@ static void discard(Engine *eng, conn_t *c) {
 #define RECORDS_MAX 65536      /* records held for records(); more are counted, dropped */
 #define SUMMARY_EVERY 64       /* a summary goes to records() after this many exchanges */
 #define SUMMARY_SECONDS 0.05   /* or at the first exchange this long after its first */
-#define RELAY_IN_FIRST 4096    /* the buffers start this small, and double when full */
+#define RELAY_IN_FIRST 4096    /* the buffers start this small, and double when full; */
+/* a relay waiting for a request holds none (release_buffers) */
 #define RELAY_HEAD_FIRST 2048
 
 enum { R_REQUEST, R_SEND, R_RESPONSE, R_REPLY, R_BODY };
@@ -1599,16 +1600,34 @@ static void relay_begin(Engine *eng, conn_t *c, head_t *h) {
     r->state = R_SEND;
 }
 
-/* Room for more in a relay buffer: doubled up to max. 0 when it is at max already (or
- * out of memory): the relay hands over to Python. */
-static int more_room(char **buf, size_t *cap, size_t max) {
+/* Room for more in a relay buffer: first bytes when it has none (released, or not
+ * made yet), else doubled up to max. 0 when it is at max already (or out of memory):
+ * the relay hands over to Python. */
+static int more_room(char **buf, size_t *cap, size_t first, size_t max) {
     if (*cap >= max) return 0;
-    size_t bigger = *cap * 2 < max ? *cap * 2 : max;
+    size_t bigger = *cap == 0 ? first : *cap * 2 < max ? *cap * 2 : max;
     char *p = realloc(*buf, bigger);
     if (p == NULL) return 0;
     *buf = p;
     *cap = bigger;
     return 1;
+}
+
+/* A relay waiting for its next request with nothing of it read gives its buffers
+ * back (as OpenSSL's SSL_MODE_RELEASE_BUFFERS): an idle keep-alive connection then
+ * holds none, whatever size its last exchange grew them to. The next read makes
+ * them again (more_room). */
+static void release_buffers(relay_t *r) {
+    if (r->in_len == 0 && r->in != NULL) {
+        free(r->in);
+        r->in = NULL;
+        r->in_cap = 0;
+    }
+    if (r->resp != NULL) { /* a response head is read only after a request went up */
+        free(r->resp);
+        r->resp = NULL;
+        r->resp_cap = r->resp_len = 0;
+    }
 }
 
 /* R_REQUEST: read until a request is complete. 1 progress, 0 blocked, -1 ended. */
@@ -1639,13 +1658,19 @@ static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
         if (!r->ahead) return relay_end(eng, c, RELAY_RENEW); /* before a new request */
         renew_due(eng, c);
     }
-    if (!c->a.rd) return 0;
-    if (r->in_len == r->in_cap && !more_room(&r->in, &r->in_cap, RELAY_IN))
+    if (!c->a.rd) {
+        release_buffers(r);
+        return 0;
+    }
+    if (r->in_len == r->in_cap && !more_room(&r->in, &r->in_cap, RELAY_IN_FIRST, RELAY_IN))
         return relay_end(eng, c, RELAY_REQUEST);
     size_t got = 0;
     dir_t reading = {0}; /* side_read's wait bookkeeping: the relay waits on a.rd itself */
     int rr = side_read(&reading, &c->a, r->in + r->in_len, r->in_cap - r->in_len, &got, err);
-    if (rr == 0) return 0;
+    if (rr == 0) {
+        release_buffers(r);
+        return 0;
+    }
     if (rr < 0) /* dropped between or inside requests: Python ends it quietly, as its own */
         return relay_end(eng, c, RELAY_CLOSED);
     if (got == 0) /* end of stream: a clean end, or (inside a request) Python's 400 */
@@ -1701,7 +1726,8 @@ static int relay_response(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
     if (!r->resp_unread) { /* bytes read before a FIRST_READ pause are looked at first */
         if (!c->b.rd) return 0;
-        if (r->resp_len == r->resp_cap && !more_room(&r->resp, &r->resp_cap, RELAY_HEAD))
+        if (r->resp_len == r->resp_cap &&
+            !more_room(&r->resp, &r->resp_cap, RELAY_HEAD_FIRST, RELAY_HEAD))
             return relay_hand_response(eng, c, NULL);
         size_t got = 0;
         dir_t reading = {0};
@@ -2471,13 +2497,14 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
         return PyErr_NoMemory();
     }
     c->relay = r;
-    r->in_cap = (size_t)initial_len > RELAY_IN_FIRST ? RELAY_IN : RELAY_IN_FIRST;
-    r->resp_cap = RELAY_HEAD_FIRST;
-    r->in = malloc(r->in_cap);
-    r->resp = malloc(r->resp_cap);
-    if (r->in == NULL || r->resp == NULL) {
-        PyErr_NoMemory();
-        goto fail;
+    if (initial_len > 0) { /* the response buffer is made at the first response */
+        r->in_cap = (size_t)initial_len > RELAY_IN_FIRST ? RELAY_IN : RELAY_IN_FIRST;
+        r->in = malloc(r->in_cap);
+        if (r->in == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memcpy(r->in, initial, (size_t)initial_len);
     }
     if (edits_config(&r->edits, drop, refuse, add, add_len, gen_ids) < 0) goto fail;
     if (side_from(&c->a, afd, assl, akind) < 0 || side_from(&c->b, bfd, bssl, bkind) < 0)
@@ -2500,7 +2527,6 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     r->state = R_REQUEST;
     c->idle = idle;
     c->last = now_seconds();
-    memcpy(r->in, initial, (size_t)initial_len);
     r->in_len = (size_t)initial_len;
     r->head_started = c->last;
     r->renew_at = max_seconds > 0 ? c->last + max_seconds : 0;
@@ -2666,8 +2692,10 @@ fail:
 static PyObject *relay_result(conn_t *c) {
     relay_t *r = c->relay;
     int handed = r->outcome == RELAY_RESPONSE;
-    return Py_BuildValue("(iy#y#izy)", r->outcome, r->in, (Py_ssize_t)r->in_len,
-                         r->resp, (Py_ssize_t)(handed ? r->resp_len : 0), r->up_keep, r->error,
+    /* y# makes None of NULL: a released buffer is b"" */
+    return Py_BuildValue("(iy#y#izy)", r->outcome, r->in ? r->in : "", (Py_ssize_t)r->in_len,
+                         r->resp && handed ? r->resp : "", (Py_ssize_t)(handed ? r->resp_len : 0),
+                         r->up_keep, r->error,
                          handed ? r->request_id : NULL);
 }
 
@@ -2856,6 +2884,18 @@ static PyObject *Engine_held(Engine *self, PyObject *unused) {
     return PyLong_FromSize_t(n);
 }
 
+static PyObject *Engine_relay_buffers(Engine *self, PyObject *unused) {
+    (void)unused;
+    size_t n = 0;
+    pthread_mutex_lock(&self->lock);
+    for (uint32_t i = 0; i < self->nslots; i++) {
+        conn_t *c = self->slots[i];
+        if (c != NULL && c->relay != NULL) n += c->relay->in_cap + c->relay->resp_cap;
+    }
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSize_t(n);
+}
+
 static PyObject *Engine_active(Engine *self, PyObject *unused) {
     (void)unused;
     pthread_mutex_lock(&self->lock);
@@ -2888,6 +2928,9 @@ static PyMethodDef Engine_methods[] = {
      "connections that ended (status DONE_*), and FIRST_READ reports (the connection is "
      "paused until resume(handle)); relay is None but for relays (see relay())."},
     {"active", (PyCFunction)Engine_active, METH_NOARGS, "connections being pumped"},
+    {"relay_buffers", (PyCFunction)Engine_relay_buffers, METH_NOARGS,
+     "bytes of request and response buffers the relays hold (none while they wait for "
+     "a request)"},
     {"held", (PyCFunction)Engine_held, METH_NOARGS,
      "bytes read and not yet written on, over all connections (a destination that "
      "does not take them)"},

@@ -33,6 +33,7 @@ from meshagent.dataplane.nativepump import (
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
+from tests.support.net import plain_stream, wait_until
 from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
@@ -77,7 +78,7 @@ class Rig:
 async def rig(contexts: Contexts) -> AsyncIterator[Rig]:
     async with tls_pair(contexts) as (down, caller):
         app, up_tcp = await tcp_pair()
-        up = PlainSocketStream.wrap(up_tcp)
+        up = plain_stream(up_tcp)
         try:
             yield Rig(caller, down, up, app)
         finally:
@@ -147,6 +148,32 @@ async def test_requests_are_served_in_c_with_mesh_headers_and_recorded(
         (200, 0, 3, "GET", "/a", b"r1"), (200, 5, 3, "POST", "/p", None),
         (200, 0, 0, "HEAD", "/h", None),
     ]
+
+
+async def test_a_relay_waiting_for_a_request_holds_no_buffer(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    """An idle keep-alive connection costs no request or response buffer, however big
+    its last request grew them; the next request gets them back."""
+    engine = pump._engine
+
+    async def buffers_are(empty: bool) -> bool:
+        return (int(engine.relay_buffers()) == 0) == empty
+
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        nursery.start_soon(r.relay, pump)
+        await wait_until(lambda: buffers_are(True), timeout=5)  # waits; none made yet
+        body = b"b" * 40_000  # the request buffer doubles from 4 KiB to 64 KiB for it
+        for n in range(2):
+            await r.caller.send_all(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 40000\r\n")
+            await wait_until(lambda: buffers_are(False), timeout=5)  # a head, part read
+            await r.caller.send_all(b"\r\n" + body)
+            assert (await read_until(r.app, body)).endswith(ADD + b"\r\n" + body)
+            await r.app.send_all(ok(b"%d" % n))
+            assert await read_until(r.caller, b"%d" % n) == ok(b"%d" % n)
+            await wait_until(lambda: buffers_are(True), timeout=5)
+        await r.caller.aclose()
+    assert [(s, i, m) for s, i, _, _, m, _, _ in r.records] == [(200, 40000, "POST")] * 2
 
 
 async def test_a_request_it_does_not_take_comes_back_with_every_byte(
@@ -503,7 +530,7 @@ def start_relay(
 async def plain_upstream() -> AsyncIterator[tuple[trio.SocketStream, PlainSocketStream]]:
     """Another app connection: (the app's end, the upstream to offer)."""
     app, tcp = await tcp_pair()
-    upstream = PlainSocketStream.wrap(tcp)
+    upstream = plain_stream(tcp)
     try:
         yield app, upstream
     finally:
@@ -668,7 +695,7 @@ async def test_relay_next_takes_one_next_upstream_and_only_renewing_ahead(
     contexts: Contexts, pump: NativePump
 ) -> None:
     next_app, next_tcp = await tcp_pair()
-    next_up = PlainSocketStream.wrap(next_tcp)
+    next_up = plain_stream(next_tcp)
     engine = pump._engine
     async with rig(contexts) as r, trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(r.relay, pump))
