@@ -55,6 +55,8 @@ class AdminState:
         self.workers = workers
 
     async def refresh(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.sample_pools()
         if self.workers is not None:
             await self.workers.refresh(self.dataplane)
 

@@ -77,6 +77,23 @@ class AgentCollector(Collector):
             "(outbound) or the app (inbound) stayed taken as long as a connect could take",
             labels=["mesh", "listener"],
         )
+        pool_idle = GaugeMetricFamily(
+            "meshagent_pool_idle_connections",
+            "Idle connections the listener's pool holds for its next requests (HTTP: to "
+            "the endpoints or the app; TCP outbound: to other agents)",
+            labels=["mesh", "listener"],
+        )
+        pool_connecting = GaugeMetricFamily(
+            "meshagent_pool_connects_in_progress",
+            "Connects (TCP and TLS handshake) the listener's pool has under way",
+            labels=["mesh", "listener"],
+        )
+        pool_waiting = GaugeMetricFamily(
+            "meshagent_pool_requests_waiting",
+            "HTTP requests waiting in line for a connection: every connect slot to their "
+            "endpoint (or the app) is taken",
+            labels=["mesh", "listener"],
+        )
         plaintext = CounterMetricFamily(
             "meshagent_inbound_plaintext_connections",
             "Inbound connections without TLS (permissive/off): callers that skip the mesh",
@@ -92,13 +109,18 @@ class AgentCollector(Collector):
             for reason, count in sorted(dict(c.tls_failures).items()):
                 tls.add_metric([mesh, name, reason], count)
             busy.add_metric([mesh, name], c.busy)
+            if c.pooled:
+                pool_idle.add_metric([mesh, name], c.pool_idle)
+                pool_connecting.add_metric([mesh, name], c.pool_connecting)
+                pool_waiting.add_metric([mesh, name], c.pool_waiting)
             accepted.add_metric([mesh, name], c.accepted)
             failed.add_metric([mesh, name], c.failed)
             active.add_metric([mesh, name], c.active)
             bytes_total.add_metric([mesh, name, "in"], c.bytes_in)
             bytes_total.add_metric([mesh, name, "out"], c.bytes_out)
         yield from (
-            accepted, failed, reasons, tls, handshakes, active, bytes_total, plaintext, busy
+            accepted, failed, reasons, tls, handshakes, active, bytes_total, plaintext, busy,
+            pool_idle, pool_connecting, pool_waiting,
         )
         yield from self._http_metrics(mesh)
         version = GaugeMetricFamily(

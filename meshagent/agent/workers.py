@@ -207,7 +207,9 @@ def add_http(into: HttpStats, more: HttpStats) -> None:
 
 
 def copy_stats(ctx: DataplaneContext) -> tuple[dict[str, ConnectionCounters], HttpStats]:
-    """A copy of a data path's counters that later traffic does not change."""
+    """A copy of a data path's counters that later traffic does not change (its pools'
+    gauges read now)."""
+    ctx.sample_pools()
     by_listener: dict[str, ConnectionCounters] = {}
     add_counters(by_listener, ctx.by_listener)
     http = HttpStats()
@@ -399,7 +401,7 @@ class Workers:
             slot.channel, slot.pid = None, None
             if slot.stats is not None:
                 for counters in slot.stats.by_listener.values():
-                    counters.active = 0
+                    counters.retire()
                 add_counters(self._retired, slot.stats.by_listener)
                 add_http(self._retired_http, slot.stats.http)
                 slot.stats = None

@@ -26,6 +26,7 @@ from meshagent.dataplane.errors import (
     describe_failure,
 )
 from meshagent.dataplane.nativepump import NativePump
+from meshagent.dataplane.pool import ConnectionPool
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import Logger
 from meshagent.protocol.frames import FrameError
@@ -63,6 +64,13 @@ class ConnectionCounters:
     # HTTP requests answered 503 because every connect slot to the endpoint (outbound)
     # or the app (inbound) stayed taken for as long as a connect could take.
     busy: int = 0
+    # Gauges of the listener's connection pool (HTTP: to the endpoints or the app; TCP
+    # outbound: idle meshagent/2 connections), as DataplaneContext.sample_pools last
+    # read them; ``pooled``: the listener has a pool.
+    pooled: bool = False
+    pool_idle: int = 0
+    pool_connecting: int = 0
+    pool_waiting: int = 0
 
     def add(self, other: ConnectionCounters) -> None:
         """Add ``other``'s counts to these (summing listeners, or processes)."""
@@ -75,10 +83,19 @@ class ConnectionCounters:
         self.tls_full += other.tls_full
         self.tls_resumed += other.tls_resumed
         self.busy += other.busy
+        self.pooled = self.pooled or other.pooled
+        self.pool_idle += other.pool_idle
+        self.pool_connecting += other.pool_connecting
+        self.pool_waiting += other.pool_waiting
         for reason, count in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + count
         for reason, count in other.tls_failures.items():
             self.tls_failures[reason] = self.tls_failures.get(reason, 0) + count
+
+    def retire(self) -> None:
+        """The process behind these counts is gone: its gauges drop to nothing (its
+        counts stay in the totals)."""
+        self.active = self.pool_idle = self.pool_connecting = self.pool_waiting = 0
 
 
 LATENCY_BUCKETS_SECONDS = (
@@ -212,6 +229,14 @@ class DataplaneContext:
     http: HttpStats = field(default_factory=HttpStats)
     drain: Drain = field(default_factory=Drain)
     pump: NativePump | None = None  # the C pump of L4 connections, when available
+    pools: dict[str, ConnectionPool] = field(default_factory=dict)  # by listener
+
+    def sample_pools(self) -> None:
+        """Read every listener's pool into its counters' gauges (before they are read)."""
+        for name, pool in self.pools.items():
+            counters = self.listener_counters(name)
+            counters.pooled = True
+            counters.pool_idle, counters.pool_connecting, counters.pool_waiting = pool.gauges()
 
     def listener_counters(self, listener: str) -> ConnectionCounters:
         counters = self.by_listener.get(listener)

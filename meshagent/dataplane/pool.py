@@ -240,6 +240,13 @@ class ConnectionPool:
     def idle_count(self) -> int:
         return self._count
 
+    def gauges(self) -> tuple[int, int, int]:
+        """(idle connections, connects in progress, requests waiting in line), over every
+        key: what the metrics show of the pool. Not async."""
+        connecting = sum(self._connecting.values())
+        waiting = sum(len(line) for line in self._waiters.values())
+        return self._count, connecting, waiting
+
     def _usable(self, entry: _Idle, now: float) -> bool:
         """Not expired, and nothing to read on it (see ``is_stale``)."""
         return now - entry.since < self._idle_seconds and not is_stale(entry.stream)

@@ -59,6 +59,7 @@ def _inbound_handler(
     app = AppPool(spec, ctx) if spec.protocol == "http" else None
     if app is not None:
         pools.append(app.pool)
+        ctx.pools[spec.name] = app.pool
     # A partial, not a closure: no coroutine frame of its own held per connection.
     return functools.partial(handle_inbound, listener=spec, ctx=ctx, app=app)
 
@@ -69,11 +70,13 @@ def _outbound_handler(
     if spec.protocol == "http":
         http = HttpOutbound(spec, ctx)
         pools.append(http.pool)
+        ctx.pools[spec.name] = http.pool
         return functools.partial(handle_http_outbound, listener=spec, ctx=ctx, state=http)
     balancer = EndpointBalancer()
     seen_version = -1
     pool = stream_pool()
     pools.append(pool)
+    ctx.pools[spec.name] = pool
 
     async def handle(sock: socket.socket) -> None:
         nonlocal seen_version

@@ -55,3 +55,20 @@ def test_http_requests_turned_away_by_a_busy_endpoint_are_counted() -> None:
     summed = ConnectionCounters(busy=1)
     summed.add(counters["outbound:orders:16001"])  # across workers
     assert summed.busy == 4
+
+
+def test_a_listener_s_pool_is_shown_as_gauges_summed_over_workers() -> None:
+    pooled = ConnectionCounters(pooled=True, pool_idle=3, pool_connecting=1, pool_waiting=2)
+    other_worker = ConnectionCounters(pooled=True, pool_idle=1, pool_waiting=1)
+    pooled.add(other_worker)
+    text = scrape({
+        "outbound:orders:16001": pooled,
+        "inbound:users:15443": ConnectionCounters(accepted=2),  # no pool
+    })
+    where = 'listener="outbound:orders:16001",mesh="shop"'
+    assert f"meshagent_pool_idle_connections{{{where}}} 4.0" in text
+    assert f"meshagent_pool_connects_in_progress{{{where}}} 1.0" in text
+    assert f"meshagent_pool_requests_waiting{{{where}}} 3.0" in text
+    assert 'meshagent_pool_idle_connections{listener="inbound' not in text
+    other_worker.retire()  # its process is gone: its gauges no longer count
+    assert (other_worker.pool_idle, other_worker.pool_waiting, other_worker.active) == (0, 0, 0)

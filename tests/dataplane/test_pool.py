@@ -183,6 +183,28 @@ async def test_connects_past_the_bound_wait_in_line_for_a_connection_or_a_slot(
     assert pool.opened == 3 and pool.reused == 1
 
 
+async def test_the_gauges_sum_idle_connecting_and_waiting_over_every_key(
+    peers: Peers,
+) -> None:
+    gate = Gate(peers)
+    pool = ConnectionPool(gate.connect, max_connecting_per_key=1)
+    assert pool.gauges() == (0, 0, 0)
+    await pool.release("b", await peers.new())
+    await pool.release("c", await peers.new())
+    async with trio.open_nursery() as nursery:
+        requests = Requests(pool, nursery)
+        for n in range(3):  # key "a": one connecting, two in line
+            await requests.start(n)
+        assert pool.gauges() == (2, 1, 2)
+        for n in range(3):  # each connect starts once the one before ended
+            await until(lambda: len(gate.go) > n)  # noqa: B023 - awaited at once
+            gate.finish(n)
+    assert pool.gauges() == (2, 0, 0)
+    for n in range(3):
+        await pool.release("a", requests.stream(n))
+    assert pool.gauges() == (5, 0, 0)
+
+
 async def test_a_request_waits_its_deadline_then_leaves_the_line(peers: Peers) -> None:
     gate = Gate(peers)
     pool = ConnectionPool(gate.connect, max_connecting_per_key=1)

@@ -4,6 +4,7 @@ off the monolith with a 90/10 canary. Clients are real (httpx)."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,11 @@ def test_strangler_route_and_canary_through_http_agents(tmp_path: Path, consul: 
                   'mesh="shop",route="orders-migration",source="",subset="orders[version=v2]"}')
             assert v2 in metrics
             assert 'meshagent_http_request_duration_seconds_bucket{destination="monolith"' in metrics
+            pool = f'listener="outbound:monolith:{web_port}",mesh="shop"'
+            idle = re.search(rf"^meshagent_pool_idle_connections{{{pool}}} (\S+)$", metrics, re.M)
+            assert idle is not None and float(idle[1]) >= 1, "three endpoints, one relayed to"
+            assert f"meshagent_pool_connects_in_progress{{{pool}}} 0.0" in metrics
+            assert f"meshagent_pool_requests_waiting{{{pool}}} 0.0" in metrics
             lines = access_log.read_text().splitlines()
             assert len(lines) >= 490 and all("logger=access" in line for line in lines)
             assert any("path=/users/7" in line and "status=200" in line for line in lines)
