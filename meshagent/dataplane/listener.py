@@ -122,7 +122,7 @@ async def serve_listener(
             conn.close()  # a no-op once the handler's stream closed or took it over
             limit.release()
 
-    with listener:
+    try:
         task_status.started()
         while True:
             reclaimed = False
@@ -149,3 +149,6 @@ async def serve_listener(
                 limit.release()
                 raise
             handler_nursery.start_soon(run, conn)
+    finally:
+        trio.lowlevel.notify_closing(listener)  # trio forgets the descriptor first
+        listener.close()
