@@ -1050,8 +1050,9 @@ static void discard(Engine *eng, conn_t *c) {
 #define RECORDS_MAX 65536      /* records held for records(); more are counted, dropped */
 #define SUMMARY_EVERY 64       /* a summary goes to records() after this many exchanges */
 #define SUMMARY_SECONDS 0.05   /* or at the first exchange this long after its first */
-#define RELAY_IN_FIRST 4096    /* the buffers start this small, and double when full; */
-/* a relay waiting for a request holds none (release_buffers) */
+/* The relay's buffers start this small and double when full; a relay waiting for a
+ * request holds none (release_buffers). */
+#define RELAY_IN_FIRST 4096
 #define RELAY_HEAD_FIRST 2048
 
 enum { R_REQUEST, R_SEND, R_RESPONSE, R_REPLY, R_BODY };
@@ -2497,7 +2498,9 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
         return PyErr_NoMemory();
     }
     c->relay = r;
-    if (initial_len > 0) { /* the response buffer is made at the first response */
+    /* Buffers are made when bytes come (more_room): the request one here only when
+     * bytes came with the relay, the response one at the first response. */
+    if (initial_len > 0) {
         r->in_cap = (size_t)initial_len > RELAY_IN_FIRST ? RELAY_IN : RELAY_IN_FIRST;
         r->in = malloc(r->in_cap);
         if (r->in == NULL) {
