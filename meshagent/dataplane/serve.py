@@ -53,29 +53,22 @@ class DataplaneHandle:
         self._connections.deadline = min(self._connections.deadline, trio.current_time() + seconds)
 
 
-def _inbound_handler(
-    spec: InboundListener, ctx: DataplaneContext, pools: list[ConnectionPool]
-) -> Handler:
+def _inbound_handler(spec: InboundListener, ctx: DataplaneContext) -> Handler:
     app = AppPool(spec, ctx) if spec.protocol == "http" else None
     if app is not None:
-        pools.append(app.pool)
         ctx.pools[spec.name] = app.pool
     # A partial, not a closure: no coroutine frame of its own held per connection.
     return functools.partial(handle_inbound, listener=spec, ctx=ctx, app=app)
 
 
-def _outbound_handler(
-    spec: OutboundListener, ctx: DataplaneContext, pools: list[ConnectionPool]
-) -> Handler:
+def _outbound_handler(spec: OutboundListener, ctx: DataplaneContext) -> Handler:
     if spec.protocol == "http":
         http = HttpOutbound(spec, ctx)
-        pools.append(http.pool)
         ctx.pools[spec.name] = http.pool
         return functools.partial(handle_http_outbound, listener=spec, ctx=ctx, state=http)
     balancer = EndpointBalancer()
     seen_version = -1
     pool = stream_pool()
-    pools.append(pool)
     ctx.pools[spec.name] = pool
 
     async def handle(sock: socket.socket) -> None:
@@ -107,11 +100,12 @@ async def serve_dataplane(
     """
     ctx = DataplaneContext(source=source, tls=tls, rng=rng or random.Random())
     snapshot = source.current
-    pools: list[ConnectionPool] = []  # idle keep-alive connections, closed at the end
     specs: list[tuple[InboundListener | OutboundListener, Handler]] = [
-        (spec, _inbound_handler(spec, ctx, pools)) for spec in snapshot.inbounds
+        (spec, _inbound_handler(spec, ctx)) for spec in snapshot.inbounds
     ]
-    specs += [(spec, _outbound_handler(spec, ctx, pools)) for spec in snapshot.outbounds]
+    specs += [(spec, _outbound_handler(spec, ctx)) for spec in snapshot.outbounds]
+    # the handlers' pools of idle keep-alive connections (ctx.pools), closed at the end
+    pools = list(ctx.pools.values())
     bound: list[socket.socket] = []
     try:
         for spec, _ in specs:
