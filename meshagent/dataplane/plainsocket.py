@@ -84,12 +84,13 @@ async def open_tcp(host: str, port: int) -> socket.socket:
 class PlainSocketStream(trio.abc.HalfCloseableStream):
     """A TCP connection over a non-blocking socket, called directly."""
 
-    __slots__ = ("_sock",)
+    __slots__ = ("_eof", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         """Take ``sock``: a connected, non-blocking socket (``open_tcp``'s, an accepted
         one), closed by ``aclose``."""
         self._sock = sock
+        self._eof = False  # send_eof was called
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 once closed)."""
@@ -127,6 +128,8 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()
         view = memoryview(data)
         total = len(view)
+        if not total and (self._eof or sock.fileno() == -1):  # not even nothing
+            raise self._broken(None)
         sent = 0
         waited = False
         while sent < total:
@@ -149,12 +152,15 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
         await self._wait(trio.lowlevel.wait_readable)
 
     async def send_eof(self) -> None:
-        """Half-close: a FIN to the peer. A cancel point."""
+        """Half-close: a FIN to the peer (again: nothing). A cancel point."""
         await trio.lowlevel.checkpoint()
+        if self._eof and self._sock.fileno() != -1:
+            return
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             raise self._broken(exc) from exc
+        self._eof = True
 
     async def aclose(self) -> None:
         """Close the descriptor (idempotent). A cancel point; closes even when cancelled."""
@@ -171,7 +177,11 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
         except trio.ClosedResourceError:
             raise trio.ClosedResourceError("the connection was closed") from None
 
-    def _broken(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    def _broken(
+        self, exc: OSError | None
+    ) -> trio.BrokenResourceError | trio.ClosedResourceError:
         if self._sock.fileno() == -1:
             return trio.ClosedResourceError("the connection was closed")
+        if self._eof and (exc is None or exc.errno == errno.EPIPE):
+            return trio.ClosedResourceError("cannot send after sending EOF")
         return trio.BrokenResourceError(f"socket connection broken: {exc}")

@@ -1,0 +1,69 @@
+"""``plainsocket.PlainSocketStream`` on real loopback TCP: trio's own conformance checks
+for a two-way stream, and half-close as ``trio.SocketStream`` does it."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from meshagent.dataplane.plainsocket import PlainSocketStream, tune
+
+
+def _connected() -> tuple[socket.socket, socket.socket]:
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    finally:
+        listener.close()
+    for sock in (client, server):
+        sock.setblocking(False)
+        tune(sock)
+    return client, server
+
+
+async def stream_pair() -> tuple[PlainSocketStream, PlainSocketStream]:
+    client, server = _connected()
+    return PlainSocketStream(client), PlainSocketStream(server)
+
+
+async def clogged_pair() -> tuple[PlainSocketStream, PlainSocketStream]:
+    """Both ways full: a send waits until the other end reads."""
+    a, b = await stream_pair()
+    for writer, reader in ((a, b), (b, a)):
+        writer._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        reader._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        while True:
+            try:
+                writer._sock.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+    return a, b
+
+
+async def test_trio_two_way_stream_conformance() -> None:
+    await trio.testing.check_two_way_stream(stream_pair, clogged_pair)
+
+
+async def test_half_close_as_trio_socket_streams_do() -> None:
+    a, b = await stream_pair()
+    async with a, b:
+        await a.send_all(b"x")
+        await a.send_eof()
+        assert await b.receive_some(10) == b"x"
+        assert await b.receive_some(10) == b""
+        with pytest.raises(trio.ClosedResourceError, match="after sending EOF"):
+            await a.send_all(b"y")
+        with pytest.raises(trio.ClosedResourceError):
+            await a.send_all(b"")
+        await a.send_eof()  # again: nothing
+        await b.send_all(b"back")  # the other way goes on
+        assert await a.receive_some(10) == b"back"
+    with pytest.raises(trio.ClosedResourceError):
+        await a.send_eof()
