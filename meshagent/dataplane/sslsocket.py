@@ -417,7 +417,8 @@ class SslSocketStream(trio.abc.Stream):
                 tlssessions.keep_on_close(self._sock)
         finally:
             self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
+            if self._reading.busy or self._writing.busy:  # else trio has no waiter to wake
+                trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
         await trio.lowlevel.checkpoint()
 
@@ -472,6 +473,11 @@ class _OneWaiter:
         self._wait = wait
         self._busy = False
         self._lot: trio.lowlevel.ParkingLot | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A task of the stream waits in trio for this direction now."""
+        return self._busy
 
     async def wait(self, sock: ssl.SSLSocket) -> None:
         if self._busy:

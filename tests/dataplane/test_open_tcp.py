@@ -33,6 +33,25 @@ async def test_connects_to_an_address_or_a_name(host: str) -> None:
                 assert lowat == 16 * 1024  # as a trio.SocketStream's
 
 
+async def test_a_loopback_connect_done_within_connect_skips_trios_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # connect(2) completes the loopback handshake before it returns (EINPROGRESS all
+    # the same): a poll sees it, with no registration in trio's epoll set.
+    async def no_wait(sock: socket.socket) -> None:
+        raise AssertionError("open_tcp waited in trio for a connect that was done")
+
+    listener = await _listener("127.0.0.1")
+    async with listener:
+        monkeypatch.setattr(trio.lowlevel, "wait_writable", no_wait)
+        for _ in range(20):
+            with await open_tcp("127.0.0.1", listener.socket.getsockname()[1]):
+                pass
+        monkeypatch.undo()
+        for _ in range(20):
+            (await listener.accept()).socket.close()
+
+
 async def test_ipv6_literal() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
