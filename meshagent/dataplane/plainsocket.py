@@ -70,7 +70,11 @@ async def open_tcp(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
         code = sock.connect_ex((host, port))
         if code == errno.EINPROGRESS:
-            if _writable_now(sock.fileno()):  # loopback: done within connect(2)
+            # On loopback the handshake completes inside connect(2), though a
+            # non-blocking socket still says EINPROGRESS: one poll then spares trio's
+            # wait (its registration of a new descriptor is two epoll_ctl calls, one
+            # failing) and a trip through the scheduler.
+            if fd_ready(sock.fileno(), select.POLLOUT):
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.wait_writable(sock)
@@ -85,14 +89,13 @@ async def open_tcp(host: str, port: int) -> socket.socket:
         raise
 
 
-def _writable_now(fd: int) -> bool:
-    """Whether ``fd`` is writable (a connect in progress has ended, either way) now.
-    On loopback the handshake completes inside connect(2), though a non-blocking socket
-    still says EINPROGRESS: one ``poll`` then spares trio's wait (its registration of a
-    new descriptor is two ``epoll_ctl`` calls, one failing) and a trip through the
-    scheduler. ``poll``, not ``select``, for descriptors past 1024."""
+def fd_ready(fd: int, events: int) -> bool:
+    """True if ``fd`` has one of ``events`` (``select.POLLIN``: a read would not block,
+    bytes, EOF or an error; ``select.POLLOUT``: a write would not, or a connect in
+    progress has ended) now. ``poll``, not ``select``: select refuses descriptors from
+    1024 on, which a busy agent has."""
     poller = select.poll()
-    poller.register(fd, select.POLLOUT)
+    poller.register(fd, events)
     return bool(poller.poll(0))
 
 

@@ -26,6 +26,7 @@ once, and connections that requests give back early serve the requests still in 
 
 from __future__ import annotations
 
+import select
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 import trio
 
 from meshagent.dataplane.errors import UpstreamTimeout
-from meshagent.dataplane.plainsocket import PlainSocketStream
-from meshagent.dataplane.sslsocket import SslSocketStream, is_fd_readable
+from meshagent.dataplane.plainsocket import PlainSocketStream, fd_ready
+from meshagent.dataplane.sslsocket import SslSocketStream
 
 Upstream = SslSocketStream | PlainSocketStream
 SWEEP_SECONDS = 5.0
@@ -50,7 +51,7 @@ def is_stale(stream: Upstream) -> bool:
     try:
         if isinstance(stream, SslSocketStream):
             return stream.is_stale()
-        return is_fd_readable(stream.fileno())
+        return fd_ready(stream.fileno(), select.POLLIN)
     except (OSError, ValueError):
         return True
 

@@ -57,6 +57,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import trio
 
 from meshagent.dataplane import tlssessions
+from meshagent.dataplane.plainsocket import fd_ready
 
 # The largest receive_some without max_bytes; the proxies always pass their chunk size.
 DEFAULT_RECEIVE = 64 * 1024
@@ -64,14 +65,6 @@ DEFAULT_RECEIVE = 64 * 1024
 # more is already there (bulk transfer), up to max_bytes, instead of going once round
 # the pump and trio's scheduler per record.
 _RECORD = 16 * 1024
-
-
-def is_fd_readable(fd: int) -> bool:
-    """True if a read on ``fd`` would not block (bytes, EOF or an error). ``poll``, not
-    ``select``: select refuses descriptors from 1024 on, which a busy agent has."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class SslSocketStream(trio.abc.Stream):
@@ -211,7 +204,7 @@ class SslSocketStream(trio.abc.Stream):
             return True
         if self._sock.pending():
             return True
-        return is_fd_readable(self._sock.fileno())
+        return fd_ready(self._sock.fileno(), select.POLLIN)
 
     def is_stale(self) -> bool:
         """For a connection at rest (a pooled one): True when it has plaintext to read,
