@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import trio
-
 from meshagent.dataplane.errors import (
     DOWNSTREAM,
     ConnectionBroken,
@@ -25,7 +23,7 @@ from meshagent.dataplane.errors import (
     UpstreamTimeout,
     describe_failure,
 )
-from meshagent.dataplane.nativepump import NativePump
+from meshagent.dataplane.nativepump import NativePump, Stoppable
 from meshagent.dataplane.pool import ConnectionPool
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.log import Logger
@@ -185,7 +183,7 @@ class Drain:
     def __init__(self) -> None:
         self.started = False
         # per listener, the waiting scopes in the order they began to wait
-        self._idle: dict[str, dict[trio.CancelScope, None]] = {}
+        self._idle: dict[str, dict[Stoppable, None]] = {}
 
     def begin(self) -> None:
         self.started = True
@@ -193,18 +191,12 @@ class Drain:
             for scope in scopes:
                 scope.cancel()
 
-    @contextmanager
-    def idle(self, scope: trio.CancelScope, listener: str) -> Iterator[None]:
-        """While inside, a drain, or ``reclaim(listener)``, cancels ``scope`` (a drain
-        at once if one already began)."""
-        if self.started:
-            scope.cancel()
-        scopes = self._idle.setdefault(listener, {})
-        scopes[scope] = None
-        try:
-            yield
-        finally:
-            scopes.pop(scope, None)
+    def idle(self, scope: Stoppable, listener: str) -> _IdleWait:
+        """A context manager: while inside, a drain, or ``reclaim(listener)``, cancels
+        ``scope`` (a ``trio.CancelScope``, or a relay's stop; a drain at once if one
+        already began). A class, not ``contextlib.contextmanager``: every relay run of
+        every connection enters one, and a generator's context manager costs more."""
+        return _IdleWait(self, scope, listener)
 
     def reclaim(self, listener: str) -> bool:
         """Cancel the wait of the connection of ``listener`` idle the longest; False
@@ -217,6 +209,28 @@ class Drain:
                 scope.cancel()
                 return True
         return False
+
+
+class _IdleWait:
+    __slots__ = ("_drain", "_listener", "_scope", "_scopes")
+
+    def __init__(self, drain: Drain, scope: Stoppable, listener: str) -> None:
+        self._drain = drain
+        self._scope = scope
+        self._listener = listener
+
+    def __enter__(self) -> None:
+        drain, scope = self._drain, self._scope
+        if drain.started:
+            scope.cancel()
+        scopes = drain._idle.get(self._listener)
+        if scopes is None:
+            scopes = drain._idle[self._listener] = {}
+        scopes[scope] = None
+        self._scopes = scopes
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._scopes.pop(self._scope, None)
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable
 
 import trio
 
@@ -19,6 +19,7 @@ from meshagent.dataplane.http_proxy import (
     Forward,
     Relay,
     RelaySession,
+    Release,
     Respond,
     StartFailure,
     serve_http,
@@ -344,17 +345,15 @@ async def handle_http_outbound(
                 relay=relay,
             )
         finally:
-            await trio.aclose_forcefully(downstream)
+            downstream.close()
 
 
-def _releaser(
-    pool: ConnectionPool, key: Endpoint, upstream: Upstream
-) -> Callable[[bool], Awaitable[None]]:
-    async def release(reusable: bool) -> None:
+def _releaser(pool: ConnectionPool, key: Endpoint, upstream: Upstream) -> Release:
+    def release(reusable: bool) -> None:
         if reusable:
-            await pool.release(key, upstream)
+            pool.release(key, upstream)
         else:
-            await trio.aclose_forcefully(upstream)
+            upstream.close()
 
     return release
 

@@ -226,12 +226,17 @@ class _Failed:
         raise self.error
 
 
+# release(reusable): gives a request's upstream back (to its pool, or closed when not
+# reusable). Not async: it never waits, so cleanup paths call it without a shielded scope.
+Release = Callable[[bool], None]
+
+
 @dataclass(slots=True)
 class Forward:
     """Send the request to ``upstream``; ``release(reusable)`` hands it back afterwards."""
 
     upstream: trio.abc.Stream
-    release: Callable[[bool], Awaitable[None]]
+    release: Release
     target: bytes
     headers: Headers
     response_headers: Headers = ()  # added to the response (e.g. Set-Cookie)
@@ -243,9 +248,6 @@ class Forward:
     request_seconds: float | None = None  # the whole request, retries included (504)
     per_try_seconds: float | None = None
     resumed: RelayEnd | None = None  # the C relay sent the request; relay its response
-
-
-Release = Callable[[bool], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,8 +412,7 @@ async def serve_http(
             return
         finally:
             if resume is not None:  # the relay's exchange, not reached: its upstream goes
-                with trio.CancelScope(shield=True):
-                    await resume.release(False)
+                resume.release(False)
         if first is None:
             return
         keep = await _one_request(
@@ -479,14 +480,13 @@ class _Relaying:
                 end = await self._relay(down_end, up_end, sessions, initial)
             except NativeRefused as exc:  # nothing moved, no switch
                 log_refusal(_RELAY_REFUSED, str(exc))
-                await session.release(True)
+                session.release(True)
                 return _Reader.requests(downstream, initial), None
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await sessions.current.release(False)
-                    await sessions.close()
+                sessions.current.release(False)
+                sessions.close()
                 raise
-            await sessions.close()
+            sessions.close()
             session = sessions.current  # the one in use at the end
             upstream, release = session.upstream, session.release
             outcome = end.outcome
@@ -495,8 +495,7 @@ class _Relaying:
                     upstream, release, b"", (), labels=session.labels, resumed=end
                 )
                 return _Reader.requests(downstream, end.downstream), resumed
-            with trio.CancelScope(shield=True):
-                await release(end.upstream_reusable)
+            release(end.upstream_reusable)
             if outcome is RelayOutcome.REQUEST:  # one the relay does not take
                 return _Reader.requests(downstream, end.downstream), None
             if outcome in (RelayOutcome.UPSTREAM_SPENT, RelayOutcome.RENEW):
@@ -583,25 +582,24 @@ class _Sessions:
                 self.offered = None
                 self.retired.append((session.release, True))
                 offer(None, b"", False)
-        await self.settle()
+        self.settle()
 
     def switched(self, reusable: bool) -> None:
         assert self.offered is not None, "the relay switched to an upstream never offered"
         self.retired.append((self.current.release, reusable))
         self.current, self.offered = self.offered, None
 
-    async def settle(self) -> None:
-        with trio.CancelScope(shield=True):
-            while self.retired:
-                release, reusable = self.retired.pop()
-                await release(reusable)
+    def settle(self) -> None:
+        while self.retired:
+            release, reusable = self.retired.pop()
+            release(reusable)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """After the relay's end: the upstream offered and not switched to goes back."""
         if self.offered is not None:
             self.retired.append((self.offered.release, True))
             self.offered = None
-        await self.settle()
+        self.settle()
 
     def first_read(self) -> None:
         call = _first_read(self.current.upstream)
@@ -721,8 +719,7 @@ async def _one_request(
                         status, keep, reusable = outcome.status, outcome.keep, outcome.reusable
                         return keep
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await fwd.release(reusable)
+                    fwd.release(reusable)
                 # A retryable failure (outcome is _Failed_Try).
                 retry = fwd.retry
                 if (

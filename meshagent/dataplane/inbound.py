@@ -129,11 +129,11 @@ class AppPool:
     def releaser(self, upstream: Upstream) -> Release:
         """What gives ``upstream`` back after a request: to the pool, or closed."""
 
-        async def release(reusable: bool) -> None:
+        def release(reusable: bool) -> None:
             if reusable:
-                await self.pool.release("app", upstream)
+                self.pool.release("app", upstream)
             else:
-                await trio.aclose_forcefully(upstream)
+                upstream.close()
 
         return release
 
@@ -265,13 +265,13 @@ async def handle_inbound(
                         await _deny_http(tls, str(denied), fields, timeouts.request_head_seconds)
                     raise denied
             except BaseException:
-                await trio.aclose_forcefully(tls)
+                tls.close()
                 raise
             if app is not None:  # HTTP: requests over the TLS session
                 try:
                     await _serve_app_http(tls, source, app, fields)
                 finally:
-                    await trio.aclose_forcefully(tls)
+                    tls.close()
                 return
             alpn = tls.selected_alpn_protocol()
             if alpn == ALPN_STREAMS:
@@ -286,7 +286,7 @@ async def handle_inbound(
                 try:
                     await _serve_app_http(plain, None, app, fields)
                 finally:
-                    await trio.aclose_forcefully(plain)
+                    plain.close()
                 return
             mesh_side = PlainSide(PlainSocketStream(sock))
         try:
@@ -361,7 +361,7 @@ async def _serve_streams(
             try:
                 await tls.send_all(OPENED_FRAME)
             except BaseException:
-                await trio.aclose_forcefully(app_stream)
+                app_stream.close()
                 raise
             mesh_side = FramedSide(tls, keep=True)
             sent, received = await splice(
@@ -375,4 +375,4 @@ async def _serve_streams(
             if not mesh_side.reusable:
                 return
     finally:
-        await trio.aclose_forcefully(tls)
+        tls.close()

@@ -205,9 +205,10 @@ class Renewal(Protocol):
         again (``reusable``: fit for another request), to give back in ``settle``.
         Records before this call were the previous upstream's."""
 
-    async def settle(self) -> None:
+    def settle(self) -> None:
         """Give back what ``switched`` handed over (the relay's task calls it soon
-        after; the caller once more after the relay's end)."""
+        after; the caller once more after the relay's end). Not async: giving an
+        upstream back never waits."""
 
 
 def _error(ends: tuple[str, str] | None, kind: int, text: str) -> Exception:
@@ -279,6 +280,37 @@ class _Waiter:
     def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self.task = None
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+class Stoppable(Protocol):
+    """What ``Drain`` cancels: a ``trio.CancelScope``, or a relay's ``_RelayStop``."""
+
+    @property
+    def cancel_called(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class _RelayStop:
+    """A relay's ``Stoppable``: cancelled, it tells the engine to end the relay at its
+    next request boundary, from whichever task cancels it; the relay's own task sleeps
+    on until the engine reports the end. Not a ``trio.CancelScope``: that would cost
+    the relay's task a scope per run and a wake-up to pass the word on."""
+
+    __slots__ = ("_handle", "_relay_stop", "_waiter", "cancel_called")
+
+    def __init__(self, relay_stop: Callable[[int], None], handle: int, waiter: _Waiter) -> None:
+        self._relay_stop = relay_stop
+        self._handle = handle
+        self._waiter = waiter
+        self.cancel_called = False
+
+    def cancel(self) -> None:
+        if self.cancel_called:
+            return
+        self.cancel_called = True
+        if not self._waiter.done:
+            self._relay_stop(self._handle)
 
 
 class NativePump:
@@ -521,7 +553,7 @@ class NativePump:
         drop: tuple[bytes, ...],
         add: bytes,
         on_records: OnRecords,
-        stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]],
+        stop_when: Callable[[Stoppable], AbstractContextManager[object]],
         initial: bytes = b"",
         refuse: tuple[bytes, ...] = (),
         gen_ids: bool = False,
@@ -559,8 +591,9 @@ class NativePump:
                 ``on_first_read`` is given).
             hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
             head_seconds: a request head's time, from its first byte (``RELAY_HEAD_TIMEOUT``).
-            stop_when: registers a cancel scope (``Drain.idle``): when it is cancelled, the
-                relay ends at its next request boundary (at once if it waits for one).
+            stop_when: registers a ``Stoppable`` (``Drain.idle``): when it is cancelled,
+                the relay ends at its next request boundary (at once if it waits for
+                one).
 
         Raises:
             ConnectionBroken: a side failed once the response head went down (``down``
@@ -601,7 +634,7 @@ class NativePump:
             assert renewal is not None and waiter.offer is not None
             if waiter.settle:
                 waiter.settle = False
-                await renewal.settle()
+                renewal.settle()
             if waiter.due:
                 waiter.due = False
                 await renewal.renew(waiter.offer)
@@ -622,22 +655,19 @@ class NativePump:
         self,
         handle: int,
         waiter: _Waiter,
-        stop_when: Callable[[trio.CancelScope], AbstractContextManager[object]] | None = None,
+        stop_when: Callable[[Stoppable], AbstractContextManager[object]] | None = None,
     ) -> _Waiter:
         """Wait for the end of what the engine runs as ``handle``; raise what it failed
         with (with the waiter's ``ends``, the names of a and b: a ConnectionBroken naming
-        the end). Cancelled, it is taken back from the engine. ``stop_when`` (a relay): once
-        the scope it registers is cancelled, the relay stops at its next boundary, and
-        this waits for that."""
+        the end). Cancelled, it is taken back from the engine. ``stop_when`` (a relay):
+        once the stop it registers is cancelled, the relay stops at its next boundary,
+        and this waits for that."""
         self._waiters[handle] = waiter
         try:
             if stop_when is None:
                 await self._until_done(waiter)
             else:
-                with trio.CancelScope() as stop, stop_when(stop):
-                    await self._until_done(waiter)
-                if not waiter.done:  # asked to stop: at the next boundary
-                    self._engine.relay_stop(handle)
+                with stop_when(_RelayStop(self._engine.relay_stop, handle, waiter)):
                     await self._until_done(waiter)
         finally:
             if not waiter.done:

@@ -98,7 +98,7 @@ async def connect_endpoint(
         check_peer(tls.getpeercert(), mesh=snapshot.mesh, service=endpoint.service)
     except BaseException:
         ctx.tls.forget_session(listener.source, peer)
-        await trio.aclose_forcefully(tls)
+        tls.close()
         raise
     refused = offered is not None and not tls.session_reused
     if ctx.tls.wants_session(context, listener.source, peer, refused=refused):
@@ -147,10 +147,10 @@ async def handle_outbound(
             if pool is not None and isinstance(mesh_side, FramedSide) and mesh_side.keep:
                 kept = mesh_side.reusable
                 if kept:
-                    await pool.release(key, upstream)
+                    pool.release(key, upstream)
         finally:
             if isinstance(mesh_side, FramedSide) and mesh_side.keep and not kept:
-                await trio.aclose_forcefully(upstream)  # splice left it open
+                upstream.close()  # splice left it open
         counters.bytes_out += sent
         counters.bytes_in += received
         log.debug("closed", bytes_out=sent, bytes_in=received, **fields)
@@ -222,19 +222,19 @@ async def _stream_to(
     key: Hashable | None = None
     if pool is not None and snapshot.mtls != "off":
         key = (listener.source, endpoint.address, ctx.tls.client(listener.source))
-        while (idle := await pool.take(key)) is not None:
+        while (idle := pool.take(key)) is not None:
             assert isinstance(idle, SslSocketStream)
             try:
                 if await _open_stream(idle, endpoint, snapshot):
                     return idle, key
                 log.debug("pooled connection was closed", endpoint=endpoint.address, **fields)
             except UpstreamTimeout:  # the agent is there but slow: a new connection won't help
-                await trio.aclose_forcefully(idle)
+                idle.close()
                 raise
             except DataplaneError as exc:  # nothing of the client's was sent: try another
                 log.debug("pooled connection failed", endpoint=endpoint.address,
                           error=str(exc), **fields)
-            await trio.aclose_forcefully(idle)
+            idle.close()
     upstream = await connect_endpoint(endpoint, listener, snapshot, ctx)
     if isinstance(upstream, SslSocketStream) and upstream.selected_alpn_protocol() == ALPN_STREAMS:
         try:
@@ -244,7 +244,7 @@ async def _stream_to(
                     "opening it (its app is down, or it does not allow us: see its log)"
                 )
         except BaseException:
-            await trio.aclose_forcefully(upstream)
+            upstream.close()
             raise
     return upstream, key
 

@@ -15,9 +15,9 @@ trio's readiness waits, as ``SslSocketStream`` does for TLS:
 * Errors are those of ``trio.SocketStream``: ``trio.BrokenResourceError`` from an
   ``OSError``, ``trio.ClosedResourceError`` once closed.
 * No ``trio.SocketStream`` is made at all: the listener accepts, and ``open_tcp``
-  connects, plain sockets (``tune``), which this takes over; ``aclose`` closes the
-  socket, once. An idle proxied connection then holds no trio stream, socket wrapper
-  or conflict detector per end.
+  connects, plain sockets (``tune``), which this takes over; ``aclose`` (or ``close``,
+  at once) closes the socket, once. An idle proxied connection then holds no trio
+  stream, socket wrapper or conflict detector per end.
 """
 
 from __future__ import annotations
@@ -183,7 +183,16 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
         self._eof = True
 
     async def aclose(self) -> None:
-        """Close the descriptor (idempotent). A cancel point; closes even when cancelled.
+        """``close``, then a checkpoint. A cancel point; closes even when cancelled."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close the descriptor now (idempotent); not a cancel point. The data path's
+        cleanup calls this (through ``sslsocket.close_now``) where
+        ``trio.aclose_forcefully`` would cost a cancel scope, a trip through the
+        scheduler and a raised ``Cancelled`` for the same result.
+
         A task of this stream waiting for readiness is woken (``ClosedResourceError``).
         With none, trio is not told: it holds nothing of a descriptor no task waits on
         (the kernel drops it from trio's epoll set on close), and ``notify_closing``
@@ -192,7 +201,6 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
             if self._waits:
                 trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
-        await trio.lowlevel.checkpoint()
 
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         if self._sock.fileno() == -1:

@@ -116,7 +116,7 @@ class ConnectionPool:
         without a place in line); the connect itself keeps its own deadlines. Raises
         whatever ``connect`` raises, or ``PoolTimeout``.
         """
-        stream = await self.take(key)
+        stream = self.take(key)
         if stream is not None:
             return stream, True
         assert self._connect is not None, "a pool without connect only lends (take)"
@@ -153,7 +153,7 @@ class ConnectionPool:
                 await waiter.woken.wait()
         except BaseException:  # cancelled: what was handed over goes to the next in line
             if waiter.woken.is_set():
-                await self._pass_on(key, waiter)
+                self._pass_on(key, waiter)
             raise
         finally:
             line.pop(waiter, None)
@@ -168,11 +168,11 @@ class ConnectionPool:
             self.reused += 1
         return waiter.stream
 
-    async def _pass_on(self, key: Hashable, waiter: _Waiter) -> None:
+    def _pass_on(self, key: Hashable, waiter: _Waiter) -> None:
         if waiter.stream is None:
             self._free_slot(key)
         else:
-            await self.release(key, waiter.stream)
+            self.release(key, waiter.stream)
 
     def _next_waiter(self, key: Hashable) -> _Waiter | None:
         """Take the first in line for ``key`` out of the line."""
@@ -197,9 +197,9 @@ class ConnectionPool:
         else:
             del self._connecting[key]
 
-    async def take(self, key: Hashable) -> Upstream | None:
-        """An idle connection to ``key`` that still looks usable, or None. A cancel point
-        (stale ones are closed on the way)."""
+    def take(self, key: Hashable) -> Upstream | None:
+        """An idle connection to ``key`` that still looks usable, or None (stale ones are
+        closed on the way)."""
         now = trio.current_time()
         idle = self._idle.get(key)
         while idle:
@@ -208,25 +208,26 @@ class ConnectionPool:
             if self._usable(entry, now):
                 self.reused += 1
                 return entry.stream
-            await trio.aclose_forcefully(entry.stream)
+            entry.stream.close()
         return None
 
-    async def release(self, key: Hashable, stream: Upstream) -> None:
+    def release(self, key: Hashable, stream: Upstream) -> None:
         """Hand ``stream`` to the first request waiting for one (also while the agent
         drains: that request would open a connection otherwise), else keep it for
-        reuse, or close it when the pool is full or closing. A cancel point."""
+        reuse, or close it when the pool is full or closing. Not async: a release
+        never waits (closing is ``close``), so cleanup needs no shielded scope."""
         waiter = self._next_waiter(key)
         if waiter is not None:
             waiter.stream = stream
             waiter.woken.set()
             return
         if self._closing:
-            await trio.aclose_forcefully(stream)
+            stream.close()
             return
         idle = self._idle.setdefault(key, deque())
         self._idle.move_to_end(key)
         if len(idle) >= self._max_per_key:
-            await trio.aclose_forcefully(stream)
+            stream.close()
             return
         idle.append(_Idle(stream, trio.current_time()))
         self._count += 1
@@ -236,7 +237,7 @@ class ConnectionPool:
                 del self._idle[oldest_key]
                 continue
             self._count -= 1
-            await trio.aclose_forcefully(oldest.popleft().stream)
+            oldest.popleft().stream.close()
 
     def idle_count(self) -> int:
         return self._count
@@ -252,9 +253,9 @@ class ConnectionPool:
         """Not expired, and nothing to read on it (see ``is_stale``)."""
         return now - entry.since < self._idle_seconds and not is_stale(entry.stream)
 
-    async def sweep(self) -> int:
+    def sweep(self) -> int:
         """Close every idle connection that expired or turned stale, under every key;
-        return how many. A cancel point (closing is)."""
+        return how many."""
         now = trio.current_time()
         doomed: list[Upstream] = []
         for key in list(self._idle):
@@ -270,20 +271,20 @@ class ConnectionPool:
             else:
                 del self._idle[key]
         for stream in doomed:
-            await trio.aclose_forcefully(stream)
+            stream.close()
         return len(doomed)
 
-    async def close_idle(self) -> None:
+    def close_idle(self) -> None:
         """The agent drains: close every idle connection, and from now on every one
         released (connections in use finish their request first)."""
         self._closing = True
-        await self.aclose()
+        self.close()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Close every idle connection."""
         for idle in self._idle.values():
             while idle:
-                await trio.aclose_forcefully(idle.pop().stream)
+                idle.pop().stream.close()
         self._idle.clear()
         self._count = 0
 
@@ -293,4 +294,4 @@ async def sweep_forever(pools: list[ConnectionPool], seconds: float = SWEEP_SECO
     while True:
         await trio.sleep(seconds)
         for pool in pools:
-            await pool.sweep()
+            pool.sweep()

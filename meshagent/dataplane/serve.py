@@ -126,9 +126,8 @@ async def serve_dataplane(
             await _serve(specs, bound, ctx, pools, task_status)
             pump_nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            for pool in pools:
-                await pool.aclose()
+        for pool in pools:
+            pool.close()
     log.info("drained", accepted=ctx.counters.accepted, failed=ctx.counters.failed)
 
 
@@ -159,4 +158,4 @@ async def _serve(
             )
         log.info("stopped accepting", active=ctx.counters.active)
         for pool in pools:  # peers holding our idle connections can finish draining too
-            await pool.close_idle()
+            pool.close_idle()

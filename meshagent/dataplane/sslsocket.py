@@ -36,7 +36,8 @@ update answer), so the task waits for the fd to become readable (or writable, fo
   only this stream closes it, once, in ``aclose``.
 * ``aclose`` sends close_notify when the socket takes it without waiting (and waits
   for writability otherwise, a cancel point: ``trio.aclose_forcefully`` gives that up
-  at once), never waits for the peer's, then closes the fd.
+  at once), never waits for the peer's, then closes the fd. ``close`` is that forceful
+  close as a plain call (``close_now``: the data path's cleanup).
 
 TLS cannot half-close (a close_notify ends the session both ways), so there is no
 ``send_eof``: agents frame a half-close inside the session (``tcp_proxy.FramedSide``).
@@ -49,6 +50,7 @@ insists gets an alert, and the stream breaks.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -57,7 +59,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import trio
 
 from meshagent.dataplane import tlssessions
-from meshagent.dataplane.plainsocket import fd_ready
+from meshagent.dataplane.plainsocket import PlainSocketStream, fd_ready
 
 # The largest receive_some without max_bytes; the proxies always pass their chunk size.
 DEFAULT_RECEIVE = 64 * 1024
@@ -409,11 +411,30 @@ class SslSocketStream(trio.abc.Stream):
             elif self._handshake_done:
                 tlssessions.keep_on_close(self._sock)
         finally:
-            self._closed = True
-            if self._reading.busy or self._writing.busy:  # else trio has no waiter to wake
-                trio.lowlevel.notify_closing(self._sock)
-            self._sock.close()
+            self._close_fd()
         await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close now (idempotent); not a cancel point: what ``aclose`` does when it is
+        cancelled at once (``trio.aclose_forcefully``), a close_notify only if the
+        socket takes it without waiting, without that call's cancel scope, trip through
+        the scheduler and raised ``Cancelled``. See ``close_now``."""
+        if self._closed:
+            return
+        try:
+            if self._handshake_done and not self._broken and not self._sending:
+                with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                    self._sock.unwrap()  # SSL_shutdown: a close_notify, if there is room
+            elif self._handshake_done:
+                tlssessions.keep_on_close(self._sock)
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        self._closed = True
+        if self._reading.busy or self._writing.busy:  # else trio has no waiter to wake
+            trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
 
     async def _send_close_notify(self) -> None:
         self._sending = True
@@ -487,3 +508,15 @@ class _OneWaiter:
             self._busy = False
             if self._lot is not None:
                 self._lot.unpark_all()
+
+
+async def close_now(resource: trio.abc.AsyncResource) -> None:
+    """``trio.aclose_forcefully(resource)``, done as a plain call for the agent's own
+    streams (``close``: not a cancel point then), which are most of what the data path
+    closes: per connection, ``aclose_forcefully`` cost about eight times the close
+    itself (a cancel scope, a trip through the scheduler, a raised ``Cancelled``).
+    Anything else (a trio stream in a test, say) goes through ``aclose_forcefully``."""
+    if isinstance(resource, (PlainSocketStream, SslSocketStream)):
+        resource.close()
+    else:
+        await trio.aclose_forcefully(resource)

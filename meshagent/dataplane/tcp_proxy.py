@@ -31,7 +31,7 @@ from meshagent.dataplane.errors import (
 )
 from meshagent.dataplane.nativepump import End, NativePump, NativeRefused
 from meshagent.dataplane.plainsocket import PlainSocketStream
-from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream, close_now
 from meshagent.log import get_logger
 from meshagent.protocol.frames import (
     END_FRAME,
@@ -84,7 +84,7 @@ class _StreamSide:
         await self.stream.send_all(data)
 
     async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
+        await close_now(self.stream)
 
 
 class PlainSide(_StreamSide):
@@ -150,7 +150,7 @@ class FramedSide:
     async def aclose(self) -> None:
         if self.keep and self.reusable:
             return  # the caller keeps the connection for its next stream
-        await trio.aclose_forcefully(self.stream)
+        await close_now(self.stream)
 
     def native_end(self) -> End | None:
         if self._pending or self._decoder.buffered() or self._decoder.ended:

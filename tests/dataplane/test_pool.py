@@ -44,12 +44,12 @@ def closed(stream: PlainSocketStream) -> bool:
 async def test_take_gives_the_most_recent_usable_connection(peers: Peers) -> None:
     pool = ConnectionPool(None)
     first, second = await peers.new(), await peers.new()
-    await pool.release("a", first)
-    await pool.release("a", second)
-    assert await pool.take("b") is None
-    assert await pool.take("a") is second
+    pool.release("a", first)
+    pool.release("a", second)
+    assert pool.take("b") is None
+    assert pool.take("a") is second
     await trio.aclose_forcefully(peers.far[0])  # the server closed the older one
-    assert await pool.take("a") is None
+    assert pool.take("a") is None
     assert closed(first) and pool.idle_count() == 0
 
 
@@ -59,35 +59,35 @@ async def test_sweep_closes_expired_and_stale_connections_under_every_key(
     pool = ConnectionPool(None, idle_seconds=0.2)
     old = [await peers.new() for _ in range(3)]
     for n, stream in enumerate(old):
-        await pool.release(("old-context", n % 2), stream)  # keys nobody asks for again
+        pool.release(("old-context", n % 2), stream)  # keys nobody asks for again
     await trio.sleep(0.3)
     fresh, stale = await peers.new(), await peers.new()
-    await pool.release("live", fresh)
-    await pool.release("live", stale)
+    pool.release("live", fresh)
+    pool.release("live", stale)
     await trio.aclose_forcefully(peers.far[-1])
     assert pool.idle_count() == 5
-    assert await pool.sweep() == 4
+    assert pool.sweep() == 4
     assert all(closed(stream) for stream in (*old, stale))
     assert not closed(fresh) and pool.idle_count() == 1
-    assert await pool.take("live") is fresh
-    assert await pool.sweep() == 0 and pool.idle_count() == 0
+    assert pool.take("live") is fresh
+    assert pool.sweep() == 0 and pool.idle_count() == 0
 
 
 async def test_bounds_per_key_and_in_all_close_the_surplus(peers: Peers) -> None:
     pool = ConnectionPool(None, max_idle_per_key=2, max_idle=3)
     streams = [await peers.new() for _ in range(5)]
     for stream in streams[:3]:
-        await pool.release("a", stream)
+        pool.release("a", stream)
     assert closed(streams[2]) and pool.idle_count() == 2  # over the key's bound
-    await pool.release("b", streams[3])
-    await pool.release("b", streams[4])  # over the total: the oldest key's oldest goes
+    pool.release("b", streams[3])
+    pool.release("b", streams[4])  # over the total: the oldest key's oldest goes
     assert closed(streams[0]) and pool.idle_count() == 3
 
 
 async def test_the_sweeper_runs_until_cancelled(peers: Peers) -> None:
     pool = ConnectionPool(None, idle_seconds=0.05)
     stream = await peers.new()
-    await pool.release("gone", stream)
+    pool.release("gone", stream)
     with trio.move_on_after(2):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sweep_forever, [pool], 0.05)
@@ -169,7 +169,7 @@ async def test_connects_past_the_bound_wait_in_line_for_a_connection_or_a_slot(
         assert requests.got[0] == (requests.stream(0), False)
         # request 0's slot went to request 2, the first in line
         assert pool.connecting("a") == 2 and pool.waiting("a") == 2
-        await pool.release("a", requests.stream(0))  # handed to request 3, never idle
+        pool.release("a", requests.stream(0))  # handed to request 3, never idle
         await until(lambda: 3 in requests.got)
         assert requests.got[3] == (requests.stream(0), True) and pool.idle_count() == 0
         gate.finish(1, fail=True)  # a failed connect frees its slot too: for request 4
@@ -189,8 +189,8 @@ async def test_the_gauges_sum_idle_connecting_and_waiting_over_every_key(
     gate = Gate(peers)
     pool = ConnectionPool(gate.connect, max_connecting_per_key=1)
     assert pool.gauges() == (0, 0, 0)
-    await pool.release("b", await peers.new())
-    await pool.release("c", await peers.new())
+    pool.release("b", await peers.new())
+    pool.release("c", await peers.new())
     async with trio.open_nursery() as nursery:
         requests = Requests(pool, nursery)
         for n in range(3):  # key "a": one connecting, two in line
@@ -201,7 +201,7 @@ async def test_the_gauges_sum_idle_connecting_and_waiting_over_every_key(
             gate.finish(n)
     assert pool.gauges() == (2, 0, 0)
     for n in range(3):
-        await pool.release("a", requests.stream(n))
+        pool.release("a", requests.stream(n))
     assert pool.gauges() == (5, 0, 0)
 
 
@@ -235,7 +235,7 @@ async def test_a_request_that_will_not_wait_takes_no_place_in_line(peers: Peers)
         assert pool.connecting("a") == 1 and pool.waiting("a") == 0
         gate.finish(0)
         await until(lambda: 0 in requests.got)
-        await pool.release("a", requests.stream(0))
+        pool.release("a", requests.stream(0))
         # a free slot or an idle connection: no wait needed, none taken
         assert await pool.acquire("a", wait_seconds=0) == (requests.stream(0), True)
     assert len(gate.go) == 1
@@ -261,7 +261,7 @@ async def test_a_cancelled_request_passes_on_what_it_was_handed(peers: Peers) ->
         # Cancelled, then handed a connection before it runs again (release hands over
         # without a checkpoint): the connection goes on to the next in line.
         doomed.cancel()
-        await pool.release("a", spare)
+        pool.release("a", spare)
         await until(lambda: 1 in requests.got)
         assert requests.got[1] == (spare, True) and pool.idle_count() == 0
         # The same with a slot: whichever runs first, the slot is not lost.
@@ -289,10 +289,10 @@ async def test_a_draining_pool_still_hands_a_connection_to_a_waiting_request(
         requests = Requests(pool, nursery)
         await requests.start(0)
         await requests.start(1)
-        await pool.close_idle()  # the agent drains; request 1 is still in line
-        await pool.release("a", first)
+        pool.close_idle()  # the agent drains; request 1 is still in line
+        pool.release("a", first)
         await until(lambda: 1 in requests.got)
         assert requests.got[1] == (first, True)
-        await pool.release("a", second)  # nobody waits: closed, not kept
+        pool.release("a", second)  # nobody waits: closed, not kept
         assert closed(second) and pool.idle_count() == 0
         gate.finish(0)

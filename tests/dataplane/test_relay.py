@@ -297,6 +297,40 @@ async def test_a_drain_ends_it_at_once_between_requests_and_after_one_in_flight(
         assert [rec[0] for rec in r.records] == [200]
 
 
+async def test_a_relay_started_during_a_drain_ends_at_once(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r:
+        r.drain.begin()
+        with trio.fail_after(5):
+            end = await r.relay(pump)
+        assert end.outcome is RelayOutcome.STOPPED and r.records == []
+
+
+async def test_reclaim_ends_the_relay_idle_between_requests_once(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    # A listener at its connection limit reclaims the longest-idle connection: the
+    # relay's stop is registered like a cancel scope, and told to the engine at once.
+    async with rig(contexts) as r:
+        outcome: list[RelayEnd] = []
+
+        async def run() -> None:
+            outcome.append(await r.relay(pump))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await r.caller.send_all(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n")
+            await read_until(r.app, b"\r\n\r\n")
+            await r.app.send_all(ok(b"one"))
+            assert await read_until(r.caller, b"one") == ok(b"one")
+            with trio.fail_after(5):
+                while not r.drain.reclaim("in"):  # registered as soon as the relay runs
+                    await trio.sleep(0.01)
+        assert outcome[0].outcome is RelayOutcome.STOPPED
+        assert not r.drain.reclaim("in")  # it left the drain's register when it ended
+
+
 async def test_connection_close_either_way_ends_it_after_the_exchange(
     contexts: Contexts, pump: NativePump
 ) -> None:
@@ -491,7 +525,7 @@ class Renewals:
         self.switched_after.append(len(self.rig.records))
         self.reusable.append(reusable)
 
-    async def settle(self) -> None:
+    def settle(self) -> None:
         self.settled += 1
 
 
@@ -642,7 +676,7 @@ async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_re
     released: list[tuple[str, bool]] = []
 
     def session(name: str, upstream: PlainSocketStream) -> RelaySession:
-        async def release(reusable: bool) -> None:
+        def release(reusable: bool) -> None:
             released.append((name, reusable))
 
         return RelaySession(upstream, release, {"endpoint": name}, ADD)
@@ -669,7 +703,7 @@ async def test_an_outbound_s_sessions_keep_an_upstream_chosen_again(
     released: list[tuple[str, bool]] = []
     asked: list[RelaySession | None] = []
 
-    async def release(reusable: bool) -> None:
+    def release(reusable: bool) -> None:
         released.append(("first", reusable))
 
     async with rig(contexts) as r, trio.open_nursery() as nursery:

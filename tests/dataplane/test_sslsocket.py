@@ -14,7 +14,7 @@ import trio
 
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.pool import is_stale
-from meshagent.dataplane.sslsocket import SslSocketStream
+from meshagent.dataplane.sslsocket import SslSocketStream, close_now
 from meshagent.dataplane.tls import client_context
 from tests.support.net import take_socket
 from tests.support.pki import make_ca
@@ -99,6 +99,44 @@ async def test_forceful_close_still_sends_close_notify_when_the_socket_takes_it(
         await trio.aclose_forcefully(server)
         with trio.fail_after(2):
             assert await client.receive_some(100) == b""
+
+
+async def test_close_at_once_sends_close_notify_too_and_wakes_a_receiver(
+    contexts: Contexts,
+) -> None:
+    async with tls_pair(contexts) as (server, client):
+        fd = server.fileno()
+        server.close()  # a plain call: what aclose_forcefully does, without a checkpoint
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        server.close()  # idempotent
+        with trio.fail_after(2):
+            assert await client.receive_some(100) == b""
+
+    async with tls_pair(contexts) as (_server, client):
+
+        async def receive() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await client.receive_some(10)
+
+        with trio.fail_after(2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await trio.testing.wait_all_tasks_blocked()
+                client.close()
+
+
+async def test_close_now_closes_any_stream_forcefully(contexts: Contexts) -> None:
+    async with tls_pair(contexts) as (server, client):
+        await close_now(server)
+        assert server.fileno() == -1
+        with trio.fail_after(2):
+            assert await client.receive_some(100) == b""
+    memory, peer = trio.testing.memory_stream_pair()  # not the agent's own: trio's path
+    await close_now(memory)
+    with pytest.raises(trio.ClosedResourceError):
+        await memory.send_all(b"x")
+    await peer.aclose()
 
 
 async def test_eof_without_close_notify_breaks_the_stream(contexts: Contexts) -> None:
