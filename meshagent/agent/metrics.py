@@ -73,8 +73,9 @@ class AgentCollector(Collector):
         )
         busy = CounterMetricFamily(
             "meshagent_http_busy",
-            "HTTP requests answered 503 because every connect slot to the endpoint "
-            "(outbound) or the app (inbound) stayed taken as long as a connect could take",
+            "HTTP requests answered 503 (TCP outbounds: client connections closed) because "
+            "every connect slot to the endpoint (outbound) or the app (inbound) stayed "
+            "taken as long as a connect could take",
             labels=["mesh", "listener"],
         )
         pool_idle = GaugeMetricFamily(
@@ -90,8 +91,8 @@ class AgentCollector(Collector):
         )
         pool_waiting = GaugeMetricFamily(
             "meshagent_pool_requests_waiting",
-            "HTTP requests waiting in line for a connection: every connect slot to their "
-            "endpoint (or the app) is taken",
+            "HTTP requests (TCP outbounds: client connections) waiting in line for a "
+            "connection: every connect slot to their endpoint (or the app) is taken",
             labels=["mesh", "listener"],
         )
         plaintext = CounterMetricFamily(

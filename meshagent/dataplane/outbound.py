@@ -30,7 +30,7 @@ from meshagent.dataplane.errors import (
     map_errors,
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream, open_tcp
-from meshagent.dataplane.pool import ConnectionPool, Upstream
+from meshagent.dataplane.pool import ConnectionPool, PoolTimeout, Upstream
 from meshagent.dataplane.sslsocket import SslSocketStream
 from meshagent.dataplane.tcp_proxy import (
     FramedSide,
@@ -191,6 +191,11 @@ async def _connect_any(
         tried.append(endpoint)
         try:
             upstream, key = await _stream_to(endpoint, listener, snapshot, ctx, pool, fields)
+        except PoolTimeout as exc:  # busy, not failed: the connects in progress tell
+            ctx.listener_counters(listener.name).busy += 1
+            log.warning("endpoint busy", endpoint=endpoint.address, error=str(exc), **fields)
+            last = exc
+            continue
         except DataplaneError as exc:
             balancer.report_failure(endpoint, trio.current_time())
             log.warning("endpoint failed", endpoint=endpoint.address, error=str(exc), **fields)
@@ -215,27 +220,40 @@ async def _stream_to(
     from ``pool`` that answered OPEN, else a new one (which, speaking ``meshagent/2``,
     answered OPEN too). A cancel point.
 
+    With mTLS, connects to one endpoint are bounded as the HTTP outbounds' are
+    (``pool.MAX_CONNECTING_PER_KEY`` at once): past the bound a client connection
+    waits in line, as long as a connect of its own could take, for a connection
+    another client gives back or a connect slot (a burst of clients would otherwise
+    start a TLS handshake each at once, and the called agent would time most out).
+
     Raises:
         as ``connect_endpoint``; UpstreamConnectError, UpstreamTimeout: the new
-        connection's agent did not open the stream (its app is down, or it refused us).
+        connection's agent did not open the stream (its app is down, or it refused us);
+        PoolTimeout: the endpoint's connect slots stayed taken that long.
     """
     key: Hashable | None = None
-    if pool is not None and snapshot.mtls != "off":
+    if pool is None or snapshot.mtls == "off":
+        upstream = await connect_endpoint(endpoint, listener, snapshot, ctx)
+    else:
         key = (listener.source, endpoint.address, ctx.tls.client(listener.source))
-        while (idle := pool.take(key)) is not None:
-            assert isinstance(idle, SslSocketStream)
+        wait = snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
+        connect = functools.partial(connect_endpoint, endpoint, listener, snapshot, ctx)
+        while True:
+            upstream, reused = await pool.acquire(key, wait_seconds=wait, connect=connect)
+            if not reused:
+                break
+            assert isinstance(upstream, SslSocketStream)
             try:
-                if await _open_stream(idle, endpoint, snapshot):
-                    return idle, key
+                if await _open_stream(upstream, endpoint, snapshot):
+                    return upstream, key
                 log.debug("pooled connection was closed", endpoint=endpoint.address, **fields)
             except UpstreamTimeout:  # the agent is there but slow: a new connection won't help
-                idle.close()
+                upstream.close()
                 raise
             except DataplaneError as exc:  # nothing of the client's was sent: try another
                 log.debug("pooled connection failed", endpoint=endpoint.address,
                           error=str(exc), **fields)
-            idle.close()
-    upstream = await connect_endpoint(endpoint, listener, snapshot, ctx)
+            upstream.close()
     if isinstance(upstream, SslSocketStream) and upstream.selected_alpn_protocol() == ALPN_STREAMS:
         try:
             if not await _open_stream(upstream, endpoint, snapshot):

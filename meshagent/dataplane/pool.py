@@ -1,4 +1,5 @@
-"""A bounded pool of idle upstream connections, per endpoint (HTTP keep-alive).
+"""A bounded pool of idle upstream connections, per endpoint (HTTP keep-alive; a TCP
+outbound's ``meshagent/2`` connections, each carrying one stream after another).
 
 A new client connection then does not cost a new TCP connection and TLS handshake to
 the other host. Bounds: at most ``max_idle_per_key`` idle connections per endpoint and
@@ -26,6 +27,7 @@ once, and connections that requests give back early serve the requests still in 
 
 from __future__ import annotations
 
+import functools
 import select
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
@@ -108,18 +110,28 @@ class ConnectionPool:
         self.reused = 0
         self.opened = 0
 
-    async def acquire(self, key: Hashable, *, wait_seconds: float) -> tuple[Upstream, bool]:
+    async def acquire(
+        self,
+        key: Hashable,
+        *,
+        wait_seconds: float,
+        connect: Callable[[], Awaitable[Upstream]] | None = None,
+    ) -> tuple[Upstream, bool]:
         """A connection to ``key`` and whether it was reused. A cancel point.
 
         ``wait_seconds``: how long to wait, when the key's connect slots are all taken,
         for a connection given back or a slot (then ``PoolTimeout``; at once when 0,
-        without a place in line); the connect itself keeps its own deadlines. Raises
-        whatever ``connect`` raises, or ``PoolTimeout``.
+        without a place in line); the connect itself keeps its own deadlines.
+        ``connect``: how to open this one, instead of the pool's own ``connect(key)``
+        (a pool made without one: the TCP outbounds' pools, whose connects need the
+        connection's snapshot). Raises whatever the connect raises, or ``PoolTimeout``.
         """
         stream = self.take(key)
         if stream is not None:
             return stream, True
-        assert self._connect is not None, "a pool without connect only lends (take)"
+        if connect is None:
+            assert self._connect is not None, "a pool without connect only lends (take)"
+            connect = functools.partial(self._connect, key)
         if self._connecting.get(key, 0) >= self._max_connecting:
             if wait_seconds <= 0:
                 raise PoolTimeout(f"{self._connecting[key]} connects already in progress")
@@ -129,7 +141,7 @@ class ConnectionPool:
         else:
             self._connecting[key] = self._connecting.get(key, 0) + 1
         try:  # the slot is ours: taken just now, or handed over by _wait
-            stream = await self._connect(key)
+            stream = await connect()
         finally:
             self._free_slot(key)
         self.opened += 1

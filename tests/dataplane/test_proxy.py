@@ -24,6 +24,8 @@ import pytest
 import trio
 
 from meshagent import log
+from meshagent.dataplane import outbound as outbound_module
+from meshagent.dataplane import pool as pool_module
 from meshagent.dataplane import tls as meshagent_tls
 from meshagent.dataplane.errors import Unauthorized
 from meshagent.dataplane.nativepump import ENV_SWITCH, native_problem
@@ -769,3 +771,97 @@ async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_
             assert await round_trip("127.0.0.1", port, b"ping") == b"ping"
     counters = inbound.context.counters
     assert counters.failed == 0 and counters.accepted >= 4
+
+
+async def test_a_burst_of_clients_connects_to_an_endpoint_a_few_at_a_time(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With mTLS, connects to one endpoint are bounded (here to one at a time): the
+    clients past the bound wait in line for a connection another gives back, or the
+    slot, and every one is served."""
+    monkeypatch.setattr(pool_module, "MAX_CONNECTING_PER_KEY", 1)
+    in_flight: list[int] = [0, 0]  # now, most at once
+    connect = outbound_module.connect_endpoint
+
+    async def counted(*args: Any) -> Any:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            return await connect(*args)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(outbound_module, "connect_endpoint", counted)
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    pair = await start_pair(nursery, tmp_path, app_port)
+    results: dict[int, bytes] = {}
+
+    async def one(n: int) -> None:
+        results[n] = await round_trip("127.0.0.1", pair.outbound_port, str(n).encode() * 100)
+
+    async with trio.open_nursery() as clients:
+        for n in range(12):
+            clients.start_soon(one, n)
+    assert all(results[n] == str(n).encode() * 100 for n in range(12))
+    assert in_flight == [0, 1]
+    assert pair.outbound.context.counters.failed == 0
+
+
+async def test_a_client_in_line_past_a_connects_time_is_refused_as_busy_not_failed(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line lasts as long as a connect could (connect + handshake: 2 s here). A
+    client still in line then is closed, counted busy and logged ``endpoint busy``; the
+    endpoint is not reported failed (its connect in progress says how it went)."""
+    monkeypatch.setattr(pool_module, "MAX_CONNECTING_PER_KEY", 1)
+    holding, release = trio.Event(), trio.Event()
+    connect = outbound_module.connect_endpoint
+
+    async def first_held(*args: Any) -> Any:
+        if not holding.is_set():  # the first connect keeps the only slot until released
+            holding.set()
+            await release.wait()
+        return await connect(*args)
+
+    monkeypatch.setattr(outbound_module, "connect_endpoint", first_held)
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    inbound_port, outbound_port = free_port("127.0.0.2"), free_port()
+    await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, inbound_port)),
+        TlsContexts({"orders": ca.issue("orders")}),
+    )
+    snapshot = msgspec.structs.replace(
+        outbound_snapshot(outbound_port, [("127.0.0.2", inbound_port)]),
+        timeouts=Timeouts(connect_seconds=1, handshake_seconds=1),
+    )
+    outbound = await nursery.start(
+        serve_dataplane, StaticSource(snapshot), TlsContexts({"web": ca.issue("web")})
+    )
+    first: list[bytes] = []
+
+    async def first_client() -> None:
+        first.append(await round_trip("127.0.0.1", outbound_port, b"first"))
+
+    out = io.StringIO()
+    log._Settings.stream = out
+    try:
+        async with trio.open_nursery() as clients:
+            clients.start_soon(first_client)
+            with trio.fail_after(5):
+                await holding.wait()
+                second = await trio.open_tcp_stream("127.0.0.1", outbound_port)
+                try:
+                    await second.send_all(b"second")
+                    answer = await second.receive_some(10)
+                except trio.BrokenResourceError:  # reset: as good as a close here
+                    answer = b""
+                await second.aclose()
+            release.set()
+    finally:
+        log._Settings.stream = None
+    assert answer == b"" and first == [b"first"]
+    assert outbound.context.listener_counters("outbound:orders").busy == 1
+    assert 'event="endpoint busy"' in out.getvalue()
+    assert 'event="endpoint failed"' not in out.getvalue()
