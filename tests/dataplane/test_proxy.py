@@ -223,20 +223,26 @@ async def test_a_client_reset_is_logged_at_info_as_the_downstream_end(
     assert "level=info " in line and 'error="downstream: connection reset by peer"' in line
 
 
+async def echo_at_once(port: int, clients: int, size: int) -> None:
+    """``clients`` round trips through ``port`` (an echo app behind it) at once; each
+    gets its own bytes back."""
+    results: dict[int, bytes] = {}
+
+    async def one(n: int) -> None:
+        results[n] = await round_trip("127.0.0.1", port, str(n).encode() * size)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(clients):
+            nursery.start_soon(one, n)
+    assert all(results[n] == str(n).encode() * size for n in range(clients))
+
+
 async def test_many_concurrent_connections_are_independent(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     app_port = await nursery.start(serve_echo, "127.0.0.1")
     pair = await start_pair(nursery, tmp_path, app_port)
-    results: dict[int, bytes] = {}
-
-    async def one(n: int) -> None:
-        results[n] = await round_trip("127.0.0.1", pair.outbound_port, str(n).encode() * 1000)
-
-    async with trio.open_nursery() as clients:
-        for n in range(40):
-            clients.start_soon(one, n)
-    assert all(results[n] == str(n).encode() * 1000 for n in range(40))
+    await echo_at_once(pair.outbound_port, 40, 1000)
 
 
 async def _tls_client(port: int, context: ssl.SSLContext) -> bytes:
@@ -337,16 +343,21 @@ async def test_no_endpoints_closes_the_client(nursery: trio.Nursery, tmp_path: P
         StaticSource(outbound_snapshot(port, [])),
         TlsContexts({"web": ca.issue("web")}),
     )
+    assert await first_answer(port, b"anyone?") == b""
+    assert outbound.context.counters.failed == 1
+
+
+async def first_answer(port: int, payload: bytes) -> bytes:
+    """What a client sending ``payload`` to ``port`` first receives (b"" when closed)."""
     with trio.fail_after(5):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         try:
-            await stream.send_all(b"anyone?")
+            await stream.send_all(payload)
             answer = await stream.receive_some(10)
         except trio.BrokenResourceError:  # reset: as good as a close here
             answer = b""
         await stream.aclose()
-    assert answer == b""
-    assert outbound.context.counters.failed == 1
+    return answer
 
 
 async def test_connection_limit_holds_new_clients_back(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -794,15 +805,7 @@ async def test_a_burst_of_clients_connects_to_an_endpoint_a_few_at_a_time(
     monkeypatch.setattr(outbound_module, "connect_endpoint", counted)
     app_port = await nursery.start(serve_echo, "127.0.0.1")
     pair = await start_pair(nursery, tmp_path, app_port)
-    results: dict[int, bytes] = {}
-
-    async def one(n: int) -> None:
-        results[n] = await round_trip("127.0.0.1", pair.outbound_port, str(n).encode() * 100)
-
-    async with trio.open_nursery() as clients:
-        for n in range(12):
-            clients.start_soon(one, n)
-    assert all(results[n] == str(n).encode() * 100 for n in range(12))
+    await echo_at_once(pair.outbound_port, 12, 100)
     assert in_flight == [0, 1]
     assert pair.outbound.context.counters.failed == 0
 
@@ -851,13 +854,7 @@ async def test_a_client_in_line_past_a_connects_time_is_refused_as_busy_not_fail
             clients.start_soon(first_client)
             with trio.fail_after(5):
                 await holding.wait()
-                second = await trio.open_tcp_stream("127.0.0.1", outbound_port)
-                try:
-                    await second.send_all(b"second")
-                    answer = await second.receive_some(10)
-                except trio.BrokenResourceError:  # reset: as good as a close here
-                    answer = b""
-                await second.aclose()
+            answer = await first_answer(outbound_port, b"second")
             release.set()
     finally:
         log._Settings.stream = None
