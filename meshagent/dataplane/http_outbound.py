@@ -269,7 +269,7 @@ async def handle_http_outbound(
                 per_try_seconds=policy.per_try_seconds if policy else None,
             )
         return Respond(
-            503, f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}", labels
+            503, f"{backend.label()}: {len(tried)} endpoint(s) failed or busy, last: {last}", labels
         )
 
     async def start(current: RelaySession | None) -> RelaySession | None:

@@ -204,7 +204,9 @@ async def _connect_any(
         balancer.report_success(endpoint)
         return upstream, endpoint, key
     if last is not None:
-        raise NoEndpoints(f"{backend.label()}: {len(tried)} endpoint(s) failed, last: {last}")
+        raise NoEndpoints(
+            f"{backend.label()}: {len(tried)} endpoint(s) failed or busy, last: {last}"
+        )
     raise NoEndpoints(f"{backend.label()}: no healthy endpoint in the mesh {snapshot.mesh!r}")
 
 
