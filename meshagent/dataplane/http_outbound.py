@@ -19,7 +19,6 @@ from meshagent.dataplane.http_proxy import (
     Forward,
     Relay,
     RelaySession,
-    Release,
     Respond,
     StartFailure,
     serve_http,
@@ -111,11 +110,7 @@ class HttpOutbound:
         not logged (the request then waits in line in decide)."""
         # In line no longer than a connect of its own could take (TCP, then TLS).
         snapshot = self.ctx.source.current
-        seconds = (
-            snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
-            if wait
-            else 0.0
-        )
+        seconds = snapshot.connection_seconds(endpoint.service) if wait else 0.0
         try:
             upstream, _ = await self.pool.acquire(endpoint, wait_seconds=seconds)
         except PoolTimeout as exc:  # busy, not failed: the connects in progress tell
@@ -256,7 +251,7 @@ async def handle_http_outbound(
             labels["request_id"] = (get_header(headers, REQUEST_ID) or b"").decode("latin-1")
             return Forward(
                 upstream=upstream,
-                release=_releaser(state.pool, endpoint, upstream),
+                release=state.pool.releaser(endpoint, upstream),
                 target=_rewrite(head.target, facts.path, rule),
                 headers=headers,
                 response_headers=response_headers,
@@ -313,7 +308,7 @@ async def handle_http_outbound(
             start_failure.record(endpoint, upstream)
             return None  # decide tries the other endpoints
         return RelaySession(
-            upstream, _releaser(state.pool, endpoint, upstream), labels, forwarded_for, endpoint
+            upstream, state.pool.releaser(endpoint, upstream), labels, forwarded_for, endpoint
         )
 
     # The C relay makes of a plain request what decide does: _mesh_headers, then
@@ -346,16 +341,6 @@ async def handle_http_outbound(
             )
         finally:
             downstream.close()
-
-
-def _releaser(pool: ConnectionPool, key: Endpoint, upstream: Upstream) -> Release:
-    def release(reusable: bool) -> None:
-        if reusable:
-            pool.release(key, upstream)
-        else:
-            upstream.close()
-
-    return release
 
 
 def _rewrite(target: bytes, path: str, rule: RouteRule) -> bytes:

@@ -128,14 +128,7 @@ class AppPool:
 
     def releaser(self, upstream: Upstream) -> Release:
         """What gives ``upstream`` back after a request: to the pool, or closed."""
-
-        def release(reusable: bool) -> None:
-            if reusable:
-                self.pool.release("app", upstream)
-            else:
-                upstream.close()
-
-        return release
+        return self.pool.releaser("app", upstream)
 
 
 async def _serve_app_http(

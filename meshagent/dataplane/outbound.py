@@ -238,7 +238,7 @@ async def _stream_to(
         upstream = await connect_endpoint(endpoint, listener, snapshot, ctx)
     else:
         key = (listener.source, endpoint.address, ctx.tls.client(listener.source))
-        wait = snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
+        wait = snapshot.connection_seconds(endpoint.service)
         connect = functools.partial(connect_endpoint, endpoint, listener, snapshot, ctx)
         while True:
             upstream, reused = await pool.acquire(key, wait_seconds=wait, connect=connect)
@@ -277,7 +277,7 @@ async def _open_stream(tls: SslSocketStream, endpoint: Endpoint, snapshot: Snaps
         UpstreamConnectError (a broken connection or bad frame), UpstreamTimeout.
     """
     where = f"{endpoint.service} at {endpoint.address}"
-    seconds = snapshot.connect_seconds(endpoint.service) + snapshot.timeouts.handshake_seconds
+    seconds = snapshot.connection_seconds(endpoint.service)
     with map_errors(timeout=UpstreamTimeout, failure=UpstreamConnectError, what=f"open {where}"):
         with trio.fail_after(seconds):
             await tls.send_all(OPEN_FRAME)

@@ -189,7 +189,8 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
 
     def close(self) -> None:
         """Close the descriptor now (idempotent); not a cancel point. The data path's
-        cleanup calls this (through ``sslsocket.close_now``) where
+        cleanup calls this (directly, or through ``sslsocket.close_now`` for a stream
+        of any type) where
         ``trio.aclose_forcefully`` would cost a cancel scope, a trip through the
         scheduler and a raised ``Cancelled`` for the same result.
 

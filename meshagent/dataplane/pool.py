@@ -251,6 +251,18 @@ class ConnectionPool:
             self._count -= 1
             oldest.popleft().stream.close()
 
+    def releaser(self, key: Hashable, stream: Upstream) -> Callable[[bool], None]:
+        """What gives ``stream`` back after a request (``http_proxy.Release``):
+        ``release(reusable)`` returns it here when reusable, else closes it."""
+
+        def release(reusable: bool) -> None:
+            if reusable:
+                self.release(key, stream)
+            else:
+                stream.close()
+
+        return release
+
     def idle_count(self) -> int:
         return self._count
 
@@ -269,22 +281,21 @@ class ConnectionPool:
         """Close every idle connection that expired or turned stale, under every key;
         return how many."""
         now = trio.current_time()
-        doomed: list[Upstream] = []
+        closed = 0
         for key in list(self._idle):
             kept: deque[_Idle] = deque()
             for entry in self._idle[key]:
                 if self._usable(entry, now):
                     kept.append(entry)
                 else:
-                    doomed.append(entry.stream)
-                    self._count -= 1
+                    entry.stream.close()
+                    closed += 1
             if kept:
                 self._idle[key] = kept
             else:
                 del self._idle[key]
-        for stream in doomed:
-            stream.close()
-        return len(doomed)
+        self._count -= closed
+        return closed
 
     def close_idle(self) -> None:
         """The agent drains: close every idle connection, and from now on every one

@@ -170,6 +170,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             return policy.connect_seconds
         return self.timeouts.connect_seconds
 
+    def connection_seconds(self, service: str) -> float:
+        """The longest a new mTLS connection to ``service`` may take: its connect
+        deadline, then the handshake's. A wait in line for a connection, or for a pooled
+        one's ``OPENED``, is bounded by it too."""
+        return self.connect_seconds(service) + self.timeouts.handshake_seconds
+
     def idle_seconds(self, service: str) -> float:
         """How long a connection to ``service`` may move no bytes before it is closed."""
         policy = self.request_policies.get(service)

@@ -229,3 +229,5 @@ def test_connect_and_idle_timeouts_apply_per_destination() -> None:
     assert (snapshot.connect_seconds("orders"), snapshot.idle_seconds("orders")) == (0.5, 60.0)
     assert (snapshot.connect_seconds("users"), snapshot.idle_seconds("users")) == (5.0, 3600.0)
     assert (snapshot.connect_seconds("other"), snapshot.idle_seconds("other")) == (5.0, 3600.0)
+    # a new connection: the destination's connect deadline, then the agent's handshake's
+    assert snapshot.connection_seconds("orders") == 0.5 + Timeouts().handshake_seconds
