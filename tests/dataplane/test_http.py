@@ -22,9 +22,10 @@ import trio
 
 from meshagent import log
 from meshagent.dataplane import http_outbound, pool
+from meshagent.dataplane import inbound as inbound_side
 from meshagent.dataplane.connection import HttpStats
 from meshagent.dataplane.nativepump import ENV_SWITCH
-from meshagent.dataplane.pool import MAX_CONNECTING_PER_KEY
+from meshagent.dataplane.pool import MAX_CONNECTING_PER_KEY, Upstream
 from meshagent.dataplane.serve import DataplaneHandle, serve_dataplane
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.snapshot.model import (
@@ -741,8 +742,17 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     slot then (502 at 2 s). The third's wait in line, as long as a connect, runs out
     first: 503, before the second's answer. Had the C relay's start waited and then the
     request's own decide waited again, it would have got the slot at 2 s and answered
-    502 at 3 s."""
+    502 at 3 s, or 503 at 2 s when its wait ran out first: either way a third connect
+    or a second busy answer."""
     monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
+    in_line: list[bool] = []  # per request's connect to the app: whether it may wait
+
+    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
+        in_line.append(wait)
+        return await app_acquire(self, wait=wait)
+
+    app_acquire = inbound_side.AppPool.acquire
+    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
     async with full_backlog() as app_port:
         inbound_port, inbound = await start_app_agent(
             nursery, ca, "orders-a", app_port=app_port,
@@ -754,6 +764,9 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     assert sorted(answered) == [502, 502, 503], answered
     assert answered[-1] == 502, answered
     assert inbound.context.counters.busy == 1
+    # Every request's decide waits in line, except (with the C relay) the one whose
+    # connect in the relay's start failed: that was its one try.
+    assert in_line.count(True) == (2 if pump == "native" else 3), in_line
 
 
 async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
