@@ -1,7 +1,7 @@
 """The meshagent pair against HAProxy and Consul's built-in proxy, side by side, on the
 work issue 5 sets: CPU of the proxy pair per unit of work, latency, memory.
 
-    python bench/compare.py            # full run, about 5-6 minutes
+    python bench/compare.py            # full run, about 6-7 minutes
     python bench/compare.py --smoke    # seconds; installs nothing; for CI
     python bench/compare.py --profile http   # py-spy on the HTTP pair under keep-alive
 
@@ -13,9 +13,15 @@ ways, and a Consul 1.8.7 ``consul connect proxy`` pair. Scenarios, each run on e
 path in turn:
 
     keep-alive  wrk -t1 -c32, GET /small on kept-alive connections
+    paced keep-alive  the same, each connection waiting 5 ms on average after each
+                response: about 6,000 requests/s on every path, for latency at one load
     new conn    wrk -t1 -c16 with Connection: close: a new connection per request
-    paced conn  the same, each connection waiting 25 ms after each response: about
-                600 connections/s on every path, for latency at one load
+    paced conn  the same, each connection waiting 25 ms on average after each
+                response: about 600 connections/s on every path, for latency at one load
+
+A paced connection's wait is drawn at random (exponential, as the gaps between
+independent arrivals): with the same wait every time the connections fall into step and
+every path gets bursts of all of them at once (see bench/README.md).
     bulk        wrk -t1 -c1, GET /bulk (100 MiB bodies)
     memory      10,000 connections (smoke: 100), each after one GET /small, held
                 idle; RSS per connection per proxy. Fewer through a single-process
@@ -119,19 +125,27 @@ class Scenario:
     target: str  # URL path
     connections: int
     close: bool = False
-    delay_ms: int = 0  # between a response and the connection's next request
+    delay_ms: int = 0  # mean wait between a response and the connection's next request
 
 
 KEEPALIVE = Scenario("keep-alive", "/small", 32)
 NEW_CONNECTION = Scenario("new conn", "/small", 16, close=True)
 # wrk keeps its connections busy whatever the rate, so a faster path works under more
-# load; with a think time each path is offered about the same rate (16 / 25 ms, less
-# its latency), below what the slowest peer sustains
+# load; with a think time each path is offered about the same rate (connections /
+# (delay + latency)), below what the slowest peer sustains: 32 / 5 ms (6,400 requests/s)
+# is under a third of what either peer serves on kept-alive connections here, 16 / 25 ms
+# (640 connections/s) below the 750-860 new connections/s of HAProxy's pair
+PACED_KEEPALIVE = Scenario("paced keep-alive", "/small", 32, delay_ms=5)
 PACED_CONNECTION = Scenario("paced conn", "/small", 16, close=True, delay_ms=25)
 BULK = Scenario("bulk", "/bulk", 1)
-LOAD_SCENARIOS = (KEEPALIVE, NEW_CONNECTION, PACED_CONNECTION, BULK)
+LOAD_SCENARIOS = (KEEPALIVE, PACED_KEEPALIVE, NEW_CONNECTION, PACED_CONNECTION, BULK)
 MEMORY = "memory"
 SCENARIO_NAMES = (*(s.name for s in LOAD_SCENARIOS), MEMORY)
+
+
+def label(scenario: str, path: str) -> str:
+    """The start of a line about one path in one scenario, aligned with the others."""
+    return f"  {scenario:{max(map(len, SCENARIO_NAMES))}} {path:14}"
 
 
 # --------------------------------------------------------------------------------------
@@ -157,7 +171,9 @@ def run_load(
         script = tmp / f"report-{scenario.delay_ms}.lua"
         if not script.exists():
             script.write_text(WRK_SCRIPT + (
-                f"delay = function() return {scenario.delay_ms} end\n"
+                # exponential, mean delay_ms (whole ms: wrk's timers)
+                "delay = function() return math.floor("
+                f"-{scenario.delay_ms} * math.log(1 - math.random()) + 0.5) end\n"
                 if scenario.delay_ms else ""
             ))
         args = [
@@ -404,7 +420,7 @@ def grouped(results: list[Measured], scenario: str) -> dict[str, list[Measured]]
 def render(results: list[Measured], scenarios: list[str]) -> list[str]:
     header = [
         "scenario", "path", "rate", "MB/s", "p50", "p99", "pair cost", "x direct",
-        "cost x haproxy", "cost x consul", "p99 x haproxy", "errors",
+        "cost x haproxy", "cost x consul", "p50 x haproxy", "p99 x haproxy", "errors",
     ]
     rows: list[list[str]] = [header]
     skipped: dict[int, str] = {}
@@ -432,6 +448,7 @@ def render(results: list[Measured], scenarios: list[str]) -> list[str]:
                 f"{fmt(cost)} {cost_unit}" if cost is not None else "-",
                 "-" if is_memory else _xm(paired(rounds, mine.get("direct", []), _throughput)),
                 *(_xm(paired(rounds, mine.get(peer, []), Measured.cost)) for peer in PEERS),
+                _xm(paired(rounds, mine.get("haproxy pair", []), _p50)),
                 _xm(paired(rounds, mine.get("haproxy pair", []), _p99)),
                 str(sum(sum(m.errors.values()) for m in rounds)),
             ])
@@ -469,11 +486,12 @@ def _details_of(rounds: list[Measured], mine: dict[str, list[Measured]]) -> list
             ratios = paired(rounds, mine.get(peer, []), Measured.cost)
             if ratios and first.path != peer:
                 parts.append(f"x {peer.split()[0]} {_by_round(ratios)}")
-        p99 = paired(rounds, mine.get("haproxy pair", []), _p99)
-        if p99 and first.path != "haproxy pair":
-            parts.append(f"p99 x haproxy {_by_round(p99)}")
+        for name, latency in (("p50", _p50), ("p99", _p99)):
+            ratios = paired(rounds, mine.get("haproxy pair", []), latency)
+            if ratios and first.path != "haproxy pair":
+                parts.append(f"{name} x haproxy {_by_round(ratios)}")
         if parts:
-            out.append(f"  {first.scenario:10} {first.path:14} by round: " + "; ".join(parts))
+            out.append(label(first.scenario, first.path) + " by round: " + "; ".join(parts))
     for m in rounds:
         parts = []
         if m.proxy_cpu:
@@ -492,8 +510,8 @@ def _details_of(rounds: list[Measured], mine: dict[str, list[Measured]]) -> list
         if m.errors:
             parts.append(f"errors {m.errors}")
         if parts:
-            label = f"round {m.round}: " if len(rounds) > 1 else ""
-            out.append(f"  {m.scenario:10} {m.path:14} {label}" + "; ".join(parts))
+            round_label = f"round {m.round}: " if len(rounds) > 1 else ""
+            out.append(label(m.scenario, m.path) + f" {round_label}" + "; ".join(parts))
     return out
 
 
@@ -508,7 +526,7 @@ def agent_logs(paths: list[PathUnderTest]) -> list[str]:
     lines = []
     for path in paths:
         for agent, log in path.logs.items():
-            lines.append(f"  {'log':10} {path.name:14} {agent}: {describe_log(log_summary(log))}")
+            lines.append(label("log", path.name) + f" {agent}: {describe_log(log_summary(log))}")
     return lines
 
 
@@ -667,7 +685,8 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(
-        f"keep-alive: {KEEPALIVE.connections} connections; new conn: "
+        f"keep-alive: {KEEPALIVE.connections} connections; paced keep-alive: the same, "
+        f"{PACED_KEEPALIVE.delay_ms} ms after each response; new conn: "
         f"{NEW_CONNECTION.connections} connections, Connection: close; paced conn: the "
         f"same, {PACED_CONNECTION.delay_ms} ms after each response; bulk: "
         f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each, "
@@ -716,9 +735,9 @@ def measure_all(
             for path in live[shift:] + live[:shift]:
                 m = measure_load(tools, tmp, path, scenario, args.seconds, round_)
                 results.append(m)
-                label = f"round {round_}: " if args.rounds > 1 else ""
+                round_label = f"round {round_}: " if args.rounds > 1 else ""
                 print(
-                    f"  {scenario.name:10} {path.name:14} {label}"
+                    label(scenario.name, path.name) + f" {round_label}"
                     + (f"{fmt(m.rate())} req/s, {fmt(m.mb_per_s())} MB/s" if m.load
                        else "failed")
                     + (f", pair {fmt(m.cost())} {unit(scenario.name)[1]}" if m.cost() else "")
@@ -731,7 +750,7 @@ def measure_all(
             if path.not_run is not None:
                 results.append(Measured(MEMORY, path.name, not_run=path.not_run))
                 continue
-            hold, label = args.hold, ""
+            hold, workers_label = args.hold, ""
             if path.with_workers is not None:
                 hold = args.hold_mesh
                 if args.mesh_workers != path.workers:
@@ -744,12 +763,12 @@ def measure_all(
                             f"{args.mesh_workers} processes per agent: {why}"[:160]: 1}))
                         continue
                     started.append(path)
-                    label = f" ({path.workers} processes per agent)"
+                    workers_label = f" ({path.workers} processes per agent)"
                     measure_load(tools, tmp, path, KEEPALIVE, args.warmup)  # as the others were
             m = measure_memory(tmp, path, hold, args.hold_seconds)
             results.append(m)
             print(
-                f"  {MEMORY:10} {path.name:14} {m.held:,} held{label}"
+                label(MEMORY, path.name) + f" {m.held:,} held{workers_label}"
                 + (f", {fmt(m.cost())} KiB/conn (larger proxy)" if m.cost() is not None else "")
                 + (f", errors {m.errors}" if m.errors else ""),
                 flush=True,

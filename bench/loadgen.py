@@ -8,11 +8,12 @@ holder of its memory scenario (wrk cannot hold idle connections).
 ``run``: one thread, non-blocking sockets and ``selectors``; each connection sends
 ``GET <path>`` and reads the whole response (Content-Length; bodies are counted, not
 kept) before the next request: no pipelining, and no think time unless ``--delay-ms``
-(as wrk's ``delay()``: that long between a response and the connection's next
-request). With ``--close`` every request says ``Connection: close`` and goes on a new
-connection (the connect is part of its latency). Requests in flight when the time is
-up are allowed to finish. Prints one JSON line with the figures ``compare.py`` reads
-from wrk: requests, duration_us, bytes, p50_us, p99_us and errors by kind.
+(as compare.py's ``delay()`` for wrk: a wait between a response and the connection's
+next request drawn at random, exponential with that mean). With ``--close`` every
+request says ``Connection: close`` and goes on a new connection (the connect is part of
+its latency). Requests in flight when the time is up are allowed to finish. Prints one
+JSON line with the figures ``compare.py`` reads from wrk: requests, duration_us, bytes,
+p50_us, p99_us and errors by kind.
 
 ``hold``: opens ``--connections`` connections (at most 128 unanswered at a time), one
 ``GET <path>`` each, keeps each open once its response arrived, prints ``HELD <n>
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import selectors
 import socket
 import sys
@@ -222,7 +224,7 @@ def run(
             if again:
                 drop(n, conn, None)
             if delay and done < stop_at:
-                due[n] = done + delay
+                due[n] = done + random.expovariate(1 / delay)
             elif done < stop_at:
                 start_request(n)
     for conn in slots:
@@ -312,7 +314,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--close", action="store_true")
     parser.add_argument("--delay-ms", type=float, default=0.0,
-                        help="run: wait this long between a response and the next request")
+                        help="run: wait this long on average (exponential) between a "
+                        "response and the connection's next request")
     args = parser.parse_args()
     if args.mode == "hold":
         return hold(args.port, args.path, args.connections, args.seconds)

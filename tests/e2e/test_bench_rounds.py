@@ -24,11 +24,13 @@ def compare(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
         sys.modules.pop(name, None)
 
 
-def bulk(compare: ModuleType, path: str, round_: int, cpu: float, p99_ms: float) -> object:
+def bulk(
+    compare: ModuleType, path: str, round_: int, cpu: float, p99_ms: float, p50_ms: float = 1.0
+) -> object:
     """One bulk measurement: 1 GiB moved in 1 s, the pair spending ``cpu`` seconds."""
     load = compare.LoadResult(
-        requests=10, seconds=1.0, bytes=compare.GIB, p50_us=1000.0, p99_us=p99_ms * 1000,
-        errors={},
+        requests=10, seconds=1.0, bytes=compare.GIB, p50_us=p50_ms * 1000,
+        p99_us=p99_ms * 1000, errors={},
     )
     return compare.Measured(
         "bulk", path, load=load, proxy_cpu={"a": cpu / 2, "b": cpu / 2}, round=round_
@@ -45,7 +47,9 @@ def test_median(compare: ModuleType) -> None:
 def test_ratios_pair_measurements_of_the_same_round(compare: ModuleType) -> None:
     # HAProxy's cost drifts up over the run (a busier host); the pair's moves with it
     mine = [bulk(compare, "meshagent L4", r, c, 1.0) for r, c in ((1, 1.0), (2, 5.0), (3, 2.1))]
-    theirs = [bulk(compare, "haproxy pair", r, c, 2.0) for r, c in ((1, 2.0), (2, 4.0), (3, 6.0))]
+    theirs = [
+        bulk(compare, "haproxy pair", r, c, 2.0, p50_ms=4.0) for r, c in ((1, 2.0), (2, 4.0), (3, 6.0))
+    ]
     assert compare.paired(mine, theirs, compare.Measured.cost) == pytest.approx(
         [0.5, 1.25, 0.35]
     )
@@ -54,8 +58,13 @@ def test_ratios_pair_measurements_of_the_same_round(compare: ModuleType) -> None
     # median of the rounds' ratios (0.50x), not the ratio of the medians (2.1 / 4.0)
     assert "2.10 CPU-s/GiB" in row
     assert "0.50x" in row and "0.53x" not in row
+    assert "0.25x" in row  # p50 x haproxy
     details = compare.details(mine + theirs, ["bulk"])
-    assert any("by round: cost 1.00 5.00 2.10; x haproxy 0.50 1.25 0.35" in d for d in details)
+    assert any(
+        "by round: cost 1.00 5.00 2.10; x haproxy 0.50 1.25 0.35; "
+        "p50 x haproxy 0.25 0.25 0.25; p99 x haproxy 0.50 0.50 0.50" in d
+        for d in details
+    ), details
 
 
 def test_a_round_a_path_missed_is_left_out_of_its_ratios(compare: ModuleType) -> None:

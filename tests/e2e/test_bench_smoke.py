@@ -41,9 +41,11 @@ def test_compare_benchmark_smoke_run() -> None:
     print(done.stdout[-6000:])  # what ran, and why a peer did not (pytest -rA shows it)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    for scenario in ("keep-alive", "new conn", "paced conn", "bulk", "memory"):
+    scenarios = ("keep-alive", "paced keep-alive", "new conn", "paced conn", "bulk", "memory")
+    width = max(map(len, scenarios))
+    for scenario in scenarios:
         for path in ("direct", "meshagent L4", "meshagent HTTP", "haproxy pair", "consul pair"):
-            row = [line for line in lines if line.startswith(f"{scenario:10}  {path:14}")]
+            row = [line for line in lines if line.startswith(f"{scenario:{width}}  {path:14}")]
             assert row, f"no {scenario} row for {path}:\n{done.stdout[-3000:]}"
             if path.startswith("meshagent") or path == "direct":
                 assert "not run" not in row[0], row[0]
