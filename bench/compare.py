@@ -686,9 +686,9 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"keep-alive: {KEEPALIVE.connections} connections; paced keep-alive: the same, "
-        f"{PACED_KEEPALIVE.delay_ms} ms after each response; new conn: "
+        f"{PACED_KEEPALIVE.delay_ms} ms on average after each response; new conn: "
         f"{NEW_CONNECTION.connections} connections, Connection: close; paced conn: the "
-        f"same, {PACED_CONNECTION.delay_ms} ms after each response; bulk: "
+        f"same, {PACED_CONNECTION.delay_ms} ms on average after each response; bulk: "
         f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each, "
         f"{args.rounds} round{'s' if args.rounds > 1 else ''} (medians); memory: {hold_note}"
     )
