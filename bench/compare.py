@@ -14,19 +14,19 @@ path in turn:
 
     keep-alive  wrk -t1 -c32, GET /small on kept-alive connections
     paced keep-alive  the same, each connection waiting 5 ms on average after each
-                response: about 6,000 requests/s on every path, for latency at one load
+                response: 5,000-6,000 requests/s on every path, for latency at one load
     new conn    wrk -t1 -c16 with Connection: close: a new connection per request
     paced conn  the same, each connection waiting 25 ms on average after each
                 response: about 600 connections/s on every path, for latency at one load
-
-A paced connection's wait is drawn at random (exponential, as the gaps between
-independent arrivals): with the same wait every time the connections fall into step and
-every path gets bursts of all of them at once (see bench/README.md).
     bulk        wrk -t1 -c1, GET /bulk (100 MiB bodies)
     memory      10,000 connections (smoke: 100), each after one GET /small, held
                 idle; RSS per connection per proxy. Fewer through a single-process
                 peer when RLIMIT_NOFILE cannot give it two sockets per connection; a
                 meshagent pair then runs more processes per agent (plan_memory)
+
+A paced connection's wait is drawn at random (exponential, as the gaps between
+independent arrivals): with the same wait every time the connections fall into step and
+every path gets bursts of all of them at once (see bench/README.md).
 
 The load generator is wrk, or ``bench/loadgen.py`` when wrk is not installed. CPU
 (user + system, with psutil) of the proxy processes is read before and after each

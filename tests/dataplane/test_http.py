@@ -742,10 +742,10 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     slot then (502 at 2 s). The third's wait in line, as long as a connect, runs out
     first: 503, before the second's answer. Had the C relay's start waited and then the
     request's own decide waited again, it would have got the slot at 2 s and answered
-    502 at 3 s, or 503 at 2 s when its wait ran out first: either way a third connect
-    or a second busy answer."""
+    502 at 3 s, or 503 at 2 s when its wait ran out first: either way that request
+    would have waited in line once more, which the test counts."""
     monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
-    in_line: list[bool] = []  # per request's connect to the app: whether it may wait
+    in_line: list[bool] = []  # per acquire of an app connection: whether it may wait
 
     async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
         in_line.append(wait)
