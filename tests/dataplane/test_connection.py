@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import trio
 
@@ -12,6 +10,7 @@ from meshagent.dataplane.connection import DataplaneContext, Drain, connection_b
 from meshagent.dataplane.errors import ConnectionBroken, NoEndpoints
 from meshagent.dataplane.tls import TlsContexts
 from meshagent.protocol.frames import FrameError
+from tests.support.logs import captured_log
 
 
 def _fail(exc: Exception) -> None:
@@ -30,13 +29,8 @@ def _context() -> DataplaneContext:
 
 async def test_errors_are_logged_and_swallowed() -> None:
     ctx = _context()
-    out = io.StringIO()
-    log._Settings.stream = out
-    try:
-        with connection_boundary(ctx, log.get_logger("test"), "l", conn=7):
-            _fail(NoEndpoints("orders: no healthy endpoint"))
-    finally:
-        log._Settings.stream = None
+    with captured_log() as out, connection_boundary(ctx, log.get_logger("test"), "l", conn=7):
+        _fail(NoEndpoints("orders: no healthy endpoint"))
     assert ctx.counters.failed == 1 and ctx.counters.active == 0
     line = out.getvalue()
     assert "level=warning" in line and "conn=7" in line and "no healthy endpoint" in line
@@ -67,13 +61,8 @@ def test_the_level_and_reason_say_whose_failure_it_was(
     error: Exception, level: str, reason: str
 ) -> None:
     ctx = _context()
-    out = io.StringIO()
-    log._Settings.stream = out
-    try:
-        with connection_boundary(ctx, log.get_logger("test"), "l", conn=3):
-            _fail(error)
-    finally:
-        log._Settings.stream = None
+    with captured_log() as out, connection_boundary(ctx, log.get_logger("test"), "l", conn=3):
+        _fail(error)
     assert f"level={level} " in out.getvalue() and str(error) in out.getvalue()
     assert ctx.counters.failures == {reason: 1}
 

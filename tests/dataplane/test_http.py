@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import itertools
 import os
 import random
 import socket
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -42,6 +41,7 @@ from meshagent.snapshot.model import (
 )
 from tests.dataplane.test_proxy import StaticSource
 from tests.support.http_app import serve_http_app
+from tests.support.logs import captured_log
 from tests.support.net import free_port, full_backlog, serve_app, wait_until
 from tests.support.pki import MeshCa, make_ca
 
@@ -661,17 +661,6 @@ async def test_a_listener_at_its_limit_closes_an_idle_keep_alive_connection_for_
             # the first, idle the longest, was closed; its client reconnects by itself
             assert (await first.get("/d")).status_code == 200
     assert web.context.counters.accepted == 4
-
-
-@contextlib.contextmanager
-def captured_log() -> Iterator[io.StringIO]:
-    """The agents' log lines while the block runs."""
-    out = io.StringIO()
-    log._Settings.stream = out
-    try:
-        yield out
-    finally:
-        log._Settings.stream = None
 
 
 async def get_at_once(

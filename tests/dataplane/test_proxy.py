@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import random
 import socket
 import ssl
@@ -23,7 +22,6 @@ import msgspec
 import pytest
 import trio
 
-from meshagent import log
 from meshagent.dataplane import outbound as outbound_module
 from meshagent.dataplane import pool as pool_module
 from meshagent.dataplane import tls as meshagent_tls
@@ -41,6 +39,7 @@ from meshagent.snapshot.model import (
     Snapshot,
     Timeouts,
 )
+from tests.support.logs import captured_log
 from tests.support.net import free_port, round_trip, serve_app, serve_echo
 from tests.support.pki import MeshCa, make_ca
 
@@ -205,19 +204,14 @@ async def test_a_client_reset_is_logged_at_info_as_the_downstream_end(
     app_port = await nursery.start(serve_echo, "127.0.0.1")
     pair = await start_pair(nursery, tmp_path, app_port)
     context = pair.outbound.context
-    out = io.StringIO()
-    log._Settings.stream = out
-    try:
-        with trio.fail_after(10):
-            client = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
-            await client.send_all(b"ping")
-            assert await client.receive_some(100) == b"ping"  # pumped both ways
-            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await client.aclose()  # RST
-            while context.counters.failed == 0:
-                await trio.sleep(0.01)
-    finally:
-        log._Settings.stream = None
+    with captured_log() as out, trio.fail_after(10):
+        client = await trio.open_tcp_stream("127.0.0.1", pair.outbound_port)
+        await client.send_all(b"ping")
+        assert await client.receive_some(100) == b"ping"  # pumped both ways
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # RST
+        while context.counters.failed == 0:
+            await trio.sleep(0.01)
     assert context.counters.failures == {"downstream-broken": 1}
     (line,) = [line for line in out.getvalue().splitlines() if "connection failed" in line]
     assert "level=info " in line and 'error="downstream: connection reset by peer"' in line
@@ -847,17 +841,13 @@ async def test_a_client_in_line_past_a_connects_time_is_refused_as_busy_not_fail
     async def first_client() -> None:
         first.append(await round_trip("127.0.0.1", outbound_port, b"first"))
 
-    out = io.StringIO()
-    log._Settings.stream = out
-    try:
+    with captured_log() as out:
         async with trio.open_nursery() as clients:
             clients.start_soon(first_client)
             with trio.fail_after(5):
                 await holding.wait()
             answer = await first_answer(outbound_port, b"second")
             release.set()
-    finally:
-        log._Settings.stream = None
     assert answer == b"" and first == [b"first"]
     assert outbound.context.listener_counters("outbound:orders").busy == 1
     assert 'event="endpoint busy"' in out.getvalue()
