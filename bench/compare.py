@@ -1,7 +1,7 @@
 """The meshagent pair against HAProxy and Consul's built-in proxy, side by side, on the
 work issue 5 sets: CPU of the proxy pair per unit of work, latency, memory.
 
-    python bench/compare.py            # full run, about 6-7 minutes
+    python bench/compare.py            # full run, about 7-8 minutes
     python bench/compare.py --smoke    # seconds; installs nothing; for CI
     python bench/compare.py --profile http   # py-spy on the HTTP pair under keep-alive
 
@@ -15,6 +15,8 @@ path in turn:
     keep-alive  wrk -t1 -c32, GET /small on kept-alive connections
     paced keep-alive  the same, each connection waiting 5 ms on average after each
                 response: 5,000-6,000 requests/s on every path, for latency at one load
+    bursts      32 kept-alive connections, one GET /small on each at the same moment
+                every 20 ms (bench/loadgen.py, as wrk cannot): a caller that fans out
     new conn    wrk -t1 -c16 with Connection: close: a new connection per request
     paced conn  the same, each connection waiting 25 ms on average after each
                 response: about 600 connections/s on every path, for latency at one load
@@ -126,6 +128,7 @@ class Scenario:
     connections: int
     close: bool = False
     delay_ms: int = 0  # mean wait between a response and the connection's next request
+    burst_ms: int = 0  # every connection at once, this often (bench/loadgen.py's bursts)
 
 
 KEEPALIVE = Scenario("keep-alive", "/small", 32)
@@ -137,8 +140,11 @@ NEW_CONNECTION = Scenario("new conn", "/small", 16, close=True)
 # (640 connections/s) below the 750-860 new connections/s of HAProxy's pair
 PACED_KEEPALIVE = Scenario("paced keep-alive", "/small", 32, delay_ms=5)
 PACED_CONNECTION = Scenario("paced conn", "/small", 16, close=True, delay_ms=25)
+# a caller that fans out: all 32 at once every 20 ms (1,600 requests/s), each request
+# waiting behind the others of its burst in every stage
+BURSTS = Scenario("bursts", "/small", 32, burst_ms=20)
 BULK = Scenario("bulk", "/bulk", 1)
-LOAD_SCENARIOS = (KEEPALIVE, PACED_KEEPALIVE, NEW_CONNECTION, PACED_CONNECTION, BULK)
+LOAD_SCENARIOS = (KEEPALIVE, PACED_KEEPALIVE, BURSTS, NEW_CONNECTION, PACED_CONNECTION, BULK)
 MEMORY = "memory"
 SCENARIO_NAMES = (*(s.name for s in LOAD_SCENARIOS), MEMORY)
 
@@ -160,14 +166,17 @@ class LoadResult:
     p50_us: float
     p99_us: float
     errors: dict[str, int]
+    first_us: float | None = None  # bursts: when a burst's first answer came (median)
+    last_us: float | None = None  # and its last
 
 
 def run_load(
     tools: Tools, tmp: Path, port: int, scenario: Scenario, seconds: float
 ) -> LoadResult:
-    """One run of wrk (or bench/loadgen.py) against 127.0.0.1:``port``."""
+    """One run of wrk (or bench/loadgen.py: without wrk, and for bursts) against
+    127.0.0.1:``port``."""
     url = f"http://127.0.0.1:{port}{scenario.target}"
-    if "wrk" in tools.paths:
+    if "wrk" in tools.paths and not scenario.burst_ms:
         script = tmp / f"report-{scenario.delay_ms}.lua"
         if not script.exists():
             script.write_text(WRK_SCRIPT + (
@@ -199,6 +208,8 @@ def run_load(
             args.append("--close")
         if scenario.delay_ms:
             args += ["--delay-ms", str(scenario.delay_ms)]
+        if scenario.burst_ms:
+            args += ["--burst-ms", str(scenario.burst_ms)]
         done = subprocess.run(
             args, capture_output=True, text=True, timeout=seconds + 60, check=False
         )
@@ -212,6 +223,8 @@ def run_load(
         p50_us=float(data["p50_us"]),
         p99_us=float(data["p99_us"]),
         errors={k: int(v) for k, v in data["errors"].items() if v},
+        first_us=data.get("first_us"),
+        last_us=data.get("last_us"),
     )
 
 
@@ -502,6 +515,11 @@ def _details_of(rounds: list[Measured], mine: dict[str, list[Measured]]) -> list
             parts.append(
                 "besides the pair: " + ", ".join(f"{n} {v:.2f} s" for n, v in m.control_cpu.items())
                 + (f" ({fmt(ctl)} {cost_unit})" if ctl is not None else "")
+            )
+        if m.load is not None and m.load.first_us is not None and m.load.last_us is not None:
+            parts.append(
+                f"a burst's first answer after {_lat(m.load.first_us)}, its last after "
+                f"{_lat(m.load.last_us)} (medians over the bursts)"
             )
         if m.rss_kib_per_conn:
             parts.append("RSS " + ", ".join(

@@ -2,7 +2,7 @@
 holder of its memory scenario (wrk cannot hold idle connections).
 
     python bench/loadgen.py run  --port P --path /small --connections 32 --seconds 10 [--close]
-                                 [--delay-ms D]
+                                 [--delay-ms D | --burst-ms B]
     python bench/loadgen.py hold --port P --path /small --connections 10000 --seconds 60
 
 ``run``: one thread, non-blocking sockets and ``selectors``; each connection sends
@@ -13,7 +13,11 @@ next request drawn at random, exponential with that mean). With ``--close`` ever
 request says ``Connection: close`` and goes on a new connection (the connect is part of
 its latency). Requests in flight when the time is up are allowed to finish. Prints one
 JSON line with the figures ``compare.py`` reads from wrk: requests, duration_us, bytes,
-p50_us, p99_us and errors by kind.
+p50_us, p99_us and errors by kind. With ``--burst-ms`` (compare.py's bursts scenario,
+which wrk cannot send: its connections do not wait for each other) every connection
+sends one request at the same moment, every B ms; latency counts from the burst's
+start, and the JSON line adds first_us and last_us: when a burst's first and last
+answers came, medians over the bursts.
 
 ``hold``: opens ``--connections`` connections (at most 128 unanswered at a time), one
 ``GET <path>`` each, keeps each open once its response arrived, prints ``HELD <n>
@@ -230,27 +234,133 @@ def run(
     for conn in slots:
         if conn is not None:
             conn.sock.close()
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        if not latencies:
-            return 0.0
-        return 1e6 * latencies[min(len(latencies) - 1, round(p / 100 * (len(latencies) - 1)))]
-
     print(
         json.dumps(
             {
                 "requests": len(latencies),
                 "duration_us": 1e6 * (max(last, min(time.perf_counter(), stop_at)) - start),
                 "bytes": total_bytes,
-                "p50_us": pct(50),
-                "p99_us": pct(99),
+                "p50_us": percentile(latencies, 50),
+                "p99_us": percentile(latencies, 99),
                 "errors": dict(errors),
             }
         ),
         flush=True,
     )
     return 0
+
+
+def bursts(port: int, path: str, connections: int, seconds: float, period: float) -> int:
+    """Every ``period`` seconds one request on each connection, all sent at once; the
+    next burst starts when all answered, at the next tick (at once when the burst took
+    longer than a period). A request's latency counts from its burst's start."""
+    request = request_bytes(path, False)
+    sel = selectors.DefaultSelector()
+    errors: Counter[str] = Counter()
+    latencies: list[float] = []
+    firsts: list[float] = []
+    lasts: list[float] = []
+    total_bytes = 0
+    slots: list[Conn | None] = [None] * connections
+    buffer = bytearray(256 * 1024)
+    view = memoryview(buffer)
+
+    def drop(n: int, conn: Conn, error: str) -> None:
+        errors[error] += 1
+        sel.unregister(conn.sock)
+        conn.sock.close()
+        slots[n] = None
+
+    start = time.perf_counter()
+    stop_at = start + seconds
+    tick = last = start
+    while tick < stop_at and sum(errors.values()) <= MAX_ERRORS:
+        for n, conn in enumerate(slots):  # a connection lost in a burst is replaced
+            if conn is None:
+                try:
+                    slots[n] = conn = Conn(connect(port))
+                except OSError as exc:
+                    errors[error_name(exc)] += 1
+                    continue
+                sel.register(conn.sock, selectors.EVENT_READ, (n, conn))
+        time.sleep(max(0.0, tick - time.perf_counter()))
+        began = time.perf_counter()
+        for n, conn in enumerate(slots):
+            if conn is None:
+                continue
+            conn.sent_at = began
+            try:
+                if conn.sock.send(request) != len(request):
+                    drop(n, conn, "short send")
+            except OSError as exc:
+                drop(n, conn, error_name(exc))
+        answered: list[float] = []
+        give_up_at = began + REQUEST_TIMEOUT
+        while any(c is not None and c.sent_at for c in slots):
+            now = time.perf_counter()
+            if now >= give_up_at:
+                for n, conn in enumerate(slots):
+                    if conn is not None and conn.sent_at:
+                        drop(n, conn, "timeout")
+                break
+            for key, _events in sel.select(give_up_at - now):
+                n, conn = key.data
+                try:
+                    got = conn.sock.recv_into(buffer)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    drop(n, conn, error_name(exc))
+                    continue
+                if not got:
+                    drop(n, conn, "closed by the server")
+                    continue
+                if not conn.sent_at:
+                    drop(n, conn, "bytes nobody asked for")
+                    continue
+                total_bytes += got
+                try:
+                    if not conn.feed(bytes(view[:got]) if conn.body_left < 0 else view[:got]):
+                        continue
+                except ValueError as exc:
+                    drop(n, conn, str(exc))
+                    continue
+                last = time.perf_counter()
+                if conn.status == 200:
+                    answered.append(last - began)
+                else:
+                    errors[f"HTTP {conn.status}"] += 1
+                closes = conn.close
+                conn.reset()
+                if closes:
+                    drop(n, conn, "closed by the server")
+        if answered:
+            latencies.extend(answered)
+            firsts.append(answered[0])
+            lasts.append(answered[-1])
+        tick = max(tick + period, time.perf_counter())
+    for conn in slots:
+        if conn is not None:
+            conn.sock.close()
+    print(json.dumps({
+        "requests": len(latencies),
+        "duration_us": 1e6 * (last - start),
+        "bytes": total_bytes,
+        "p50_us": percentile(latencies, 50),
+        "p99_us": percentile(latencies, 99),
+        "first_us": percentile(firsts, 50),
+        "last_us": percentile(lasts, 50),
+        "errors": dict(errors),
+    }), flush=True)
+    return 0
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The ``p``th percentile of ``values`` (seconds) in µs; 0 when there are none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return 1e6 * ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def hold(port: int, path: str, connections: int, seconds: float) -> int:
@@ -316,9 +426,14 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="run: wait this long on average (exponential) between a "
                         "response and the connection's next request")
+    parser.add_argument("--burst-ms", type=float, default=0.0,
+                        help="run: instead, one request on every connection at once, "
+                        "a burst every this many ms")
     args = parser.parse_args()
     if args.mode == "hold":
         return hold(args.port, args.path, args.connections, args.seconds)
+    if args.burst_ms:
+        return bursts(args.port, args.path, args.connections, args.seconds, args.burst_ms / 1000)
     return run(
         args.port, args.path, args.connections, args.seconds, args.close, args.delay_ms / 1000
     )

@@ -41,7 +41,9 @@ def test_compare_benchmark_smoke_run() -> None:
     print(done.stdout[-6000:])  # what ran, and why a peer did not (pytest -rA shows it)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    scenarios = ("keep-alive", "paced keep-alive", "new conn", "paced conn", "bulk", "memory")
+    scenarios = (
+        "keep-alive", "paced keep-alive", "bursts", "new conn", "paced conn", "bulk", "memory"
+    )
     width = max(map(len, scenarios))
     for scenario in scenarios:
         for path in ("direct", "meshagent L4", "meshagent HTTP", "haproxy pair", "consul pair"):
