@@ -704,7 +704,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"keep-alive: {KEEPALIVE.connections} connections; paced keep-alive: the same, "
-        f"{PACED_KEEPALIVE.delay_ms} ms on average after each response; new conn: "
+        f"{PACED_KEEPALIVE.delay_ms} ms on average after each response; bursts: "
+        f"{BURSTS.connections} requests at once every {BURSTS.burst_ms} ms; new conn: "
         f"{NEW_CONNECTION.connections} connections, Connection: close; paced conn: the "
         f"same, {PACED_CONNECTION.delay_ms} ms on average after each response; bulk: "
         f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each, "
