@@ -348,7 +348,13 @@ async def test_access_log_lines_on_both_agents_share_the_request_id(
     web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
     async with client(web_port) as http:
         request_id = (await http.get("/logged")).json()["request_id"]
-    lines = [line for line in capsys.readouterr().err.splitlines() if "logger=access" in line]
+    lines: list[str] = []
+
+    async def both_logged() -> bool:  # the C relays hand their records over in batches
+        lines.extend(x for x in capsys.readouterr().err.splitlines() if "logger=access" in x)
+        return len(lines) >= 2
+
+    await wait_until(both_logged, timeout=5)
     assert len(lines) == 2 and all(f"request_id={request_id}" in line for line in lines)
     outbound_line = next(line for line in lines if "route=" in line)
     for field in ("method=GET", "path=/logged", "status=200", "subset=orders", "endpoint=127.0.0.2:",
