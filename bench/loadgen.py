@@ -71,7 +71,7 @@ class Conn:
         self.status = 0
         self.close = False
 
-    def feed(self, data: bytes) -> bool:
+    def feed(self, data: bytes | memoryview) -> bool:
         """Take bytes of the response; True once it is complete. ValueError on a
         response this client cannot read or bytes after it."""
         if self.body_left < 0:
@@ -111,6 +111,26 @@ class Conn:
         self.head.clear()
         self.body_left = -1
         self.sent_at = 0.0
+
+
+def receive(conn: Conn, buffer: bytearray) -> tuple[int, str | None, bool]:
+    """Read what ``conn`` has into ``buffer``: the bytes read, why the connection is to
+    be dropped (None: it is not) and whether its response is complete."""
+    try:
+        got = conn.sock.recv_into(buffer)
+    except BlockingIOError:
+        return 0, None, False
+    except OSError as exc:
+        return 0, error_name(exc), False
+    if not got:
+        return 0, "closed by the server", False
+    if not conn.sent_at:
+        return 0, "bytes nobody asked for", False
+    view = memoryview(buffer)[:got]
+    try:
+        return got, None, conn.feed(bytes(view) if conn.body_left < 0 else view)
+    except ValueError as exc:
+        return 0, str(exc), False
 
 
 def connect(port: int) -> socket.socket:
@@ -163,7 +183,6 @@ def run(
             drop(n, conn, "short send")
 
     buffer = bytearray(256 * 1024)
-    view = memoryview(buffer)
     start = time.perf_counter()
     stop_at = start + seconds
     give_up_at = stop_at + REQUEST_TIMEOUT
@@ -197,25 +216,12 @@ def run(
         wait = min([0.05, *(at - now for at in due if at)])
         for key, _events in sel.select(max(0.0, wait)):
             n, conn = key.data
-            try:
-                got = conn.sock.recv_into(buffer)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                drop(n, conn, error_name(exc))
-                continue
-            if not got:
-                drop(n, conn, "closed by the server")
-                continue
-            if not conn.sent_at:
-                drop(n, conn, "bytes nobody asked for")
+            got, error, complete = receive(conn, buffer)
+            if error is not None:
+                drop(n, conn, error)
                 continue
             total_bytes += got
-            try:
-                if not conn.feed(bytes(view[:got]) if conn.body_left < 0 else view[:got]):
-                    continue
-            except ValueError as exc:
-                drop(n, conn, str(exc))
+            if not complete:
                 continue
             done = time.perf_counter()
             if conn.status == 200:
@@ -263,10 +269,10 @@ def bursts(port: int, path: str, connections: int, seconds: float, period: float
     total_bytes = 0
     slots: list[Conn | None] = [None] * connections
     buffer = bytearray(256 * 1024)
-    view = memoryview(buffer)
 
-    def drop(n: int, conn: Conn, error: str) -> None:
-        errors[error] += 1
+    def drop(n: int, conn: Conn, error: str | None) -> None:
+        if error is not None:
+            errors[error] += 1
         sel.unregister(conn.sock)
         conn.sock.close()
         slots[n] = None
@@ -305,25 +311,12 @@ def bursts(port: int, path: str, connections: int, seconds: float, period: float
                 break
             for key, _events in sel.select(give_up_at - now):
                 n, conn = key.data
-                try:
-                    got = conn.sock.recv_into(buffer)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    drop(n, conn, error_name(exc))
-                    continue
-                if not got:
-                    drop(n, conn, "closed by the server")
-                    continue
-                if not conn.sent_at:
-                    drop(n, conn, "bytes nobody asked for")
+                got, error, complete = receive(conn, buffer)
+                if error is not None:
+                    drop(n, conn, error)
                     continue
                 total_bytes += got
-                try:
-                    if not conn.feed(bytes(view[:got]) if conn.body_left < 0 else view[:got]):
-                        continue
-                except ValueError as exc:
-                    drop(n, conn, str(exc))
+                if not complete:
                     continue
                 last = time.perf_counter()
                 if conn.status == 200:
@@ -332,8 +325,8 @@ def bursts(port: int, path: str, connections: int, seconds: float, period: float
                     errors[f"HTTP {conn.status}"] += 1
                 closes = conn.close
                 conn.reset()
-                if closes:
-                    drop(n, conn, "closed by the server")
+                if closes:  # as it said it would: a new connection for the next burst
+                    drop(n, conn, None)
         if answered:
             latencies.extend(answered)
             firsts.append(answered[0])
