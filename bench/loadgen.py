@@ -107,6 +107,15 @@ class Conn:
             raise ValueError("bytes after the response")
         return self.body_left == 0
 
+    def answered(self, at: float, errors: Counter[str]) -> float | None:
+        """Its response came whole at ``at``: the request's latency, or None when the
+        status was not 200 (counted in ``errors``). Ready for the next request after."""
+        latency = at - self.sent_at if self.status == 200 else None
+        if latency is None:
+            errors[f"HTTP {self.status}"] += 1
+        self.reset()
+        return latency
+
     def reset(self) -> None:
         self.head.clear()
         self.body_left = -1
@@ -224,14 +233,11 @@ def run(
             if not complete:
                 continue
             done = time.perf_counter()
-            if conn.status == 200:
-                latencies.append(done - conn.sent_at)
+            latency = conn.answered(done, errors)
+            if latency is not None:
+                latencies.append(latency)
                 last = done
-            else:
-                errors[f"HTTP {conn.status}"] += 1
-            again = conn.close or close
-            conn.reset()
-            if again:
+            if conn.close or close:
                 drop(n, conn, None)
             if delay and done < stop_at:
                 due[n] = done + random.expovariate(1 / delay)
@@ -319,13 +325,10 @@ def bursts(port: int, path: str, connections: int, seconds: float, period: float
                 if not complete:
                     continue
                 last = time.perf_counter()
-                if conn.status == 200:
-                    answered.append(last - began)
-                else:
-                    errors[f"HTTP {conn.status}"] += 1
-                closes = conn.close
-                conn.reset()
-                if closes:  # as it said it would: a new connection for the next burst
+                latency = conn.answered(last, errors)
+                if latency is not None:
+                    answered.append(latency)
+                if conn.close:  # as it said it would: a new connection for the next burst
                     drop(n, conn, None)
         if answered:
             latencies.extend(answered)
