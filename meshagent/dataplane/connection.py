@@ -177,13 +177,16 @@ class Drain:
       elsewhere), while busy ones close after their request;
     * a listener at its ``max_connections`` closes its longest-idle one when a new
       client waits (``reclaim``), rather than leaving that client in the backlog
-      behind connections nobody uses.
+      behind connections nobody uses; when none is idle, the first to become idle
+      while the client still waits is closed at once (``wanted``).
     """
 
     def __init__(self) -> None:
         self.started = False
         # per listener, the waiting scopes in the order they began to wait
         self._idle: dict[str, dict[Stoppable, None]] = {}
+        # listeners with a client waiting at the limit and nothing idle to close for it
+        self._wanted: set[str] = set()
 
     def begin(self) -> None:
         self.started = True
@@ -210,6 +213,17 @@ class Drain:
                 return True
         return False
 
+    @contextmanager
+    def wanted(self, listener: str) -> Iterator[None]:
+        """While inside, the next connection of ``listener`` to become idle is closed
+        as it does (its wait cancelled on entry), once: for a client that waits at the
+        listener's limit when ``reclaim`` found nothing idle."""
+        self._wanted.add(listener)
+        try:
+            yield
+        finally:
+            self._wanted.discard(listener)
+
 
 class _IdleWait:
     __slots__ = ("_drain", "_listener", "_scope", "_scopes")
@@ -222,6 +236,9 @@ class _IdleWait:
     def __enter__(self) -> None:
         drain, scope = self._drain, self._scope
         if drain.started:
+            scope.cancel()
+        elif drain._wanted and self._listener in drain._wanted:
+            drain._wanted.discard(self._listener)
             scope.cancel()
         scopes = drain._idle.get(self._listener)
         if scopes is None:

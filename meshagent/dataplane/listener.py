@@ -5,16 +5,19 @@ listener, so cancelling a listener stops accepting without cutting in-flight con
 Unlike it, a listener holds at most ``max_connections`` at once: at the limit it stops
 accepting (new clients wait in the kernel's backlog) until a connection ends. With
 ``reclaim``, a new client waiting at the limit first makes the listener close one of
-its connections that sit idle between requests (``Drain.reclaim``), so idle keep-alive
-connections never lock out new ones.
+its connections that sit idle between requests (``Drain.reclaim``), or, when none is,
+the first one to become idle while the client waits (``Drain.wanted``), so idle
+keep-alive connections never lock out new ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -27,6 +30,18 @@ log = get_logger("listener")
 # A handler takes over an accepted connection: a non-blocking socket (plainsocket.tune),
 # which it closes.
 Handler = Callable[[socket.socket], Awaitable[None]]
+
+
+class Reclaim(Protocol):
+    """How a listener at its limit makes room for a waiting client (``Drain``)."""
+
+    def reclaim(self, listener: str) -> bool:
+        """Close the listener's longest-idle connection; False when none is idle."""
+        ...
+
+    def wanted(self, listener: str) -> contextlib.AbstractContextManager[None]:
+        """While inside, close the listener's next connection to become idle."""
+        ...
 
 # Errors accept() raises when the process or the system runs out of something; trio's
 # serve_listeners sleeps and retries on the same set.
@@ -105,13 +120,14 @@ async def serve_listener(
     handler_nursery: trio.Nursery,
     *,
     max_connections: int,
-    reclaim: Callable[[], bool] | None = None,
+    reclaim: Reclaim | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept forever (until cancelled); a cancel point. Closes the listener on exit.
 
-    ``reclaim``: called at the limit once a client waits; True when it closed an idle
-    connection (whose handler ends soon and frees a place)."""
+    ``reclaim``: asked at the limit once a client waits to close an idle connection
+    (whose handler ends soon and frees a place), or, when none is idle, the next one
+    to become idle before a place frees."""
     limit = trio.Semaphore(max_connections)
     warned = False
 
@@ -126,15 +142,19 @@ async def serve_listener(
         task_status.started()
         while True:
             reclaimed = False
+            wanted: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
             if limit.value == 0 and reclaim is not None:
                 await trio.lowlevel.wait_readable(listener)  # a client waits
-                reclaimed = limit.value == 0 and reclaim()
+                reclaimed = limit.value == 0 and reclaim.reclaim(name)
                 if reclaimed:
                     log.debug("closed an idle connection for a new one", listener=name)
+                else:  # none idle now: the first to become idle before a place frees
+                    wanted = reclaim.wanted(name)
             if limit.value == 0 and not reclaimed and not warned:
                 log.warning("connection limit reached", listener=name, limit=max_connections)
                 warned = True
-            await limit.acquire()
+            with wanted:
+                await limit.acquire()
             warned = warned and limit.value == 0
             try:
                 conn = await accept(listener)

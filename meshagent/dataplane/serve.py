@@ -148,7 +148,7 @@ async def _serve(
                         h,
                         connections,
                         max_connections=s.max_connections,
-                        reclaim=functools.partial(ctx.drain.reclaim, s.name),
+                        reclaim=ctx.drain,
                         task_status=task_status,
                     )
                 )

@@ -84,6 +84,22 @@ async def test_an_error_racing_a_cancellation_is_logged_and_the_cancellation_goe
     assert ctx.counters.failed == 1 and ctx.counters.active == 0
 
 
+async def test_wanted_cancels_the_next_wait_of_that_listener_once() -> None:
+    drain = Drain()
+    scopes = [trio.CancelScope() for _ in range(5)]
+    with drain.idle(scopes[0], "a"):  # idle before: left to reclaim
+        with drain.wanted("a"):
+            with drain.idle(scopes[1], "b"):  # another listener's
+                pass
+            with drain.idle(scopes[2], "a"):
+                pass
+            with drain.idle(scopes[3], "a"):  # one close per waiting client
+                pass
+        with drain.idle(scopes[4], "a"):  # the client got its place
+            pass
+    assert [scope.cancel_called for scope in scopes] == [False, False, True, False, False]
+
+
 async def test_reclaim_cancels_the_longest_idle_wait_of_that_listener_only() -> None:
     drain = Drain()
     scopes = [trio.CancelScope() for _ in range(3)]

@@ -778,6 +778,48 @@ async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_
     assert counters.failed == 0 and counters.accepted >= 4
 
 
+async def test_an_inbound_at_its_limit_closes_the_first_connection_to_go_idle_for_a_caller(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A caller that comes while the only connection is busy gets it as soon as it goes
+    idle: left open until its idle timeout (an hour here), it would hold the place past
+    the caller's handshake timeout (2 s)."""
+    app_port = await nursery.start(serve_echo, "127.0.0.1")
+    ca = make_ca(tmp_path / "ca", MESH)
+    inbound_port = free_port("127.0.0.2")
+    await nursery.start(
+        serve_dataplane,
+        StaticSource(inbound_snapshot(app_port, inbound_port, max_connections=1)),
+        TlsContexts({"orders": ca.issue("orders")}),
+    )
+    callers = []
+    for _ in range(2):
+        port = free_port()
+        await nursery.start(
+            serve_dataplane,
+            StaticSource(outbound_snapshot(port, [("127.0.0.2", inbound_port)])),
+            TlsContexts({"web": ca.issue("web")}),
+        )
+        callers.append(port)
+    answers: list[bytes] = []
+
+    async def second() -> None:
+        answers.append(await round_trip("127.0.0.1", callers[1], b"pong"))
+
+    with captured_log() as out, trio.fail_after(10):
+        busy = await trio.open_tcp_stream("127.0.0.1", callers[0])
+        await busy.send_all(b"ping")
+        assert await busy.receive_some(4) == b"ping"  # the stream runs: not idle
+        async with trio.open_nursery() as clients:
+            clients.start_soon(second)
+            while "connection limit reached" not in out.getvalue():
+                await trio.sleep(0.01)  # the second waits in the inbound's backlog
+            await busy.send_eof()  # the stream ends; its connection goes idle
+            assert await busy.receive_some(1) == b""
+            await busy.aclose()
+    assert answers == [b"pong"]
+
+
 async def test_a_burst_of_clients_connects_to_an_endpoint_a_few_at_a_time(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
