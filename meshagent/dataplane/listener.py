@@ -43,6 +43,7 @@ class Reclaim(Protocol):
         """While inside, close the listener's next connection to become idle."""
         ...
 
+
 # Errors accept() raises when the process or the system runs out of something; trio's
 # serve_listeners sleeps and retries on the same set.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
