@@ -34,7 +34,9 @@ The load generator is wrk, or ``bench/loadgen.py`` when wrk is not installed. CP
 (user + system, with psutil) of the proxy processes is read before and after each
 run, and divided by the work done: µs per request, CPU-s per GiB. Each load scenario
 runs in rounds (``--rounds``, default 3): every path once per round, each round in
-another order, so that a slow spell of the shared host falls on different paths. The
+another order, so that a slow spell of the shared host falls on different paths. A
+measurement the hypervisor stole more than ``--max-steal`` percent of the host's CPU
+time from is taken again (at most twice; the try with the least steal counts). The
 table gives the median over the rounds, and ratios to the direct path and to each peer
 as the median of the rounds' ratios (each between measurements seconds apart).
 
@@ -98,6 +100,8 @@ from peers import (
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 GIB = 1 << 30
+# tries of one measurement at most, while the hypervisor steals (--max-steal)
+STEAL_TRIES = 3
 BULK_BYTES = 100 * MIB
 HOLD = 10_000
 PATH_NAMES = ("direct", "meshagent L4", "meshagent HTTP", "haproxy pair", "consul pair")
@@ -238,6 +242,16 @@ def cpu_of(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def host_times() -> tuple[float, float]:
+    """(CPU seconds the hypervisor gave to others while this host's guest wanted to run
+    (steal), all CPU seconds), summed over the CPUs since boot."""
+    t = psutil.cpu_times()
+    steal = float(getattr(t, "steal", 0.0))
+    return steal, float(t.user + t.nice + t.system + t.idle) + steal + sum(
+        float(getattr(t, name, 0.0)) for name in ("iowait", "irq", "softirq")
+    )
+
+
 def rss_of(pids: dict[str, int]) -> dict[str, int]:
     out = {}
     for name, pid in pids.items():
@@ -264,6 +278,8 @@ class Measured:
     held: int = 0
     rss_kib_per_conn: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    steal: float | None = None  # share of the host's CPU time stolen while measured
+    stolen: list[float] = field(default_factory=list)  # the steal of tries thrown away
 
     @property
     def cpu(self) -> float:
@@ -308,16 +324,40 @@ def measure_load(
 ) -> Measured:
     m = Measured(scenario.name, path.name, round=round_)
     before, before_ctl = cpu_of(path.proxies), cpu_of(path.control)
+    steal_before, total_before = host_times()
     try:
         m.load = run_load(tools, tmp, path.port, scenario, seconds)
     except (RuntimeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         m.errors = {f"load generator: {exc}"[:160]: 1}
         return m
+    steal_after, total_after = host_times()
     after, after_ctl = cpu_of(path.proxies), cpu_of(path.control)
+    if total_after > total_before:
+        m.steal = (steal_after - steal_before) / (total_after - total_before)
     m.proxy_cpu = {n: after[n] - before[n] for n in before}
     m.control_cpu = {n: after_ctl[n] - before_ctl[n] for n in before_ctl}
     m.errors = dict(m.load.errors)
     return m
+
+
+def measure_unstolen(
+    tools: Tools, tmp: Path, path: PathUnderTest, scenario: Scenario, seconds: float,
+    round_: int, max_steal: float,
+) -> Measured:
+    """measure_load, taken again (at most STEAL_TRIES tries in all) while the hypervisor
+    took more than ``max_steal`` of the host's CPU time during it: the measurement with
+    the least steal counts, whatever its figures, so no path is favoured."""
+    tries: list[Measured] = []
+    while len(tries) < STEAL_TRIES:
+        m = measure_load(tools, tmp, path, scenario, seconds, round_)
+        tries.append(m)
+        if m.load is None or m.steal is None or m.steal <= max_steal:
+            break
+    if tries[-1].load is None:
+        return tries[-1]  # a failed try is reported as it is
+    kept = min(tries, key=lambda t: t.steal or 0.0)
+    kept.stolen = [t.steal for t in tries if t is not kept and t.steal is not None]
+    return kept
 
 
 def measure_memory(tmp: Path, path: PathUnderTest, connections: int, seconds: float) -> Measured:
@@ -503,6 +543,11 @@ def _details_of(rounds: list[Measured], mine: dict[str, list[Measured]]) -> list
             ratios = paired(rounds, mine.get("haproxy pair", []), latency)
             if ratios and first.path != "haproxy pair":
                 parts.append(f"{name} x haproxy {_by_round(ratios)}")
+        steals = [100 * m.steal for m in rounds if m.steal is not None]
+        if steals:
+            thrown = sum(len(m.stolen) for m in rounds)
+            parts.append("steal " + " ".join(f"{v:.1f}" for v in steals) + " %"
+                         + (f" ({thrown} stolen tries thrown away)" if thrown else ""))
         if parts:
             out.append(label(first.scenario, first.path) + " by round: " + "; ".join(parts))
     for m in rounds:
@@ -752,7 +797,9 @@ def measure_all(
             # the same neighbour, nor always first
             shift = (round_ - 1) % len(live) if live else 0
             for path in live[shift:] + live[:shift]:
-                m = measure_load(tools, tmp, path, scenario, args.seconds, round_)
+                m = measure_unstolen(
+                    tools, tmp, path, scenario, args.seconds, round_, args.max_steal / 100
+                )
                 results.append(m)
                 round_label = f"round {round_}: " if args.rounds > 1 else ""
                 print(
@@ -760,6 +807,10 @@ def measure_all(
                     + (f"{fmt(m.rate())} req/s, {fmt(m.mb_per_s())} MB/s" if m.load
                        else "failed")
                     + (f", pair {fmt(m.cost())} {unit(scenario.name)[1]}" if m.cost() else "")
+                    + (f", steal {100 * m.steal:.1f} %" if m.steal is not None else "")
+                    + (f" (thrown away: {len(m.stolen)} with "
+                       + ", ".join(f"{100 * v:.1f}" for v in m.stolen) + " %)"
+                       if m.stolen else "")
                     + (f", errors {m.errors}" if m.errors else ""),
                     flush=True,
                 )
@@ -812,6 +863,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="per measurement (default 4, smoke 1)")
     parser.add_argument("--rounds", type=int, help="measurements of each load scenario on "
                         "each path, in turn (default 3, smoke 1); the table gives medians")
+    parser.add_argument("--max-steal", type=float, metavar="PERCENT",
+                        help="a measurement during which the hypervisor took more than "
+                        "this share of the host's CPU time (steal) is taken again, at most "
+                        f"{STEAL_TRIES - 1} times; the one with the least steal counts "
+                        "(default 2, smoke 100: never again)")
     parser.add_argument("--hold", type=int, help=f"memory: connections (default {HOLD:,}, "
                         "smoke 100)")
     parser.add_argument("--deadline", type=float, help="for the whole run, seconds "
@@ -841,6 +897,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds = 1 if args.smoke else 3
     if args.hold is None:
         args.hold = 100 if args.smoke else HOLD
+    if args.max_steal is None:
+        args.max_steal = 100.0 if args.smoke else 2.0
+    if not 0 <= args.max_steal <= 100:
+        parser.error(f"--max-steal {args.max_steal:g}: a share in percent, 0 to 100")
     if args.deadline is None:
         args.deadline = 240.0 if args.smoke else 900.0
     args.warmup = 1.0 if args.smoke else 2.0

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,48 @@ def test_the_memory_scenario_holds_what_descriptors_allow(
     else:
         assert f"{mesh:,} connections through the meshagent pairs ({workers} processes" in note
         assert f"{single:,} through the others (RLIMIT_NOFILE {nofile:,}" in note
+
+
+@pytest.mark.parametrize(
+    ("steals", "tries", "kept"),
+    [
+        ([0.01], 1, 0),  # under the bar: measured once
+        ([0.10, 0.015], 2, 1),  # taken again once
+        ([0.10, 0.05, 0.08], 3, 1),  # at most three tries; the least stolen counts
+    ],
+)
+def test_a_measurement_the_hypervisor_stole_from_is_taken_again(
+    compare: ModuleType, monkeypatch: pytest.MonkeyPatch,
+    steals: list[float], tries: int, kept: int,
+) -> None:
+    made: list[Any] = []
+
+    def measure_load(*args: object) -> object:
+        m: Any = bulk(compare, "haproxy pair", 1, cpu=len(made) + 1.0, p99_ms=1.0)
+        m.steal = steals[len(made)]
+        made.append(m)
+        return m
+
+    monkeypatch.setattr(compare, "measure_load", measure_load)
+    m: Any = compare.measure_unstolen(None, None, None, None, 4.0, 1, 0.02)
+    assert len(made) == tries
+    assert m is made[kept]
+    assert m.stolen == [s for n, s in enumerate(steals) if n != kept]
+
+
+def test_a_failed_try_is_reported_as_it_is(
+    compare: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Any] = []
+
+    def measure_load(*args: object) -> object:
+        m: Any = compare.Measured("bulk", "haproxy pair", errors={"load generator: boom": 1})
+        if not made:
+            m = bulk(compare, "haproxy pair", 1, cpu=1.0, p99_ms=1.0)
+            m.steal = 0.5
+        made.append(m)
+        return m
+
+    monkeypatch.setattr(compare, "measure_load", measure_load)
+    m: Any = compare.measure_unstolen(None, None, None, None, 4.0, 1, 0.02)
+    assert len(made) == 2 and m is made[1] and m.errors
