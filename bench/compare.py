@@ -1,7 +1,7 @@
 """The meshagent pair against HAProxy and Consul's built-in proxy, side by side, on the
 work issue 5 sets: CPU of the proxy pair per unit of work, latency, memory.
 
-    python bench/compare.py            # full run, about 7-8 minutes
+    python bench/compare.py            # full run, about 7-10 minutes
     python bench/compare.py --smoke    # seconds; installs nothing; for CI
     python bench/compare.py --profile http   # py-spy on the HTTP pair under keep-alive
 
