@@ -170,3 +170,11 @@ def test_a_failed_try_is_reported_as_it_is(
     monkeypatch.setattr(compare, "measure_load", measure_load)
     m: Any = compare.measure_unstolen(None, None, None, None, 4.0, 1, 0.02)
     assert len(made) == 2 and m is made[1] and m.errors
+
+
+def test_max_steal_is_a_share_in_percent(compare: ModuleType) -> None:
+    assert compare.parse_args(["--max-steal", "5"]).max_steal == 5.0
+    assert compare.parse_args([]).max_steal == 2.0
+    assert compare.parse_args(["--smoke"]).max_steal == 100.0  # smoke never measures again
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--max-steal", "120"])
