@@ -750,9 +750,11 @@ async def test_a_caller_no_longer_allowed_cannot_open_another_stream(
     assert counters.failures.get("unauthorized", 0) >= 1
 
 
-async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_a_new_caller(
+async def start_inbound_of_one_and_two_callers(
     nursery: trio.Nursery, tmp_path: Path
-) -> None:
+) -> tuple[DataplaneHandle, list[int]]:
+    """An echo app behind an inbound that holds at most one connection, and two calling
+    agents, each with its own pool: (the inbound, the callers' ports)."""
     app_port = await nursery.start(serve_echo, "127.0.0.1")
     ca = make_ca(tmp_path / "ca", MESH)
     inbound_port = free_port("127.0.0.2")
@@ -762,7 +764,7 @@ async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_
         TlsContexts({"orders": ca.issue("orders")}),
     )
     callers = []
-    for _ in range(2):  # two calling agents, each with its own pool
+    for _ in range(2):
         port = free_port()
         await nursery.start(
             serve_dataplane,
@@ -770,6 +772,13 @@ async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_
             TlsContexts({"web": ca.issue("web")}),
         )
         callers.append(port)
+    return inbound, callers
+
+
+async def test_an_inbound_at_its_limit_closes_an_idle_meshagent2_connection_for_a_new_caller(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    inbound, callers = await start_inbound_of_one_and_two_callers(nursery, tmp_path)
     with trio.fail_after(10):  # without the reclaim, the second waits 90 s
         for port in (*callers, *callers):
             # each stream ends cleanly: its connection stays, idle, in both agents
@@ -784,23 +793,7 @@ async def test_an_inbound_at_its_limit_closes_the_first_connection_to_go_idle_fo
     """A caller that comes while the only connection is busy gets it as soon as it goes
     idle: left open until its idle timeout (an hour here), it would hold the place past
     the caller's handshake timeout (2 s)."""
-    app_port = await nursery.start(serve_echo, "127.0.0.1")
-    ca = make_ca(tmp_path / "ca", MESH)
-    inbound_port = free_port("127.0.0.2")
-    await nursery.start(
-        serve_dataplane,
-        StaticSource(inbound_snapshot(app_port, inbound_port, max_connections=1)),
-        TlsContexts({"orders": ca.issue("orders")}),
-    )
-    callers = []
-    for _ in range(2):
-        port = free_port()
-        await nursery.start(
-            serve_dataplane,
-            StaticSource(outbound_snapshot(port, [("127.0.0.2", inbound_port)])),
-            TlsContexts({"web": ca.issue("web")}),
-        )
-        callers.append(port)
+    _, callers = await start_inbound_of_one_and_two_callers(nursery, tmp_path)
     answers: list[bytes] = []
 
     async def second() -> None:
