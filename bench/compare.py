@@ -102,6 +102,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 # tries of one measurement at most, while the hypervisor steals (--max-steal)
 STEAL_TRIES = 3
+# besides the memory scenario's hold: what the run needs after the last try it repeats
+RETRY_RESERVE_SECONDS = 180.0
 BULK_BYTES = 100 * MIB
 HOLD = 10_000
 PATH_NAMES = ("direct", "meshagent L4", "meshagent HTTP", "haproxy pair", "consul pair")
@@ -342,16 +344,19 @@ def measure_load(
 
 def measure_unstolen(
     tools: Tools, tmp: Path, path: PathUnderTest, scenario: Scenario, seconds: float,
-    round_: int, max_steal: float,
+    round_: int, max_steal: float, retry_until: float = float("inf"),
 ) -> Measured:
-    """measure_load, taken again (at most STEAL_TRIES tries in all) while the hypervisor
-    took more than ``max_steal`` of the host's CPU time during it: the measurement with
-    the least steal counts, whatever its figures, so no path is favoured."""
+    """measure_load, taken again (at most STEAL_TRIES tries in all, and not after the
+    ``time.monotonic()`` of ``retry_until``) while the hypervisor took more than
+    ``max_steal`` of the host's CPU time during it: the measurement with the least steal
+    counts, whatever its figures, so no path is favoured."""
     tries: list[Measured] = []
     while len(tries) < STEAL_TRIES:
         m = measure_load(tools, tmp, path, scenario, seconds, round_)
         tries.append(m)
         if m.load is None or m.steal is None or m.steal <= max_steal:
+            break
+        if time.monotonic() >= retry_until:
             break
     if tries[-1].load is None:
         return tries[-1]  # a failed try is reported as it is
@@ -680,6 +685,9 @@ def plan_memory(args: argparse.Namespace, nofile: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
+    # stolen measurements are taken again only while the rest of the run (the memory
+    # scenario, the report) still fits in the deadline
+    args.retry_until = began + args.deadline - args.hold_seconds - RETRY_RESERVE_SECONDS
     env = environment()
     nofile = raise_open_files_limit()
     hold_note = plan_memory(args, nofile)
@@ -798,7 +806,8 @@ def measure_all(
             shift = (round_ - 1) % len(live) if live else 0
             for path in live[shift:] + live[:shift]:
                 m = measure_unstolen(
-                    tools, tmp, path, scenario, args.seconds, round_, args.max_steal / 100
+                    tools, tmp, path, scenario, args.seconds, round_, args.max_steal / 100,
+                    args.retry_until,
                 )
                 results.append(m)
                 round_label = f"round {round_}: " if args.rounds > 1 else ""

@@ -178,3 +178,19 @@ def test_max_steal_is_a_share_in_percent(compare: ModuleType) -> None:
     assert compare.parse_args(["--smoke"]).max_steal == 100.0  # smoke never measures again
     with pytest.raises(SystemExit):
         compare.parse_args(["--max-steal", "120"])
+
+
+def test_no_try_again_once_the_run_must_finish(
+    compare: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Any] = []
+
+    def measure_load(*args: object) -> object:
+        m: Any = bulk(compare, "haproxy pair", 1, cpu=1.0, p99_ms=1.0)
+        m.steal = 0.5
+        made.append(m)
+        return m
+
+    monkeypatch.setattr(compare, "measure_load", measure_load)
+    m: Any = compare.measure_unstolen(None, None, None, None, 4.0, 1, 0.02, retry_until=0.0)
+    assert made == [m] and m.stolen == []
