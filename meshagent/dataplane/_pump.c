@@ -1384,7 +1384,9 @@ static int response_head(const char *buf, size_t len, int head_method, int req_k
         return -1; /* until-close: Python re-chunks it */
     }
     h->keep_alive = http11 ? !f.close : f.keep;
-    h->down_close = !req_keep || !h->keep_alive;
+    /* Only the client's own close ends its connection: an upstream's is hop-by-hop, and
+     * this body's end is known to the client (a length, or none), so it stays open. */
+    h->down_close = !req_keep;
     if (h->down_close) {
         memcpy(out + o, "Connection: close\r\n", 19);
         o += 19;

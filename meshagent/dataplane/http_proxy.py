@@ -20,7 +20,10 @@ no route, 503 no endpoint). Then:
   413), after which Python streams the rest while it relays the answer. Either way
   nothing else uses the two connections while the pump has them;
 * the upstream goes back to the pool when both messages ended cleanly and both sides
-  allow keep-alive; otherwise it is closed;
+  allow keep-alive; otherwise it is closed. The client's connection stays open when
+  the client allows it and can tell where the body ended, whatever the upstream said
+  (its ``Connection: close`` is hop-by-hop): an app that closes after every answer
+  costs an app connection per request, not the client's (nor the mesh's) connection;
 * with ``relay`` as well (the inbound), plain requests are served by the C pump's HTTP
   relay (``NativePump.relay``) from a request boundary, with no Python per request;
   what it does not take it hands back with every byte it read, and this module serves
@@ -114,6 +117,8 @@ _RELAY_REFUSED = "l4 pump refused an HTTP connection; serving it in Python (logg
 # The C relay gives its upstream back to the pool after this long without a request, so
 # an idle client does not hold an app connection (Python waits for its next request).
 RELAY_HOLD_SECONDS = 1.0
+# What Python reads of a next request before the relay takes it (its first buffer's size).
+_NEXT_BYTES = 4096
 
 Stream = trio.abc.Stream
 
@@ -498,6 +503,14 @@ class _Relaying:
             release(end.upstream_reusable)
             if outcome is RelayOutcome.REQUEST:  # one the relay does not take
                 return _Reader.requests(downstream, end.downstream), None
+            if outcome is RelayOutcome.UPSTREAM_SPENT and not end.downstream:
+                # The upstream closed (an app answering Connection: close): connect again
+                # for the next request once it comes, not ahead of it (an idle caller
+                # would hold an app connection, or a connect slot of a hung app).
+                initial = await self._next_bytes(downstream)
+                if not initial:
+                    return None  # closed, drained, or idle for good
+                continue
             if outcome in (RelayOutcome.UPSTREAM_SPENT, RelayOutcome.RENEW):
                 initial = end.downstream  # the next request: another upstream, or decision
                 continue
@@ -540,6 +553,18 @@ class _Relaying:
             summary=None if access_log.enabled("info") else LATENCY_BUCKETS_SECONDS,
             renewal=sessions if renews else None,
         )
+
+    async def _next_bytes(self, downstream: Stream) -> bytes:
+        """The next request's first bytes, read as ``_next_request`` waits for them;
+        b"" when none came (or the caller closed or broke the connection meanwhile)."""
+        with trio.move_on_after(self.idle_seconds) as waiting, self.drain.idle(
+            waiting, self.listener
+        ):
+            try:
+                return bytes(await downstream.receive_some(_NEXT_BYTES))
+            except trio.BrokenResourceError:  # as the relay's CLOSED: a caller's end
+                return b""
+        return b""
 
     async def _next_request(self, downstream: Stream) -> bool:
         """After the relay's hold: wait (without reading) for the next request's bytes,
@@ -1021,7 +1046,7 @@ async def _relay_response(
             if chunk_down:
                 headers = (*headers, (b"Transfer-Encoding", b"chunked"))
             close_down = not request.keep_alive or (
-                not event.keep_alive and not chunk_down and event.status != 101
+                not _delimited_down(event, request) and event.status != 101
             )
             if close_down and event.status != 101:
                 headers = (*headers, (b"Connection", b"close"))
@@ -1046,7 +1071,7 @@ async def _relay_response(
             if _chunk_down(head, request):
                 with broken_at(DOWNSTREAM):
                     await downstream.send_all(serialize_last_chunk(event.trailers))
-            keep_down = request.keep_alive and (head.keep_alive or _chunk_down(head, request))
+            keep_down = request.keep_alive and _delimited_down(head, request)
             return head.status, keep_down, head.keep_alive
         elif isinstance(event, Upgraded):
             assert head is not None
@@ -1128,6 +1153,16 @@ def _chunk_down(response: ResponseHead, request: RequestHead) -> bool:
     if request.http_version != b"1.1":
         return False
     return response.body.framing in (Framing.CHUNKED, Framing.UNTIL_CLOSE)
+
+
+def _delimited_down(response: ResponseHead, request: RequestHead) -> bool:
+    """Whether the client can tell where the body ends without a close (no body, a
+    Content-Length, or re-chunked for it), so its connection may carry another request.
+    The upstream's own ``Connection: close`` does not matter: it is hop-by-hop, and the
+    next request gets another upstream connection."""
+    if response.body.framing in (Framing.NONE, Framing.CONTENT_LENGTH):
+        return True
+    return _chunk_down(response, request)
 
 
 async def _tunnel(

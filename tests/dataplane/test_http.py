@@ -778,6 +778,88 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     assert in_line.count(True) == (2 if pump == "native" else 3), in_line
 
 
+async def closing_app(stream: trio.SocketStream) -> None:
+    """Answers one request, ``Connection: close``, and closes (an HTTP/1.0-minded app)."""
+    async with stream:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            head += data
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+async def test_after_an_app_closes_its_connection_the_next_one_waits_for_a_next_request(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that closes after every answer: the inbound connects to it again for each
+    request on the caller's kept connection, and not after the last one. (The C relay
+    connected at once after each exchange: an idle caller held an app connection, or,
+    with a hung app, a connect slot, for no request.)"""
+    acquires = 0
+
+    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
+        nonlocal acquires
+        acquires += 1
+        return await app_acquire(self, wait=wait)
+
+    app_acquire = inbound_side.AppPool.acquire
+    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
+    app_port = await nursery.start(serve_app, closing_app)
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        for n in range(3):
+            response = await http.get(f"/{n}")
+            assert (response.status_code, response.content) == (200, b"ok")
+    assert inbound.context.counters.active == 1  # web's kept connection to the inbound
+    web.drain(5)  # closes it: the inbound sees its caller end after the last request
+
+    async def closed() -> bool:
+        return inbound.context.counters.active == 0
+
+    await wait_until(closed, timeout=10)
+    assert acquires == 3
+
+
+async def chunked_app(stream: trio.SocketStream) -> None:
+    """Answers each request with a chunked body, keeping the connection."""
+    async with stream:
+        buffered = b""
+        while True:
+            while b"\r\n\r\n" not in buffered:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                buffered += data
+            buffered = buffered.split(b"\r\n\r\n", 1)[1]
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            )
+
+
+async def test_an_http_1_0_keep_alive_client_of_a_chunked_answer_is_told_it_ends_at_the_close(
+    nursery: trio.Nursery, ca: MeshCa, pump: str
+) -> None:
+    """An HTTP/1.0 client cannot read chunks: the body goes to it as is, ended by the
+    close, which the head says (it asked to keep the connection, and would otherwise
+    wait for more until its own timeout)."""
+    app_port = await nursery.start(serve_app, chunked_app)
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while data := await stream.receive_some(4096):
+                answer += data
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head, head
+    assert b"chunked" not in head.lower() and body == b"ok", answer
+
+
 async def test_a_request_waits_in_line_for_a_busy_endpoint_once(
     nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

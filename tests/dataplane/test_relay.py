@@ -331,12 +331,14 @@ async def test_reclaim_ends_the_relay_idle_between_requests_once(
         assert not r.drain.reclaim("in")  # it left the drain's register when it ended
 
 
-async def test_connection_close_either_way_ends_it_after_the_exchange(
+async def test_connection_close_ends_the_callers_connection_or_only_the_upstream(
     contexts: Contexts, pump: NativePump
 ) -> None:
-    for request, response, reusable in [
-        (b"Connection: close\r\n", b"", True),  # the caller's
-        (b"", b"Connection: close", False),  # the upstream's: the caller is told
+    for request, response, told, outcome, reusable in [
+        # the caller's: it is told, and its connection ends after the exchange
+        (b"Connection: close\r\n", b"", b"Connection: close", RelayOutcome.CLOSE, True),
+        # the upstream's is hop-by-hop: the caller keeps its connection, not told
+        (b"", b"Connection: close", b"", RelayOutcome.UPSTREAM_SPENT, False),
     ]:
         async with rig(contexts) as r:
             await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n" + request + b"\r\n")
@@ -345,9 +347,10 @@ async def test_connection_close_either_way_ends_it_after_the_exchange(
                 await r.app.send_all(ok(b"bye", *filter(None, [response])))
                 with trio.fail_after(5):
                     end = await r.relay(pump)
-            assert await read_until(r.caller, b"bye") == ok(b"bye", b"Connection: close")
-            assert end.outcome is RelayOutcome.CLOSE
+            assert await read_until(r.caller, b"bye") == ok(b"bye", *filter(None, [told]))
+            assert end.outcome is outcome
             assert end.upstream_reusable is reusable
+            assert end.downstream == b""
 
 
 async def test_an_upstream_that_sends_more_than_its_response_is_not_used_again(
