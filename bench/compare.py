@@ -6,17 +6,20 @@ work issue 5 sets: CPU of the proxy pair per unit of work, latency, memory.
     python bench/compare.py --profile http   # py-spy on the HTTP pair under keep-alive
 
 Everything runs on this host, on loopback, with free ports. The upstream is nginx (one
-worker) serving a 100-byte body at /small and a 100 MiB body at /bulk, or the Python
-stand-in ``bench/upstream.py`` when nginx is not installed. Paths to it (see peers.py):
-direct, the meshagent pair in L4 mode and in HTTP mode, an HAProxy pair with mTLS both
-ways, and a Consul 1.8.7 ``consul connect proxy`` pair. Scenarios, each run on every
-path in turn:
+worker) serving a 100-byte body at /small (and /closing) and a 100 MiB body at /bulk,
+or the Python stand-in ``bench/upstream.py`` when nginx is not installed. Paths to it
+(see peers.py): direct, the meshagent pair in L4 mode and in HTTP mode, an HAProxy pair
+with mTLS both ways, and a Consul 1.8.7 ``consul connect proxy`` pair. Scenarios, each
+run on every path in turn:
 
     keep-alive  wrk -t1 -c32, GET /small on kept-alive connections
     paced keep-alive  the same, each connection waiting 5 ms on average after each
                 response: 5,000-6,000 requests/s on every path, for latency at one load
     bursts      32 kept-alive connections, one GET /small on each at the same moment
                 every 20 ms (bench/loadgen.py, as wrk cannot): a caller that fans out
+    app closes  the same as keep-alive, to /closing, which nginx answers with
+                Connection: close and a close (keepalive_requests 1): an app with
+                keep-alive off; not one of issue 5's targets
     new conn    wrk -t1 -c16 with Connection: close: a new connection per request
     paced conn  the same, each connection waiting 25 ms on average after each
                 response: about 600 connections/s on every path, for latency at one load
@@ -138,6 +141,10 @@ class Scenario:
 
 
 KEEPALIVE = Scenario("keep-alive", "/small", 32)
+# kept-alive clients of an app that closes after every answer (legacy apps often run
+# with keep-alive off): a proxy that speaks HTTP keeps the clients' connections and
+# connects the app per request; an L4 proxy passes each close on to its client
+APP_CLOSES = Scenario("app closes", "/closing", 32)
 NEW_CONNECTION = Scenario("new conn", "/small", 16, close=True)
 # wrk keeps its connections busy whatever the rate, so a faster path works under more
 # load; with a think time each path is offered about the same rate (connections /
@@ -150,7 +157,9 @@ PACED_CONNECTION = Scenario("paced conn", "/small", 16, close=True, delay_ms=25)
 # waiting behind the others of its burst in every stage
 BURSTS = Scenario("bursts", "/small", 32, burst_ms=20)
 BULK = Scenario("bulk", "/bulk", 1)
-LOAD_SCENARIOS = (KEEPALIVE, PACED_KEEPALIVE, BURSTS, NEW_CONNECTION, PACED_CONNECTION, BULK)
+LOAD_SCENARIOS = (
+    KEEPALIVE, PACED_KEEPALIVE, BURSTS, APP_CLOSES, NEW_CONNECTION, PACED_CONNECTION, BULK
+)
 MEMORY = "memory"
 SCENARIO_NAMES = (*(s.name for s in LOAD_SCENARIOS), MEMORY)
 
@@ -758,7 +767,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"keep-alive: {KEEPALIVE.connections} connections; paced keep-alive: the same, "
         f"{PACED_KEEPALIVE.delay_ms} ms on average after each response; bursts: "
-        f"{BURSTS.connections} requests at once every {BURSTS.burst_ms} ms; new conn: "
+        f"{BURSTS.connections} requests at once every {BURSTS.burst_ms} ms; app closes: "
+        f"keep-alive's load, the app closing after each answer; new conn: "
         f"{NEW_CONNECTION.connections} connections, Connection: close; paced conn: the "
         f"same, {PACED_CONNECTION.delay_ms} ms on average after each response; bulk: "
         f"{BULK_BYTES // MIB} MiB bodies, 1 connection; {args.seconds:g} s each, "

@@ -270,6 +270,11 @@ http {{
     server {{
         listen {LOOPBACK}:{port} backlog=4096;
         location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+        location = /closing {{
+            keepalive_requests 1;
+            default_type text/plain;
+            return 200 "{SMALL_BODY}";
+        }}
         location / {{ root {root}/www; }}
     }}
 }}

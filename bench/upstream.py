@@ -4,9 +4,10 @@
 
 A single-threaded ``socket`` + ``selectors`` HTTP/1.1 server on an ephemeral
 127.0.0.1 port (it prints ``READY <port>`` once listening) that answers what nginx
-answers in ``compare.py``: ``GET /small`` a 100-byte body, ``GET /bulk`` a body of
-``--bulk-bytes`` (100 MiB), anything else 404; every answer with Content-Length, kept
-alive unless the request says ``Connection: close``. Requests are read head by head
+answers in ``compare.py``: ``GET /small`` a 100-byte body, ``GET /closing`` the same
+and then a close (an app with keep-alive off), ``GET /bulk`` a body of ``--bulk-bytes``
+(100 MiB), anything else 404; every answer with Content-Length, kept alive unless the
+request says ``Connection: close``. Requests are read head by head
 (no bodies, no pipelining beyond what arrived). It stops on SIGTERM, when its parent
 exits, or after an hour.
 """
@@ -115,7 +116,10 @@ def serve(bulk_bytes: int) -> int:
             del conn.inbox[: end + 4]
             target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
             conn.closing = b"\r\nconnection: close" in head or head.endswith(b"http/1.0")
-            if target == b"/small":
+            if target == b"/closing":  # an app with keep-alive off
+                conn.closing = True
+                conn.out += response_head(len(SMALL_BODY), True) + SMALL_BODY
+            elif target == b"/small":
                 conn.out += response_head(len(SMALL_BODY), conn.closing) + SMALL_BODY
             elif target == b"/bulk":
                 conn.out += response_head(bulk_bytes, conn.closing)

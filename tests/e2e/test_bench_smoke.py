@@ -42,7 +42,8 @@ def test_compare_benchmark_smoke_run() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     scenarios = (
-        "keep-alive", "paced keep-alive", "bursts", "new conn", "paced conn", "bulk", "memory"
+        "keep-alive", "paced keep-alive", "bursts", "app closes", "new conn", "paced conn",
+        "bulk", "memory",
     )
     width = max(map(len, scenarios))
     for scenario in scenarios:
