@@ -82,8 +82,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/eventfd.h>
@@ -365,10 +367,14 @@ typedef struct {
     /* random bytes for the ids relays generate (getrandom, refilled when spent) */
     unsigned char random[4096];
     size_t random_used;
+    int connecting; /* connects of relays' own in progress (relay_reconnect), at most
+                     * RELAY_CONNECTS */
 } Engine;
 
 static void arm(Engine *eng);
 static void relay_free(struct relay *r);
+static void relay_let_go(Engine *eng, struct conn *c);
+static void relay_close_own(struct conn *c);
 static void relay_drop_next(struct relay *r);
 static int watch(Engine *eng, struct conn *c, int side, int fd);
 
@@ -963,6 +969,7 @@ static void stop_pumping(Engine *eng, conn_t *c) {
     side_release(&c->a);
     side_release(&c->b);
     relay_drop_next(c->relay); /* offered, not switched to: Python's again */
+    if (c->relay != NULL) relay_let_go(eng, c);
     for (int i = 0; i < 2; i++) {
         free(c->d[i].buf);
         c->d[i].buf = NULL;
@@ -992,6 +999,7 @@ static void finish(Engine *eng, conn_t *c, int status, error_t_ *err) {
 /* Free c and its slot (finished and reported, or taken back by remove()). */
 static void discard(Engine *eng, conn_t *c) {
     if (!c->finished) stop_pumping(eng, c);
+    if (c->relay != NULL) relay_close_own(c); /* ended, its upstream not taken: remove() */
     if (c->queued) {
         for (conn_t **p = &eng->done_head; *p != NULL; p = &(*p)->next_done) {
             if (*p == c) {
@@ -1054,6 +1062,11 @@ static void discard(Engine *eng, conn_t *c) {
  * request holds none (release_buffers). */
 #define RELAY_IN_FIRST 4096
 #define RELAY_HEAD_FIRST 2048
+/* Connects of relays' own (relay_reconnect) in progress at once, per engine: past it a
+ * relay ends UPSTREAM_SPENT and the request waits in Python's line (the app pool's
+ * bound, pool.MAX_CONNECTING_PER_KEY, is the same). */
+#define RELAY_CONNECTS 64
+#define APP_NOTSENT_LOWAT (16 * 1024) /* plainsocket.tune's */
 
 enum { R_REQUEST, R_SEND, R_RESPONSE, R_REPLY, R_BODY };
 enum {
@@ -1116,6 +1129,15 @@ typedef struct relay {
     side_t next_b;
     char *next_add;
     size_t next_add_len;
+    /* reconnecting (Engine.relay's reconnect): a plain upstream spent by an exchange
+     * (an app with keep-alive off) is replaced, once the next request begins, by a
+     * connection the engine opens itself to `app`. spent: b may not carry another
+     * request; connecting: b's connect is in progress; own_b: b's descriptor is the
+     * engine's (closed by it, or handed to Python at the end: relay_result) */
+    int reconnect, spent, connecting, own_b;
+    struct sockaddr_storage app;
+    socklen_t app_len;
+    double connect_seconds, connect_started;
 } relay_t;
 
 /* -- heads: pure functions, also exposed for tests (relay_request_head & co) -- */
@@ -1411,6 +1433,7 @@ static int renew_time_due(relay_t *r) {
  * idle time. */
 static double relay_deadline(conn_t *c) {
     relay_t *r = c->relay;
+    if (r->connecting) return r->connect_started + r->connect_seconds;
     if (r->state == R_REQUEST && r->in_len == 0) {
         double t = c->last + r->hold;
         return renew_time_due(r) && r->renew_at < t ? r->renew_at : t;
@@ -1633,11 +1656,98 @@ static void release_buffers(relay_t *r) {
     }
 }
 
+/* The connect of relay_reconnect failed (errno e, or 0: timed out): the request goes to
+ * Python with why, which answers 502 with it (http_proxy: the relay's connect_failed). */
+static int relay_connect_failed(Engine *eng, conn_t *c, int e) {
+    relay_t *r = c->relay;
+    if (r->connecting) {
+        r->connecting = 0;
+        eng->connecting--;
+    }
+    char why[128];
+    if (e == 0) {
+        snprintf(why, sizeof why, "timed out"); /* as Python's connect says it */
+    } else {
+        error_t_ err = {0, "", NULL};
+        io_error(&err, e);
+        snprintf(why, sizeof why, "%s", err.text);
+    }
+    free(r->error);
+    r->error = strdup(why);
+    return relay_end(eng, c, RELAY_UPSTREAM_SPENT); /* b (spent, ours) is closed there */
+}
+
+/* A request begins and the upstream is spent (the app closed after its last answer):
+ * replace it with a connection of the engine's own to the same app, rather than end
+ * the relay for Python to connect (a connect, a relay started again, each request).
+ * 1: connected, go on; 0: connecting (b's EPOLLOUT, or the connect timeout, steps the
+ * relay again); -1: ended (the bound of connects at once reached: UPSTREAM_SPENT, and
+ * Python connects as it would have; or the connect failed: relay_connect_failed). */
+static int relay_reconnect(Engine *eng, conn_t *c, error_t_ *err) {
+    relay_t *r = c->relay;
+    if (!r->connecting) {
+        if (eng->connecting >= RELAY_CONNECTS) return relay_end(eng, c, RELAY_UPSTREAM_SPENT);
+        int fd = socket(r->app.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) return relay_connect_failed(eng, c, errno);
+        int one = 1, lowat = APP_NOTSENT_LOWAT;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
+        int rc = connect(fd, (struct sockaddr *)&r->app, r->app_len);
+        if (rc != 0 && errno != EINPROGRESS) {
+            int e = errno;
+            close(fd);
+            return relay_connect_failed(eng, c, e);
+        }
+        /* The spent upstream leaves the engine: Python's is closed by Python at the end
+         * (reported not reusable), one of ours is closed now. */
+        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, c->b.fd, NULL);
+        side_release(&c->b);
+        if (r->own_b) close(c->b.fd);
+        memset(&c->b, 0, sizeof c->b);
+        c->b.conn = c;
+        c->b.fd = fd;
+        c->b.kind = KIND_PLAIN;
+        r->own_b = 1;
+        r->up_keep = 0; /* until it served an exchange */
+        if (watch(eng, c, 1, fd) != 0) {
+            io_error(err, errno);
+            err->at = &c->b;
+            finish(eng, c, DONE_ERROR, err);
+            return -1;
+        }
+        r->connecting = 1;
+        eng->connecting++;
+        r->connect_started = now_seconds();
+        /* On loopback the handshake is done inside connect(2), though it says
+         * EINPROGRESS: one poll spares a pass through epoll. */
+        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+        if (rc == 0 || poll(&pfd, 1, 0) == 1) c->b.wr = 1;
+    }
+    if (!c->b.wr) {
+        due_soon(eng, relay_deadline(c));
+        return 0;
+    }
+    int e = 0;
+    socklen_t len = sizeof e;
+    if (getsockopt(c->b.fd, SOL_SOCKET, SO_ERROR, &e, &len) != 0) e = errno;
+    if (e != 0) return relay_connect_failed(eng, c, e);
+    r->connecting = 0;
+    eng->connecting--;
+    r->spent = 0;
+    r->up_keep = 1;
+    c->b.rd = c->b.wr = 1; /* try first, as for any side */
+    return 1;
+}
+
 /* R_REQUEST: read until a request is complete. 1 progress, 0 blocked, -1 ended. */
 static int relay_request(Engine *eng, conn_t *c, error_t_ *err) {
     relay_t *r = c->relay;
     if (r->renew_now) return relay_end(eng, c, RELAY_RENEW); /* relay_next(None) */
     if (r->in_len > 0) {
+        if (r->spent) { /* a request begins after the app closed: connect it again */
+            int k = relay_reconnect(eng, c, err);
+            if (k <= 0) return k;
+        }
         /* a request begins: to the next upstream, if there is one */
         if (r->next_ready && switch_upstream(eng, c, err) < 0) {
             finish(eng, c, DONE_ERROR, err);
@@ -1801,7 +1911,10 @@ static int relay_done(Engine *eng, conn_t *c) {
     }
     r->state = R_REQUEST;
     if (r->down_close) return relay_end(eng, c, RELAY_CLOSE);
-    if (!r->up_keep) return relay_end(eng, c, RELAY_UPSTREAM_SPENT);
+    if (!r->up_keep) {
+        if (!r->reconnect) return relay_end(eng, c, RELAY_UPSTREAM_SPENT);
+        r->spent = 1; /* replaced when the next request begins (relay_reconnect) */
+    }
     if (r->max_requests != 0 && ++r->served >= r->max_requests) {
         if (!r->ahead) return relay_end(eng, c, RELAY_RENEW); /* Python chooses again */
         renew_due(eng, c);
@@ -1875,6 +1988,10 @@ static void relay_step(Engine *eng, conn_t *c) {
 /* The relay's wait ran out (process()'s scan). */
 static void relay_expired(Engine *eng, conn_t *c) {
     relay_t *r = c->relay;
+    if (r->connecting) {
+        relay_connect_failed(eng, c, 0);
+        return;
+    }
     if (r->state == R_SEND || r->state == R_RESPONSE) {
         /* No answer for the idle time: Python answers 502 with why (nothing went down). */
         char why[96];
@@ -1919,6 +2036,26 @@ static void relay_drop_next(relay_t *r) {
     free(r->next_add);
     r->next_add = NULL;
     r->next_ready = 0;
+}
+
+/* The engine stops pumping a relay's connection: a connect of its own in progress no
+ * longer counts; an upstream of its own goes to Python with the relay's end
+ * (relay_result) when it may serve again, and is closed otherwise (spent, failed, or
+ * no end: an error, remove()). */
+static void relay_let_go(Engine *eng, conn_t *c) {
+    relay_t *r = c->relay;
+    if (r->connecting) {
+        r->connecting = 0;
+        eng->connecting--;
+    }
+    if (r->spent || r->outcome == 0) relay_close_own(c);
+}
+
+/* Close b if it is the engine's own (not handed to Python by relay_result). */
+static void relay_close_own(conn_t *c) {
+    if (!c->relay->own_b) return;
+    close(c->b.fd);
+    c->relay->own_b = 0;
 }
 
 static void relay_free(relay_t *r) {
@@ -2462,19 +2599,42 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"a_fd", "a_ssl", "a_kind", "b_fd", "b_ssl", "b_kind", "idle",
                              "hold", "head_seconds", "drop", "add", "initial", "refuse",
                              "gen_ids", "max_requests", "notify_first", "max_seconds", "summary",
-                             "renew_ahead", NULL};
+                             "renew_ahead", "reconnect", NULL};
     int afd, akind, bfd, bkind, gen_ids = 0, notify = 0, ahead = 0;
     PyObject *assl, *bssl, *drop = NULL, *refuse = NULL, *summary = Py_None;
+    PyObject *reconnect = Py_None;
     double idle, hold, head_seconds, max_seconds = 0;
     const char *add = "", *initial = "";
     Py_ssize_t add_len = 0, initial_len = 0;
     unsigned long long max_requests = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpdOp", kwlist, &afd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiiOiddd|$Oy#y#OpKpdOpO", kwlist, &afd,
                                      &assl, &akind, &bfd, &bssl, &bkind, &idle, &hold,
                                      &head_seconds, &drop, &add, &add_len, &initial,
                                      &initial_len, &refuse, &gen_ids, &max_requests, &notify,
-                                     &max_seconds, &summary, &ahead))
+                                     &max_seconds, &summary, &ahead, &reconnect))
         return NULL;
+    /* reconnect: (ip literal, port, connect seconds) of a plain upstream's app */
+    const char *app_host = NULL;
+    int app_port = 0;
+    double connect_seconds = 0;
+    struct sockaddr_storage app;
+    socklen_t app_len = 0;
+    memset(&app, 0, sizeof app);
+    if (reconnect != Py_None) {
+        if (!PyArg_ParseTuple(reconnect, "sid", &app_host, &app_port, &connect_seconds))
+            return NULL;
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&app;
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&app;
+        if (inet_pton(AF_INET, app_host, &v4->sin_addr) == 1) {
+            v4->sin_family = AF_INET;
+            v4->sin_port = htons((uint16_t)app_port);
+            app_len = sizeof *v4;
+        } else if (inet_pton(AF_INET6, app_host, &v6->sin6_addr) == 1) {
+            v6->sin6_family = AF_INET6;
+            v6->sin6_port = htons((uint16_t)app_port);
+            app_len = sizeof *v6;
+        }
+    }
     double bounds[SUMMARY_BOUNDS];
     Py_ssize_t nbounds = summary_bounds(summary, bounds);
     if (nbounds < 0) return NULL;
@@ -2488,6 +2648,14 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
         problem = "idle, hold and head_seconds must be > 0 seconds";
     else if (!(max_seconds >= 0))
         problem = "max_seconds must be >= 0 (0: no limit)";
+    else if (reconnect != Py_None && app_len == 0)
+        problem = "reconnect takes an IP address, not a name";
+    else if (reconnect != Py_None && (app_port < 1 || app_port > 65535))
+        problem = "reconnect's port must be 1..65535";
+    else if (reconnect != Py_None && !(connect_seconds > 0))
+        problem = "reconnect's connect seconds must be > 0";
+    else if (reconnect != Py_None && (bkind != KIND_PLAIN || ahead))
+        problem = "reconnect takes a plain upstream, without renew_ahead";
     if (problem != NULL) {
         PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
@@ -2535,6 +2703,12 @@ static PyObject *Engine_relay(Engine *self, PyObject *args, PyObject *kwds) {
     r->in_len = (size_t)initial_len;
     r->head_started = c->last;
     r->renew_at = max_seconds > 0 ? c->last + max_seconds : 0;
+    if (reconnect != Py_None) {
+        r->reconnect = 1;
+        r->app = app;
+        r->app_len = app_len;
+        r->connect_seconds = connect_seconds;
+    }
     return enlist(self, c, afd, bfd);
 fail:
     conn_free(c); /* and its relay */
@@ -2693,15 +2867,18 @@ fail:
     return NULL;
 }
 
-/* What Python needs of a finished relay (see collect()). */
+/* What Python needs of a finished relay (see collect()). An upstream of the engine's
+ * own still open goes with it (its descriptor, else -1): Python's once collect() has
+ * handed the result over. */
 static PyObject *relay_result(conn_t *c) {
     relay_t *r = c->relay;
     int handed = r->outcome == RELAY_RESPONSE;
+    int fd = r->own_b ? c->b.fd : -1;
     /* y# makes None of NULL: a released buffer is b"" */
-    return Py_BuildValue("(iy#y#izy)", r->outcome, r->in ? r->in : "", (Py_ssize_t)r->in_len,
-                         r->resp && handed ? r->resp : "", (Py_ssize_t)(handed ? r->resp_len : 0),
-                         r->up_keep, r->error,
-                         handed ? r->request_id : NULL);
+    return Py_BuildValue(
+        "(iy#y#izyi)", r->outcome, r->in ? r->in : "", (Py_ssize_t)r->in_len,
+        r->resp && handed ? r->resp : "", (Py_ssize_t)(handed ? r->resp_len : 0), r->up_keep,
+        r->error, handed ? r->request_id : NULL, fd);
 }
 
 /* Module-level: the relay's head functions, for tests. */
@@ -2854,6 +3031,7 @@ static PyObject *Engine_collect(Engine *self, PyObject *unused) {
                                  relay);
             if (item == NULL || PyList_Append(out, item) < 0) goto fail;
             Py_CLEAR(item);
+            if (c->relay != NULL) c->relay->own_b = 0; /* its descriptor is Python's now */
             discard(self, c);
         }
         c = next;

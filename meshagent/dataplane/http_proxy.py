@@ -45,6 +45,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -298,6 +299,25 @@ class Relay:
     max_requests: int = 0
     max_seconds: float = 0
     on_records: Callable[[int], None] | None = None
+    reconnect: Reconnect | None = None
+
+
+class Reconnect(Protocol):
+    """How the C relay connects a plain upstream again itself when an exchange leaves
+    it closed (an app with keep-alive off: ``NativePump.relay``'s ``reconnect``), so a
+    request costs a connect, not a relay started again from Python."""
+
+    def address(self) -> tuple[str, int, float] | None:
+        """(IP address, port, connect seconds), read at each relay's start; None: the
+        relay ends when the upstream is spent, and ``start`` connects."""
+
+    def adopt(self, fd: int, spent: RelaySession) -> RelaySession:
+        """A session of the connection the relay opened (``fd``, the caller's now), in
+        place of ``spent``, whose upstream the caller has closed."""
+
+    def failed(self, why: str) -> None:
+        """One of the relay's connects failed (``why``, as an OS error says it, or
+        "timed out"): the request it was for goes to ``decide`` next, which answers it."""
 
 
 # A connect of the relay's ``start`` that failed is the first try of the request
@@ -493,6 +513,10 @@ class _Relaying:
                 raise
             sessions.close()
             session = sessions.current  # the one in use at the end
+            if end.upstream_fd >= 0:  # the relay connected the app again itself
+                assert relay.reconnect is not None
+                session.release(False)  # the one the app closed
+                session = relay.reconnect.adopt(end.upstream_fd, session)
             upstream, release = session.upstream, session.release
             outcome = end.outcome
             if outcome is RelayOutcome.RESPONSE:  # the request went up: Python relays the answer
@@ -502,6 +526,10 @@ class _Relaying:
                 return _Reader.requests(downstream, end.downstream), resumed
             release(end.upstream_reusable)
             if outcome is RelayOutcome.REQUEST:  # one the relay does not take
+                return _Reader.requests(downstream, end.downstream), None
+            if outcome is RelayOutcome.UPSTREAM_SPENT and end.upstream_error is not None:
+                assert relay.reconnect is not None  # its connect failed: decide answers
+                relay.reconnect.failed(end.upstream_error)
                 return _Reader.requests(downstream, end.downstream), None
             if outcome is RelayOutcome.UPSTREAM_SPENT and not end.downstream:
                 # The upstream closed (an app answering Connection: close): connect again
@@ -552,6 +580,7 @@ class _Relaying:
             # one by one only for the access log (read at each run's start)
             summary=None if access_log.enabled("info") else LATENCY_BUCKETS_SECONDS,
             renewal=sessions if renews else None,
+            reconnect=None if relay.reconnect is None else relay.reconnect.address(),
         )
 
     async def _next_bytes(self, downstream: Stream) -> bytes:

@@ -14,6 +14,7 @@ A TCP caller that speaks ``meshagent/2`` keeps its connection for its next strea
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from collections.abc import Hashable
@@ -186,7 +187,7 @@ async def _serve_app_http(
 
     relay = None
     if source is None or _SERVICE_NAME.fullmatch(source):
-        relay = Relay(start, drop=(SOURCE_HEADER,))
+        relay = Relay(start, drop=(SOURCE_HEADER,), reconnect=_AppReconnect(app, start_failure))
 
     await serve_http(
         downstream,
@@ -200,6 +201,38 @@ async def _serve_app_http(
         pump=app.ctx.pump,
         relay=relay,
     )
+
+
+class _AppReconnect:
+    """The C relay connects the app again itself when an answer closed the app's
+    connection (an app with keep-alive off): ``http_proxy.Reconnect``."""
+
+    __slots__ = ("_app", "_failure")
+
+    def __init__(self, app: AppPool, failure: StartFailure) -> None:
+        self._app = app
+        self._failure = failure
+
+    def address(self) -> tuple[str, int, float] | None:
+        listener = self._app.listener
+        try:
+            ipaddress.ip_address(listener.app_host)
+        except ValueError:  # a name: the relay ends, start connects through the resolver
+            return None
+        seconds = self._app.ctx.source.current.timeouts.connect_seconds
+        return listener.app_host, listener.app_port, seconds
+
+    def adopt(self, fd: int, spent: RelaySession) -> RelaySession:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        upstream = PlainSocketStream(sock)
+        return RelaySession(upstream, self._app.releaser(upstream), spent.labels, spent.add)
+
+    def failed(self, why: str) -> None:
+        listener = self._app.listener
+        what = f"connect app {listener.app_host}:{listener.app_port}: {why}"
+        error = UpstreamTimeout(what) if why == "timed out" else UpstreamConnectError(what)
+        self._failure.record("app", error)
 
 
 async def _deny_http(

@@ -155,6 +155,10 @@ class RelayEnd:
     ``upstream_error`` why the upstream failed before its head, if it did, and
     ``request_id`` the request's ``x-request-id`` as sent (maybe one the relay added).
     ``upstream_reusable``: the last exchange left the upstream fit for another request.
+    ``upstream_fd``: with ``reconnect``, a connection the relay opened itself after the
+    first upstream closed (-1: none open): the caller's now, the upstream in use (the
+    one ``upstream_reusable`` and ``RESPONSE`` are about); the first is spent. With
+    ``UPSTREAM_SPENT``, ``upstream_error`` says why such a connect failed, if it did.
     """
 
     outcome: RelayOutcome
@@ -163,6 +167,7 @@ class RelayEnd:
     upstream_reusable: bool
     upstream_error: str | None
     request_id: bytes | None = None  # RESPONSE: the id the request went up with
+    upstream_fd: int = -1
 
 
 # (status, bytes_in, bytes_out, seconds, method, path, request_id): one relayed exchange
@@ -439,11 +444,13 @@ class NativePump:
         counts: tuple[int, int],
         error_kind: int,
         error: str,
-        relay: tuple[int, bytes, bytes, int, str | None, bytes | None] | None = None,
+        relay: tuple[int, bytes, bytes, int, str | None, bytes | None, int] | None = None,
     ) -> None:
         assert _pump is not None
         waiter = self._waiters.get(handle)
         if waiter is None:
+            if relay is not None and relay[6] >= 0:
+                os.close(relay[6])  # a relay's own connection, its task gone
             return
         if status == _pump.FIRST_READ:
             try:
@@ -457,10 +464,10 @@ class NativePump:
         waiter.counts = counts
         waiter.expired = status == _pump.DONE_IDLE
         if relay is not None and status == _pump.DONE_OK:
-            outcome, downstream, response, reusable, upstream_error, request_id = relay
+            outcome, downstream, response, reusable, upstream_error, request_id, fd = relay
             waiter.relay_end = RelayEnd(
                 _OUTCOMES[outcome], downstream, response, bool(reusable), upstream_error,
-                request_id,
+                request_id, fd,
             )
         if status == _pump.DONE_ERROR:
             waiter.error = _error(waiter.ends, error_kind, error)
@@ -563,6 +570,7 @@ class NativePump:
         summary: tuple[float, ...] | None = None,
         renewal: Renewal | None = None,
         notify_first: bool | None = None,
+        reconnect: tuple[str, int, float] | None = None,
     ) -> RelayEnd:
         """Serve HTTP/1.1 requests from ``down`` to ``up`` in C, from a request boundary
         (``initial``: downstream bytes already read), until the engine gives both back
@@ -589,6 +597,11 @@ class NativePump:
                 with ``renewal``, also for each upstream offered with ``notify_first``.
             notify_first: whether ``up``'s first bytes are reported (default: when
                 ``on_first_read`` is given).
+            reconnect: (IP address, port, connect seconds) of a plain ``up``'s app: when
+                an exchange leaves it spent (the app closed it), the relay connects there
+                itself as the next request begins, and goes on (``RelayEnd.upstream_fd``);
+                a connect that fails ends it ``UPSTREAM_SPENT`` with why, as do more than
+                64 connects at once in this engine (without why). Not with ``renewal``.
             hold_seconds: the relay ends (``RELAY_IDLE``) after this long between requests.
             head_seconds: a request head's time, from its first byte (``RELAY_HEAD_TIMEOUT``).
             stop_when: registers a ``Stoppable`` (``Drain.idle``): when it is cancelled,
@@ -609,6 +622,7 @@ class NativePump:
                 notify_first=on_first_read is not None if notify_first is None else notify_first,
                 summary=summary,
                 renew_ahead=renewal is not None,
+                reconnect=reconnect,
             )
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
             raise NativeRefused(str(exc)) from exc

@@ -5,6 +5,7 @@ serving what the relay hands back) is in test_http.py."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -33,7 +34,7 @@ from meshagent.dataplane.nativepump import (
 )
 from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.dataplane.sslsocket import SslSocketStream
-from tests.support.net import plain_stream, wait_until
+from tests.support.net import full_backlog, plain_stream, wait_until
 from tests.support.tls import Contexts, tcp_pair, tls_pair
 
 if os.environ.get(ENV_SWITCH) == "0":
@@ -826,3 +827,180 @@ async def test_an_upstream_silent_for_the_idle_time_is_python_s_502_or_a_cut(
             with trio.fail_after(5), pytest.raises(trio.BrokenResourceError, match="no byte"):
                 await r.relay(pump, idle=0.3)
         assert [(rec[0], rec[2]) for rec in r.records] == [(502, 3)]
+
+
+# -- reconnect: an app with keep-alive off, connected again by the relay itself ------
+
+
+async def ended(ends: list[RelayEnd]) -> bool:
+    return bool(ends)
+
+
+async def serve_first_then_close(r: Rig, body: bytes) -> None:
+    """The rig's app answers the first request and closes, as with keep-alive off."""
+    await read_until(r.app, b"\r\n\r\n")
+    await r.app.send_all(ok(body, b"Connection: close"))
+    await r.app.aclose()
+
+
+async def app_listener(
+    nursery: trio.Nursery, keep: bool = False
+) -> tuple[int, list[trio.SocketStream]]:
+    """An app on a free port that answers every request, closing after each unless
+    ``keep``; returns the port and its connections, as they come."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    accepted: list[trio.SocketStream] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        async with stream:
+            while True:
+                try:
+                    await read_until(stream, b"\r\n\r\n")
+                except AssertionError:  # the agent closed it
+                    return
+                await stream.send_all(ok(b"again", *([] if keep else [b"Connection: close"])))
+                if not keep:
+                    return
+
+    await nursery.start(trio.serve_listeners, serve, listeners)
+    return listeners[0].socket.getsockname()[1], accepted
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connects are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_reconnect_connects_the_app_again_as_each_next_request_begins(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        port, accepted = await app_listener(nursery)
+        ends: list[RelayEnd] = []
+
+        async def run() -> None:
+            ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, 5.0)))
+
+        nursery.start_soon(run)
+        await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        await serve_first_then_close(r, b"one")
+        # the app's close is hop-by-hop: the caller is not told, and keeps its connection
+        assert await read_until(r.caller, b"one") == ok(b"one")
+        for n in (2, 3):
+            await r.caller.send_all(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+            assert await read_until(r.caller, b"again") == ok(b"again")
+        assert len(accepted) == 2  # one connect per request, none ahead of one
+        await r.caller.aclose()
+        await wait_until(functools.partial(ended, ends), timeout=5)
+        nursery.cancel_scope.cancel()
+    end = ends[0]
+    assert end.outcome is RelayOutcome.CLOSED
+    # the last connection of its own was closed by the app: nothing to hand back
+    assert (end.upstream_fd, end.upstream_reusable) == (-1, False)
+    assert [record[0] for record in r.records] == [200, 200, 200]
+
+
+async def test_reconnect_hands_a_connection_of_its_own_still_open_to_the_caller(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    async with rig(contexts) as r, trio.open_nursery() as nursery:
+        port, accepted = await app_listener(nursery, keep=True)
+        ends: list[RelayEnd] = []
+
+        async def run() -> None:
+            ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, 5.0)))
+
+        nursery.start_soon(run)
+        await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        await serve_first_then_close(r, b"one")
+        await read_until(r.caller, b"one")
+        await r.caller.send_all(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert await read_until(r.caller, b"again") == ok(b"again")
+        await r.caller.aclose()
+        await wait_until(functools.partial(ended, ends), timeout=5)
+        end = ends[0]
+        assert end.outcome is RelayOutcome.CLOSED and end.upstream_reusable
+        assert end.upstream_fd >= 0
+        # the caller's now: the app's kept connection, ready for another request
+        sock = socket.socket(fileno=end.upstream_fd)
+        sock.setblocking(False)
+        kept = PlainSocketStream(sock)
+        await kept.send_all(b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert await read_until(kept, b"again") == ok(b"again")
+        assert len(accepted) == 1
+        await kept.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("why", ["refused", "timed out"])
+async def test_a_reconnect_that_fails_hands_the_request_back_with_why(
+    contexts: Contexts, pump: NativePump, why: str
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        if why == "refused":
+            port = closed_port()
+        else:
+            port = await stack.enter_async_context(full_backlog())
+        r = await stack.enter_async_context(rig(contexts))
+        nxt = b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"
+        ends: list[RelayEnd] = []
+
+        async def run() -> None:
+            ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, 0.5)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+            await serve_first_then_close(r, b"one")
+            await read_until(r.caller, b"one")  # the next request comes after: it waits
+            await r.caller.send_all(nxt)
+            await wait_until(functools.partial(ended, ends), timeout=5)
+    end = ends[0]
+    assert end.outcome is RelayOutcome.UPSTREAM_SPENT
+    assert end.upstream_error == ("connection refused" if why == "refused" else "timed out")
+    assert end.downstream == nxt  # the request, untouched, for Python to answer
+    assert (end.upstream_fd, end.upstream_reusable) == (-1, False)
+
+
+async def test_a_relay_taken_back_while_it_connects_closes_its_connection(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async with full_backlog() as port, rig(contexts) as r, trio.open_nursery() as nursery:
+        relaying = trio.CancelScope()
+
+        async def run() -> None:
+            with relaying:
+                await r.relay(pump, reconnect=("127.0.0.1", port, 30.0))
+
+        nursery.start_soon(run)
+        await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        await serve_first_then_close(r, b"one")
+        await read_until(r.caller, b"one")
+        before = descriptors()
+        await r.caller.send_all(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+
+        async def connecting() -> bool:  # the relay's own socket, its connect hanging
+            return descriptors() == before + 1
+
+        async def released() -> bool:
+            return descriptors() == before
+
+        await wait_until(connecting, timeout=5)
+        relaying.cancel()  # the relay's task: Engine.remove
+        await wait_until(released, timeout=5)
+
+
+async def test_reconnect_takes_an_ip_address_and_a_plain_upstream(
+    contexts: Contexts, pump: NativePump
+) -> None:
+    for reconnect in [("localhost", 80, 1.0), ("127.0.0.1", 0, 1.0), ("127.0.0.1", 80, 0.0)]:
+        async with rig(contexts) as r:
+            with pytest.raises(NativeRefused):
+                await r.relay(pump, reconnect=reconnect)
