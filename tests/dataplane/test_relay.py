@@ -867,6 +867,24 @@ async def app_listener(
     return listeners[0].socket.getsockname()[1], accepted
 
 
+async def reconnecting(
+    r: Rig, pump: NativePump, nursery: trio.Nursery, port: int, seconds: float = 5.0
+) -> list[RelayEnd]:
+    """Start the relay with reconnect to ``port`` in ``nursery``, and have the rig's app
+    answer the first request and close; returns the list the relay's end goes to."""
+    ends: list[RelayEnd] = []
+
+    async def run() -> None:
+        ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, seconds)))
+
+    nursery.start_soon(run)
+    await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    await serve_first_then_close(r, b"one")
+    # the app's close is hop-by-hop: the caller is not told, and keeps its connection
+    assert await read_until(r.caller, b"one") == ok(b"one")
+    return ends
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (connects are refused)."""
     with socket.socket() as s:
@@ -880,16 +898,7 @@ async def test_reconnect_connects_the_app_again_as_each_next_request_begins(
 ) -> None:
     async with rig(contexts) as r, trio.open_nursery() as nursery:
         port, accepted = await app_listener(nursery)
-        ends: list[RelayEnd] = []
-
-        async def run() -> None:
-            ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, 5.0)))
-
-        nursery.start_soon(run)
-        await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
-        await serve_first_then_close(r, b"one")
-        # the app's close is hop-by-hop: the caller is not told, and keeps its connection
-        assert await read_until(r.caller, b"one") == ok(b"one")
+        ends = await reconnecting(r, pump, nursery, port)
         for n in (2, 3):
             await r.caller.send_all(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
             assert await read_until(r.caller, b"again") == ok(b"again")
@@ -909,15 +918,7 @@ async def test_reconnect_hands_a_connection_of_its_own_still_open_to_the_caller(
 ) -> None:
     async with rig(contexts) as r, trio.open_nursery() as nursery:
         port, accepted = await app_listener(nursery, keep=True)
-        ends: list[RelayEnd] = []
-
-        async def run() -> None:
-            ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, 5.0)))
-
-        nursery.start_soon(run)
-        await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
-        await serve_first_then_close(r, b"one")
-        await read_until(r.caller, b"one")
+        ends = await reconnecting(r, pump, nursery, port)
         await r.caller.send_all(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
         assert await read_until(r.caller, b"again") == ok(b"again")
         await r.caller.aclose()
@@ -947,17 +948,9 @@ async def test_a_reconnect_that_fails_hands_the_request_back_with_why(
             port = await stack.enter_async_context(full_backlog())
         r = await stack.enter_async_context(rig(contexts))
         nxt = b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"
-        ends: list[RelayEnd] = []
-
-        async def run() -> None:
-            ends.append(await r.relay(pump, reconnect=("127.0.0.1", port, 0.5)))
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            await r.caller.send_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
-            await serve_first_then_close(r, b"one")
-            await read_until(r.caller, b"one")  # the next request comes after: it waits
-            await r.caller.send_all(nxt)
+            ends = await reconnecting(r, pump, nursery, port, 0.5)
+            await r.caller.send_all(nxt)  # after the first answer: the relay waits for it
             await wait_until(functools.partial(ended, ends), timeout=5)
     end = ends[0]
     assert end.outcome is RelayOutcome.UPSTREAM_SPENT
