@@ -834,6 +834,41 @@ async def test_an_app_that_closes_after_every_answer_is_connected_again_per_requ
     assert acquires == (1 if pump == "native" else 3)
 
 
+async def test_an_app_gone_after_closing_its_connection_gets_the_next_request_a_502_with_why(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app answers one request, closes, and stops listening: the next request's
+    connect (the C relay's own, or Python's) is refused, and the caller hears why, from
+    that one connect: the relay's failure is the request's try, so decide does not
+    connect again (it is the one that may wait in line: ``wait``)."""
+    decide_acquires = 0
+
+    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
+        nonlocal decide_acquires
+        decide_acquires += wait
+        return await app_acquire(self, wait=wait)
+
+    app_acquire = inbound_side.AppPool.acquire
+    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    app_port = listeners[0].socket.getsockname()[1]
+
+    async def app_once() -> None:
+        async with listeners[0]:
+            stream = await listeners[0].accept()
+        await closing_app([])(stream)
+
+    nursery.start_soon(app_once)
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        assert (await http.get("/1")).status_code == 200
+        response = await http.get("/2")
+    assert response.status_code == 502, response.text
+    assert f"connect app 127.0.0.1:{app_port}: connection refused" in response.text
+    assert decide_acquires == (0 if pump == "native" else 2)
+
+
 async def chunked_app(stream: trio.SocketStream) -> None:
     """Answers each request with a chunked body, keeping the connection."""
     async with stream:
