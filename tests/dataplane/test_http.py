@@ -14,6 +14,7 @@ import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -46,6 +47,7 @@ from tests.support.net import free_port, full_backlog, serve_app, wait_until
 from tests.support.pki import MeshCa, make_ca
 
 MESH = "shop"
+T = TypeVar("T")
 TIMEOUTS = Timeouts(connect_seconds=2, handshake_seconds=2)
 
 
@@ -486,7 +488,7 @@ def pump(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-async def settled(read: Callable[[], object], want: object) -> object:
+async def settled(read: Callable[[], T], want: T) -> T:
     """``read()`` once it equals ``want``, or after 5 s: what the engine did reaches Python
     after the bytes reach the client (relay records in batches, a copy's end when the
     agent's trio loop next runs)."""
@@ -499,7 +501,7 @@ async def settled(read: Callable[[], object], want: object) -> object:
     return read()
 
 
-async def relayed(agent: DataplaneHandle, want: dict[str, int]) -> object:
+async def relayed(agent: DataplaneHandle, want: dict[str, int]) -> dict[str, int]:
     """The exchanges the agent's C relays finished, by status class, once they reach
     ``want`` or after 5 s."""
     pump = agent.context.pump
@@ -507,7 +509,7 @@ async def relayed(agent: DataplaneHandle, want: dict[str, int]) -> object:
     return await settled(lambda: pump.relayed, want)
 
 
-async def copied(agent: DataplaneHandle, want: int) -> object:
+async def copied(agent: DataplaneHandle, want: int) -> int:
     """The body copies the agent's C pump completed, once they reach ``want`` or after 5 s."""
     pump = agent.context.pump
     assert pump is not None
