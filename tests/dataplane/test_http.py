@@ -744,6 +744,20 @@ async def test_a_burst_of_first_requests_starts_at_most_64_handshakes_with_an_en
     assert failures_before.count(0) <= 64, failures_before
 
 
+def count_app_acquires(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Per acquire of an app connection from now on, whether it may wait in line
+    (``decide``'s do, the C relay's ``start``'s do not)."""
+    in_line: list[bool] = []
+    app_acquire = inbound_side.AppPool.acquire
+
+    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
+        in_line.append(wait)
+        return await app_acquire(self, wait=wait)
+
+    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
+    return in_line
+
+
 async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -756,14 +770,7 @@ async def test_a_request_waits_in_line_for_a_busy_app_once_then_gets_503(
     502 at 3 s, or 503 at 2 s when its wait ran out first: either way that request
     would have waited in line once more, which the test counts."""
     monkeypatch.setattr(pool, "MAX_CONNECTING_PER_KEY", 1)
-    in_line: list[bool] = []  # per acquire of an app connection: whether it may wait
-
-    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
-        in_line.append(wait)
-        return await app_acquire(self, wait=wait)
-
-    app_acquire = inbound_side.AppPool.acquire
-    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
+    in_line = count_app_acquires(monkeypatch)
     async with full_backlog() as app_port:
         inbound_port, inbound = await start_app_agent(
             nursery, ca, "orders-a", app_port=app_port,
@@ -808,15 +815,7 @@ async def test_an_app_that_closes_after_every_answer_is_connected_again_per_requ
     as the next request begins (one connection from Python, the first); and not after
     the last request (a connect made ahead held an app connection, or with a hung app
     a connect slot, for no request)."""
-    acquires = 0
-
-    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
-        nonlocal acquires
-        acquires += 1
-        return await app_acquire(self, wait=wait)
-
-    app_acquire = inbound_side.AppPool.acquire
-    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
+    acquires = count_app_acquires(monkeypatch)
     accepted: list[int] = []
     app_port = await nursery.start(serve_app, closing_app(accepted))
     inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
@@ -833,7 +832,7 @@ async def test_an_app_that_closes_after_every_answer_is_connected_again_per_requ
 
     await wait_until(closed, timeout=10)
     assert len(accepted) == 3
-    assert acquires == (1 if pump == "native" else 3)
+    assert len(acquires) == (1 if pump == "native" else 3)
 
 
 async def test_an_app_gone_after_closing_its_connection_gets_the_next_request_a_502_with_why(
@@ -843,15 +842,7 @@ async def test_an_app_gone_after_closing_its_connection_gets_the_next_request_a_
     connect (the C relay's own, or Python's) is refused, and the caller hears why, from
     that one connect: the relay's failure is the request's try, so decide does not
     connect again (it is the one that may wait in line: ``wait``)."""
-    decide_acquires = 0
-
-    async def acquire(self: inbound_side.AppPool, *, wait: bool = True) -> tuple[Upstream, bool]:
-        nonlocal decide_acquires
-        decide_acquires += wait
-        return await app_acquire(self, wait=wait)
-
-    app_acquire = inbound_side.AppPool.acquire
-    monkeypatch.setattr(inbound_side.AppPool, "acquire", acquire)
+    in_line = count_app_acquires(monkeypatch)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     app_port = listeners[0].socket.getsockname()[1]
 
@@ -868,7 +859,7 @@ async def test_an_app_gone_after_closing_its_connection_gets_the_next_request_a_
         response = await http.get("/2")
     assert response.status_code == 502, response.text
     assert f"connect app 127.0.0.1:{app_port}: connection refused" in response.text
-    assert decide_acquires == (0 if pump == "native" else 2)
+    assert in_line.count(True) == (0 if pump == "native" else 2)
 
 
 async def chunked_app(stream: trio.SocketStream) -> None:
