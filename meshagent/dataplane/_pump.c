@@ -1656,14 +1656,18 @@ static void release_buffers(relay_t *r) {
     }
 }
 
+/* relay_reconnect's connect is no longer in progress (done, failed, or let go). */
+static void connect_over(Engine *eng, relay_t *r) {
+    if (!r->connecting) return;
+    r->connecting = 0;
+    eng->connecting--;
+}
+
 /* The connect of relay_reconnect failed (errno e, or 0: timed out): the request goes to
  * Python with why, which answers 502 with it (http_proxy: the relay's connect_failed). */
 static int relay_connect_failed(Engine *eng, conn_t *c, int e) {
     relay_t *r = c->relay;
-    if (r->connecting) {
-        r->connecting = 0;
-        eng->connecting--;
-    }
+    connect_over(eng, r);
     char why[128];
     if (e == 0) {
         snprintf(why, sizeof why, "timed out"); /* as Python's connect says it */
@@ -1731,8 +1735,7 @@ static int relay_reconnect(Engine *eng, conn_t *c, error_t_ *err) {
     socklen_t len = sizeof e;
     if (getsockopt(c->b.fd, SOL_SOCKET, SO_ERROR, &e, &len) != 0) e = errno;
     if (e != 0) return relay_connect_failed(eng, c, e);
-    r->connecting = 0;
-    eng->connecting--;
+    connect_over(eng, r);
     r->spent = 0;
     r->up_keep = 1;
     c->b.rd = c->b.wr = 1; /* try first, as for any side */
@@ -2044,10 +2047,7 @@ static void relay_drop_next(relay_t *r) {
  * no end: an error, remove()). */
 static void relay_let_go(Engine *eng, conn_t *c) {
     relay_t *r = c->relay;
-    if (r->connecting) {
-        r->connecting = 0;
-        eng->connecting--;
-    }
+    connect_over(eng, r);
     if (r->spent || r->outcome == 0) relay_close_own(c);
 }
 
