@@ -115,6 +115,8 @@ class AppPool:
         self.listener = listener
         self.ctx = ctx
         self.pool = ConnectionPool(self._connect)
+        # the C relay connects an app by IP address only (a name needs the resolver)
+        self.by_address = _is_ip_address(listener.app_host)
 
     async def _connect(self, key: Hashable) -> Upstream:
         seconds = self.ctx.source.current.timeouts.connect_seconds
@@ -214,11 +216,9 @@ class _AppReconnect:
         self._failure = failure
 
     def address(self) -> tuple[str, int, float] | None:
-        listener = self._app.listener
-        try:
-            ipaddress.ip_address(listener.app_host)
-        except ValueError:  # a name: the relay ends, start connects through the resolver
+        if not self._app.by_address:  # a name: the relay ends, start connects (resolver)
             return None
+        listener = self._app.listener
         seconds = self._app.ctx.source.current.timeouts.connect_seconds
         return listener.app_host, listener.app_port, seconds
 
@@ -233,6 +233,14 @@ class _AppReconnect:
         what = f"connect app {listener.app_host}:{listener.app_port}: {why}"
         error = UpstreamTimeout(what) if why == "timed out" else UpstreamConnectError(what)
         self._failure.record("app", error)
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def _deny_http(
