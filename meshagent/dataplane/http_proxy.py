@@ -181,8 +181,9 @@ class _Reader:
 
     async def wait_for_bytes(self) -> None:
         """Return once the next request has begun to arrive (or the stream ended): the
-        wait between keep-alive requests, which has no deadline of its own."""
-        if not self._pending and not self.eof:
+        wait between keep-alive requests, which has no deadline of its own. Bytes of it
+        read already (a part of a head) end the wait: the head's deadline runs then."""
+        if not self._pending and not self.eof and self.at_rest():
             await self.receive()
 
     async def receive(self) -> None:
@@ -493,6 +494,13 @@ class _Relaying:
         ``Forward.resumed`` set; its upstream is the caller's to release)."""
         relay, initial = self.relay, b""
         while True:
+            if not initial:
+                # Start (connect, for an app with keep-alive off) for the next request
+                # once it begins, not ahead of it: an idle caller would hold an upstream
+                # connection, or with a hung app a connect slot, for no request.
+                initial = await self._next_bytes(downstream)
+                if not initial:
+                    return None  # closed, drained, or idle for good
             down_end = stream_end(downstream)
             session = None if down_end is None else await relay.start(None)
             if down_end is None or session is None:
@@ -531,25 +539,20 @@ class _Relaying:
                 assert relay.reconnect is not None  # its connect failed: decide answers
                 relay.reconnect.failed(end.upstream_error)
                 return _Reader.requests(downstream, end.downstream), None
-            if outcome is RelayOutcome.UPSTREAM_SPENT and not end.downstream:
-                # The upstream closed (an app answering Connection: close): connect again
-                # for the next request once it comes, not ahead of it (an idle caller
-                # would hold an app connection, or a connect slot of a hung app).
-                initial = await self._next_bytes(downstream)
-                if not initial:
-                    return None  # closed, drained, or idle for good
-                continue
             if outcome in (RelayOutcome.UPSTREAM_SPENT, RelayOutcome.RENEW):
-                initial = end.downstream  # the next request: another upstream, or decision
+                # the next request (its first bytes, if any came): another upstream, or
+                # decision; an upstream that closed (an app answering Connection: close)
+                # is connected again once that request begins
+                initial = end.downstream
                 continue
             if outcome is RelayOutcome.HEAD_TIMEOUT:
                 text = f"the request head did not arrive within {self.head_seconds}s"
                 await _send_quietly(downstream, error_response(408, text))
                 log.info("request timeout", status=408, **self.log_fields)
                 return None
-            if outcome is not RelayOutcome.IDLE or not await self._next_request(downstream):
-                return None  # closed, drained, Connection: close, or idle for good
-            initial = b""
+            if outcome is not RelayOutcome.IDLE:
+                return None  # closed, drained, or Connection: close
+            initial = b""  # idle through the relay's hold: wait on, without an upstream
 
     async def _relay(
         self, down_end: End, up_end: End, sessions: _Sessions, initial: bytes
@@ -584,8 +587,9 @@ class _Relaying:
         )
 
     async def _next_bytes(self, downstream: Stream) -> bytes:
-        """The next request's first bytes, read as ``_next_request`` waits for them;
-        b"" when none came (or the caller closed or broke the connection meanwhile)."""
+        """The next request's first bytes, waited for as long as the connection's idle
+        time; b"" when none came (or the caller closed or broke the connection, a drain
+        began, or the listener reached its connection limit meanwhile)."""
         with trio.move_on_after(self.idle_seconds) as waiting, self.drain.idle(
             waiting, self.listener
         ):
@@ -594,16 +598,6 @@ class _Relaying:
             except trio.BrokenResourceError:  # as the relay's CLOSED: a caller's end
                 return b""
         return b""
-
-    async def _next_request(self, downstream: Stream) -> bool:
-        """After the relay's hold: wait (without reading) for the next request's bytes,
-        as long as the connection's idle time; False when none came (or a drain, or the
-        listener at its limit, ended the wait)."""
-        with trio.move_on_after(self.idle_seconds) as waiting, self.drain.idle(
-            waiting, self.listener
-        ):
-            await downstream.wait_readable()  # type: ignore[attr-defined]
-        return not waiting.cancelled_caught
 
 
 class _Sessions:

@@ -835,6 +835,72 @@ async def test_an_app_that_closes_after_every_answer_is_connected_again_per_requ
     assert len(acquires) == (1 if pump == "native" else 3)
 
 
+async def read_ok(stream: trio.SocketStream) -> bytes:
+    """One answer of ``closing_app`` as it reaches the caller (its body is ``ok``)."""
+    answer = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"ok"):
+            data = await stream.receive_some(4096)
+            assert data, answer
+            answer += data
+    return answer
+
+
+async def settled_agents() -> None:
+    """Until every task of the test (both agents, the app) has waited for a moment:
+    what a connection's arrival sets off has run by then."""
+    with trio.fail_after(10):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+
+
+async def test_a_client_that_connects_and_sends_nothing_holds_no_connection_past_its_agent(
+    nursery: trio.Nursery, ca: MeshCa, pump: str
+) -> None:
+    """A caller's connection that carries no request yet (a preconnect, a TCP probe)
+    takes no connection to the other agent, nor that agent one to its app: an upstream
+    is taken as a request's first bytes come, not when the connection does."""
+    accepted: list[int] = []
+    app_port = await nursery.start(serve_app, closing_app(accepted))
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    async with await trio.open_tcp_stream("127.0.0.1", web_port) as stream:
+
+        async def taken() -> bool:
+            return web.context.counters.active == 1
+
+        await wait_until(taken, timeout=10)
+        await settled_agents()
+        assert (inbound.context.counters.accepted, len(accepted)) == (0, 0)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await read_ok(stream)).startswith(b"HTTP/1.1 200 ")
+    assert (inbound.context.counters.accepted, len(accepted)) == (1, 1)
+
+
+async def test_after_a_request_served_in_python_the_next_upstream_waits_for_the_next_request(
+    nursery: trio.Nursery, ca: MeshCa, pump: str
+) -> None:
+    """A chunked request is one the C relay hands to Python, on both agents. After it
+    the relay takes over again, but connects the app (here one that closes after every
+    answer) only as the next request begins: one app connection per request, none
+    after the last."""
+    accepted: list[int] = []
+    app_port = await nursery.start(serve_app, closing_app(accepted))
+    inbound_port, _ = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with await trio.open_tcp_stream("127.0.0.1", web_port) as stream:
+        await stream.send_all(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\n"
+        )
+        assert (await read_ok(stream)).startswith(b"HTTP/1.1 200 ")
+        await settled_agents()
+        assert len(accepted) == 1
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await read_ok(stream)).startswith(b"HTTP/1.1 200 ")
+        await settled_agents()
+        assert len(accepted) == 2
+
+
 async def test_an_app_gone_after_closing_its_connection_gets_the_next_request_a_502_with_why(
     nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
