@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import socket
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import trio
 
@@ -267,14 +268,8 @@ async def handle_http_outbound(
             503, f"{backend.label()}: {len(tried)} endpoint(s) failed or busy, last: {last}", labels
         )
 
-    async def start(current: RelaySession | None) -> RelaySession | None:
-        """Where the C relay sends the next block of requests (RELAY_REQUESTS,
-        RELAY_SECONDS): what decide would choose for every one of them (``current``
-        itself when that is where it goes now: one endpoint, say), or None when that
-        depends on the request or needs Python (retries, timeouts, no endpoint, a
-        failed connect, which decide then counts as its first try)."""
-        start_failure.clear()
-        snapshot = ctx.source.current
+    def relay_choice(snapshot: Snapshot) -> _RelayChoice | None:
+        """Where every request of the next block goes, or None (see ``start``)."""
         rule = state.relay_rule(snapshot)
         if rule is None:
             return None
@@ -298,8 +293,40 @@ async def handle_http_outbound(
             "endpoint": endpoint.address,
         }
         forwarded_for = FORWARDED_FOR + b": " + client_ip + b"\r\n"
+        return _RelayChoice(snapshot, endpoint, labels, forwarded_for)
+
+    # A choice that found no idle connection (``start``'s ``connect`` False), kept for
+    # the start as the request begins: a request's backend and endpoint are drawn once.
+    # Drawn again, they would lean to those with idle connections (a canary's weight
+    # bent toward the warm backend, round robin stuck on the endpoint after a cold one).
+    kept: _RelayChoice | None = None
+
+    async def start(current: RelaySession | None, *, connect: bool = True) -> RelaySession | None:
+        """Where the C relay sends the next block of requests (RELAY_REQUESTS,
+        RELAY_SECONDS): what decide would choose for every one of them (``current``
+        itself when that is where it goes now: one endpoint, say), or None when that
+        depends on the request or needs Python (retries, timeouts, no endpoint, a
+        failed connect, which decide then counts as its first try); with ``connect``
+        False, None too when the endpoint has no idle pooled connection."""
+        nonlocal kept
+        start_failure.clear()
+        snapshot = ctx.source.current
+        choice, kept = kept, None
+        if choice is None or choice.snapshot is not snapshot:
+            choice = relay_choice(snapshot)
+            if choice is None:
+                return None
+        endpoint, labels, forwarded_for = choice.endpoint, choice.labels, choice.add
         if current is not None and current.same(endpoint, labels, forwarded_for):
             return current  # the relay keeps its upstream: no pool round trip
+        if not connect:
+            idle = state.pool.take(endpoint)
+            if idle is None:
+                kept = choice  # connected once the request begins
+                return None
+            return RelaySession(
+                idle, state.pool.releaser(endpoint, idle), labels, forwarded_for, endpoint
+            )
         # Not in line: when the endpoint is busy the request waits in decide, once.
         upstream = await state.connect(endpoint, fields, wait=False)
         if isinstance(upstream, PoolTimeout):
@@ -341,6 +368,17 @@ async def handle_http_outbound(
             )
         finally:
             downstream.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _RelayChoice:
+    """What an outbound's relay start chose: from ``snapshot``, the endpoint, the
+    labels its requests are counted with, and the field line added to each."""
+
+    snapshot: Snapshot
+    endpoint: Endpoint
+    labels: dict[str, str]
+    add: bytes
 
 
 def _rewrite(target: bytes, path: str, rule: RouteRule) -> bytes:

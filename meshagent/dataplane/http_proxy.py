@@ -293,7 +293,7 @@ class Relay:
     for the next block, with nothing to switch or give back; ``on_records`` is told
     how many requests the relay served, batch by batch."""
 
-    start: Callable[[RelaySession | None], Awaitable[RelaySession | None]]
+    start: Start
     drop: tuple[bytes, ...] = ()
     refuse: tuple[bytes, ...] = ()
     gen_ids: bool = False
@@ -301,6 +301,16 @@ class Relay:
     max_seconds: float = 0
     on_records: Callable[[int], None] | None = None
     reconnect: Reconnect | None = None
+
+
+class Start(Protocol):
+    """``Relay.start``. With ``connect`` False, only an idle pooled upstream will do
+    (None when there is none): a request boundary with no bytes of the next request
+    yet takes one of those at once, and connects only once the request begins."""
+
+    def __call__(
+        self, current: RelaySession | None, *, connect: bool = True
+    ) -> Awaitable[RelaySession | None]: ...
 
 
 class Reconnect(Protocol):
@@ -492,17 +502,25 @@ class _Relaying:
         done; else the reader Python serves the next request from, and, when the relay
         handed an exchange back after its request went up, that exchange (its
         ``Forward.resumed`` set; its upstream is the caller's to release)."""
-        relay, initial = self.relay, b""
+        relay, initial, ahead = self.relay, b"", True
         while True:
-            if not initial:
-                # Start (connect, for an app with keep-alive off) for the next request
-                # once it begins, not ahead of it: an idle caller would hold an upstream
-                # connection, or with a hung app a connect slot, for no request.
-                initial = await self._next_bytes(downstream)
-                if not initial:
-                    return None  # closed, drained, or idle for good
             down_end = stream_end(downstream)
-            session = None if down_end is None else await relay.start(None)
+            session = None
+            if down_end is not None and not initial and ahead:
+                # The next request is likely on its way (a new connection, or one whose
+                # last request Python served): an idle pooled upstream is taken now.
+                session = await relay.start(None, connect=False)
+            if session is None:
+                if not initial:
+                    # A new connection (to the other agent, or to an app with keep-alive
+                    # off) waits for the request: an idle caller would hold one, or with
+                    # a hung app a connect slot, for no request.
+                    initial = await self._next_bytes(downstream)
+                    if not initial:
+                        return None  # closed, drained, or idle for good
+                if down_end is not None:
+                    session = await relay.start(None)
+            ahead = True
             if down_end is None or session is None:
                 return _Reader.requests(downstream, initial), None
             up_end = stream_end(session.upstream)
@@ -552,7 +570,9 @@ class _Relaying:
                 return None
             if outcome is not RelayOutcome.IDLE:
                 return None  # closed, drained, or Connection: close
-            initial = b""  # idle through the relay's hold: wait on, without an upstream
+            # Idle through the relay's hold: wait on without an upstream (one taken
+            # again at once would be held for nothing, hold after hold).
+            initial, ahead = b"", False
 
     async def _relay(
         self, down_end: End, up_end: End, sessions: _Sessions, initial: bytes

@@ -129,6 +129,10 @@ class AppPool:
         seconds = self.ctx.source.current.timeouts.connect_seconds if wait else 0.0
         return await self.pool.acquire("app", wait_seconds=seconds)
 
+    def idle(self) -> Upstream | None:
+        """An idle pooled connection to the app, or None: no connect, no wait."""
+        return self.pool.take("app")
+
     def releaser(self, upstream: Upstream) -> Release:
         """What gives ``upstream`` back after a request: to the pool, or closed."""
         return self.pool.releaser("app", upstream)
@@ -175,8 +179,13 @@ async def _serve_app_http(
     # The C relay makes of a plain request what decide does: mesh_request_headers.
     add = b"" if source is None else SOURCE_HEADER + b": " + source.encode() + b"\r\n"
 
-    async def start(current: RelaySession | None) -> RelaySession | None:
+    async def start(current: RelaySession | None, *, connect: bool = True) -> RelaySession | None:
         start_failure.clear()
+        if not connect:
+            idle = app.idle()
+            if idle is None:
+                return None  # connected once the request begins
+            return RelaySession(idle, app.releaser(idle), base_labels(), add)
         try:
             # Not in line: when the app is busy the request waits in decide, once.
             upstream, _ = await app.acquire(wait=False)

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from meshagent import log
-from meshagent.dataplane import http_outbound, pool
+from meshagent.dataplane import http_outbound, http_proxy, pool
 from meshagent.dataplane import inbound as inbound_side
 from meshagent.dataplane.connection import HttpStats
 from meshagent.dataplane.nativepump import ENV_SWITCH
@@ -630,6 +630,22 @@ async def test_the_outbound_relay_chooses_the_endpoint_again_every_relay_request
     assert await relayed(web, {"2xx": len(apps)}) == {"2xx": len(apps)}
 
 
+async def test_new_client_connections_take_their_turns_of_the_round_robin_cold_or_warm(
+    nursery: trio.Nursery, ca: MeshCa, pump: str
+) -> None:
+    """Each new client connection's first start looks for an idle connection to the
+    endpoint it chose; finding none, the choice is kept for when the request comes
+    (chosen again, round robin would skip the cold endpoint every time: all to one)."""
+    a_port, _ = await start_app_agent(nursery, ca, "orders-a")
+    b_port, _ = await start_app_agent(nursery, ca, "orders-b")
+    web_port, _ = await start_web(nursery, ca, [ep(a_port), ep(b_port)])
+    apps = []
+    for n in range(6):  # the first two find both endpoints cold, the others warm
+        async with client(web_port) as http:
+            apps.append((await http.get(f"/{n}", headers={"Connection": "close"})).json()["app"])
+    assert Counter(apps) == {"orders-a": 3, "orders-b": 3}, apps
+
+
 async def test_the_outbound_relay_chooses_again_after_relay_seconds(
     nursery: trio.Nursery, ca: MeshCa, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -857,8 +873,9 @@ async def test_a_client_that_connects_and_sends_nothing_holds_no_connection_past
     nursery: trio.Nursery, ca: MeshCa, pump: str
 ) -> None:
     """A caller's connection that carries no request yet (a preconnect, a TCP probe)
-    takes no connection to the other agent, nor that agent one to its app: an upstream
-    is taken as a request's first bytes come, not when the connection does."""
+    opens no connection to the other agent, nor that agent one to its app: a new
+    upstream connection is made as a request's first bytes come, not when the
+    connection does."""
     accepted: list[int] = []
     app_port = await nursery.start(serve_app, closing_app(accepted))
     inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a", app_port=app_port)
@@ -874,6 +891,56 @@ async def test_a_client_that_connects_and_sends_nothing_holds_no_connection_past
         await stream.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (await read_ok(stream)).startswith(b"HTTP/1.1 200 ")
     assert (inbound.context.counters.accepted, len(accepted)) == (1, 1)
+
+
+async def test_a_new_client_connection_takes_an_idle_pooled_connection_before_its_request(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an idle connection to the other agent in the pool, a new client connection
+    takes it at once, while its request is on its way (a new connection would wait
+    for the request); the request then goes on it: one connection between the agents
+    in all."""
+    taken: list[bool] = []  # per pool take from now on: whether one was idle
+    pool_take = pool.ConnectionPool.take
+
+    def take(self: pool.ConnectionPool, key: object) -> Upstream | None:
+        stream = pool_take(self, key)
+        taken.append(stream is not None)
+        return stream
+
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a")
+    web_port, web = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:  # leaves one idle connection to the inbound
+        assert (await http.get("/1")).status_code == 200
+
+    async def closed() -> bool:
+        return web.context.counters.active == 0
+
+    await wait_until(closed, timeout=10)
+    monkeypatch.setattr(pool.ConnectionPool, "take", take)
+    async with await trio.open_tcp_stream("127.0.0.1", web_port) as stream:
+        await settled_agents()
+        assert taken.count(True) == (1 if pump == "native" else 0), taken
+        await stream.send_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+    assert inbound.context.counters.accepted == 1
+
+
+async def test_a_connection_idle_past_the_relay_s_hold_leaves_its_upstream_in_the_pool(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the relay's hold (lowered to 50 ms) an idle connection gives its upstream
+    back, and does not take it again until a request comes: taken at once, it would be
+    held through hold after hold, the agents never at rest."""
+    monkeypatch.setattr(http_proxy, "RELAY_HOLD_SECONDS", 0.05)
+    inbound_port, inbound = await start_app_agent(nursery, ca, "orders-a")
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        assert (await http.get("/1")).status_code == 200
+        await settled_agents()  # never, were the holds to follow each other
+        assert (await http.get("/2")).status_code == 200
+    assert inbound.context.counters.accepted == 1
 
 
 async def test_after_a_request_served_in_python_the_next_upstream_waits_for_the_next_request(

@@ -687,7 +687,7 @@ async def test_an_outbound_s_sessions_end_the_relay_when_its_next_upstream_is_re
 
     async with rig(contexts) as r, trio.open_nursery() as nursery:
 
-        async def start(current: RelaySession | None) -> RelaySession:
+        async def start(current: RelaySession | None, *, connect: bool = True) -> RelaySession:
             return session("again", r.up)  # its descriptor is the current upstream's
 
         sessions = _Sessions(Relay(start, max_requests=1), session("first", r.up))
@@ -713,7 +713,9 @@ async def test_an_outbound_s_sessions_keep_an_upstream_chosen_again(
     async with rig(contexts) as r, trio.open_nursery() as nursery:
         first = RelaySession(r.up, release, {"endpoint": "first"}, ADD)
 
-        async def start(current: RelaySession | None) -> RelaySession | None:
+        async def start(
+            current: RelaySession | None, *, connect: bool = True
+        ) -> RelaySession | None:
             asked.append(current)
             return current
 
