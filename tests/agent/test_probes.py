@@ -14,7 +14,7 @@ from meshagent.agent.probes import ProbeResult, probe_app
 from meshagent.config.agent import HealthSettings, InboundSettings
 from meshagent.config.load import Duration
 from meshagent.demo.ports import free_port
-from tests.support.net import serve_app
+from tests.support.net import read_head, serve_app
 
 
 def _inbound(app_port: int = 1, **health: object) -> InboundSettings:
@@ -33,13 +33,10 @@ async def _serve(
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                head += chunk
-            requests.append(head)
+            request = await read_head(stream)
+            if request is None:
+                return
+            requests.append(request[0])
             if reply is None:
                 await trio.sleep_forever()
             await stream.send_all(reply)

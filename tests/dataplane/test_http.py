@@ -43,7 +43,7 @@ from meshagent.snapshot.model import (
 from tests.dataplane.test_proxy import StaticSource
 from tests.support.http_app import serve_http_app
 from tests.support.logs import captured_log
-from tests.support.net import free_port, full_backlog, serve_app, wait_until
+from tests.support.net import free_port, full_backlog, read_head, serve_app, wait_until
 from tests.support.pki import MeshCa, make_ca
 
 MESH = "shop"
@@ -443,13 +443,8 @@ async def raw_bodies_app(stream: trio.SocketStream) -> None:
 async def _serve_raw_bodies(stream: trio.SocketStream) -> None:
     buffered = b""
     async with stream:
-        while True:
-            while b"\r\n\r\n" not in buffered:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buffered += data
-            head, buffered = buffered.split(b"\r\n\r\n", 1)
+        while (request := await read_head(stream, buffered, 65536)) is not None:
+            head, buffered = request
             target = head.split(b" ")[1].decode()
             if head.startswith(b"POST"):
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -810,12 +805,8 @@ def closing_app(accepted: list[int]) -> Callable[[trio.SocketStream], Awaitable[
     async def serve(stream: trio.SocketStream) -> None:
         accepted.append(1)
         async with stream:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                head += data
+            if await read_head(stream) is None:
+                return
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
             )
@@ -999,13 +990,8 @@ async def chunked_app(stream: trio.SocketStream) -> None:
     """Answers each request with a chunked body, keeping the connection."""
     async with stream:
         buffered = b""
-        while True:
-            while b"\r\n\r\n" not in buffered:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                buffered += data
-            buffered = buffered.split(b"\r\n\r\n", 1)[1]
+        while (request := await read_head(stream, buffered)) is not None:
+            buffered = request[1]
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
             )

@@ -12,8 +12,8 @@ from meshagent.dataplane.plainsocket import PlainSocketStream
 from meshagent.demo.ports import free_port
 
 __all__ = [
-    "free_port", "full_backlog", "plain_stream", "round_trip", "serve_app", "serve_echo",
-    "take_socket", "wait_until",
+    "free_port", "full_backlog", "plain_stream", "read_head", "round_trip", "serve_app",
+    "serve_echo", "take_socket", "wait_until",
 ]
 
 
@@ -91,6 +91,21 @@ async def wait_until(
     with trio.fail_after(timeout):
         while not await predicate():
             await trio.sleep(interval)
+
+
+async def read_head(
+    stream: trio.abc.ReceiveStream, buffered: bytes = b"", chunk: int = 4096
+) -> tuple[bytes, bytes] | None:
+    """What a test app reads of an HTTP message: from ``buffered`` on, until a head is
+    whole, (the head with its blank line, the bytes after it); None when the stream
+    ended first."""
+    while b"\r\n\r\n" not in buffered:
+        data = await stream.receive_some(chunk)
+        if not data:
+            return None
+        buffered += data
+    end = buffered.index(b"\r\n\r\n") + 4
+    return buffered[:end], buffered[end:]
 
 
 async def round_trip(host: str, port: int, payload: bytes, *, timeout: float = 10) -> bytes:
