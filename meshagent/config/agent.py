@@ -10,7 +10,6 @@ Every key is documented once, with its default, in ``examples/agent.toml``.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from pathlib import Path
 from typing import Literal
@@ -24,6 +23,7 @@ from meshagent.snapshot.model import (
     OutboundListener,
     Snapshot,
     Timeouts,
+    is_ip_address,
 )
 
 CENTRAL_DIR = "central"
@@ -220,23 +220,15 @@ def _is_name(text: str) -> bool:
     )
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def validate_agent(config: AgentConfig) -> list[str]:
     """Return every meaning-level problem, each as ``key: what is wrong — fix``."""
     problems: list[str] = []
     name_rule = "use lowercase letters, digits and '-' (at most 63)"
     if not _is_name(config.mesh):
         problems.append(f"mesh: {config.mesh!r} is not a valid name; {name_rule}")
-    if not _is_ip(config.address):
+    if not is_ip_address(config.address):
         problems.append(f"address: {config.address!r} is not an IP address")
-    if config.bind is not None and not _is_ip(config.bind):
+    if config.bind is not None and not is_ip_address(config.bind):
         problems.append(f"bind: {config.bind!r} is not an IP address")
     if config.central is not None:
         problems += _central_problems(config)
@@ -267,7 +259,7 @@ def validate_agent(config: AgentConfig) -> list[str]:
             problems.append(f"{key}.service: {inbound.service!r} is listed twice")
         services.add(inbound.service)
         bind = config.inbound_bind(inbound)
-        if inbound.bind is not None and not _is_ip(inbound.bind):
+        if inbound.bind is not None and not is_ip_address(inbound.bind):
             problems.append(f"{key}.bind: {inbound.bind!r} is not an IP address")
         claim(f"{key}.port", bind, inbound.port)
         if not 1 <= inbound.app_port <= 65535:
@@ -285,7 +277,7 @@ def validate_agent(config: AgentConfig) -> list[str]:
         key = f"outbound[{n}]"
         if not _is_name(outbound.service):
             problems.append(f"{key}.service: {outbound.service!r} is not a valid name; {name_rule}")
-        if not _is_ip(outbound.bind):
+        if not is_ip_address(outbound.bind):
             problems.append(f"{key}.bind: {outbound.bind!r} is not an IP address")
         claim(f"{key}.port", outbound.bind, outbound.port)
         source = config.outbound_source(outbound)
@@ -301,7 +293,8 @@ def validate_agent(config: AgentConfig) -> list[str]:
         for m, item in enumerate(outbound.endpoints):
             text = item if isinstance(item, str) else item.address
             host, sep, port = text.rpartition(":")
-            if not sep or not _is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
+            good_port = port.isdigit() and 0 < int(port) < 65536
+            if not sep or not is_ip_address(host) or not good_port:
                 problems.append(f"{key}.endpoints[{m}]: {text!r} is not host:port (IP address)")
         if not outbound.endpoints and config.consul is None and config.central is None:
             problems.append(
@@ -313,7 +306,7 @@ def validate_agent(config: AgentConfig) -> list[str]:
         problems += _unix_admin_problems(config.admin)
     elif config.admin:
         host, sep, port = config.admin.rpartition(":")
-        if not sep or not _is_ip(host) or not port.isdigit() or not 0 <= int(port) < 65536:
+        if not sep or not is_ip_address(host) or not port.isdigit() or not 0 <= int(port) < 65536:
             problems.append(
                 f"admin: {config.admin!r} is not ip:port or unix:/absolute/path "
                 '("" turns it off)'

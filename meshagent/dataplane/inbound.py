@@ -14,7 +14,6 @@ A TCP caller that speaks ``meshagent/2`` keeps its connection for its next strea
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from collections.abc import Hashable
@@ -64,7 +63,7 @@ from meshagent.protocol.detect import Detected, detect
 from meshagent.protocol.frames import ALPN, ALPN_STREAMS, OPEN, OPENED_FRAME
 from meshagent.protocol.headers import get_header
 from meshagent.protocol.http1 import RequestHead
-from meshagent.snapshot.model import InboundListener, Snapshot
+from meshagent.snapshot.model import InboundListener, Snapshot, is_ip_address
 
 log = get_logger("inbound")
 
@@ -116,7 +115,7 @@ class AppPool:
         self.ctx = ctx
         self.pool = ConnectionPool(self._connect)
         # the C relay connects an app by IP address only (a name needs the resolver)
-        self.by_address = _is_ip_address(listener.app_host)
+        self.by_address = is_ip_address(listener.app_host)
 
     async def _connect(self, key: Hashable) -> Upstream:
         seconds = self.ctx.source.current.timeouts.connect_seconds
@@ -242,14 +241,6 @@ class _AppReconnect:
         what = f"connect app {listener.app_host}:{listener.app_port}: {why}"
         error = UpstreamTimeout(what) if why == "timed out" else UpstreamConnectError(what)
         self._failure.record("app", error)
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def _deny_http(

@@ -9,6 +9,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 import msgspec
@@ -17,6 +18,17 @@ SCHEMA_VERSION = 1
 
 Protocol = Literal["tcp", "http"]
 MtlsMode = Literal["strict", "permissive", "off"]
+
+
+def is_ip_address(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (not a name): what the agent's
+    configuration requires of a bind or an endpoint's host, and what lets the data
+    path connect an app's host without the resolver."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
