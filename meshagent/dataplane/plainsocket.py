@@ -166,11 +166,6 @@ class PlainSocketStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._wait(trio.lowlevel.wait_writable)
 
-    async def wait_readable(self) -> None:
-        """Return once a receive would not wait (bytes, end of stream or an error),
-        reading nothing. A cancel point."""
-        await self._wait(trio.lowlevel.wait_readable)
-
     async def send_eof(self) -> None:
         """Half-close: a FIN to the peer (again: nothing). A cancel point."""
         await trio.lowlevel.checkpoint()

@@ -228,16 +228,6 @@ class SslSocketStream(trio.abc.Stream):
             return True
         return True
 
-    async def wait_readable(self) -> None:
-        """Return once a receive might not wait (plaintext buffered in OpenSSL, or bytes
-        on the socket, which may turn out to be no plaintext), reading nothing. A cancel
-        point."""
-        self._check_open()
-        if self._sock.pending():
-            await trio.lowlevel.checkpoint()
-            return
-        await self._wait_readable()
-
     # -- handshake ---------------------------------------------------------------------
 
     async def do_handshake(self) -> None:
