@@ -40,26 +40,25 @@ class ProbeResult:
     output: str
 
 
-async def probe_app(inbound: InboundSettings, *, app_host: str = "127.0.0.1") -> ProbeResult:
+async def probe_app(inbound: InboundSettings) -> ProbeResult:
     """Run the inbound's configured health probes against its app. Cancel point.
 
     Args:
-        inbound: the inbound whose ``app_port`` and ``health`` settings to use.
-        app_host: where the app listens.
+        inbound: the inbound whose ``app_host``, ``app_port`` and ``health`` settings
+            to use.
 
     Returns:
         healthy when every configured probe passed (or none is configured); the output
         lists what passed, or names the first probe that failed and why.
     """
     health = inbound.health
+    app = _host_port(inbound)
     probes: list[tuple[str, Callable[[], Awaitable[str]]]] = []
     if health.tcp:
-        probes.append((f"tcp {app_host}:{inbound.app_port}", lambda: _tcp(app_host, inbound)))
+        probes.append((f"tcp {app}", lambda: _tcp(inbound)))
     if health.http is not None:
         path = health.http
-        probes.append(
-            (f"http {app_host}:{inbound.app_port}{path}", lambda: _http(app_host, inbound, path))
-        )
+        probes.append((f"http {app}{path}", lambda: _http(inbound, path)))
     if health.pidfile is not None:
         pidfile = health.pidfile
         probes.append((f"pidfile {pidfile}", lambda: _pidfile(pidfile)))
@@ -112,19 +111,25 @@ class _ProbeFailed(Exception):
     """A probe ran and the app failed it; ``str()`` says why."""
 
 
-async def _tcp(host: str, inbound: InboundSettings) -> str:
-    stream = await trio.open_tcp_stream(host, inbound.app_port)
+def _host_port(inbound: InboundSettings) -> str:
+    """``host:port`` of the inbound's app, an IPv6 address in brackets (a Host field)."""
+    host = inbound.app_host
+    return f"[{host}]:{inbound.app_port}" if ":" in host else f"{host}:{inbound.app_port}"
+
+
+async def _tcp(inbound: InboundSettings) -> str:
+    stream = await trio.open_tcp_stream(inbound.app_host, inbound.app_port)
     await stream.aclose()
     return "connected"
 
 
-async def _http(host: str, inbound: InboundSettings, path: str) -> str:
+async def _http(inbound: InboundSettings, path: str) -> str:
     """One HTTP/1.1 GET; only the status line is read."""
     request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{inbound.app_port}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {_host_port(inbound)}\r\n"
         "User-Agent: meshagent-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     ).encode("latin-1")
-    stream = await trio.open_tcp_stream(host, inbound.app_port)
+    stream = await trio.open_tcp_stream(inbound.app_host, inbound.app_port)
     async with stream:
         await stream.send_all(request)
         received = b""

@@ -10,6 +10,7 @@ Every key is documented once, with its default, in ``examples/agent.toml``.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Literal
@@ -91,6 +92,9 @@ class InboundSettings(_Strict, frozen=True, kw_only=True):
     service: str
     port: int
     app_port: int
+    # Where the app listens: an IP address of this host. The hop from the agent to the
+    # app is plaintext, so it should not leave the host.
+    app_host: str = "127.0.0.1"
     bind: str | None = None
     protocol: Literal["tcp", "http"] = "tcp"
     tags: dict[str, str] = {}
@@ -211,6 +215,22 @@ class AgentConfig(_Strict, frozen=True, kw_only=True):
         return ""
 
 
+def _app_host_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as an inbound's app_host, or None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return "is not an IP address; give the address the app listens on, such as 127.0.0.1"
+    if address.is_unspecified:
+        return (
+            "means every address: an app may listen there, but the agent needs one to "
+            "connect to; give 127.0.0.1 for an app that listens on 0.0.0.0"
+        )
+    if address.is_multicast:
+        return "is a multicast address; give the address the app listens on"
+    return None
+
+
 def _is_name(text: str) -> bool:
     return (
         0 < len(text) <= 63
@@ -264,6 +284,8 @@ def validate_agent(config: AgentConfig) -> list[str]:
         claim(f"{key}.port", bind, inbound.port)
         if not 1 <= inbound.app_port <= 65535:
             problems.append(f"{key}.app_port: {inbound.app_port} is not a TCP port (1-65535)")
+        if (why := _app_host_problem(inbound.app_host)) is not None:
+            problems.append(f"{key}.app_host: {inbound.app_host!r} {why}")
         if bool(inbound.cert) != bool(inbound.key):
             problems.append(f"{key}: set both cert and key, or neither")
         if inbound.max_connections is not None and inbound.max_connections < 1:
@@ -313,6 +335,16 @@ def validate_agent(config: AgentConfig) -> list[str]:
             )
         elif int(port):
             claim("admin", host, int(port))
+    for n, inbound in enumerate(config.inbound):
+        for (listen_host, listen_port), owner in used.items():
+            if listen_port == inbound.app_port and (
+                listen_host == inbound.app_host or listen_host in ("0.0.0.0", "::")
+            ):
+                problems.append(
+                    f"inbound[{n}].app_port: {inbound.app_host}:{listen_port} is this agent's "
+                    f"own listener ({owner}), not the app's; the agent would connect to itself"
+                )
+                break
     if config.log.access not in ("stderr", "off") and not config.log.access.startswith("/"):
         problems.append(
             f'log.access: {config.log.access!r} must be "stderr", "off" or an absolute path'
@@ -434,6 +466,7 @@ def initial_snapshot(config: AgentConfig) -> Snapshot:
             service=i.service,
             bind=config.inbound_bind(i),
             port=i.port,
+            app_host=i.app_host,
             app_port=i.app_port,
             protocol=i.protocol,
             max_connections=i.max_connections or limits.max_connections,

@@ -59,19 +59,20 @@ class Process:
 
 
 def start_app(
-    mode: str, tmp: Path, *, port: int | None = None, name: str = "app"
+    mode: str, tmp: Path, *, port: int | None = None, name: str = "app", host: str = "127.0.0.1"
 ) -> tuple[Process, int]:
-    """Start a stand-in app on 127.0.0.1; return it and its port once it listens."""
-    port = port or free_port()
+    """Start a stand-in app on ``host``; return it and its port once it listens."""
+    port = port or free_port(host)
     log = tmp / f"app-{name}-{port}.log"
     proc = Process(
-        [sys.executable, "-m", "meshagent.demo.apps", mode, "--port", str(port), "--name", name],
+        [sys.executable, "-m", "meshagent.demo.apps", mode, "--host", host, "--port", str(port),
+         "--name", name],
         log,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return proc, port
         except OSError:
             if proc.proc.poll() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -17,17 +18,22 @@ from meshagent.demo.ports import free_port
 from tests.support.net import read_head, serve_app
 
 
-def _inbound(app_port: int = 1, **health: object) -> InboundSettings:
+def _inbound(app_port: int = 1, app_host: str = "127.0.0.1", **health: object) -> InboundSettings:
     return InboundSettings(
         service="web",
         port=15001,
         app_port=app_port,
+        app_host=app_host,
         health=HealthSettings(timeout=Duration(0.5), **health),  # type: ignore[arg-type]
     )
 
 
 async def _serve(
-    reply: bytes | None, requests: list[bytes], *, task_status: trio.TaskStatus[int]
+    reply: bytes | None,
+    requests: list[bytes],
+    host: str = "127.0.0.1",
+    *,
+    task_status: trio.TaskStatus[int],
 ) -> None:
     """A tiny app: records each request head, answers ``reply`` (None: never answers)."""
 
@@ -41,12 +47,14 @@ async def _serve(
                 await trio.sleep_forever()
             await stream.send_all(reply)
 
-    await serve_app(handle, task_status=task_status)
+    await serve_app(handle, host, task_status=task_status)
 
 
-async def _start_app(nursery: trio.Nursery, reply: bytes | None) -> tuple[int, list[bytes]]:
+async def _start_app(
+    nursery: trio.Nursery, reply: bytes | None, host: str = "127.0.0.1"
+) -> tuple[int, list[bytes]]:
     requests: list[bytes] = []
-    port: int = await nursery.start(_serve, reply, requests)
+    port: int = await nursery.start(_serve, reply, requests, host)
     return port, requests
 
 
@@ -75,6 +83,35 @@ async def test_http_probe_status(nursery: trio.Nursery, status: int, healthy: bo
     [request] = requests
     assert request.startswith(b"GET /healthz HTTP/1.1\r\n")
     assert f"\r\nHost: 127.0.0.1:{port}\r\n".encode() in request
+
+
+async def test_probes_go_to_the_app_host(nursery: trio.Nursery) -> None:
+    """An app that listens on one address of the host only (not loopback's 127.0.0.1)."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    port, requests = await _start_app(nursery, reply, "127.0.0.2")
+    result = await probe_app(_inbound(port, "127.0.0.2", tcp=True, http="/healthz"))
+    assert result == ProbeResult(
+        True, f"tcp 127.0.0.2:{port}: connected; http 127.0.0.2:{port}/healthz: HTTP 200"
+    )
+    [request] = requests
+    assert f"\r\nHost: 127.0.0.2:{port}\r\n".encode() in request
+
+    result = await probe_app(_inbound(port, tcp=True))  # the default, 127.0.0.1
+    assert result == ProbeResult(False, f"tcp 127.0.0.1:{port}: connection refused")
+
+
+async def test_probes_of_an_ipv6_app_host(nursery: trio.Nursery) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this host has no IPv6 loopback (::1)")
+    reply = b"HTTP/1.1 204 No Content\r\n\r\n"
+    port, requests = await _start_app(nursery, reply, "::1")
+    result = await probe_app(_inbound(port, "::1", http="/healthz"))
+    assert result == ProbeResult(True, f"http [::1]:{port}/healthz: HTTP 204")
+    [request] = requests
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in request
 
 
 async def test_http_probe_that_never_answers_fails_at_the_timeout(nursery: trio.Nursery) -> None:

@@ -45,6 +45,15 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert snap.inbounds[0].bind == "127.0.0.2"
     assert snap.outbounds[0].bind == "127.0.0.1"
     assert snap.outbounds[0].source == "web"
+    assert snap.inbounds[0].app_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["10.0.0.12", "127.0.0.3", "::1", "fd00::12"])
+def test_app_host_reaches_the_snapshot(tmp_path: Path, host: str) -> None:
+    text = GOOD.replace("app_port = 8080", f'app_port = 8080\napp_host = "{host}"', 1)
+    snap = initial_snapshot(load_agent_config(write(tmp_path, text)))
+    assert snap.inbounds[0].app_host == host
+    assert snap.inbounds[0].app_port == 8080
 
 
 def test_examples_agent_toml_is_valid() -> None:
@@ -63,6 +72,13 @@ def test_examples_agent_toml_is_valid() -> None:
         (('mesh = "shop"', 'mesh = "Shop!"'), "mesh: 'Shop!' is not a valid name"),
         (("port = 16001", "port = 70000"), "outbound[0].port: 70000 is not a TCP port"),
         (("app_port = 8080", "app_port = 0"), "inbound[0].app_port: 0 is not a TCP port"),
+        (("app_port = 8080", 'app_port = 8080\napp_host = "monolith.local"'), "inbound[0].app_host: 'monolith.local' is not an IP address; give the address the app listens on"),
+        (("app_port = 8080", 'app_port = 8080\napp_host = "0.0.0.0"'), "inbound[0].app_host: '0.0.0.0' means every address"),
+        (("app_port = 8080", 'app_port = 8080\napp_host = "::"'), "inbound[0].app_host: '::' means every address"),
+        (("app_port = 8080", 'app_port = 8080\napp_host = "224.0.0.1"'), "inbound[0].app_host: '224.0.0.1' is a multicast address"),
+        (("app_port = 8080", "app_port = 8080\napp_host = 10"), "inbound[0].app_host: Expected `str`, got `int`"),
+        (("app_port = 8080", "app_port = 16001"), "inbound[0].app_port: 127.0.0.1:16001 is this agent's own listener (outbound[0].port), not the app's; the agent would connect to itself"),
+        (("app_port = 8080", 'app_port = 15443\napp_host = "127.0.0.2"'), "inbound[0].app_port: 127.0.0.2:15443 is this agent's own listener (inbound[0].port)"),
         (('address = "127.0.0.2"', 'address = "vm-12.example"'), "address: 'vm-12.example' is not an IP address"),
         (("[consul]\naddress = \"http://127.0.0.1:8500\"", ""), "outbound[0]: no endpoints, no [consul] and no [central]"),
         (('health = { tcp = true, interval = "5s" }', 'health = { http = "healthz" }'), "must be a path"),

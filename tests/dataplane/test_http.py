@@ -53,7 +53,7 @@ TIMEOUTS = Timeouts(connect_seconds=2, handshake_seconds=2)
 
 async def start_app_agent(
     nursery: trio.Nursery, ca: MeshCa, name: str, service: str = "orders",
-    app_port: int | None = None, timeouts: Timeouts = TIMEOUTS,
+    app_port: int | None = None, timeouts: Timeouts = TIMEOUTS, app_host: str = "127.0.0.1",
 ) -> tuple[int, DataplaneHandle]:
     """An HTTP app (the demo's, unless ``app_port`` has one) behind an HTTP inbound on
     127.0.0.2; returns the inbound port."""
@@ -63,7 +63,8 @@ async def start_app_agent(
     snapshot = Snapshot(
         version=1, mesh=MESH, timeouts=timeouts,
         inbounds=(InboundListener(name=f"inbound:{name}", service=service, bind="127.0.0.2",
-                                  port=port, app_port=app_port, protocol="http"),),
+                                  port=port, app_host=app_host, app_port=app_port,
+                                  protocol="http"),),
     )
     handle = await nursery.start(serve_dataplane, StaticSource(snapshot), TlsContexts({service: ca.issue(service)}))
     return port, handle
@@ -838,6 +839,27 @@ async def test_an_app_that_closes_after_every_answer_is_connected_again_per_requ
         return inbound.context.counters.active == 0
 
     await wait_until(closed, timeout=10)
+    assert len(accepted) == 3
+    assert len(acquires) == (1 if pump == "native" else 3)
+
+
+async def test_an_app_on_another_address_of_the_host_is_connected_there_every_time(
+    nursery: trio.Nursery, ca: MeshCa, pump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``app_host``: an app that listens on one address only (not 127.0.0.1) and closes
+    after every answer is connected there by Python first, then by the C relay as each
+    next request begins."""
+    acquires = count_app_acquires(monkeypatch)
+    accepted: list[int] = []
+    app_port = await nursery.start(serve_app, closing_app(accepted), "127.0.0.7")
+    inbound_port, _ = await start_app_agent(
+        nursery, ca, "orders-a", app_port=app_port, app_host="127.0.0.7"
+    )
+    web_port, _ = await start_web(nursery, ca, [ep(inbound_port)])
+    async with client(web_port) as http:
+        for n in range(3):
+            response = await http.get(f"/{n}")
+            assert (response.status_code, response.content) == (200, b"ok")
     assert len(accepted) == 3
     assert len(acquires) == (1 if pump == "native" else 3)
 

@@ -89,6 +89,27 @@ def test_stream_round_trips_with_half_close(tmp_path: Path, ca: MeshCa, consul: 
                        within=10, what="half-closed request answered")
 
 
+def test_an_app_on_the_hosts_own_address_only_is_probed_and_reached_there(
+    tmp_path: Path, ca: MeshCa, consul: ConsulProcess
+) -> None:
+    """A legacy app bound to its host's address, not loopback (``app_host``): the
+    inbound's TCP probe passes there, so Consul lists it, and traffic reaches it."""
+    echo, echo_port = start_app("echo", tmp_path, name="echo", host="127.0.0.3")
+    with running(echo):
+        orders_cfg, inbound_port = orders_host(tmp_path, ca, consul, "127.0.0.3", echo_port)
+        orders_cfg["inbound"][0]["app_host"] = "127.0.0.3"  # type: ignore[index]
+        orders = start_agent(orders_cfg, tmp_path, "orders")
+        web_cfg, outbound_port = web_host(tmp_path, ca, consul)
+        web = start_agent(web_cfg, tmp_path, "web")
+        with running(orders, web):
+            eventually(lambda: healthy_instances(consul) == [f"127.0.0.3:{inbound_port}"],
+                       within=10, what="the app_host probe passes in Consul")
+            check = consul_get(consul, "/v1/health/service/orders")[0]["Checks"]
+            assert any(f"tcp 127.0.0.3:{echo_port}: connected" in c["Output"] for c in check)
+            eventually(lambda: exchange(outbound_port, b"ping") == b"ping", within=10,
+                       what="web reaches the app on 127.0.0.3")
+
+
 def test_64_mib_through_the_pair_with_bounded_agent_memory(
     tmp_path: Path, ca: MeshCa, consul: ConsulProcess
 ) -> None:
