@@ -444,6 +444,63 @@ def check_ports(config: AgentConfig) -> list[Finding]:
     return findings
 
 
+APP_CONNECT_SECONDS = 2.0
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """The addresses (not a wildcard) that this host's TCP sockets, any user's, listen
+    on at ``port``."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return []
+    return sorted({
+        c.laddr.ip for c in connections
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        and c.laddr.ip not in ("0.0.0.0", "::")
+    })
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _connect_error(exc: OSError) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {APP_CONNECT_SECONDS:g}s"
+    return (exc.strerror or str(exc)).lower()
+
+
+def check_apps(config: AgentConfig) -> list[Finding]:
+    """Every inbound's app accepts connections at ``app_host:app_port``, an address of
+    this host (the agent's connection to its app is plaintext)."""
+    findings: list[Finding] = []
+    for n, inbound in enumerate(config.inbound):
+        host, port = inbound.app_host, inbound.app_port
+        where = f"{_address(host, port)} (inbound[{n}], {inbound.service})"
+        error = _try_bind(host, 0)
+        if error is not None and error.errno == errno.EADDRNOTAVAIL:
+            findings.append(_bad("app", f"{where}: {host} is not an address of this host, and "
+                                 "the agent's connection to its app is plaintext — fix: run "
+                                 "an agent on the app's host, or set app_host to where the app "
+                                 "listens here"))
+            continue
+        try:
+            socket.create_connection((host, port), timeout=APP_CONNECT_SECONDS).close()
+        except OSError as exc:
+            others = [a for a in _listening_addresses(port) if a != host]
+            fix = (f'the app listens on {_address(others[0], port)}: set app_host = "{others[0]}"'
+                   if others else "start the app, or fix app_port")
+            findings.append(_bad("app", f"{where}: {_connect_error(exc)} — fix: {fix}"))
+        else:
+            findings.append(_ok("app", f"{where} accepts connections"))
+    return findings
+
+
 def check_consul(config: AgentConfig) -> list[Finding]:
     """GET /v1/agent/self with the ACL token: reachable, and the token accepted."""
     assert config.consul is not None
@@ -639,6 +696,7 @@ def run_doctor(path: Path, *, now: datetime | None = None) -> list[Finding]:
     if config is None:
         return findings
     findings += check_ports(config)
+    findings += check_apps(config)
     if config.consul is not None:
         findings += check_consul(config)
     if config.central is not None:
@@ -652,10 +710,10 @@ def run_doctor(path: Path, *, now: datetime | None = None) -> list[Finding]:
 def doctor(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Check what usually breaks this host's agent, and say how to fix each problem.
 
-    Config, ports, Consul reachability and ACL token, the central agent (TLS with its CA)
-    and the clock against it, certificates, permissions of keys and tokens, whether L4
-    connections are pumped in C. Exit 1 when
-    any check fails. Run it as root (or the agent's user) to read keys and tokens.
+    Config, ports, each inbound's app, Consul reachability and ACL token, the central
+    agent (TLS with its CA) and the clock against it, certificates, permissions of keys
+    and tokens, whether L4 connections are pumped in C. Exit 1 when any check fails.
+    Run it as root (or the agent's user) to read keys and tokens.
     """
     findings = run_doctor(config)
     for finding in findings:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ def short_dir() -> Iterator[Path]:
         for child in directory.iterdir():
             child.unlink()
         directory.rmdir()
+
+
+@contextmanager
+def listening(host: str = "127.0.0.1") -> Iterator[int]:
+    """A socket listening on a free port of ``host`` (an app, for doctor's connect)."""
+    with socket.socket() as app:
+        app.bind((host, 0))
+        app.listen(1)
+        yield app.getsockname()[1]
 
 
 def web_config(ca: MeshCa, app_port: int, orders_port: int, **extra: Any) -> dict[str, Any]:
@@ -156,19 +166,22 @@ def test_status_errors_are_one_line(tmp_path: Path, ca: MeshCa) -> None:
 
 def test_doctor_passes_a_good_config(tmp_path: Path, ca: MeshCa) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text(render_agent_toml(web_config(ca, free_port(), free_port())))
-    checked = meshagent("doctor", "--config", str(path))
+    with listening() as app_port:
+        path.write_text(render_agent_toml(web_config(ca, app_port, free_port())))
+        checked = meshagent("doctor", "--config", str(path))
     assert checked.returncode == 0, checked.stdout
     assert checked.stdout.strip().endswith("no problems found")
+    assert f"app          127.0.0.1:{app_port} (inbound[0], web) accepts connections" in checked.stdout
     assert "web: spiffe://shop/service/web, valid until" in checked.stdout
     assert "1 key and token files are private (0600)" in checked.stdout
     assert "l4 pump      native: L4 connections are pumped in C" in checked.stdout
 
 
 def test_doctor_names_each_problem_and_its_fix(tmp_path: Path, ca: MeshCa) -> None:
-    """Unreachable Consul, a key readable by others, a port held by another process."""
-    orders_port = free_port()
-    config = web_config(ca, free_port(), orders_port)
+    """Unreachable Consul, a key readable by others, a port held by another process, an
+    app that is not running."""
+    orders_port, app_port = free_port(), free_port()
+    config = web_config(ca, app_port, orders_port)
     config["consul"] = {"address": f"http://127.0.0.1:{free_port()}"}
     path = tmp_path / "agent.toml"
     path.write_text(render_agent_toml(config))
@@ -179,13 +192,46 @@ def test_doctor_names_each_problem_and_its_fix(tmp_path: Path, ca: MeshCa) -> No
         checked = meshagent("doctor", "--config", str(path))
     assert checked.returncode == 1
     failures = [line for line in checked.stdout.splitlines() if line.startswith("FAIL")]
-    assert len(failures) == 3, checked.stdout
+    assert len(failures) == 4, checked.stdout
     assert all(" — fix: " in line for line in failures), failures
     assert any("consul" in line and "unreachable (connection refused)" in line for line in failures)
     assert any(f"chmod 600 {config['tls']['key']}" in line for line in failures)
     assert any(f"127.0.0.1:{orders_port} (outbound[0].port) is in use by another process" in line
                for line in failures)
-    assert checked.stderr.strip() == "3 problems found"
+    assert (f"FAIL  app          127.0.0.1:{app_port} (inbound[0], web): connection refused — "
+            "fix: start the app, or fix app_port") in failures
+    assert checked.stderr.strip() == "4 problems found"
+
+
+def test_doctor_finds_an_app_on_another_address_and_an_app_host_off_this_host(
+    tmp_path: Path, ca: MeshCa
+) -> None:
+    """An app listening on the host's own address only, with no app_host: doctor names
+    the address to set. An app_host that is not this host's: plaintext would leave it."""
+    path = tmp_path / "agent.toml"
+    with listening("127.0.0.5") as app_port:
+        config = web_config(ca, app_port, free_port())
+        path.write_text(render_agent_toml(config))
+        checked = meshagent("doctor", "--config", str(path))
+        assert checked.returncode == 1
+        assert (f"FAIL  app          127.0.0.1:{app_port} (inbound[0], web): connection refused"
+                f' — fix: the app listens on 127.0.0.5:{app_port}: set app_host = "127.0.0.5"'
+                ) in checked.stdout.splitlines()
+
+        config["inbound"][0]["app_host"] = "127.0.0.5"
+        path.write_text(render_agent_toml(config))
+        checked = meshagent("doctor", "--config", str(path))
+        assert checked.returncode == 0, checked.stdout
+        assert f"127.0.0.5:{app_port} (inbound[0], web) accepts connections" in checked.stdout
+
+    config["inbound"][0]["app_host"] = "192.0.2.1"  # TEST-NET-1: no host has it
+    path.write_text(render_agent_toml(config))
+    checked = meshagent("doctor", "--config", str(path))
+    assert checked.returncode == 1
+    [line] = [x for x in checked.stdout.splitlines() if x.startswith("FAIL")]
+    assert line.startswith(f"FAIL  app          192.0.2.1:{app_port} (inbound[0], web): 192.0.2.1 "
+                           "is not an address of this host, and the agent's connection to its "
+                           "app is plaintext — fix: ")
 
 
 def test_doctor_checks_the_central_agent_and_the_clock(tmp_path: Path, ca: MeshCa) -> None:
@@ -199,19 +245,21 @@ def test_doctor_checks_the_central_agent_and_the_clock(tmp_path: Path, ca: MeshC
             "mesh": "shop", "node": "web-1", "address": "127.0.0.2",
             "state_dir": str(tmp_path / "state"), "admin": "",
             "central": {"url": central.url, "ca": str(central.ca), "token_file": str(token)},
-            "inbound": [{"service": "web", "port": free_port("127.0.0.2"), "app_port": free_port()}],
+            "inbound": [{"service": "web", "port": free_port("127.0.0.2"), "app_port": 0}],
         }
         path = tmp_path / "agent.toml"
-        path.write_text(render_agent_toml(config))
-        checked = meshagent("doctor", "--config", str(path))
-        assert checked.returncode == 0, checked.stdout
-        assert f"{central.url} answers over TLS" in checked.stdout
-        assert "ok    clock        within" in checked.stdout
-        assert "web: not joined yet" in checked.stdout
+        with listening() as app_port:
+            config["inbound"][0]["app_port"] = app_port
+            path.write_text(render_agent_toml(config))
+            checked = meshagent("doctor", "--config", str(path))
+            assert checked.returncode == 0, checked.stdout
+            assert f"{central.url} answers over TLS" in checked.stdout
+            assert "ok    clock        within" in checked.stdout
+            assert "web: not joined yet" in checked.stdout
 
-        config["central"]["ca"] = str(ca.ca_path)  # another CA: the TLS check must fail
-        path.write_text(render_agent_toml(config))
-        checked = meshagent("doctor", "--config", str(path))
+            config["central"]["ca"] = str(ca.ca_path)  # another CA: the TLS check must fail
+            path.write_text(render_agent_toml(config))
+            checked = meshagent("doctor", "--config", str(path))
         assert checked.returncode == 1
         (line,) = [x for x in checked.stdout.splitlines() if x.startswith("FAIL")]
         assert "TLS failed (certificate verify failed: unable to get local issuer certificate)" in line
