@@ -23,6 +23,7 @@ import trio
 
 from meshagent.config.agent import HealthSettings, InboundSettings
 from meshagent.log import get_logger
+from meshagent.snapshot.model import host_port
 
 log = get_logger("probes")
 
@@ -52,7 +53,7 @@ async def probe_app(inbound: InboundSettings) -> ProbeResult:
         lists what passed, or names the first probe that failed and why.
     """
     health = inbound.health
-    app = _host_port(inbound)
+    app = host_port(inbound.app_host, inbound.app_port)
     probes: list[tuple[str, Callable[[], Awaitable[str]]]] = []
     if health.tcp:
         probes.append((f"tcp {app}", lambda: _tcp(inbound)))
@@ -111,12 +112,6 @@ class _ProbeFailed(Exception):
     """A probe ran and the app failed it; ``str()`` says why."""
 
 
-def _host_port(inbound: InboundSettings) -> str:
-    """``host:port`` of the inbound's app, an IPv6 address in brackets (a Host field)."""
-    host = inbound.app_host
-    return f"[{host}]:{inbound.app_port}" if ":" in host else f"{host}:{inbound.app_port}"
-
-
 async def _tcp(inbound: InboundSettings) -> str:
     stream = await trio.open_tcp_stream(inbound.app_host, inbound.app_port)
     await stream.aclose()
@@ -126,7 +121,7 @@ async def _tcp(inbound: InboundSettings) -> str:
 async def _http(inbound: InboundSettings, path: str) -> str:
     """One HTTP/1.1 GET; only the status line is read."""
     request = (
-        f"GET {path} HTTP/1.1\r\nHost: {_host_port(inbound)}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host_port(inbound.app_host, inbound.app_port)}\r\n"
         "User-Agent: meshagent-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     ).encode("latin-1")
     stream = await trio.open_tcp_stream(inbound.app_host, inbound.app_port)

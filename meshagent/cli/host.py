@@ -33,6 +33,7 @@ import typer
 
 from meshagent.cli.pki import _Command
 from meshagent.config.agent import AgentConfig, admin_socket_path
+from meshagent.snapshot.model import host_port
 
 TIMEOUT_SECONDS = 5.0
 MAX_CLOCK_SKEW_SECONDS = 30.0
@@ -103,7 +104,7 @@ class AdminClient:
             host, _, port = address.rpartition(":")
             host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
             transport = httpx.HTTPTransport()
-            base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            base = f"http://{host_port(host, port)}"
         self._http = httpx.Client(
             base_url=base, transport=transport, timeout=TIMEOUT_SECONDS, trust_env=False
         )
@@ -463,10 +464,6 @@ def _listening_addresses(port: int) -> list[str]:
     })
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _connect_error(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
@@ -481,7 +478,7 @@ def check_apps(config: AgentConfig) -> list[Finding]:
     findings: list[Finding] = []
     for n, inbound in enumerate(config.inbound):
         host, port = inbound.app_host, inbound.app_port
-        where = f"{_address(host, port)} (inbound[{n}], {inbound.service})"
+        where = f"{host_port(host, port)} (inbound[{n}], {inbound.service})"
         error = _try_bind(host, 0)
         if error is not None and error.errno == errno.EADDRNOTAVAIL:
             findings.append(_bad("app", f"{where}: {host} is not an address of this host, and "
@@ -493,7 +490,7 @@ def check_apps(config: AgentConfig) -> list[Finding]:
             socket.create_connection((host, port), timeout=APP_CONNECT_SECONDS).close()
         except OSError as exc:
             others = [a for a in _listening_addresses(port) if a != host]
-            fix = (f'the app listens on {_address(others[0], port)}: set app_host = "{others[0]}"'
+            fix = (f'the app listens on {host_port(others[0], port)}: set app_host = "{others[0]}"'
                    if others else "start the app, or fix app_port")
             findings.append(_bad("app", f"{where}: {_connect_error(exc)} — fix: {fix}"))
         else:

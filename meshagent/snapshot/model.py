@@ -31,6 +31,11 @@ def is_ip_address(text: str) -> bool:
     return True
 
 
+def host_port(host: str, port: int | str) -> str:
+    """``host:port``, an IPv6 address in brackets (as a URL and a Host field write it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     """One instance of a service: the public mTLS address of the agent fronting it."""
 
