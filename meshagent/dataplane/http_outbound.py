@@ -319,21 +319,19 @@ async def handle_http_outbound(
         endpoint, labels, forwarded_for = choice.endpoint, choice.labels, choice.add
         if current is not None and current.same(endpoint, labels, forwarded_for):
             return current  # the relay keeps its upstream: no pool round trip
-        if not connect:
-            idle = state.pool.take(endpoint)
-            if idle is None:
-                kept = choice  # connected once the request begins
-                return None
-            return RelaySession(
-                idle, state.pool.releaser(endpoint, idle), labels, forwarded_for, endpoint
-            )
-        # Not in line: when the endpoint is busy the request waits in decide, once.
-        upstream = await state.connect(endpoint, fields, wait=False)
-        if isinstance(upstream, PoolTimeout):
-            return None  # decide waits in line
-        if isinstance(upstream, DataplaneError):
-            start_failure.record(endpoint, upstream)
-            return None  # decide tries the other endpoints
+        if connect:
+            # Not in line: when the endpoint is busy the request waits in decide, once.
+            upstream = await state.connect(endpoint, fields, wait=False)
+            if isinstance(upstream, PoolTimeout):
+                return None  # decide waits in line
+            if isinstance(upstream, DataplaneError):
+                start_failure.record(endpoint, upstream)
+                return None  # decide tries the other endpoints
+        elif (idle := state.pool.take(endpoint)) is not None:
+            upstream = idle
+        else:
+            kept = choice  # connected once the request begins
+            return None
         return RelaySession(
             upstream, state.pool.releaser(endpoint, upstream), labels, forwarded_for, endpoint
         )

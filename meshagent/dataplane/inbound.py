@@ -180,19 +180,19 @@ async def _serve_app_http(
 
     async def start(current: RelaySession | None, *, connect: bool = True) -> RelaySession | None:
         start_failure.clear()
-        if not connect:
-            idle = app.idle()
-            if idle is None:
-                return None  # connected once the request begins
-            return RelaySession(idle, app.releaser(idle), base_labels(), add)
-        try:
-            # Not in line: when the app is busy the request waits in decide, once.
-            upstream, _ = await app.acquire(wait=False)
-        except PoolTimeout:
-            return None  # decide waits in line
-        except DataplaneError as exc:
-            start_failure.record("app", exc)
-            return None  # decide answers the request with why
+        if connect:
+            try:
+                # Not in line: when the app is busy the request waits in decide, once.
+                upstream, _ = await app.acquire(wait=False)
+            except PoolTimeout:
+                return None  # decide waits in line
+            except DataplaneError as exc:
+                start_failure.record("app", exc)
+                return None  # decide answers the request with why
+        elif (idle := app.idle()) is not None:
+            upstream = idle
+        else:
+            return None  # connected once the request begins
         return RelaySession(upstream, app.releaser(upstream), base_labels(), add)
 
     relay = None
